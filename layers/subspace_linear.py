@@ -1,0 +1,194 @@
+"""``SubspaceLinear``: a linear layer trained in a random r-dimensional subspace of its input side.
+
+Effective weight ``W = W₀ + s·B P`` (torch layout, out×in): ``W₀`` frozen, ``P`` (rank×in) a buffer,
+only ``B`` (out×rank) and the bias train. Forward ``y = x W₀ᵀ + s·(x Pᵀ) Bᵀ + b`` stores only the
+r-wide ``z = x Pᵀ`` for backward (see :mod:`layers.functional`).
+
+Layers that read the same input tensor (q/k/v, gate/up) can form a :class:`ProjectionGroup`: they hold
+equal ``P`` and, within one forward pass, reuse one ``z``, so that input costs ``rank`` once.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .functional import GradientCapture, Project, SubspaceLinearFunction
+
+__all__ = ["SubspaceLinear", "ProjectionGroup", "is_conv1d"]
+
+
+def is_conv1d(module) -> bool:
+    """HF GPT-2 style ``Conv1D`` (a linear layer whose weight is stored in×out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class ProjectionGroup:
+    """Layers sharing one projection P and, per forward pass, one stored ``z = x Pᵀ``.
+
+    The cached ``z`` is reused only for the very same input tensor (same object, same version, same
+    dtype and grad mode) and is dropped as soon as every member has read it.
+    """
+
+    def __init__(self, members):
+        self.members = list(members)
+        for m in self.members:
+            m._group = self
+        self._key = None
+        self._z = None
+        self._consumed = set()
+
+    def __len__(self):
+        return len(self.members)
+
+    def lookup(self, layer, x, dtype):
+        """The cached ``z`` for ``x`` if a group mate computed it in this pass, else None."""
+        if self._key is None or id(layer) in self._consumed:
+            return None
+        ref, version, key_dtype, grad = self._key
+        if ref() is not x or x._version != version or key_dtype != dtype or grad != torch.is_grad_enabled():
+            return None
+        return self._z
+
+    def store(self, layer, x, dtype, z):
+        self._key = (weakref.ref(x), x._version, dtype, torch.is_grad_enabled())
+        self._z = z
+        self._consumed = {id(layer)}
+        self._maybe_clear()
+
+    def consume(self, layer):
+        self._consumed.add(id(layer))
+        self._maybe_clear()
+
+    def _maybe_clear(self):
+        if len(self._consumed) >= len(self.members):
+            self._key, self._z, self._consumed = None, None, set()
+
+    def __getstate__(self):  # deep copies and pickles never carry a live activation
+        state = dict(self.__dict__)
+        state.update(_key=None, _z=None, _consumed=set())
+        return state
+
+
+class SubspaceLinear(nn.Module):
+    """``y = x W₀ᵀ + scale·(x Pᵀ) Bᵀ + bias`` with W₀ frozen, P a buffer and B trainable.
+
+    Buffers ``step``, ``cycle`` and ``seed`` (int64 scalars) hold the outer loop's counters so a
+    ``state_dict`` carries everything needed to resume.
+    """
+
+    def __init__(self, in_features, out_features, rank, bias=True, scale=1.0, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **kw)
+        nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
+        self._build(weight, nn.Parameter(torch.zeros(out_features, **kw)) if bias else None, rank, scale)
+
+    def _build(self, weight, bias, rank, scale, layout="linear", weight_requires_grad=True):
+        out_f, in_f = weight.shape
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
+            raise ValueError(f"SubspaceLinear: rank must be an int in [1, {min(in_f, out_f)}], got {rank!r}")
+        self.in_features, self.out_features, self.rank = in_f, out_f, rank
+        self.scale = float(scale)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("P", torch.zeros(rank, in_f, dtype=weight.dtype, device=weight.device))
+        for name in ("step", "cycle", "seed"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=weight.device))
+        self.layout = layout  # "linear", or "conv1d" (HF GPT-2 Conv1D: weight stored in×out)
+        self.weight_requires_grad = weight_requires_grad  # restored by unwrap
+        self.coordinate = False  # P is r rows of the identity: project by indexing
+        self._group = None
+        self._capture = None
+        self._index = None
+
+    @classmethod
+    def from_module(cls, module, rank, scale=1.0):
+        """Wrap an ``nn.Linear`` (weight storage and bias Parameter reused) or an HF ``Conv1D``."""
+        w = module.weight
+        if isinstance(module, nn.Linear):
+            weight, layout = w.detach(), "linear"
+        elif is_conv1d(module):
+            weight, layout = w.detach().T.contiguous(), "conv1d"
+        else:
+            raise TypeError(f"SubspaceLinear wraps nn.Linear or transformers Conv1D, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._build(weight, module.bias, rank, scale, layout, w.requires_grad)
+        return new
+
+    def to_module(self) -> nn.Module:
+        """The plain module this layer stands for, with weight ``W₀ + scale·B P`` (requires_grad restored)."""
+        merged = self.effective_weight()
+        if self.layout == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+            module = Conv1D(self.out_features, self.in_features)
+            module.weight = nn.Parameter(merged.T.contiguous(), requires_grad=self.weight_requires_grad)
+            module.bias = self.bias
+        else:
+            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            module.weight = nn.Parameter(merged, requires_grad=self.weight_requires_grad)
+            module.bias = self.bias
+        return module
+
+    # ----------------------------------------------------------------- math
+    def effective_weight(self) -> torch.Tensor:
+        """``W₀ + scale·B P`` in fp32-accumulated precision, cast to W₀'s dtype."""
+        with torch.no_grad():
+            return (self.weight.float() + self.scale * (self.B.float() @ self.P.float())).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge_(self):
+        """W₀ ← W₀ + scale·B P (in fp32, then cast back); B ← 0 in place (same Parameter)."""
+        self.weight.copy_(self.effective_weight())
+        self.B.zero_()
+
+    @torch.no_grad()
+    def set_projection_(self, P: torch.Tensor, coordinate: bool = False):
+        self.P.copy_(P)
+        self.coordinate = coordinate
+        self._index = None
+
+    def _coordinate_index(self):
+        if not self.coordinate:
+            return None
+        if self._index is None or self._index[0] != self.P._version or self._index[1].device != self.P.device:
+            self._index = (self.P._version, self.P.argmax(dim=1))
+        return self._index[1]
+
+    def forward(self, x):
+        device_type = x.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        cast = (lambda t: t.to(dtype)) if autocast else (lambda t: t)
+        group = self._group if self._group is not None and len(self._group) > 1 else None
+        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
+            xc = cast(x)
+            z = group.lookup(self, x, dtype) if group is not None else None
+            if z is None:
+                z = Project.apply(xc, cast(self.P), self._coordinate_index())
+                if group is not None:
+                    group.store(self, x, dtype, z)
+            else:
+                group.consume(self)
+            bias = cast(self.bias) if self.bias is not None else None
+            return SubspaceLinearFunction.apply(xc, z, cast(self.weight), cast(self.B), bias,
+                                                self.scale, self._capture)
+
+    def arm_capture(self):
+        """Keep x on the coming step and accumulate the full weight gradient gᵀx (for SVD)."""
+        self._capture = GradientCapture()
+
+    def take_captured_gradient(self):
+        grad = self._capture.grad if self._capture is not None else None
+        self._capture = None
+        return grad
+
+    def extra_repr(self):
+        shared = f", shared_with={len(self._group) - 1}" if self._group is not None and len(self._group) > 1 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale}, bias={self.bias is not None}{shared}")
+

@@ -1,0 +1,21 @@
+"""rso: memory-efficient training by randomized subspace optimization.
+
+    model = rso.wrap(model, rank=128)   # linear layers become W₀ + B·P, only B trains
+    ...an ordinary training loop with any torch optimizer...
+    model = rso.unwrap(model)           # plain nn.Linear again, merged
+"""
+from layers.subspace_linear import ProjectionGroup, SubspaceLinear
+
+from . import memory, projections
+from .outer_loop import OuterLoop
+from .projections import (CoordinateSampler, GaussianSampler, HybridSampler, ProjectionSampler, SVDSampler,
+                          StiefelSampler, make_sampler)
+from .wrapping import (is_wrapped, merge_and_unload, outer_step, print_trainable_parameters, state,
+                       subspace_layers, summary, unwrap, wrap)
+
+__version__ = "0.1.0"
+
+__all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
+           "state", "is_wrapped", "subspace_layers", "SubspaceLinear", "ProjectionGroup", "OuterLoop",
+           "ProjectionSampler", "StiefelSampler", "GaussianSampler", "CoordinateSampler", "SVDSampler",
+           "HybridSampler", "make_sampler", "memory", "projections"]

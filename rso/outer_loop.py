@@ -1,0 +1,145 @@
+"""The RSO outer loop: every ``tau`` optimizer steps, merge B into W₀ and move to a new subspace.
+
+For each projection group at the end of a cycle:
+
+    W₀ ← W₀ + s·B P   (fp32, cast back)      B ← 0 (in place: same Parameter)
+    P  ← sampler(seed, cycle + 1[, gradient])  optimizer state of B: reset | keep | project
+
+It runs from global optimizer step hooks (``torch.optim.Optimizer`` calls them after every
+``step()``), so an ordinary training loop with any optimizer needs no RSO call. Only optimizers that
+hold a group's ``B`` advance that group's counter, so gradient accumulation (several backward passes
+per step) and steps skipped by a ``GradScaler`` count correctly.
+
+Optional proximal term (RSO paper): minimize f(W₀ + s·B P) + ‖B‖²/(2η) by adding B/η to B's gradient
+just before each step.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from layers.subspace_linear import ProjectionGroup
+from .projections import CoordinateSampler, ProjectionSampler, generator_for
+
+STATE_POLICIES = ("reset", "keep", "project")
+
+__all__ = ["OuterLoop", "STATE_POLICIES"]
+
+
+class OuterLoop:
+    """Counts optimizer steps per projection group and runs merge + resample every ``tau`` steps."""
+
+    def __init__(self, groups: list[ProjectionGroup], sampler: ProjectionSampler, tau: int | None,
+                 state_policy: str = "reset", proximal: float | None = None):
+        self.groups = groups
+        self.sampler = sampler
+        self.tau = tau
+        self.state_policy = state_policy
+        self.proximal = proximal
+        self._handles = []
+
+    # --------------------------------------------------------------- hooks
+    def attach(self):
+        """Register the global optimizer hooks (held weakly: a deleted model leaves inert hooks)."""
+        ref = weakref.ref(self)
+
+        def post(optimizer, args, kwargs):
+            loop = ref()
+            if loop is not None:
+                loop.after_step(optimizer)
+
+        def pre(optimizer, args, kwargs):
+            loop = ref()
+            if loop is not None and loop.proximal is not None:
+                loop.add_proximal_gradient(optimizer)
+
+        self._handles = [register_optimizer_step_post_hook(post), register_optimizer_step_pre_hook(pre)]
+        for h in self._handles:
+            weakref.finalize(self, h.remove)
+        self._arm_captures()
+        return self
+
+    def detach(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for g in self.groups:
+            for m in g.members:
+                m._capture = None
+
+    def _groups_in(self, optimizer):
+        ids = {id(p) for pg in optimizer.param_groups for p in pg["params"]}
+        return [g for g in self.groups if any(id(m.B) in ids for m in g.members)]
+
+    @torch.no_grad()
+    def add_proximal_gradient(self, optimizer):
+        for g in self._groups_in(optimizer):
+            for m in g.members:
+                if m.B.grad is not None:
+                    m.B.grad.add_(m.B, alpha=1.0 / self.proximal)
+
+    def after_step(self, optimizer):
+        for g in self._groups_in(optimizer):
+            for m in g.members:
+                m.step += 1
+            step = int(g.members[0].step)
+            if self.tau is not None and step % self.tau == 0:
+                self.resample(g, optimizer)
+        self._arm_captures()
+
+    # ---------------------------------------------------------- the merge
+    def outer_step(self, optimizer=None):
+        """Merge and resample every group now (the explicit form of the automatic cycle end)."""
+        for g in self.groups:
+            self.resample(g, optimizer)
+        self._arm_captures()
+
+    @torch.no_grad()
+    def resample(self, group: ProjectionGroup, optimizer=None):
+        members = group.members
+        lead = members[0]
+        for m in members:
+            m.merge_()
+        step = int(lead.step)
+        grads = [m.take_captured_gradient() for m in members]
+        gradient = torch.cat(grads, 0) if all(g is not None for g in grads) else None
+        old_P = lead.P.detach().clone() if self.state_policy == "project" else None
+        new_P = self.sample(group, int(lead.cycle) + 1, gradient=gradient, step=step)
+        for m in members:
+            m.set_projection_(new_P, coordinate=isinstance(self.sampler, CoordinateSampler))
+            m.cycle += 1
+        if optimizer is not None:
+            for m in members:
+                self._update_optimizer_state(optimizer, m.B, old_P, new_P)
+
+    def sample(self, group: ProjectionGroup, cycle: int, gradient=None, step: int = 0) -> torch.Tensor:
+        """P for ``cycle`` of ``group``: a pure function of (seed, cycle[, gradient])."""
+        lead = group.members[0]
+        gen = generator_for(int(lead.seed), cycle)
+        return self.sampler.sample(lead.rank, lead.in_features, gen, gradient=gradient, step=step,
+                                   dtype=lead.P.dtype, device=lead.P.device)
+
+    def _update_optimizer_state(self, optimizer, B, old_P, new_P):
+        if self.state_policy == "reset":
+            optimizer.state.pop(B, None)
+        elif self.state_policy == "project" and B in optimizer.state:
+            # Coordinates c in the old basis stand for c·P_old; in the new basis that is c·(P_old P_newᵀ).
+            R = (old_P.float() @ new_P.float().T)
+            for key, value in optimizer.state[B].items():
+                if torch.is_tensor(value) and value.shape == B.shape:
+                    # Second moments stay non-negative: map them with R∘R.
+                    mat = R * R if "sq" in key else R
+                    value.copy_((value.float() @ mat).to(value.dtype))
+
+    def _arm_captures(self):
+        """Keep the full gradient on the last inner step of a cycle whose next P needs it."""
+        if self.tau is None:
+            return
+        for g in self.groups:
+            step = int(g.members[0].step)
+            if (step + 1) % self.tau == 0 and self.sampler.uses_gradient(step + 1):
+                for m in g.members:
+                    if m._capture is None:
+                        m.arm_capture()
