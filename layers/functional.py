@@ -3,7 +3,8 @@
 The layer computes ``y = x W₀ᵀ + s·z Bᵀ + b`` with ``z = x Pᵀ`` in two functions:
 
 * :class:`Project` — ``z = x Pᵀ`` (or ``x[..., idx]`` for a coordinate projection). It saves no
-  activation: its backward ``∂x = ∂z P`` needs only the buffer P.
+  activation: its backward ``∂x = ∂z P`` needs only the buffer P (held on ``ctx``, so a ``z`` shared
+  by several layers can be back-propagated through more than once).
 * :class:`SubspaceLinearFunction` — ``y = x W₀ᵀ + s·z Bᵀ + b``. It saves the r-wide ``z``, never the
   in-wide ``x``. Backward: ``∂x = g W₀``, ``∂z = s·g B``, ``∂B = s·gᵀz``, ``∂b = Σ g``; no gradient of
   W₀ or P is ever formed.
@@ -39,7 +40,7 @@ class Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, P, index):
-        ctx.save_for_backward(P)
+        ctx.P = P  # a buffer, not an activation; kept off the saved-tensor list on purpose
         ctx.index = index
         if index is not None:
             return x.index_select(-1, index)
@@ -47,7 +48,7 @@ class Project(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z):
-        (P,) = ctx.saved_tensors
+        P = ctx.P
         if not ctx.needs_input_grad[0]:
             return None, None, None
         if ctx.index is not None:

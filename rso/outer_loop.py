@@ -58,8 +58,18 @@ class OuterLoop:
         self._handles = [register_optimizer_step_post_hook(post), register_optimizer_step_pre_hook(pre)]
         for h in self._handles:
             weakref.finalize(self, h.remove)
-        self._arm_captures()
+        self.rearm()
         return self
+
+    def __getstate__(self):  # copies and pickles get hooks of their own (see __setstate__)
+        state = dict(self.__dict__)
+        state["_handles"] = []
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if all("_buffers" in m.__dict__ for g in self.groups for m in g.members):
+            self.attach()
 
     def detach(self):
         for h in self._handles:
@@ -132,6 +142,13 @@ class OuterLoop:
                     # Second moments stay non-negative: map them with R∘R.
                     mat = R * R if "sq" in key else R
                     value.copy_((value.float() @ mat).to(value.dtype))
+
+    def rearm(self):
+        """Re-decide gradient captures from the step counters (after a load_state_dict, say)."""
+        for g in self.groups:
+            for m in g.members:
+                m._capture = None
+        self._arm_captures()
 
     def _arm_captures(self):
         """Keep the full gradient on the last inner step of a cycle whose next P needs it."""

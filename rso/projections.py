@@ -77,6 +77,11 @@ class ProjectionSampler:
         return f"{type(self).__name__}()"
 
 
+def _compute_dtype(dtype):
+    """Samples are computed in float64 when float64 is asked for, else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_rank(rank, dim):
     if not 1 <= rank <= dim:
         raise ValueError(f"projection rank must be in [1, {dim}], got {rank}")
@@ -89,7 +94,7 @@ class StiefelSampler(ProjectionSampler):
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         _check_rank(rank, dim)
-        z = torch.randn(dim, rank, generator=generator, dtype=torch.float32)
+        z = torch.randn(dim, rank, generator=generator, dtype=_compute_dtype(dtype))
         z = z.to(device) if device is not None else z
         q, r = torch.linalg.qr(z)
         # Sign fix: makes the QR factor unique, hence Q Haar-distributed.
@@ -105,7 +110,7 @@ class GaussianSampler(ProjectionSampler):
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         _check_rank(rank, dim)
-        p = torch.randn(rank, dim, generator=generator, dtype=torch.float32) / math.sqrt(rank)
+        p = torch.randn(rank, dim, generator=generator, dtype=_compute_dtype(dtype)) / math.sqrt(rank)
         return p.to(device=device, dtype=dtype)
 
 
@@ -147,7 +152,7 @@ class SVDSampler(ProjectionSampler):
         if gradient.shape[-1] != dim or gradient.shape[0] < rank:
             raise ValueError(f"SVD sampler: gradient of shape {tuple(gradient.shape)} cannot give "
                              f"{rank} singular vectors of dimension {dim}")
-        g = gradient.detach().float()
+        g = gradient.detach().to(_compute_dtype(dtype))
         try:
             if not torch.isfinite(g).all():
                 raise torch.linalg.LinAlgError("gradient has non-finite entries")

@@ -27,6 +27,7 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
                          ("query", "key", "value"), ("wq", "wk", "wv"), ("w1", "w3"))
 
 _LOOP_ATTR = "_rso_outer_loop"
+_HOOK_ATTR = "_rso_load_hook"
 
 
 def _is_linear(module) -> bool:
@@ -173,7 +174,15 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, layer)
     object.__setattr__(model, _LOOP_ATTR, loop.attach())
+    object.__setattr__(model, _HOOK_ATTR, model.register_load_state_dict_post_hook(_rearm_after_load))
     return model
+
+
+def _rearm_after_load(model, incompatible_keys):
+    """Loaded step counters may put the model on a cycle's last step: re-decide gradient captures."""
+    loop = getattr(model, _LOOP_ATTR, None)
+    if loop is not None:
+        loop.rearm()
 
 
 def _loop(model, caller):
@@ -204,6 +213,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, module)
     object.__delattr__(model, _LOOP_ATTR)
+    getattr(model, _HOOK_ATTR).remove()
+    object.__delattr__(model, _HOOK_ATTR)
     return model
 
 

@@ -1,0 +1,157 @@
+"""SubspaceLinear math: forward, gradients against autograd, saved tensors, dtypes, shared projections."""
+import pytest
+import torch
+from torch import nn
+
+import rso
+from layers import Project, SubspaceLinear, SubspaceLinearFunction
+from rso.projections import StiefelSampler, generator_for
+
+
+def make_layer(in_f=12, out_f=10, rank=4, scale=0.5, bias=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = SubspaceLinear(in_f, out_f, rank, bias=bias, scale=scale, dtype=dtype)
+    layer.set_projection_(StiefelSampler().sample(rank, in_f, generator_for(seed), dtype=dtype))
+    with torch.no_grad():
+        layer.B.normal_()
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+def test_forward_equals_effective_linear():
+    layer = make_layer()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    ref = nn.functional.linear(x, layer.weight + layer.scale * layer.B @ layer.P, layer.bias)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_gradients_match_autograd_on_effective_weight():
+    layer = make_layer()
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 10, dtype=torch.float64)
+    (layer(x) - target).pow(2).sum().backward()
+
+    W = (layer.weight + layer.scale * layer.B @ layer.P).detach().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    (nn.functional.linear(x2, W, b) - target).pow(2).sum().backward()
+
+    torch.testing.assert_close(layer.B.grad, layer.scale * W.grad @ layer.P.T)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.bias.grad, b.grad)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_gradcheck_functions():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    P = torch.randn(2, 5, dtype=torch.float64)
+    W = torch.randn(4, 5, dtype=torch.float64)
+    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, B, b):
+        return SubspaceLinearFunction.apply(x, Project.apply(x, P, None), W, B, b, 0.7, None)
+
+    assert torch.autograd.gradcheck(f, (x, B, b))
+    idx = torch.tensor([0, 3])
+    assert torch.autograd.gradcheck(lambda x: Project.apply(x, P, idx), (x,))
+
+
+def saved_activations(fn, exclude):
+    """(shape, numel) of tensors saved for backward whose storage is not in ``exclude``."""
+    out = []
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            out.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return out
+
+
+def test_saves_only_the_projection():
+    layer = make_layer(in_f=64, out_f=32, rank=8, dtype=torch.float32)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    saved = saved_activations(lambda: layer(x), list(layer.parameters()) + list(layer.buffers()))
+    assert saved == [(3, 7, 8)]  # z = x Pᵀ, never the 64-wide x
+
+
+def test_coordinate_projection_indexes_instead_of_matmul():
+    layer = make_layer(in_f=12, out_f=10, rank=4)
+    idx = torch.tensor([1, 4, 7, 9])
+    P = torch.zeros(4, 12, dtype=torch.float64)
+    P[torch.arange(4), idx] = 1
+    layer.set_projection_(P, coordinate=True)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn.next_functions[1][0].name().endswith("ProjectBackward")
+    torch.testing.assert_close(y, nn.functional.linear(x, layer.weight + layer.scale * layer.B @ P, layer.bias))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (layer.weight + layer.scale * layer.B @ P).sum(0).expand(5, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_precision(dtype):
+    layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.float32)
+    x = torch.randn(4, 32)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+    y.float().sum().backward()
+    assert layer.B.grad.dtype == torch.float32 and torch.isfinite(layer.B.grad).all()
+
+
+def test_bf16_weights_without_autocast():
+    layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert layer.B.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
+
+
+def test_shared_projection_stores_one_z_and_matches_unshared_gradients():
+    torch.manual_seed(0)
+    block = nn.ModuleDict({n: nn.Linear(16, 12, dtype=torch.float64) for n in ("q_proj", "k_proj", "v_proj")})
+    unshared = nn.ModuleDict({n: nn.Linear(16, 12, dtype=torch.float64) for n in ("q_proj", "k_proj", "v_proj")})
+    unshared.load_state_dict(block.state_dict())
+    rso.wrap(block, rank=4, tau=None, share_projections=True)
+    rso.wrap(unshared, rank=4, tau=None, share_projections=False)
+    P = block["q_proj"].P
+    assert all(torch.equal(block[n].P, P) for n in ("k_proj", "v_proj"))
+    with torch.no_grad():
+        for n in block:
+            unshared[n].P.copy_(P)
+            block[n].B.normal_()
+            unshared[n].B.copy_(block[n].B)
+
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    params = list(block.parameters()) + list(block.buffers())
+    saved = saved_activations(lambda: [block[n](x).sum().backward() for n in block], params)
+    assert saved.count((2, 3, 4)) == 3  # autograd saves the same z three times...
+    store = set()
+
+    def pack(t):
+        if t.shape[-1] == 4:
+            store.add(t.untyped_storage().data_ptr())
+        return t
+
+    x.grad = None
+    block.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = sum((block[n](x) ** 2).sum() for n in block)
+    fixed = {t.untyped_storage().data_ptr() for t in params}
+    assert len(store - fixed) == 1  # ...but it is one storage: the input costs rank once
+    loss.backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    sum((unshared[n](x_ref) ** 2).sum() for n in unshared).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for n in block:
+        torch.testing.assert_close(block[n].B.grad, unshared[n].B.grad)

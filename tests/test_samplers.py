@@ -1,0 +1,97 @@
+"""Projection samplers: shapes, orthonormality, Monte Carlo moments, reproducibility, SVD fallback."""
+import pytest
+import torch
+
+from rso.projections import (CoordinateSampler, GaussianSampler, HybridSampler, SVDSampler, StiefelSampler,
+                             generator_for, make_sampler)
+
+N_MC = 4000
+
+
+def mc_mean(sampler, r, n, fn):
+    acc = None
+    for i in range(N_MC):
+        P = sampler.sample(r, n, generator_for(7, i), dtype=torch.float64)
+        v = fn(P)
+        acc = v if acc is None else acc + v
+    return acc / N_MC
+
+
+def test_stiefel_rows_orthonormal():
+    P = StiefelSampler().sample(5, 40, generator_for(0), dtype=torch.float64)
+    assert P.shape == (5, 40)
+    torch.testing.assert_close(P @ P.T, torch.eye(5, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sampler,expected", [(StiefelSampler(), "r/n"), (CoordinateSampler(), "r/n"),
+                                              (GaussianSampler(), "I")])
+def test_expected_PtP(sampler, expected):
+    r, n = 3, 8
+    mean = mc_mean(sampler, r, n, lambda P: P.T @ P)
+    target = torch.eye(n, dtype=torch.float64) * (r / n if expected == "r/n" else 1.0)
+    # Entry std ≤ 0.5/sqrt(N) for Stiefel/coordinate; Gaussian diag var 2/r → std 0.013: 0.05 is > 3.5σ.
+    tol = 0.025 if expected == "r/n" else 0.06
+    assert (mean - target).abs().max() < tol
+
+
+def test_stiefel_projection_residual():
+    r, n = 3, 8
+    G = torch.randn(5, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    resid = mc_mean(StiefelSampler(), r, n, lambda P: ((G @ P.T @ P - G) ** 2).sum())
+    expected = (1 - r / n) * (G ** 2).sum()
+    assert abs(resid / expected - 1) < 0.03
+
+
+def test_same_seed_same_P_and_cycles_differ():
+    for sampler in (StiefelSampler(), GaussianSampler(), CoordinateSampler()):
+        a = sampler.sample(4, 16, generator_for(1, 2, 3))
+        b = sampler.sample(4, 16, generator_for(1, 2, 3))
+        c = sampler.sample(4, 16, generator_for(1, 2, 4))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_coordinate_is_identity_rows():
+    P = CoordinateSampler().sample(4, 10, generator_for(0))
+    assert torch.equal(P.sum(1), torch.ones(4)) and set(P.unique().tolist()) == {0.0, 1.0}
+    assert len(set(CoordinateSampler.indices(P).tolist())) == 4
+
+
+def test_svd_top_right_singular_vectors():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(9, 6, generator=g, dtype=torch.float64))
+    G = U @ torch.diag(torch.tensor([10.0, 8, 6, 1, 0.5, 0.1], dtype=torch.float64)) @ V.T
+    P = SVDSampler().sample(3, 9, generator_for(0), gradient=G, dtype=torch.float64)
+    # Same subspace as the top-3 right singular vectors (signs may differ).
+    torch.testing.assert_close(P.T @ P, V[:, :3] @ V[:, :3].T, atol=1e-5, rtol=0)
+
+
+def test_svd_without_gradient_is_stiefel_and_failure_falls_back_with_warning():
+    s = SVDSampler()
+    assert torch.equal(s.sample(3, 9, generator_for(5)), StiefelSampler().sample(3, 9, generator_for(5)))
+    bad = torch.full((6, 9), float("nan"))
+    with pytest.warns(RuntimeWarning, match="SVD projection failed"):
+        P = s.sample(3, 9, generator_for(5), gradient=bad)
+    assert torch.isfinite(P).all()
+    torch.testing.assert_close(P @ P.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_hybrid_switches_from_svd_to_stiefel():
+    h = HybridSampler(total_steps=1000, random_fraction=0.2)
+    assert h.uses_gradient(0) and h.uses_gradient(799) and not h.uses_gradient(800)
+    G = torch.randn(6, 9, dtype=torch.float64)
+    early = h.sample(3, 9, generator_for(1), gradient=G, step=100, dtype=torch.float64)
+    late = h.sample(3, 9, generator_for(1), gradient=G, step=900, dtype=torch.float64)
+    torch.testing.assert_close(early, SVDSampler().sample(3, 9, generator_for(1), gradient=G, dtype=torch.float64))
+    torch.testing.assert_close(late, StiefelSampler().sample(3, 9, generator_for(1), dtype=torch.float64))
+
+
+def test_make_sampler_errors():
+    with pytest.raises(ValueError, match="stiefel"):
+        make_sampler("nope")
+    with pytest.raises(ValueError, match="total_steps"):
+        make_sampler("hybrid")
+    with pytest.raises(ValueError, match="random_fraction"):
+        make_sampler("hybrid", total_steps=10, random_fraction=1.5)
+    with pytest.raises(ValueError, match="rank"):
+        StiefelSampler().sample(0, 5, generator_for(0))

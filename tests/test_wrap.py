@@ -1,0 +1,192 @@
+"""rso.wrap / rso.unwrap on HF models and a plain MLP: targets, equal outputs, merges, errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rso
+from conftest import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
+from layers import SubspaceLinear
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def wrapped_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, SubspaceLinear))
+
+
+def run(model, batch):
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    return out.logits if hasattr(out, "logits") else out
+
+
+CASES = {
+    "llama": (tiny_llama, lambda: lm_batch(), 8),
+    "gpt2": (tiny_gpt2, lambda: lm_batch(), 8),
+    "bert": (tiny_bert, lambda: {"input_ids": lm_batch()["input_ids"], "labels": torch.tensor([0, 1])}, 8),
+    "mlp": (mlp, lambda: torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), 3),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_wrap_keeps_outputs_and_training_lowers_loss(name):
+    build, batch_fn, rank = CASES[name]
+    model, batch = build(), batch_fn()
+    model.eval()
+    ref = run(model, batch).detach()
+    assert rso.wrap(model, rank=rank, tau=4) is model
+    torch.testing.assert_close(run(model, batch), ref)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+
+    def loss_of():
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+        return out.loss if hasattr(out, "loss") else out.pow(2).mean()
+
+    first = loss_of().item()
+    for _ in range(12):
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert rso.state(model)["cycle"] == 3
+    assert loss_of().item() < 0.9 * first
+
+
+def test_default_targets():
+    llama = rso.wrap(tiny_llama(), rank=8)
+    names = wrapped_names(llama)
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"}
+    bert = rso.wrap(tiny_bert(), rank=8)
+    names = wrapped_names(bert)
+    assert "bert.pooler.dense" in names and not any("classifier" in n for n in names)
+    gpt2 = rso.wrap(tiny_gpt2(), rank=8)
+    names = wrapped_names(gpt2)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"c_attn", "c_proj", "c_fc"} and "lm_head" not in names
+
+
+def test_target_modules_names_suffixes_and_regex():
+    m = rso.wrap(tiny_llama(), rank=8, target_modules=["q_proj", "model.layers.0.mlp.down_proj"])
+    assert wrapped_names(m) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                                "model.layers.1.self_attn.q_proj"]
+    m = rso.wrap(tiny_llama(), rank=8, target_modules=r".*\.1\.mlp\.(gate|up)_proj")
+    assert wrapped_names(m) == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    # An explicit choice alone decides, output head included.
+    m = rso.wrap(tiny_llama(), rank=8, target_modules=["lm_head"])
+    assert wrapped_names(m) == ["lm_head"]
+
+
+def test_fractional_rank_and_shared_groups():
+    m = rso.wrap(tiny_llama(), rank=0.25)
+    ranks = {n.rsplit(".", 1)[1]: l.rank for n, l in rso.subspace_layers(m)}
+    assert ranks["q_proj"] == 8 and ranks["down_proj"] == 12  # 0.25 × in_features (32, 48)
+    s = rso.state(m)
+    assert s["layers"] == 14 and s["projection_groups"] == 2 * 4  # qkv, o, gate/up, down per block
+    attn = m.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.P, attn.k_proj.P) and torch.equal(attn.q_proj.P, attn.v_proj.P)
+    assert not torch.equal(attn.q_proj.P, attn.o_proj.P[:, :32])
+
+
+def test_merge_with_scale_keeps_outputs_and_unwrap_restores_plain_modules():
+    for build in (tiny_llama, tiny_gpt2):
+        model = build(dtype=torch.float64)
+        model.eval()
+        batch = lm_batch()
+        rso.wrap(model, rank=8, scale=0.25, tau=None)
+        with torch.no_grad():
+            for _, layer in rso.subspace_layers(model):
+                layer.B.normal_(std=0.5)
+        before = run(model, batch)
+        expected = {n: layer.effective_weight().clone() for n, layer in rso.subspace_layers(model)}
+        rso.outer_step(model)
+        torch.testing.assert_close(run(model, batch), before)
+        for n, layer in rso.subspace_layers(model):
+            assert torch.count_nonzero(layer.B) == 0
+            torch.testing.assert_close(layer.weight, expected[n])
+        with torch.no_grad():
+            for _, layer in rso.subspace_layers(model):
+                layer.B.normal_(std=0.5)
+        before = run(model, batch)
+        expected = {n: layer.effective_weight().clone() for n, layer in rso.subspace_layers(model)}
+        rso.unwrap(model)
+        assert not rso.is_wrapped(model)
+        torch.testing.assert_close(run(model, batch), before)
+        for n, w in expected.items():
+            module = model.get_submodule(n)
+            assert type(module).__name__ in ("Linear", "Conv1D") and module.weight.requires_grad
+            torch.testing.assert_close(module.weight, w if type(module).__name__ == "Linear" else w.T)
+
+
+def test_summary_and_state():
+    m = rso.wrap(tiny_llama(), rank=8, tau=5)
+    text = rso.summary(m)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert f"trainable params: {trainable:,}" in text and "14 subspace layers" in text and "tau 5" in text
+    assert rso.state(m) == {"step": 0, "cycle": 0, "tau": 5, "steps_to_merge": 5, "projection": "stiefel",
+                            "layers": 14, "projection_groups": 8, "state_on_merge": "reset"}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+BAD = [
+    (dict(rank=0), ValueError, "rank"),
+    (dict(rank=-3), ValueError, "rank"),
+    (dict(rank=17), ValueError, "k_proj"),           # k/v are 32 → 16: rank 17 does not fit
+    (dict(rank=1.5), ValueError, r"\(0, 1\)"),
+    (dict(rank="8"), TypeError, "rank"),
+    (dict(projection="random"), ValueError, "stiefel"),
+    (dict(tau=0), ValueError, "tau"),
+    (dict(tau=2.5), ValueError, "tau"),
+    (dict(target_modules=["nothing_here"]), ValueError, "matches no module"),
+    (dict(target_modules=["mlp"]), TypeError, "not nn.Linear"),
+    (dict(projection="hybrid"), ValueError, "total_steps"),
+    (dict(scale=float("nan")), ValueError, "scale"),
+    (dict(state_on_merge="drop"), ValueError, "reset"),
+    (dict(proximal=-1.0), ValueError, "proximal"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD)
+def test_bad_arguments_leave_model_untouched(kwargs, exc, match):
+    model = tiny_llama()
+    state, types = snapshot(model)
+    with pytest.raises(exc, match=match):
+        rso.wrap(model, **{"rank": 8, **kwargs})
+    after, after_types = snapshot(model)
+    assert types == after_types and state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_wrap_twice_and_unwrap_plain_model():
+    model = rso.wrap(tiny_llama(), rank=8)
+    with pytest.raises(ValueError, match="already wrapped"):
+        rso.wrap(model, rank=8)
+    with pytest.raises(ValueError, match="not wrapped"):
+        rso.unwrap(tiny_llama())
+    with pytest.raises(TypeError, match="nn.Module"):
+        rso.wrap("model", rank=8)
+
+
+def test_deepcopy_of_wrapped_model_is_independent():
+    model = rso.wrap(tiny_llama(), rank=8, tau=None)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.layers[0].self_attn.q_proj.B.fill_(1.0)
+    assert torch.count_nonzero(model.model.layers[0].self_attn.q_proj.B) == 0
+    batch = lm_batch()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(run(rso.unwrap(model), batch), run(rso.unwrap(twin), batch))
+    # The copy has hooks of its own: stepping it advances only its counters.
+    opt = torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=0.1)
+    clone(**batch).loss.backward()
+    opt.step()
+    assert rso.state(clone)["step"] == 1
