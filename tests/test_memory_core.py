@@ -1,0 +1,77 @@
+"""Exact byte counts: stored projections, whole-model activation savings, optimizer state of B."""
+import torch
+from torch import nn
+
+import rso
+from conftest import lm_batch, tiny_llama
+from rso.memory import measure_step
+
+
+def test_each_wrapped_layer_saves_batch_seq_rank_elements():
+    model = tiny_llama()
+    rso.wrap(model, rank=8, share_projections=False)
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    per_layer = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            saved = output.grad_fn.saved_tensors  # z, W₀, B
+            per_layer[name] = [t.numel() for t in saved if t.untyped_storage().data_ptr() not in params]
+        return fn
+
+    for name, layer in rso.subspace_layers(model):
+        layer.register_forward_hook(hook(name))
+    model(**lm_batch(batch=3, seq=7))
+    assert len(per_layer) == 14
+    assert all(v == [3 * 7 * 8] for v in per_layer.values())
+
+
+def llama_activation_bytes(wrap_kwargs=None, batch=2, seq=8):
+    model = tiny_llama()
+    if wrap_kwargs is not None:
+        rso.wrap(model, **wrap_kwargs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, measure_step(model, lm_batch(batch=batch, seq=seq), opt)
+
+
+def test_llama_activations_fall_by_the_shapes_prediction():
+    b, s, r = 2, 8, 8
+    _, full = llama_activation_bytes(None, b, s)
+    cfg = tiny_llama().config
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    # Unwrapped, each block keeps the linear inputs: x for q/k/v (one tensor), attention output for o,
+    # x for gate/up (one tensor), act(gate)·up for down. Wrapped, each of those is an r-wide z.
+    _, shared = llama_activation_bytes(dict(rank=r, share_projections=True), b, s)
+    assert full.activations - shared.activations == 4 * L * b * s * ((d - r) * 3 + (f - r))
+    # Without sharing q/k/v and gate/up each store their own z: 3 + 2 projections instead of 2.
+    _, unshared = llama_activation_bytes(dict(rank=r, share_projections=False), b, s)
+    assert unshared.activations - shared.activations == 4 * L * b * s * r * 3
+
+
+def test_adamw_state_bytes_of_the_wrapped_model():
+    model, report = llama_activation_bytes(dict(rank=8))
+    wrapped = sum(layer.out_features * layer.rank for _, layer in rso.subspace_layers(model))
+    wrapped_ids = {id(layer.B) for _, layer in rso.subspace_layers(model)}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in wrapped_ids]
+    n_params = len(wrapped_ids) + len(others)
+    # exp_avg + exp_avg_sq per element, plus AdamW's fp32 scalar step per parameter.
+    assert report.optimizer_state == 2 * (wrapped + sum(p.numel() for p in others)) * 4 + 4 * n_params
+    assert report.gradients == (wrapped + sum(p.numel() for p in others)) * 4
+    full_model, full = llama_activation_bytes(None)
+    assert report.optimizer_state < full.optimizer_state and report.gradients < full.gradients
+    assert report.parameters == full.parameters + 4 * wrapped  # B is added, W₀ stays
+
+
+def test_peak_tracker_sees_a_large_temporary():
+    model = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(16, 64)
+
+    def loss_fn(m, batch):
+        big = torch.ones(1000, 1000)  # 4 MB temporary, freed right away
+        del big
+        return m(batch).sum()
+
+    report = measure_step(model, x, None, loss_fn=loss_fn)
+    assert report.peak >= 4_000_000
+    assert report.activations == 16 * 64 * 4  # x, saved for the weight gradient; sum saves nothing
+    print(report.table())
