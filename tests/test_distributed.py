@@ -1,0 +1,302 @@
+"""RSO under torch.distributed on CPU (gloo): DDP, FSDP2, distributed checkpoints.
+
+One spawn of 2 worker processes runs every distributed scenario (process start-up dominates the
+cost on a small machine); the test process computes the single-process references and checks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+
+WORLD = 2
+STEPS = 7        # merges after steps 3 and 6: two resamples
+TAU = 3
+RANK = 8
+CKPT_STEP = 3    # right after a merge: B has no optimizer state then (state_on_merge='reset')
+CKPT_STEP_FSDP = 4
+GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 96
+LR = 1e-2
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def fsdp2_available():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        return True, ""
+    except ImportError as err:
+        return False, f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard ({err})"
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def build(kind="rso", rank=RANK, projection="stiefel"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import rso
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if kind == "rso":
+        rso.wrap(model, rank=rank, tau=TAU, projection=projection, seed=11)
+    return model
+
+
+def batch(step, rank=0, world=1):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    return ids.chunk(world)[rank] if world > 1 else ids
+
+
+def make_opt(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+
+
+def projections(model):
+    import rso
+    return {n: m.P.detach().float().clone() for n, m in rso.subspace_layers(model)}
+
+
+def full_state(model):
+    """Plain CPU tensors of the model's state (DTensors gathered)."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone()
+    return out
+
+
+def train(model, opt, steps, rank=0, world=1, on_step=None):
+    """Train ``steps`` (1-based step numbers); returns the global mean losses."""
+    import torch.distributed as dist
+    losses = []
+    for step in steps:
+        ids = batch(step, rank, world)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+        if on_step is not None:
+            on_step(step)
+    return losses
+
+
+# ---------------------------------------------------------------------------- worker
+def _worker(rank, port, out_dir, run_fsdp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    import rso
+    from rso import distributed as rd
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    res = {}
+    try:
+        # DDP + RSO: losses, P after every step (sync and value), bytes, checkpoint at CKPT_STEP
+        model = build("rso")
+        counter = rd.CommCounter()
+        dmodel = rd.ddp(model, counter=counter)
+        opt = make_opt(model)
+        synced, p_hist = [], {}
+
+        def on_step(step):
+            synced.append(rd.check_projections_synchronized(model))
+            p_hist[step] = projections(model)
+            if step == CKPT_STEP:
+                rd.save_checkpoint(os.path.join(out_dir, "ckpt_ddp"), dmodel, opt, extra={"step": step})
+
+        res["ddp_losses"] = train(dmodel, opt, range(1, STEPS + 1), rank, WORLD, on_step)
+        res["ddp_synced"] = synced
+        res["ddp_P"] = p_hist
+        res["ddp_state"] = full_state(model)
+        res["ddp_cycle"] = rso.state(model)["cycle"]
+        res["rso_bytes"] = list(counter.history)
+        res["rso_expected"] = rd.gradient_bytes(model)
+        res["buffer_bytes"] = rd.buffer_bytes(model)
+
+        # resume on the same world size from the step-CKPT_STEP checkpoint
+        model2 = build("rso")
+        dmodel2 = rd.ddp(model2)
+        opt2 = make_opt(model2)
+        extra = rd.load_checkpoint(os.path.join(out_dir, "ckpt_ddp"), dmodel2, opt2)
+        res["resume_extra"] = extra
+        res["resume_state_at_load"] = rso.state(model2)
+        res["resume_losses"] = train(dmodel2, opt2, range(CKPT_STEP + 1, STEPS + 1), rank, WORLD)
+        res["resume_state"] = full_state(model2)
+
+        # bytes per step: full AdamW and galore-torch on the unwrapped model
+        for name in ("adamw", "galore"):
+            full = build("full")
+            c = rd.CommCounter()
+            dfull = rd.ddp(full, counter=c)
+            if name == "adamw":
+                o = make_opt(full)
+            else:
+                from galore_torch import GaLoreAdamW
+                mats = [p for n, p in full.named_parameters() if p.dim() == 2 and ".layers." in n]
+                rest = [p for n, p in full.named_parameters() if not (p.dim() == 2 and ".layers." in n)]
+                o = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": RANK, "update_proj_gap": TAU,
+                                                   "scale": 0.25, "proj_type": "std"}], lr=LR)
+            train(dfull, o, range(1, 3), rank, WORLD)
+            res[f"{name}_bytes"] = list(c.history)
+
+        # FSDP2 (fp32): same trajectory as one process, P in sync, checkpoint at CKPT_STEP_FSDP
+        if run_fsdp:
+            fmodel = rd.fully_shard_model(build("rso"))
+            fopt = make_opt(fmodel)
+            fsynced = []
+
+            def on_fstep(step):
+                fsynced.append(rd.check_projections_synchronized(fmodel))
+                if step == CKPT_STEP_FSDP:
+                    rd.save_checkpoint(os.path.join(out_dir, "ckpt_fsdp"), fmodel, fopt)
+
+            res["fsdp_losses"] = train(fmodel, fopt, range(1, STEPS + 1), rank, WORLD, on_fstep)
+            res["fsdp_synced"] = fsynced
+            res["fsdp_state"] = full_state(fmodel)
+            res["fsdp_local_rows"] = {n: (tuple(m.weight.to_local().shape), tuple(m.B.to_local().shape))
+                                      for n, m in rso.subspace_layers(fmodel)}
+            # bf16 compute, fp32 reduce
+            mmodel = rd.fully_shard_model(build("rso"), mp_policy=rd.mixed_precision_policy())
+            mopt = make_opt(mmodel)
+            res["mp_losses"] = train(mmodel, mopt, range(1, 5), rank, WORLD)
+            res["mp_synced"] = rd.check_projections_synchronized(mmodel)
+        if rank == 0:
+            torch.save(res, os.path.join(out_dir, "rank0.pt"))
+        else:
+            torch.save({k: res[k] for k in ("ddp_P", "ddp_state", "ddp_losses")}, os.path.join(out_dir, "rank1.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    run_fsdp, _ = fsdp2_available()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    mp.start_processes(_worker, args=(_free_port(), str(out), run_fsdp), nprocs=WORLD, start_method="spawn")
+    r0 = torch.load(out / "rank0.pt", weights_only=False)
+    r1 = torch.load(out / "rank1.pt", weights_only=False)
+
+    # single-process reference on the same global batches
+    ref = {}
+    model = build("rso")
+    opt = make_opt(model)
+    p_hist = {}
+    ref["losses"] = train(model, opt, range(1, STEPS + 1),
+                          on_step=lambda s: p_hist.__setitem__(s, projections(model)))
+    ref["P"], ref["state"] = p_hist, full_state(model)
+    return {"r0": r0, "r1": r1, "ref": ref, "dir": out, "fsdp": run_fsdp}
+
+
+def _assert_states_close(a, b, atol=ATOL, rtol=RTOL):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------- tests
+def test_ddp_equals_single_process(runs):
+    r0, ref = runs["r0"], runs["ref"]
+    assert r0["ddp_cycle"] == STEPS // TAU >= 2
+    torch.testing.assert_close(torch.tensor(r0["ddp_losses"]), torch.tensor(ref["losses"]), atol=ATOL, rtol=RTOL)
+    _assert_states_close(r0["ddp_state"], ref["state"])
+    _assert_states_close(runs["r1"]["ddp_state"], ref["state"])
+
+
+def test_projections_identical_on_ranks_after_each_resample(runs):
+    r0, r1, ref = runs["r0"], runs["r1"], runs["ref"]
+    assert all(r0["ddp_synced"]) and len(r0["ddp_synced"]) == STEPS
+    for step in range(1, STEPS + 1):
+        for name, P in r0["ddp_P"][step].items():
+            assert torch.equal(P, r1["ddp_P"][step][name])
+            assert torch.equal(P, ref["P"][step][name])  # the very P a single process samples
+    # and they did change at each merge
+    name = next(iter(ref["P"][1]))
+    assert not torch.equal(r0["ddp_P"][TAU - 1][name], r0["ddp_P"][TAU][name])
+    assert not torch.equal(r0["ddp_P"][2 * TAU - 1][name], r0["ddp_P"][2 * TAU][name])
+
+
+def test_communication_bytes(runs):
+    r0 = runs["r0"]
+    exp = r0["rso_expected"]
+    rso_bytes, adamw_bytes, galore_bytes = r0["rso_bytes"], r0["adamw_bytes"], r0["galore_bytes"]
+    assert len(rso_bytes) == STEPS and len(set(rso_bytes)) == 1
+    # exact: the hook saw B's gradients plus the unwrapped parameters' and nothing else
+    assert rso_bytes[0] == exp["total"]
+    # full training reduces every weight; galore-torch projects after the all-reduce: same bytes
+    assert adamw_bytes[0] == exp["full"] == galore_bytes[0]
+    assert rso_bytes[0] <= (exp["max_rank_over_in"] + exp["nonwrapped_share"]) * adamw_bytes[0]
+    print(f"\nbytes all-reduced per step: RSO {rso_bytes[0]:,} ({exp['B']:,} B + {exp['other']:,} other), "
+          f"AdamW {adamw_bytes[0]:,}, galore-torch {galore_bytes[0]:,}; ratio {rso_bytes[0] / adamw_bytes[0]:.4f} "
+          f"<= bound {exp['max_rank_over_in'] + exp['nonwrapped_share']:.4f}; "
+          f"broadcast_buffers=True would add {r0['buffer_bytes']:,} B per forward")
+
+
+def test_checkpoint_resume_same_world_size(runs):
+    r0 = runs["r0"]
+    assert r0["resume_extra"] == {"step": CKPT_STEP}
+    assert r0["resume_state_at_load"]["step"] == CKPT_STEP and r0["resume_state_at_load"]["cycle"] == 1
+    torch.testing.assert_close(torch.tensor(r0["resume_losses"]), torch.tensor(r0["ddp_losses"][CKPT_STEP:]),
+                               atol=1e-6, rtol=1e-6)
+    _assert_states_close(r0["resume_state"], r0["ddp_state"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which,step", [("ckpt_ddp", CKPT_STEP), ("ckpt_fsdp", CKPT_STEP_FSDP)])
+def test_checkpoint_resume_on_one_process(runs, which, step):
+    """Saved by 2 ranks (DDP replicated / FSDP2 sharded), resumed by a single process."""
+    if which == "ckpt_fsdp" and not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    from rso import distributed as rd
+    import rso
+    model = build("rso")
+    opt = make_opt(model)
+    rd.load_checkpoint(runs["dir"] / which, model, opt)
+    assert rso.state(model)["step"] == step
+    losses = train(model, opt, range(step + 1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs["ref"]["losses"][step:]), atol=ATOL, rtol=RTOL)
+    _assert_states_close(full_state(model), runs["ref"]["state"])
+
+
+def test_fsdp2_equals_single_process(runs):
+    if not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    r0, ref = runs["r0"], runs["ref"]
+    assert all(r0["fsdp_synced"]) and len(r0["fsdp_synced"]) == STEPS
+    torch.testing.assert_close(torch.tensor(r0["fsdp_losses"]), torch.tensor(ref["losses"]), atol=ATOL, rtol=RTOL)
+    _assert_states_close(r0["fsdp_state"], ref["state"])
+    # W₀ and B really were sharded by rows (hidden 32 / 2 ranks = 16 rows each for q_proj)
+    rows = r0["fsdp_local_rows"]["model.layers.0.self_attn.q_proj"]
+    assert rows == ((16, 32), (16, RANK))
+
+
+def test_fsdp2_mixed_precision(runs):
+    if not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    r0, ref = runs["r0"], runs["ref"]
+    assert r0["mp_synced"]
+    mp_losses = torch.tensor(r0["mp_losses"])
+    assert torch.isfinite(mp_losses).all()
+    torch.testing.assert_close(mp_losses, torch.tensor(ref["losses"][:4]), atol=5e-2, rtol=0)
