@@ -1,4 +1,8 @@
-"""Memory accounting: exact byte counts of a real training step (``measure_step``)."""
+"""Memory accounting: exact byte counts of a real training step (``measure_step``) and an analytic
+estimate for any LLaMA-family config (``estimate``; ``python -m rso.memory``)."""
+from .cli import main
+from .estimate import METHODS, PRESETS, estimate, fits, format_estimate, llama_dims
 from .measure import LiveTensorTracker, MemoryReport, format_bytes, measure_step, storage_bytes
 
-__all__ = ["MemoryReport", "measure_step", "storage_bytes", "format_bytes", "LiveTensorTracker"]
+__all__ = ["MemoryReport", "measure_step", "storage_bytes", "format_bytes", "LiveTensorTracker", "estimate",
+           "fits", "format_estimate", "llama_dims", "PRESETS", "METHODS", "main"]

@@ -1,0 +1,344 @@
+"""Analytic memory estimate of one training step of a LLaMA-family decoder, without building the model.
+
+``estimate(config, method=..., rank=..., batch=..., seq=..., dtype=...)`` returns bytes for
+
+* ``weights``     every parameter (frozen ones included), RSO's projection buffers P, LoRA's adapters,
+                  and fp32 master weights when asked for,
+* ``gradients``   one gradient per trainable parameter (GaLore keeps the full weight gradient),
+* ``optimizer``   AdamW moments (and GaLore's projection matrices, and torch's per-tensor ``step``),
+* ``activations`` tensors autograd saves for backward, each storage once (what
+                  :func:`rso.memory.measure_step` counts),
+* ``total``       their sum,
+
+plus a few detail keys (``parameters``, ``trainable_parameters``, ``buffers``, ``master_weights``).
+
+The activation model follows what Hugging Face's ``LlamaForCausalLM`` saves op by op (transformers 5;
+verified to the byte on CPU by ``tests/test_memory_estimate.py``). Per decoder layer and token, with
+``d`` the activation dtype's size, ``h`` hidden, ``i`` intermediate, ``a``/``g`` query/key-value heads
+of width ``e``:
+
+================================  ==========================================================
+RMSNorm (×2)                      fp32: the input ``x`` and ``x·rsqrt`` (8h + 4); bf16: the fp32
+                                  upcast of ``x``, ``rsqrt`` and the normalized bf16 (4h + 4 + dh)
+attention, SDPA                   q, k, v after RoPE, the output, the fp32 log-sum-exp
+                                  (d(2ae + 2ge) + 4a); the output doubles as o_proj's input
+attention, eager                  q, k, v (k, v repeated to ``a`` heads), the fp32 softmax
+                                  (and its bf16 copy) of size a·seq (3dae + 4a·s [+ da·s])
+MLP elementwise                   gate, SiLU(gate), up (3di)
+linear inputs (trained weights)   q/k/v's input dh, gate/up's input dh, down's input di, and
+                                  o_proj's input dae with eager attention
+RSO instead of those              one ``z`` of width r per projection group (q/k/v, o, gate/up, down)
+LoRA on top of the floor          the linear inputs plus ``A x`` (width r) for every adapter
+================================  ==========================================================
+
+and for the model: the token ids (8 bytes per token), RoPE's cos and sin (2·s·e·d, batch-independent),
+the final norm, the head's input dh (when the head trains), the fp32 log-softmax 4V per token (or, with
+``chunked_ce``, only a fp32 log-sum-exp per token), the int64 targets and a 4-byte scalar.
+
+``dtype="bf16"`` means weights, gradients and optimizer states in bf16, as in the textbook table
+(LLaMA-7B, Adam, batch 1: weights 14 GB, gradients 14 GB, states 28 GB); ``master_weights=True`` adds an
+fp32 copy of the trainable parameters and ``fp32_states=True`` keeps the moments in fp32.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+__all__ = ["estimate", "PRESETS", "METHODS", "llama_dims", "LlamaDims", "fits", "format_estimate", "GPU_SIZES"]
+
+METHODS = ("adamw", "galore", "rso", "lora", "frozen")
+
+#: The LLaMA shapes the GaLore / GoLore / RSO papers pre-train (vocab 32000, untied head), plus a tiny one.
+PRESETS = {
+    "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4,
+                       vocab_size=8192),
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
+    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+}
+#: rank the peers use for each preset (GaLore paper).
+PEER_RANKS = {"llama-tiny": 64, "llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512,
+              "llama-7b": 1024}
+
+#: Usable GPU memory sizes checked by the CLI (GiB as the cards report them).
+GPU_SIZES = {"24 GB GPU": 24 * 2 ** 30, "80 GB GPU": 80 * 2 ** 30}
+#: Left aside on a GPU for the CUDA context, cuBLAS workspaces and allocator slack.
+GPU_RESERVE = 2 * 2 ** 30
+
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    tied: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def linears(self):
+        """(name, out_features, in_features, projection group) of one decoder layer's linear layers."""
+        h, i, qd, kvd = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [("q_proj", qd, h, "qkv"), ("k_proj", kvd, h, "qkv"), ("v_proj", kvd, h, "qkv"),
+                ("o_proj", h, qd, "o"), ("gate_proj", i, h, "gate_up"), ("up_proj", i, h, "gate_up"),
+                ("down_proj", h, i, "down")]
+
+    def bias(self, name):
+        if name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            return self.attention_bias
+        return self.mlp_bias
+
+
+def _get(cfg, key, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _load_config(config):
+    """A preset name, a path to a config.json / directory, a dict or an HF config object."""
+    if isinstance(config, str):
+        key = config.lower()
+        key = key if key.startswith("llama-") else f"llama-{key}"
+        if key in PRESETS:
+            return dict(PRESETS[key]), key
+        path = config
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f), None
+        try:  # an HF hub name that is cached locally
+            from transformers import AutoConfig
+            return AutoConfig.from_pretrained(config), None
+        except Exception as exc:  # noqa: BLE001 - turned into a clear message
+            raise ValueError(f"rso.memory.estimate: unknown config {config!r}: not a preset "
+                             f"({', '.join(PRESETS)}), a config.json or a loadable HF config ({exc})") from None
+    return config, None
+
+
+def llama_dims(config) -> LlamaDims:
+    """The shapes ``estimate`` needs, from a preset name, a dict or an HF config of a LLaMA-family model."""
+    cfg, _ = _load_config(config)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+               if _get(cfg, k) is None]
+    if missing:
+        raise ValueError(f"rso.memory.estimate handles LLaMA-family decoders (hidden_size, intermediate_size, "
+                         f"num_attention_heads, num_hidden_layers); this config lacks {missing}")
+    h, heads = int(_get(cfg, "hidden_size")), int(_get(cfg, "num_attention_heads"))
+    return LlamaDims(hidden=h, intermediate=int(_get(cfg, "intermediate_size")), heads=heads,
+                     kv_heads=int(_get(cfg, "num_key_value_heads", heads) or heads),
+                     head_dim=int(_get(cfg, "head_dim", h // heads) or h // heads),
+                     layers=int(_get(cfg, "num_hidden_layers")), vocab=int(_get(cfg, "vocab_size", 32000)),
+                     tied=bool(_get(cfg, "tie_word_embeddings", False)),
+                     attention_bias=bool(_get(cfg, "attention_bias", False)),
+                     mlp_bias=bool(_get(cfg, "mlp_bias", False)))
+
+
+def _bytes_of(dtype) -> int:
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPE_BYTES:
+        raise ValueError(f"rso.memory.estimate: dtype must be one of fp32, bf16, fp16; got {dtype!r}")
+    return _DTYPE_BYTES[key]
+
+
+def _rank_for(rank, out_f, in_f):
+    r = rank if isinstance(rank, int) else max(1, round(rank * in_f))
+    return min(r, out_f, in_f)
+
+
+def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int = 2048, dtype="bf16", *,
+             attn: str = "sdpa", master_weights: bool = False, fp32_states: bool = False,
+             share_projections: bool = True, chunked_ce: bool = False, lora_train_other: bool = False,
+             lora_dtype: str | None = "fp32", galore_projector: str = "peer",
+             step_tensors: bool | None = None) -> dict:
+    """Bytes of weights, gradients, optimizer state and activations of one training step.
+
+    Args:
+        config: preset ``"llama-60m"`` … ``"llama-7b"`` (or ``"60m"``), a dict / HF config / config.json path.
+        method: ``"adamw"`` (full), ``"galore"`` (attention and MLP weights projected, the peer's recipe),
+            ``"rso"`` (every decoder linear layer wrapped), ``"lora"`` (adapters on every decoder linear
+            layer, everything else frozen) or ``"frozen"`` (linear weights frozen: the floor).
+        rank: int, or a float fraction of each layer's in_features; default: the peers' rank for a preset,
+            else hidden/4.
+        dtype: ``"fp32"`` or ``"bf16"``: weights, gradients, states and activations.
+        attn: ``"sdpa"`` (flash / efficient kernels: no seq² matrix) or ``"eager"``.
+        master_weights: add an fp32 copy of every trainable parameter (mixed precision).
+        fp32_states: optimizer moments in fp32 whatever ``dtype``.
+        share_projections: RSO's q/k/v and gate/up share one stored projection (as ``rso.wrap``).
+        chunked_ce: the output head's loss computed by :mod:`layers.chunked_ce` (no vocab-wide logits kept).
+        lora_train_other: LoRA also trains embeddings, norms and head (as the GaLore paper's baseline).
+        lora_dtype: the adapters' dtype: ``"fp32"`` (peft's default ``autocast_adapter_dtype=True``: each
+            adapter then also saves an fp32 copy of its input in a bf16 model) or None (the model's dtype).
+        galore_projector: ``"peer"``: as galore-torch, whose fp32 projector is a slice of the whole SVD
+            factor (min(m, n)² kept alive); ``"rank"``: only the r columns (a compact implementation).
+        step_tensors: count torch.optim.AdamW's 4-byte ``step`` tensor per parameter (default: for
+            adamw/rso/lora/frozen, not for galore-torch which keeps an int).
+    """
+    if method not in METHODS:
+        raise ValueError(f"rso.memory.estimate: method must be one of {METHODS}, got {method!r}")
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"rso.memory.estimate: attn must be 'sdpa' or 'eager', got {attn!r}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rso.memory.estimate: {name} must be a positive int, got {value!r}")
+    _, preset = _load_config(config)
+    dims = llama_dims(config)
+    if rank is None:
+        rank = PEER_RANKS.get(preset, max(1, dims.hidden // 4))
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0 \
+            or (isinstance(rank, float) and rank >= 1):
+        raise ValueError(f"rso.memory.estimate: rank must be an int ≥ 1 or a float in (0, 1), got {rank!r}")
+    wb = _bytes_of(dtype)           # weights, gradients, activations
+    sb = 4 if fp32_states else wb   # optimizer moments
+    d = dims
+    L, h, i, V = d.layers, d.hidden, d.intermediate, d.vocab
+    T = batch * seq
+    if step_tensors is None:
+        step_tensors = method != "galore"
+
+    # ---------------------------------------------------------------- parameters
+    lin = d.linears
+    lin_weights = sum(o * n for _, o, n, _ in lin)
+    lin_biases = sum(o for name, o, _, _ in lin if d.bias(name))
+    layer_norms = 2 * h
+    embed = V * h
+    head = 0 if d.tied else V * h
+    n_params = embed + head + h + L * (lin_weights + lin_biases + layer_norms)
+    # tensors: per layer 7 weights + biases + 2 norms; embed, final norm, head
+    n_tensors_other = 2 + (0 if d.tied else 1) + L * (2 + sum(1 for name, *_ in lin if d.bias(name)))
+    buffers = 2 * (d.head_dim // 2) * 4  # RoPE inv_freq and original_inv_freq, fp32
+    if dtype not in ("fp32", "float32"):
+        buffers = 2 * (d.head_dim // 2) * wb  # cast with the model by .to(dtype)
+
+    ranks = {name: _rank_for(rank, o, n) for name, o, n, _ in lin}
+    extra_weights = 0
+    if method == "adamw":
+        trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
+    elif method == "galore":
+        trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
+    elif method == "frozen":
+        trainable, n_trainable_tensors = n_params - L * lin_weights, n_tensors_other
+    elif method == "rso":
+        B = sum(o * ranks[name] for name, o, _, _ in lin)
+        P = sum(ranks[name] * n for name, _, n, _ in lin)
+        extra_weights = L * B
+        buffers += L * (P * wb + len(lin) * 3 * 8)  # P per layer, int64 step/cycle/seed
+        trainable = n_params - L * lin_weights + L * B
+        n_trainable_tensors = n_tensors_other + L * len(lin)
+    else:  # lora
+        AB = sum(ranks[name] * (o + n) for name, o, n, _ in lin)
+        extra_weights = L * AB
+        trainable = L * AB + (n_params - L * lin_weights if lora_train_other else 0)
+        n_trainable_tensors = 2 * L * len(lin) + (n_tensors_other if lora_train_other else 0)
+    ab = _bytes_of(lora_dtype) if (method == "lora" and lora_dtype) else wb  # adapter bytes
+    adapter_extra = (ab - wb) * extra_weights if method == "lora" else 0
+
+    weights = (n_params + extra_weights) * wb + buffers + adapter_extra
+    master = trainable * 4 if (master_weights and wb != 4) else 0
+    gradients = trainable * wb + adapter_extra
+    if method == "galore":
+        # full gradients; projected weights keep r·max(m, n) moments and an r·min(m, n) projector
+        projected_moments = projector = 0
+        for name, o, n, _ in lin:
+            r = ranks[name]
+            projected_moments += r * max(o, n)
+            projector += r * min(o, n)
+        other = n_params - L * lin_weights
+        if galore_projector == "peer" and wb == 4:  # U[:, :r] / Vh[:r] keep the whole factor alive
+            projector = sum(min(o, n) ** 2 for _, o, n, _ in lin)
+        optimizer = 2 * sb * (other + L * projected_moments) + wb * L * projector
+    elif method == "lora":
+        optimizer = 2 * max(sb, ab) * L * AB + 2 * sb * (trainable - L * AB)
+    else:
+        optimizer = 2 * sb * trainable
+    if step_tensors:
+        optimizer += 4 * n_trainable_tensors
+
+    # ---------------------------------------------------------------- activations (per token)
+    e, a, g = d.head_dim, d.heads, d.kv_heads
+    norm = (8 * h + 4) if wb == 4 else (4 * h + 4 + wb * h)
+    if attn == "sdpa":
+        attention = wb * (2 * a * e + 2 * g * e) + 4 * a
+        o_input = 0  # the SDPA output, saved by SDPA itself
+    else:
+        attention = wb * 3 * a * e + 4 * a * seq + (wb * a * seq if wb != 4 else 0)
+        o_input = wb * a * e
+    mlp = 3 * wb * i
+    inputs = {"qkv": wb * h, "o": o_input, "gate_up": wb * h, "down": wb * i}
+    floor = 2 * norm + attention + mlp
+    if method in ("adamw", "galore"):
+        layer = floor + sum(inputs.values())
+    elif method == "frozen":
+        layer = floor
+    elif method == "rso":
+        if share_projections:
+            groups = {}
+            for name, _, _, grp in lin:
+                groups.setdefault((grp, ranks[name]), ranks[name])
+            layer = floor + wb * sum(groups.values())
+        else:
+            layer = floor + wb * sum(ranks.values())
+    else:  # lora: adapters save their input x (an fp32 copy each if adapters are fp32) and A x
+        if ab == wb:
+            adapter_inputs = sum(inputs.values())
+        else:
+            adapter_inputs = ab * sum(n for _, _, n, _ in lin)
+        adapter = adapter_inputs + ab * sum(ranks.values())
+        if lora_train_other:
+            layer = floor + adapter
+        else:  # frozen norms save only x (its fp32 copy) and rsqrt; layer 0's input norm sees no grad
+            frozen_norm = 4 * h + 4
+            layer = floor - 2 * norm + 2 * frozen_norm + adapter
+    others_train = method != "lora" or lora_train_other
+    final_norm = norm if others_train else 4 * h + 4
+    head_input = wb * h if (others_train or chunked_ce) else 0
+    ids = 8 if others_train else 0
+    first_norm = 0 if others_train else -(4 * h + 4)
+    loss = 4 if chunked_ce else 4 * V
+    per_token = ids + L * layer + first_norm + final_norm + head_input + loss + 8
+    activations = T * per_token + 2 * seq * e * wb + (0 if chunked_ce else 4)
+
+    total = weights + master + gradients + optimizer + activations
+    return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
+            "activations": activations, "total": total,
+            "parameters": (n_params + extra_weights) * wb, "trainable_parameters": trainable * wb,
+            "buffers": buffers, "master_weights": master,
+            "n_parameters": n_params + extra_weights, "n_trainable": trainable,
+            "method": method, "rank": rank, "batch": batch, "seq": seq, "dtype": str(dtype), "attn": attn}
+
+
+def fits(result: dict, capacity: int, reserve: int = GPU_RESERVE) -> bool:
+    """Whether ``result['total']`` fits in ``capacity`` bytes less a reserve for CUDA's own use."""
+    return result["total"] <= capacity - reserve
+
+
+def _gb(n):
+    return f"{n / 1e9:9.2f} GB  ({n / 2 ** 30:8.2f} GiB)"
+
+
+def format_estimate(result: dict, title: str | None = None) -> str:
+    rows = [("weights", result["weights"]), ("gradients", result["gradients"]),
+            ("optimizer states", result["optimizer"]), ("activations", result["activations"]),
+            ("total", result["total"])]
+    title = title or (f"{result['method']}: rank {result['rank']}, batch {result['batch']} × seq {result['seq']}, "
+                      f"{result['dtype']}, {result['attn']} attention")
+    lines = [title, "-" * len(title)]
+    lines += [f"{name:<18}{_gb(v)}" for name, v in rows]
+    if result.get("master_weights"):
+        lines.append(f"  (weights include {result['master_weights'] / 1e9:.2f} GB of fp32 master weights)")
+    for gpu, cap in GPU_SIZES.items():
+        ok = fits(result, cap)
+        lines.append(f"{'fits on ' + gpu if ok else 'does NOT fit on ' + gpu} "
+                     f"({result['total'] / 2 ** 30:.1f} GiB needed, {(cap - GPU_RESERVE) / 2 ** 30:.0f} GiB usable)")
+    return "\n".join(lines)
