@@ -33,9 +33,11 @@ the SVD of the same global gradient, exactly as a single process with the whole 
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -137,7 +139,11 @@ def ddp(model: nn.Module, *, counter: CommCounter | None = None, broadcast_buffe
     """
     if process_group is not None:
         kwargs["process_group"] = process_group
-    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers, **kwargs)
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters:
+        kwargs.setdefault("forward_sync_buffers", broadcast_buffers)  # newer torch: same meaning, buffers
+    else:                                                             # still synced once at construction
+        kwargs.setdefault("broadcast_buffers", broadcast_buffers)
+    wrapped = nn.parallel.DistributedDataParallel(model, **kwargs)
     if counter is not None:
         if counter.process_group is None:
             counter.process_group = process_group
@@ -441,7 +447,9 @@ def _read_meta(path) -> tuple[dict, dict]:
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata().state_dict_metadata
     holder = {"rso_meta": ""}
-    dcp.load(holder, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(holder, storage_reader=reader, no_dist=True)
     return json.loads(holder["rso_meta"]), metadata
 
 
