@@ -176,7 +176,9 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         master_weights: add an fp32 copy of every trainable parameter (mixed precision).
         fp32_states: optimizer moments in fp32 whatever ``dtype``.
         share_projections: RSO's q/k/v and gate/up share one stored projection (as ``rso.wrap``).
-        chunked_ce: the output head's loss computed by :mod:`layers.chunked_ce` (no vocab-wide logits kept).
+        chunked_ce: the output head's loss computed by :mod:`layers.chunked_ce` (no vocab-wide logits kept):
+            True / ``"recompute"`` (saves h, an fp32 log-sum-exp and the target per token) or ``"fused"``
+            (saves the head's input gradient per token and its weight gradient).
         lora_train_other: LoRA also trains embeddings, norms and head (as the GaLore paper's baseline).
         lora_dtype: the adapters' dtype: ``"fp32"`` (peft's default ``autocast_adapter_dtype=True``: each
             adapter then also saves an fp32 copy of its input in a bf16 model) or None (the model's dtype).
@@ -302,12 +304,19 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
             layer = floor - 2 * norm + 2 * frozen_norm + adapter
     others_train = method != "lora" or lora_train_other
     final_norm = norm if others_train else 4 * h + 4
-    head_input = wb * h if (others_train or chunked_ce) else 0
+    if chunked_ce not in (False, None, True, "recompute", "fused"):
+        raise ValueError(f"rso.memory.estimate: chunked_ce must be False, True, 'recompute' or 'fused', "
+                         f"got {chunked_ce!r}")
     ids = 8 if others_train else 0
     first_norm = 0 if others_train else -(4 * h + 4)
-    loss = 4 if chunked_ce else 4 * V
-    per_token = ids + L * layer + first_norm + final_norm + head_input + loss + 8
-    activations = T * per_token + 2 * seq * e * wb + (0 if chunked_ce else 4)
+    if chunked_ce == "fused":  # d loss/d h per token, and the head's weight gradient (if it trains)
+        head_loss, fixed = wb * h, (V * h * wb if others_train else 0)
+    elif chunked_ce:  # h, fp32 log-sum-exp, int64 target
+        head_loss, fixed = wb * h + 4 + 8, 0
+    else:  # the head's input (if it trains), fp32 log-softmax, int64 target, a scalar
+        head_loss, fixed = (wb * h if others_train else 0) + 4 * V + 8, 4
+    per_token = ids + L * layer + first_norm + final_norm + head_loss
+    activations = T * per_token + 2 * seq * e * wb + fixed
 
     total = weights + master + gradients + optimizer + activations
     return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
