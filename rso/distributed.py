@@ -495,7 +495,10 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, *, process_group=Non
                     dev = local.device if len(size) else torch.device("cpu")
                     template = torch.zeros(size, dtype=dtype, device=dev)
                 state[k] = template
-    dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):  # a single process: the intended case
+            warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), process_group=process_group)
 
     loaded = {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}
     core.load_state_dict(loaded, strict=strict)

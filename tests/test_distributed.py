@@ -5,6 +5,7 @@ cost on a small machine); the test process computes the single-process reference
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -139,6 +140,16 @@ def _worker(rank, port, out_dir, run_fsdp):
         res["resume_losses"] = train(dmodel2, opt2, range(CKPT_STEP + 1, STEPS + 1), rank, WORLD)
         res["resume_state"] = full_state(model2)
 
+        # gradient-based projections: the captured full gradients are averaged before the SVD
+        smodel = build("rso", projection="svd")
+        dsmodel = rd.ddp(smodel)
+        sopt = make_opt(smodel)
+        ssynced = []
+        res["svd_losses"] = train(dsmodel, sopt, range(1, STEPS + 1), rank, WORLD,
+                                  lambda s: ssynced.append(rd.check_projections_synchronized(smodel)))
+        res["svd_synced"] = ssynced
+        res["svd_P"] = projections(smodel)
+
         # bytes per step: full AdamW and galore-torch on the unwrapped model
         for name in ("adamw", "galore"):
             full = build("full")
@@ -176,10 +187,18 @@ def _worker(rank, port, out_dir, run_fsdp):
             mopt = make_opt(mmodel)
             res["mp_losses"] = train(mmodel, mopt, range(1, 5), rank, WORLD)
             res["mp_synced"] = rd.check_projections_synchronized(mmodel)
+            # the torchrun entry point's loop, on this process group: FSDP2, 2 steps, checkpoint
+            from train.distributed import build_parser, run
+            args = build_parser().parse_args([
+                "--config", os.path.join(out_dir, "cfg.json"), "--method", "rso", "--parallel", "fsdp",
+                "--dataset", "synthetic", "--synthetic-tokens", "20000", "--batch-size", "2", "--grad-accum", "1",
+                "--seq-len", "16", "--max-steps", "2", "--rank", "4", "--tau", "2", "--warmup", "0",
+                "--eval-batches", "1", "--output-dir", os.path.join(out_dir, "entry")])
+            res["entry"] = run(args)
         if rank == 0:
             torch.save(res, os.path.join(out_dir, "rank0.pt"))
         else:
-            torch.save({k: res[k] for k in ("ddp_P", "ddp_state", "ddp_losses")}, os.path.join(out_dir, "rank1.pt"))
+            torch.save({k: res[k] for k in ("ddp_P", "ddp_state", "ddp_losses", "svd_P")}, os.path.join(out_dir, "rank1.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -195,6 +214,10 @@ def _free_port():
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     run_fsdp, _ = fsdp2_available()
+    (out / "cfg.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+        "num_hidden_layers": 1, "vocab_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False,
+        "training": {"lr": 1e-3}}))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     mp.start_processes(_worker, args=(_free_port(), str(out), run_fsdp), nprocs=WORLD, start_method="spawn")
     r0 = torch.load(out / "rank0.pt", weights_only=False)
@@ -208,6 +231,10 @@ def runs(tmp_path_factory):
     ref["losses"] = train(model, opt, range(1, STEPS + 1),
                           on_step=lambda s: p_hist.__setitem__(s, projections(model)))
     ref["P"], ref["state"] = p_hist, full_state(model)
+    model = build("rso", projection="svd")
+    opt = make_opt(model)
+    ref["svd_losses"] = train(model, opt, range(1, STEPS + 1))
+    ref["svd_P"] = projections(model)
     return {"r0": r0, "r1": r1, "ref": ref, "dir": out, "fsdp": run_fsdp}
 
 
@@ -253,6 +280,43 @@ def test_communication_bytes(runs):
           f"AdamW {adamw_bytes[0]:,}, galore-torch {galore_bytes[0]:,}; ratio {rso_bytes[0] / adamw_bytes[0]:.4f} "
           f"<= bound {exp['max_rank_over_in'] + exp['nonwrapped_share']:.4f}; "
           f"broadcast_buffers=True would add {r0['buffer_bytes']:,} B per forward")
+
+
+def test_svd_projections_synchronized(runs):
+    """svd: each rank captures its local full gradient; averaged before the SVD, P agrees everywhere."""
+    r0, r1, ref = runs["r0"], runs["r1"], runs["ref"]
+    assert all(r0["svd_synced"]) and len(r0["svd_synced"]) == STEPS
+    for name, P in r0["svd_P"].items():
+        assert torch.equal(P, r1["svd_P"][name])
+        # the SVD of the global gradient, as one process computes it (up to float summation order)
+        overlap = torch.linalg.svdvals(P @ ref["svd_P"][name].T)
+        assert overlap.min() > 0.999, name
+    torch.testing.assert_close(torch.tensor(r0["svd_losses"]), torch.tensor(ref["svd_losses"]), atol=1e-4, rtol=1e-4)
+
+
+def _checkpoint_keys(path):
+    import torch.distributed.checkpoint as dcp
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def test_checkpoint_contents(runs):
+    keys = _checkpoint_keys(runs["dir"] / "ckpt_ddp")
+    for suffix in ("q_proj.P", "q_proj.step", "q_proj.cycle", "q_proj.seed", "q_proj.weight", "q_proj.B"):
+        assert f"model/model.layers.0.self_attn.{suffix}" in keys
+    # saved at a merge step: B's AdamW state was reset, the embedding's was not
+    assert not any(k.startswith("optim/") and ".B/" in k for k in keys)
+    assert "optim/model.embed_tokens.weight/exp_avg" in keys
+    if runs["fsdp"]:
+        assert "optim/model.layers.0.self_attn.q_proj.B/exp_avg" in _checkpoint_keys(runs["dir"] / "ckpt_fsdp")
+
+
+def test_entry_point_fsdp(runs):
+    if not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    entry = runs["r0"]["entry"]
+    assert entry["steps"] == 2 and entry["world_size"] == WORLD and entry["parallel"] == "fsdp"
+    assert all(map(lambda x: x == x and x < 10, entry["train_losses"]))
+    assert (runs["dir"] / "entry" / "checkpoints" / "step_2" / ".metadata").exists()
 
 
 def test_checkpoint_resume_same_world_size(runs):
