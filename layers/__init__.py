@@ -1,6 +1,6 @@
 """Reparameterized modules and their autograd functions."""
-from .functional import GradientCapture, Project, SubspaceLinearFunction
+from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
 from .subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 
-__all__ = ["SubspaceLinear", "ProjectionGroup", "Project", "SubspaceLinearFunction", "GradientCapture",
+__all__ = ["SubspaceLinear", "ProjectionGroup", "SubspaceLinearFunction", "GradientCapture", "project", "use_merged",
            "is_conv1d"]

@@ -1,27 +1,49 @@
-"""Autograd functions of the subspace layer.
+"""The autograd function of the subspace layer.
 
-The layer computes ``y = x W₀ᵀ + s·z Bᵀ + b`` with ``z = x Pᵀ`` in two functions:
+``y = x (W₀ + s·B P)ᵀ + b`` with ``z = x Pᵀ`` computed outside autograd (P and W₀ never need a
+gradient). The function saves the r-wide ``z``, never the in-wide ``x``. Backward:
 
-* :class:`Project` — ``z = x Pᵀ`` (or ``x[..., idx]`` for a coordinate projection). It saves no
-  activation: its backward ``∂x = ∂z P`` needs only the buffer P (held on ``ctx``, so a ``z`` shared
-  by several layers can be back-propagated through more than once).
-* :class:`SubspaceLinearFunction` — ``y = x W₀ᵀ + s·z Bᵀ + b``. It saves the r-wide ``z``, never the
-  in-wide ``x``. Backward: ``∂x = g W₀``, ``∂z = s·g B``, ``∂B = s·gᵀz``, ``∂b = Σ g``; no gradient of
-  W₀ or P is ever formed.
+    ∂B = s·gᵀz        ∂x = g (W₀ + s·B P) = g W₀ + s·(g B) P        ∂b = Σ g
 
-Autograd adds the two contributions to ``∂x``, giving ``g W₀ + s·(g B) P``. Layers that read the same
-``x`` (q/k/v) may share one ``z``: autograd then sums their ``∂z`` before the single ``∂z P``.
+Two evaluation orders give the same result; the cheaper one is chosen per call from the shapes
+(``t`` tokens, ``m`` = out, ``n`` = in, ``r`` = rank):
 
-When a :class:`GradientCapture` is passed, the function also keeps ``x`` for this step and
-accumulates the full weight gradient ``gᵀx`` into it (used by the SVD sampler once per cycle).
+* ``merged``: form ``W = W₀ + s·B P`` once in forward and once in backward (2mnr each, a transient
+  out×in matrix that is never saved) and use one GEMM with it: 4tmn + 2trn + 2tmr + 4mnr in all.
+* ``split``: ``x W₀ᵀ + s·z Bᵀ`` and ``g W₀ + s·(g B) P``: 4tmn + 4trn + 6tmr. Cheaper for few tokens.
+
+For a coordinate projection (``index``: the kept input coordinates) ``z = x[..., index]`` and
+``B P`` is a scatter of B's columns, so no projection matmul is done at all.
+
+When a :class:`GradientCapture` is passed, ``x`` is kept for this step and the full weight gradient
+``gᵀx`` is accumulated into it (the SVD sampler needs it once per cycle).
 """
 from __future__ import annotations
 
 import torch
 
+__all__ = ["GradientCapture", "SubspaceLinearFunction", "project", "use_merged"]
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def project(x: torch.Tensor, P: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``z = x Pᵀ`` (``x[..., index]`` for a coordinate projection), outside autograd."""
+    x = x.detach()
+    return x.index_select(-1, index) if index is not None else torch.matmul(x, P.T)
+
+
+def use_merged(tokens: int, out_features: int, in_features: int, rank: int) -> bool:
+    """True when forming ``W₀ + s·B P`` beats the split evaluation in FLOPs (see module docstring)."""
+    return 4 * out_features * in_features * rank < tokens * (2 * in_features + 4 * out_features) * rank
+
+
+def _effective(weight, B, P, index, scale):
+    if index is not None:
+        return weight.index_add(1, index, B, alpha=scale)
+    return torch.addmm(weight, B, P, alpha=scale)
 
 
 class GradientCapture:
@@ -35,55 +57,40 @@ class GradientCapture:
         self.grad = update if self.grad is None else self.grad.add_(update)
 
 
-class Project(torch.autograd.Function):
-    """``z = x Pᵀ`` (``index`` given: ``z = x[..., index]``); backward ``∂x = ∂z P``."""
-
-    @staticmethod
-    def forward(ctx, x, P, index):
-        ctx.P = P  # a buffer, not an activation; kept off the saved-tensor list on purpose
-        ctx.index = index
-        if index is not None:
-            return x.index_select(-1, index)
-        return torch.matmul(x, P.T)
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        P = ctx.P
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        if ctx.index is not None:
-            grad_x = grad_z.new_zeros(*grad_z.shape[:-1], P.shape[1])
-            grad_x.index_copy_(-1, ctx.index, grad_z)
-        else:
-            grad_x = torch.matmul(grad_z, P)
-        return grad_x, None, None
-
-
 class SubspaceLinearFunction(torch.autograd.Function):
-    """``y = x W₀ᵀ + scale·z Bᵀ + bias``, saving ``z`` (and ``x`` only when capturing)."""
+    """``y = x (W₀ + scale·B P)ᵀ + bias`` given ``z = x Pᵀ``; saves ``z`` (and ``x`` only when capturing)."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, B, bias, scale, capture):
-        y = torch.nn.functional.linear(x, weight, bias)
-        y = y.add_(torch.matmul(z, B.T), alpha=scale) if scale != 0 else y
-        ctx.scale = scale
-        ctx.capture = capture
-        ctx.has_bias = bias is not None
-        if capture is not None:
-            ctx.save_for_backward(z, weight, B, x)
+    def forward(ctx, x, z, weight, B, P, index, bias, scale, merged, capture):
+        if merged:
+            y = torch.nn.functional.linear(x, _effective(weight, B, P, index, scale), bias)
         else:
-            ctx.save_for_backward(z, weight, B)
+            y = torch.nn.functional.linear(x, weight, bias).add_(torch.matmul(z, B.T), alpha=scale)
+        ctx.scale, ctx.merged, ctx.capture, ctx.index = scale, merged, capture, index
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(z, weight, B, P, *((x,) if capture is not None else ()))
         return y
 
     @staticmethod
     def backward(ctx, g):
-        z, weight, B = ctx.saved_tensors[:3]
-        s = ctx.scale
-        need_x, need_z, _, need_B, need_bias = ctx.needs_input_grad[:5]
-        grad_x = torch.matmul(g, weight) if need_x else None
-        grad_z = torch.matmul(g, B).mul_(s) if need_z else None
-        grad_B = (_flat(g).T @ _flat(z)).mul_(s) if need_B else None
-        grad_bias = _flat(g).sum(0) if (need_bias and ctx.has_bias) else None
+        z, weight, B, P = ctx.saved_tensors[:4]
+        s, index = ctx.scale, ctx.index
+        need_x, _, _, need_B = ctx.needs_input_grad[:4]
+        grad_x = grad_B = grad_bias = None
+        if need_x:
+            if ctx.merged:
+                grad_x = torch.matmul(g, _effective(weight, B, P, index, s))
+            else:
+                grad_x = torch.matmul(g, weight)
+                gB = torch.matmul(g, B)
+                if index is not None:
+                    grad_x.index_add_(-1, index, gB, alpha=s)
+                else:
+                    grad_x.add_(torch.matmul(gB, P), alpha=s)
+        if need_B:
+            grad_B = (_flat(g).T @ _flat(z)).mul_(s)
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            grad_bias = _flat(g).sum(0)
         if ctx.capture is not None:
-            ctx.capture.add(g, ctx.saved_tensors[3])
-        return grad_x, grad_z, None, grad_B, grad_bias, None, None
+            ctx.capture.add(g, ctx.saved_tensors[4])
+        return grad_x, None, None, grad_B, None, None, grad_bias, None, None, None

@@ -2,7 +2,8 @@
 
 Effective weight ``W = W₀ + s·B P`` (torch layout, out×in): ``W₀`` frozen, ``P`` (rank×in) a buffer,
 only ``B`` (out×rank) and the bias train. Forward ``y = x W₀ᵀ + s·(x Pᵀ) Bᵀ + b`` stores only the
-r-wide ``z = x Pᵀ`` for backward (see :mod:`layers.functional`).
+r-wide ``z = x Pᵀ`` for backward (see :mod:`layers.functional`, which also picks the cheaper of two
+evaluation orders per call).
 
 Layers that read the same input tensor (q/k/v, gate/up) can form a :class:`ProjectionGroup`: they hold
 equal ``P`` and, within one forward pass, reuse one ``z``, so that input costs ``rank`` once.
@@ -15,7 +16,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .functional import GradientCapture, Project, SubspaceLinearFunction
+from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
 
 __all__ = ["SubspaceLinear", "ProjectionGroup", "is_conv1d"]
 
@@ -167,16 +168,18 @@ class SubspaceLinear(nn.Module):
         group = self._group if self._group is not None and len(self._group) > 1 else None
         with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
             xc = cast(x)
+            P, index = cast(self.P), self._coordinate_index()
             z = group.lookup(self, x, dtype) if group is not None else None
             if z is None:
-                z = Project.apply(xc, cast(self.P), self._coordinate_index())
+                z = project(xc, P, index)
                 if group is not None:
                     group.store(self, x, dtype, z)
             else:
                 group.consume(self)
             bias = cast(self.bias) if self.bias is not None else None
-            return SubspaceLinearFunction.apply(xc, z, cast(self.weight), cast(self.B), bias,
-                                                self.scale, self._capture)
+            merged = use_merged(x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
+            return SubspaceLinearFunction.apply(xc, z, cast(self.weight), cast(self.B), P, index, bias,
+                                                self.scale, merged, self._capture)
 
     def arm_capture(self):
         """Keep x on the coming step and accumulate the full weight gradient gᵀx (for SVD)."""

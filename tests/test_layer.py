@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import rso
-from layers import Project, SubspaceLinear, SubspaceLinearFunction
+from layers import SubspaceLinear, SubspaceLinearFunction, project
 from rso.projections import StiefelSampler, generator_for
 
 
@@ -43,20 +43,24 @@ def test_gradients_match_autograd_on_effective_weight():
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
-def test_gradcheck_functions():
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("coordinate", [False, True])
+def test_gradcheck_both_evaluation_orders(merged, coordinate):
     torch.manual_seed(0)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    P = torch.randn(2, 5, dtype=torch.float64)
+    index = torch.tensor([0, 3]) if coordinate else None
+    P = torch.zeros(2, 5, dtype=torch.float64) if coordinate else torch.randn(2, 5, dtype=torch.float64)
+    if coordinate:
+        P[torch.arange(2), index] = 1
     W = torch.randn(4, 5, dtype=torch.float64)
     B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
     def f(x, B, b):
-        return SubspaceLinearFunction.apply(x, Project.apply(x, P, None), W, B, b, 0.7, None)
+        return SubspaceLinearFunction.apply(x, project(x, P, index), W, B, P, index, b, 0.7, merged, None)
 
+    torch.testing.assert_close(f(x, B, b), x @ (W + 0.7 * B @ P).T + b)
     assert torch.autograd.gradcheck(f, (x, B, b))
-    idx = torch.tensor([0, 3])
-    assert torch.autograd.gradcheck(lambda x: Project.apply(x, P, idx), (x,))
 
 
 def saved_activations(fn, exclude):
@@ -89,7 +93,7 @@ def test_coordinate_projection_indexes_instead_of_matmul():
     layer.set_projection_(P, coordinate=True)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     y = layer(x)
-    assert y.grad_fn.next_functions[1][0].name().endswith("ProjectBackward")
+    assert layer._coordinate_index().tolist() == idx.tolist()
     torch.testing.assert_close(y, nn.functional.linear(x, layer.weight + layer.scale * layer.B @ P, layer.bias))
     y.sum().backward()
     torch.testing.assert_close(x.grad, (layer.weight + layer.scale * layer.B @ P).sum(0).expand(5, 12))
