@@ -190,3 +190,19 @@ def test_deepcopy_of_wrapped_model_is_independent():
     clone(**batch).loss.backward()
     opt.step()
     assert rso.state(clone)["step"] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = rso.wrap(tiny_llama(dtype=torch.float64), rank=8, tau=None)
+        with torch.no_grad():
+            for _, layer in rso.subspace_layers(model):
+                layer.B.normal_(std=0.1)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        model(**lm_batch()).loss.backward()
+        grads.append([layer.B.grad.clone() for _, layer in rso.subspace_layers(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
