@@ -49,7 +49,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from layers.subspace_linear import SubspaceLinear
 
 __all__ = [
-    "CommCounter", "counting_allreduce_hook", "ddp", "gradient_bytes", "buffer_bytes",
+    "CommCounter", "FSDPCommCounter", "counting_allreduce_hook", "ddp", "gradient_bytes", "buffer_bytes",
     "sync_captured_gradients", "projection_fingerprints", "check_projections_synchronized",
     "mixed_precision_policy", "fully_shard_model", "merge_sharded_", "suspend_outer_loop",
     "save_checkpoint", "load_checkpoint", "unwrap_parallel",
@@ -253,6 +253,46 @@ def check_projections_synchronized(model: nn.Module, process_group=None) -> bool
 
 
 # ---------------------------------------------------------------------------- FSDP2
+class FSDPCommCounter:
+    """Bytes FSDP2 all-gathers (parameters) and reduce-scatters (gradients), unsharded sizes.
+
+    :meth:`attach` installs counting collectives on every ``FSDPModule`` (FSDP2's
+    ``set_custom_all_gather`` / ``set_custom_reduce_scatter``); :meth:`take` returns the bytes since
+    the last call. The collectives themselves are FSDP2's defaults (their classes are private to
+    torch, so this may need adjusting on other torch versions).
+    """
+
+    def __init__(self):
+        self.all_gather = 0
+        self.reduce_scatter = 0
+
+    def attach(self, model: nn.Module) -> "FSDPCommCounter":
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+        counter = self
+
+        class CountingAllGather(DefaultAllGather):
+            def __call__(self, output_tensor, input_tensor, group, async_op=False):
+                counter.all_gather += output_tensor.numel() * output_tensor.element_size()
+                return super().__call__(output_tensor, input_tensor, group, async_op)
+
+        class CountingReduceScatter(DefaultReduceScatter):
+            def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+                counter.reduce_scatter += input_tensor.numel() * input_tensor.element_size()
+                return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_custom_all_gather(CountingAllGather())
+                module.set_custom_reduce_scatter(CountingReduceScatter())
+        return self
+
+    def take(self) -> dict:
+        out = {"all_gather": self.all_gather, "reduce_scatter": self.reduce_scatter}
+        self.all_gather = self.reduce_scatter = 0
+        return out
+
+
 def mixed_precision_policy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=None,
                            cast_forward_inputs: bool = True):
     """FSDP2 ``MixedPrecisionPolicy``: compute in ``param_dtype``, reduce gradients in ``reduce_dtype``.

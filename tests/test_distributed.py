@@ -169,16 +169,24 @@ def _worker(rank, port, out_dir, run_fsdp):
         # FSDP2 (fp32): same trajectory as one process, P in sync, checkpoint at CKPT_STEP_FSDP
         if run_fsdp:
             fmodel = rd.fully_shard_model(build("rso"))
+            fcount = rd.FSDPCommCounter().attach(fmodel)
             fopt = make_opt(fmodel)
-            fsynced = []
+            fsynced, fbytes = [], []
 
             def on_fstep(step):
+                fbytes.append(fcount.take())
                 fsynced.append(rd.check_projections_synchronized(fmodel))
                 if step == CKPT_STEP_FSDP:
                     rd.save_checkpoint(os.path.join(out_dir, "ckpt_fsdp"), fmodel, fopt)
 
             res["fsdp_losses"] = train(fmodel, fopt, range(1, STEPS + 1), rank, WORLD, on_fstep)
             res["fsdp_synced"] = fsynced
+            res["fsdp_bytes"] = fbytes
+            res["fsdp_expected"] = rd.gradient_bytes(fmodel)
+            full = rd.fully_shard_model(build("full"))
+            c = rd.FSDPCommCounter().attach(full)
+            train(full, make_opt(full), range(1, 2), rank, WORLD)
+            res["fsdp_full_bytes"] = c.take()
             res["fsdp_state"] = full_state(fmodel)
             res["fsdp_local_rows"] = {n: (tuple(m.weight.to_local().shape), tuple(m.B.to_local().shape))
                                       for n, m in rso.subspace_layers(fmodel)}
@@ -354,6 +362,21 @@ def test_fsdp2_equals_single_process(runs):
     # W₀ and B really were sharded by rows (hidden 32 / 2 ranks = 16 rows each for q_proj)
     rows = r0["fsdp_local_rows"]["model.layers.0.self_attn.q_proj"]
     assert rows == ((16, 32), (16, RANK))
+
+
+def test_fsdp2_communication_bytes(runs):
+    if not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    r0 = runs["r0"]
+    exp, rso_b, full_b = r0["fsdp_expected"], r0["fsdp_bytes"], r0["fsdp_full_bytes"]
+    # gradients: reduce-scatter carries exactly what DDP all-reduces (no padding at these sizes)
+    assert all(b["reduce_scatter"] == exp["total"] for b in rso_b)
+    assert full_b["reduce_scatter"] == exp["full"]
+    # parameters: W₀ is gathered like any weight, plus the small B
+    assert rso_b[0]["all_gather"] > full_b["all_gather"]
+    print(f"\nFSDP2 bytes per step (unsharded sizes): RSO all-gather {rso_b[0]['all_gather']:,} reduce-scatter "
+          f"{rso_b[0]['reduce_scatter']:,}; AdamW all-gather {full_b['all_gather']:,} reduce-scatter "
+          f"{full_b['reduce_scatter']:,}")
 
 
 def test_fsdp2_mixed_precision(runs):
