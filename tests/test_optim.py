@@ -1,0 +1,414 @@
+"""rso.optim: projected updates against hand computation, state policies, resume, galore-torch groups, memory."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import lm_batch, tiny_llama
+from rso.optim import (GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD, SubspaceAdamW, SubspaceSGD)
+from rso.projections import StiefelSampler, generator_for
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------- helpers
+def least_squares(m, n, k=12, seed=0):
+    """½‖A X − Y‖² with A (k × m), Y (k × n): the gradient is Aᵀ(AX − Y)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(k, m, generator=g, dtype=F64)
+    Y = torch.randn(k, n, generator=g, dtype=F64)
+    X = nn.Parameter(torch.randn(m, n, generator=g, dtype=F64))
+    return A, Y, X
+
+
+def backward(A, Y, X):
+    X.grad = None
+    (0.5 * ((A @ X - Y) ** 2).sum()).backward()
+    return X.grad.detach().clone()
+
+
+def low(G, P, side):
+    return P @ G if side == "left" else G @ P.T
+
+
+def back(D, P, side):
+    return P.T @ D if side == "left" else D @ P
+
+
+# (shape, proj_side, resolved side)
+SIDES = [((7, 4), "auto", "right"), ((4, 7), "auto", "left"), ((7, 4), "left", "left"), ((4, 7), "right", "right")]
+
+
+# ---------------------------------------------------------------------------- AdamW by hand
+@pytest.mark.parametrize("shape,proj_side,side", SIDES)
+@pytest.mark.parametrize("projection", ["svd", "stiefel"])
+def test_adamw_projected_update_matches_hand_computation(shape, proj_side, side, projection):
+    m, n = shape
+    A, Y, X = least_squares(m, n)
+    lr, betas, eps, wd, scale, r = 0.05, (0.8, 0.95), 1e-8, 0.1, 0.5, 2
+    opt = SubspaceAdamW([{"params": [X], "rank": r, "update_proj_gap": 100, "scale": scale,
+                          "projection": projection, "proj_side": proj_side}],
+                        lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    x_ref = X.detach().clone()
+    mom = vel = None
+    for t in range(1, 6):
+        G = backward(A, Y, X)
+        opt.step()
+        P = opt.state[X]["proj"]
+        dim = m if side == "left" else n
+        assert P.shape == (r, dim)
+        if t == 1 and projection == "svd":
+            # P spans the top-r singular subspace of the first gradient on the projected side.
+            U, _, Vh = torch.linalg.svd(G)
+            basis = U[:, :r].T if side == "left" else Vh[:r]
+            torch.testing.assert_close(P.T @ P, basis.T @ basis, atol=1e-5, rtol=0)
+        R = low(G, P, side)
+        mom = (1 - betas[0]) * R if mom is None else betas[0] * mom + (1 - betas[0]) * R
+        vel = (1 - betas[1]) * R * R if vel is None else betas[1] * vel + (1 - betas[1]) * R * R
+        mhat, vhat = mom / (1 - betas[0] ** t), vel / (1 - betas[1] ** t)
+        x_ref = x_ref * (1 - lr * wd) - lr * scale * back(mhat / (vhat.sqrt() + eps), P, side)
+        torch.testing.assert_close(X.detach(), x_ref, atol=1e-12, rtol=0)
+    st = opt.state[X]
+    assert st["exp_avg"].shape == ((r, n) if side == "left" else (m, r))
+    assert st["step"] == 5 and st["cycle"] == 0
+    # Sanity: a projected update differs from the full-rank one (the test can tell them apart).
+    A2, Y2, X2 = least_squares(m, n)
+    full = torch.optim.AdamW([X2], lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    for _ in range(5):
+        backward(A2, Y2, X2)
+        full.step()
+    assert (X2.detach() - X.detach()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape,proj_side,side", SIDES)
+@pytest.mark.parametrize("nesterov,dampening", [(False, 0.0), (False, 0.9), (True, 0.0)])
+def test_sgd_projected_update_matches_hand_computation(shape, proj_side, side, nesterov, dampening):
+    m, n = shape
+    A, Y, X = least_squares(m, n, seed=1)
+    lr, mu, wd, scale, r = 0.02, 0.9, 0.01, 2.0, 3
+    opt = SubspaceSGD([{"params": [X], "rank": r, "update_proj_gap": 100, "scale": scale,
+                        "projection": "stiefel", "proj_side": proj_side, "seed": 5}],
+                      lr=lr, momentum=mu, dampening=dampening, weight_decay=wd, nesterov=nesterov)
+    x_ref = X.detach().clone()
+    buf = None
+    dim = m if side == "left" else n
+    # Stiefel: P is a pure function of (seed, parameter index, cycle).
+    P = StiefelSampler().sample(r, dim, generator_for(5, 0, 0), dtype=F64)
+    for _ in range(4):
+        G = backward(A, Y, X) + wd * X.detach()
+        opt.step()
+        assert torch.equal(opt.state[X]["proj"], P)
+        R = low(G, P, side)
+        buf = R.clone() if buf is None else mu * buf + (1 - dampening) * R
+        d = R + mu * buf if nesterov else buf
+        x_ref = x_ref - lr * scale * back(d, P, side)
+        torch.testing.assert_close(X.detach(), x_ref, atol=1e-12, rtol=0)
+
+
+def test_plain_groups_match_torch_optimizers():
+    for make_ours, make_ref in [
+        (lambda p: SubspaceAdamW(p, lr=0.03, betas=(0.85, 0.99), weight_decay=0.05),
+         lambda p: torch.optim.AdamW(p, lr=0.03, betas=(0.85, 0.99), weight_decay=0.05, foreach=False)),
+        (lambda p: SubspaceSGD(p, lr=0.01, momentum=0.9, weight_decay=0.1, nesterov=True),
+         lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=0.1, nesterov=True, foreach=False)),
+    ]:
+        A, Y, X1 = least_squares(5, 3, seed=2)
+        _, _, X2 = least_squares(5, 3, seed=2)
+        o1, o2 = make_ours([X1]), make_ref([X2])
+        for _ in range(6):
+            backward(A, Y, X1), backward(A, Y, X2)
+            o1.step(), o2.step()
+        torch.testing.assert_close(X1.detach(), X2.detach(), atol=1e-13, rtol=1e-12)
+        assert (X1.detach() - least_squares(5, 3, seed=2)[2].detach()).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- subspace switches
+def _run_to_switch(opt_cls, policy, side, **kw):
+    """Three steps with τ = 2: the third starts cycle 1. Returns the states around the switch."""
+    shape = (7, 4) if side == "right" else (4, 7)
+    A, Y, X = least_squares(*shape, seed=3)
+    opt = opt_cls([{"params": [X], "rank": 2, "update_proj_gap": 2, "projection": "stiefel",
+                    "state_on_switch": policy, "proj_side": side, "seed": 11}], lr=0.05, **kw)
+    for _ in range(2):
+        backward(A, Y, X)
+        opt.step()
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[X].items()}
+    x_before = X.detach().clone()
+    G = backward(A, Y, X)
+    opt.step()
+    return opt, X, before, x_before, G
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("policy", ["keep", "reset", "project"])
+def test_adamw_state_on_switch(policy, side):
+    betas, eps, lr = (0.9, 0.999), 1e-8, 0.05
+    opt, X, before, x_before, G = _run_to_switch(SubspaceAdamW, policy, side, betas=betas, eps=eps)
+    st = opt.state[X]
+    P_old, P_new = before["proj"], st["proj"]
+    assert st["cycle"] == 1 and before["cycle"] == 0
+    assert (P_new - P_old).abs().max() > 1e-2
+    R = low(G, P_new, side)
+    m_old, v_old = before["exp_avg"], before["exp_avg_sq"]
+    Q = P_new @ P_old.T
+    if policy == "keep":
+        m0, v0, t = m_old, v_old, 3
+    elif policy == "reset":
+        m0, v0, t = torch.zeros_like(m_old), torch.zeros_like(v_old), 1
+    else:
+        m0 = Q @ m_old if side == "left" else m_old @ Q.T
+        v0 = (Q * Q) @ v_old if side == "left" else v_old @ (Q * Q).T
+        t = 3
+    m_new = betas[0] * m0 + (1 - betas[0]) * R
+    v_new = betas[1] * v0 + (1 - betas[1]) * R * R
+    torch.testing.assert_close(st["exp_avg"], m_new, atol=1e-14, rtol=0)
+    torch.testing.assert_close(st["exp_avg_sq"], v_new, atol=1e-14, rtol=0)
+    assert st["moment_step"] == t
+    d = (m_new / (1 - betas[0] ** t)) / ((v_new / (1 - betas[1] ** t)).sqrt() + eps)
+    torch.testing.assert_close(X.detach(), x_before - lr * back(d, P_new, side), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("policy", ["keep", "reset", "project"])
+def test_sgd_state_on_switch(policy, side):
+    opt, X, before, x_before, G = _run_to_switch(SubspaceSGD, policy, side, momentum=0.9)
+    st = opt.state[X]
+    P_old, P_new = before["proj"], st["proj"]
+    R = low(G, P_new, side)
+    b_old = before["momentum_buffer"]
+    if policy == "keep":
+        buf = 0.9 * b_old + R
+    elif policy == "reset":
+        buf = R
+    else:
+        Q = P_new @ P_old.T
+        buf = 0.9 * (Q @ b_old if side == "left" else b_old @ Q.T) + R
+    torch.testing.assert_close(st["momentum_buffer"], buf, atol=1e-14, rtol=0)
+    torch.testing.assert_close(X.detach(), x_before - 0.05 * back(buf, P_new, side), atol=1e-12, rtol=0)
+
+
+def test_project_policy_is_exact_for_the_first_moment_in_full_space():
+    """With orthonormal rows, the carried momentum is the old full-space momentum seen through P_new."""
+    opt, X, before, _, G = _run_to_switch(SubspaceSGD, "project", "left", momentum=0.5)
+    P_old, P_new = before["proj"], opt.state[X]["proj"]
+    full_old = P_old.T @ before["momentum_buffer"]                  # m × n
+    carried = opt.state[X]["momentum_buffer"] - P_new @ G            # 0.5·(carried old buffer)
+    torch.testing.assert_close(carried, 0.5 * (P_new @ full_old), atol=1e-14, rtol=0)
+
+
+def test_cycles_start_every_gap_steps_and_at_the_hybrid_switch():
+    A, Y, X = least_squares(8, 5, seed=4)
+    # total 10, random_fraction 0.25 → SVD before step round(7.5) = 8, Stiefel from step 8 on.
+    opt = SubspaceSGD([{"params": [X], "rank": 2, "update_proj_gap": 3, "projection": "hybrid",
+                        "total_steps": 10, "random_fraction": 0.25, "seed": 2}], lr=0.01)
+    cycles, projs, grads = [], [], []
+    for _ in range(10):
+        grads.append(backward(A, Y, X))
+        opt.step()
+        cycles.append(opt.state[X]["cycle"])
+        projs.append(opt.state[X]["proj"].clone())
+    # Cycles start at steps 0, 3, 6 (every τ), 8 (the switch to random), 9 (τ after 6).
+    assert cycles == [0, 0, 0, 1, 1, 1, 2, 2, 3, 4]
+    for step in (0, 3, 6):   # SVD cycles: top right singular vectors of that step's gradient (m ≥ n: right)
+        _, _, Vh = torch.linalg.svd(grads[step])
+        torch.testing.assert_close(projs[step].T @ projs[step], Vh[:2].T @ Vh[:2], atol=1e-5, rtol=0)
+    for step, cycle in ((8, 3), (9, 4)):  # Stiefel cycles: a function of (seed, index, cycle) only
+        expected = StiefelSampler().sample(2, 5, generator_for(2, 0, cycle), dtype=F64)
+        assert torch.equal(projs[step], expected)
+
+
+def test_random_projections_depend_on_seed_and_parameter_index():
+    A, Y, X1 = least_squares(6, 6, seed=5)
+    X2 = nn.Parameter(X1.detach().clone())
+    opt = GoLoreSGD([{"params": [X1, X2], "rank": 2, "seed": 3}], lr=0.01)
+    X1.grad = torch.ones_like(X1)
+    X2.grad = torch.ones_like(X2)
+    opt.step()
+    P1, P2 = opt.state[X1]["proj"], opt.state[X2]["proj"]
+    assert torch.equal(P1, StiefelSampler().sample(2, 6, generator_for(3, 0, 0), dtype=F64))
+    assert torch.equal(P2, StiefelSampler().sample(2, 6, generator_for(3, 1, 0), dtype=F64))
+    assert (P1 - P2).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------- resume
+def _groups(params):
+    a, b, c, d = params
+    return [{"params": [a], "rank": 2, "update_proj_gap": 3, "projection": "svd"},
+            {"params": [b], "rank": 3, "update_proj_gap": 4, "projection": "stiefel",
+             "state_on_switch": "project", "proj_side": "left"},
+            {"params": [c], "rank": 2, "update_proj_gap": 2, "projection": "hybrid", "total_steps": 14,
+             "random_fraction": 0.5, "state_on_switch": "reset", "seed": 9},
+            {"params": [d]}]
+
+
+def _params(seed=6):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(9, 5), (5, 9), (6, 6), (6,)]
+    return [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+
+
+def _loss(params, t):
+    g = torch.Generator().manual_seed(100 + t)      # a different least-squares batch every step
+    total = 0
+    for p in params:
+        shape = p.shape if p.dim() == 2 else (1, p.shape[0])
+        A = torch.randn(4, shape[0], generator=g)
+        Y = torch.randn(4, shape[1], generator=g)
+        total = total + 0.5 * ((A @ p.reshape(shape) - Y) ** 2).sum()
+    return total
+
+
+@pytest.mark.parametrize("make", [
+    lambda groups: SubspaceAdamW(groups, lr=0.01, weight_decay=0.01),
+    lambda groups: SubspaceSGD(groups, lr=0.01, momentum=0.9),
+], ids=["adamw", "sgd"])
+def test_state_dict_round_trip_resumes_bit_for_bit(make):
+    ref = _params()
+    opt = make(_groups(ref))
+    for t in range(7):
+        opt.zero_grad()
+        _loss(ref, t).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in ref], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)                         # only tensors and plain data
+    resumed = [nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt2 = make(_groups(resumed))
+    opt2.load_state_dict(ckpt["opt"])
+    for t in range(7, 14):                                             # crosses several new cycles
+        for params, o in ((ref, opt), (resumed, opt2)):
+            o.zero_grad()
+            _loss(params, t).backward()
+            o.step()
+    for a, b in zip(ref, resumed):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(ref, resumed):
+        for key, value in opt.state[a].items():
+            other = opt2.state[b][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    # Not a tautology: a fresh optimizer on the same weights does not follow the same path.
+    fresh = [nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt3 = make(_groups(fresh))
+    for t in range(7, 14):
+        opt3.zero_grad()
+        _loss(fresh, t).backward()
+        opt3.step()
+    assert any(not torch.equal(a.detach(), c.detach()) for a, c in zip(ref, fresh))
+
+
+# ---------------------------------------------------------------------------- galore-torch compatibility
+@pytest.mark.parametrize("proj_type,shape,side", [
+    ("std", (7, 4), "right"), ("std", (4, 7), "left"), ("reverse_std", (7, 4), "left"),
+    ("reverse_std", (4, 7), "right"), ("left", (7, 4), "left"), ("right", (4, 7), "right")])
+def test_galore_torch_param_groups_work_unchanged(proj_type, shape, side):
+    """Same groups, same trajectory as galore-torch's GaLoreAdamW (eps set tiny: the two place eps
+    differently relative to the bias correction)."""
+    galore_torch = pytest.importorskip("galore_torch")
+    A, Y, X1 = least_squares(*shape, seed=7)
+    X2 = nn.Parameter(X1.detach().clone())
+    group = {"rank": 2, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}
+    ours = GaLoreAdamW([dict(group, params=[X1])], lr=0.01, eps=1e-30)
+    peer = galore_torch.GaLoreAdamW([dict(group, params=[X2])], lr=0.01, eps=1e-30,
+                                    no_deprecation_warning=True)
+    for _ in range(8):
+        backward(A, Y, X1), backward(A, Y, X2)
+        ours.step(), peer.step()
+    m, n = shape
+    assert ours.state[X1]["proj"].shape == (2, m if side == "left" else n)
+    torch.testing.assert_close(X1.detach(), X2.detach(), atol=1e-6, rtol=1e-6)
+    assert (X1.detach() - least_squares(*shape, seed=7)[2].detach()).abs().max() > 1e-3
+
+
+def test_aliases_set_the_default_projection():
+    X = nn.Parameter(torch.randn(6, 4, dtype=F64))
+    for cls, name in [(GaLoreAdamW, "svd"), (GaLoreSGD, "svd"), (GoLoreAdamW, "stiefel"),
+                      (GoLoreSGD, "stiefel"), (SubspaceAdamW, "svd"), (SubspaceSGD, "svd")]:
+        opt = cls([{"params": [X], "rank": 2}], lr=0.1)
+        assert opt.param_groups[0]["projection"] == name
+        opt2 = cls([{"params": [X], "rank": 2, "projection": "gaussian"}], lr=0.1)
+        assert opt2.param_groups[0]["projection"] == "gaussian"
+    X.grad = torch.randn(6, 4, dtype=F64)
+    opt = GoLoreAdamW([{"params": [X], "rank": 2}], lr=0.1)
+    opt.step()
+    assert torch.equal(opt.state[X]["proj"], StiefelSampler().sample(2, 4, generator_for(0, 0, 0), dtype=F64))
+
+
+# ---------------------------------------------------------------------------- errors
+def test_non_matrix_parameter_in_projected_group_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    with pytest.raises(ValueError, match=r"0\.bias.*\(3,\).*2-D"):
+        SubspaceAdamW([{"params": list(model.named_parameters()), "rank": 2}])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*2-D"):
+        SubspaceSGD([{"params": list(model.parameters()), "rank": 2}])
+    SubspaceAdamW([{"params": [model[0].weight], "rank": 2},
+                   {"params": [model[0].bias, model[1].weight, model[1].bias]}])     # the right way
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("projection", "pca", r"projection must be one of \['coordinate', 'gaussian', 'hybrid', 'stiefel', 'svd'\]"),
+    ("state_on_switch", "rotate", r"state_on_switch must be one of \['keep', 'reset', 'project'\]"),
+    ("proj_side", "top", r"proj_side must be one of \['auto', 'left', 'right', 'reverse'\]"),
+    ("proj_type", "full", r"proj_type must be one of \['left', 'reverse_std', 'right', 'std'\]"),
+    ("update_proj_gap", 0, "update_proj_gap must be a positive int"),
+    ("rank", 0, "rank must be a positive int"),
+    ("seed", 1.5, "seed must be an int"),
+    ("scale", "big", "scale must be a real number"),
+])
+def test_bad_options_name_the_option_and_the_allowed_values(key, value, match):
+    X = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=match):
+        SubspaceAdamW([{"params": [X], "rank": 2, key: value}])
+
+
+def test_hybrid_needs_total_steps_and_inner_options_are_checked():
+    X = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="total_steps"):
+        SubspaceSGD([{"params": [X], "rank": 2, "projection": "hybrid"}])
+    with pytest.raises(ValueError, match="random_fraction"):
+        SubspaceSGD([{"params": [X], "rank": 2, "projection": "hybrid", "total_steps": 10,
+                      "random_fraction": 1.5}])
+    with pytest.raises(ValueError, match="betas"):
+        SubspaceAdamW([X], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="nesterov"):
+        SubspaceSGD([X], nesterov=True)
+
+
+# ---------------------------------------------------------------------------- memory on a tiny LLaMA
+def _state_bytes(opt):
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def test_llama_optimizer_state_bytes_match_the_shapes_and_beat_adamw():
+    rank = 8
+    model = tiny_llama()
+    names = [n for n, p in model.named_parameters()
+             if p.dim() == 2 and (".self_attn." in n or ".mlp." in n)]
+    assert len(names) == 2 * 7
+    proj = [p for n, p in model.named_parameters() if n in names]
+    rest = [p for n, p in model.named_parameters() if n not in names]
+    opt = SubspaceAdamW([{"params": proj, "rank": rank, "update_proj_gap": 50, "scale": 0.25},
+                         {"params": rest}], lr=1e-3)
+    opt.zero_grad()
+    model(**lm_batch()).loss.backward()
+    opt.step()
+
+    predicted = 0
+    for p in proj:                           # fp32: 4 bytes per entry
+        m, n = p.shape
+        r = min(rank, m, n)
+        predicted += 4 * (r * n + 2 * m * r if m >= n else r * m + 2 * r * n)   # P + two moments
+    predicted += sum(4 * 2 * p.numel() for p in rest)                            # two full moments
+    assert _state_bytes(opt) == predicted
+
+    reference = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**lm_batch()).loss.backward()
+    reference.step()
+    adamw_bytes = _state_bytes(reference)
+    assert adamw_bytes == sum(4 * 2 * p.numel() + 4 for p in model.parameters())   # + fp32 step
+    saved = sum(4 * 2 * p.numel() for p in proj) - (predicted - sum(4 * 2 * p.numel() for p in rest))
+    assert _state_bytes(opt) < adamw_bytes and saved > 0
+    assert math.isclose(adamw_bytes - _state_bytes(opt), saved + 4 * len(list(model.parameters())))
