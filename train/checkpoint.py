@@ -1,0 +1,86 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint holds the model (for ``rso`` that includes W₀, B, P, seeds and counters), optimizer,
+LR scheduler, data-loader position, every RNG state, the step and the run's arguments. It is written
+to a temporary file in the same directory and moved into place with ``os.replace``, so a run killed
+at any moment leaves either the previous checkpoint or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+__all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
+           "find_checkpoint", "CheckpointError"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> pathlib.Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` (atomic)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # Our own file, written by save_checkpoint; an optimizer may keep non-tensor objects in its state.
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def find_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:
+    path = pathlib.Path(output_dir) / CHECKPOINT_NAME
+    return path if path.exists() else None

@@ -1,0 +1,251 @@
+"""Training methods: how a model and its optimizer are set up for a ``--method``.
+
+Every method is a function ``setup(model, opts) -> (model, optimizer)`` in :data:`METHODS`; add one
+with :func:`register`. ``opts`` is a :class:`MethodOptions`.
+
+=============  ============================================================================
+``adamw``      full-parameter training with the ``--optimizer`` (AdamW by default)
+``galore``     ``rso.optim.GaLoreAdamW``: Adam in the top-r SVD subspace of each weight's gradient
+``golore``     ``rso.optim.GoLoreAdamW``: the same with random (Stiefel) projections
+``golore@X``   GaLore for the first (100−X)% of the steps, GoLore for the last X% (``golore@20``)
+``rso``        ``rso.wrap``: W = W₀ + s·B P, only B trains (any ``--optimizer``), merged every τ steps
+``lora``       ``peft`` LoRA adapters (a baseline); ``--scale`` sets alpha = scale·rank
+=============  ============================================================================
+
+The subspace methods act on the linear layers of the transformer blocks (attention and MLP); the
+embeddings, norms and output head train in full, as in the papers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["MethodError", "MethodOptions", "METHODS", "register", "parse_method", "setup_method",
+           "resolve_optimizer", "matrix_parameters", "method_names"]
+
+#: Leaf names of the block linear layers (LLaMA, BERT, GPT-2 style) the subspace methods act on.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+                 "c_attn", "c_proj", "c_fc")
+HEADS = ("lm_head", "classifier", "score", "pooler")
+
+
+class MethodError(ValueError):
+    """An unknown method or optimizer, or options a method cannot use."""
+
+
+@dataclass
+class MethodOptions:
+    rank: int = 128
+    tau: int = 200
+    scale: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    optimizer_args: dict = field(default_factory=dict)
+    projection: str = "stiefel"     # rso only
+    random_fraction: float = 0.2    # golore@X / hybrid
+    total_steps: int | None = None
+    seed: int = 0
+    task: str = "causal_lm"         # lora: "causal_lm" | "seq_cls"
+    train_embeddings: bool = True   # lora: also train embeddings, norms and heads (pre-training)
+
+
+METHODS: dict[str, callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS) + ["golore@X"]
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"golore@20"`` -> ``("golore@", {"random_fraction": 0.2})``; other names map to themselves."""
+    spec = spec.strip().lower()
+    m = re.fullmatch(r"golore@(\d+(?:\.\d+)?)(%?)", spec)
+    if m:
+        x = float(m.group(1))
+        frac = x / 100 if (m.group(2) or x > 1) else x
+        if not 0.0 <= frac <= 1.0:
+            raise MethodError(f"golore@X needs X in [0, 100] (percent of steps with random projections), got {spec!r}")
+        return "golore@", {"random_fraction": frac}
+    if spec not in METHODS:
+        raise MethodError(f"unknown method {spec!r}; choose one of: {', '.join(method_names())}")
+    return spec, {}
+
+
+def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
+    """(model, optimizer) for a method spec; the model may be wrapped (rso) or replaced (lora)."""
+    name, extra = parse_method(spec)
+    for key, value in extra.items():
+        setattr(opts, key, value)
+    return METHODS[name](model, opts)
+
+
+# ----------------------------------------------------------------------------- optimizers by name
+def resolve_optimizer(name: str):
+    """An optimizer class from ``torch.optim`` or ``torch_optimizer`` by (case-insensitive) name."""
+    lowered = name.lower()
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if attr.lower() == lowered and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            return obj
+    try:
+        import torch_optimizer
+    except ImportError:
+        torch_optimizer = None
+    if torch_optimizer is not None:
+        try:
+            return torch_optimizer.get(lowered)
+        except ValueError:
+            pass
+    known = sorted(a for a in dir(torch.optim) if isinstance(getattr(torch.optim, a), type)
+                   and issubclass(getattr(torch.optim, a), torch.optim.Optimizer) and a != "Optimizer")
+    raise MethodError(f"unknown optimizer {name!r}: not in torch.optim ({', '.join(known)}) "
+                      "nor in torch_optimizer (e.g. lamb, radam, adabelief, yogi, adafactor)")
+
+
+def _make_optimizer(params, opts: MethodOptions):
+    cls = resolve_optimizer(opts.optimizer)
+    kwargs = {"lr": opts.lr, **opts.optimizer_args}
+    if opts.weight_decay:
+        kwargs["weight_decay"] = opts.weight_decay
+    try:
+        return cls(params, **kwargs)
+    except TypeError as e:
+        raise MethodError(f"optimizer {opts.optimizer} rejects {kwargs}: {e}") from e
+
+
+def _is_block_linear(name: str, module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear) or any(part in HEADS for part in name.split(".")):
+        return False
+    return any(name == leaf or name.endswith("." + leaf) for leaf in BLOCK_LINEARS)
+
+
+def matrix_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights of the block linear layers, every other trainable parameter)."""
+    matrices = [m.weight for n, m in model.named_modules() if _is_block_linear(n, m) and m.weight.requires_grad]
+    ids = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return matrices, others
+
+
+def _block_linear_names(model: nn.Module) -> list[str]:
+    """Full module names of the block linear layers (exact names: no head or pooler slips in)."""
+    return [n for n, m in model.named_modules() if _is_block_linear(n, m)]
+
+
+# ----------------------------------------------------------------------------- the methods
+@register("adamw")
+def _full(model, opts):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, _make_optimizer(params, opts)
+
+
+def _projected(model, opts, cls_name: str, projection: str):
+    import rso.optim as ropt
+
+    if opts.optimizer.lower() not in ("adamw", "adam"):
+        raise MethodError(f"the galore/golore methods run their own projected AdamW; --optimizer "
+                          f"{opts.optimizer!r} is only for adamw, rso and lora")
+    matrices, others = matrix_parameters(model)
+    if not matrices:
+        raise MethodError(f"{type(model).__name__} has no block linear layers to project")
+    group = {"params": matrices, "rank": opts.rank, "update_proj_gap": opts.tau, "scale": opts.scale,
+             "projection": projection, "seed": opts.seed}
+    if projection == "hybrid":
+        if not opts.total_steps:
+            raise MethodError("golore@X needs the total number of steps (--max-steps)")
+        group.update(random_fraction=opts.random_fraction, total_steps=opts.total_steps)
+    cls = getattr(ropt, cls_name)
+    kwargs = {"lr": opts.lr, "weight_decay": opts.weight_decay, **opts.optimizer_args}
+    return model, cls([group, {"params": others}], **kwargs)
+
+
+@register("galore")
+def _galore(model, opts):
+    return _projected(model, opts, "GaLoreAdamW", "svd")
+
+
+@register("golore")
+def _golore(model, opts):
+    return _projected(model, opts, "GoLoreAdamW", "stiefel")
+
+
+@register("golore@")
+def _golore_hybrid(model, opts):
+    return _projected(model, opts, "SubspaceAdamW", "hybrid")
+
+
+@register("rso")
+def _rso(model, opts):
+    import rso
+
+    targets = _block_linear_names(model)
+    model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
+                     target_modules=targets or None, scale=opts.scale, seed=opts.seed,
+                     total_steps=opts.total_steps, random_fraction=opts.random_fraction)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, _make_optimizer(params, opts)
+
+
+@register("lora")
+def _lora(model, opts):
+    from peft import LoraConfig, get_peft_model
+
+    targets = _block_linear_names(model)
+    if not targets:
+        raise MethodError(f"{type(model).__name__} has no block linear layers for LoRA")
+    task = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[opts.task]
+    config = LoraConfig(r=opts.rank, lora_alpha=opts.scale * opts.rank, target_modules=targets,
+                        lora_dropout=0.0, task_type=task)
+    model = get_peft_model(model, config)
+    if opts.train_embeddings:
+        # Pre-training from scratch: everything outside the adapted linears trains in full
+        # (embeddings, norms, output head), as in GaLore's and RSO's LoRA baselines.
+        for n, p in model.named_parameters():
+            if "lora_" not in n and ".base_layer." not in n:
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, _make_optimizer(params, opts)
+
+
+def unwrap_for_saving(model: nn.Module) -> nn.Module:
+    """A plain ``transformers`` model: rso layers merged, LoRA merged and unloaded."""
+    import rso
+
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    if rso.is_wrapped(model):
+        model = rso.unwrap(model)
+    return model
+
+
+def describe(model: nn.Module, optimizer) -> str:
+    import rso
+
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    line = f"params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable; optimizer {type(optimizer).__name__}"
+    if rso.is_wrapped(model):
+        s = rso.state(model)
+        line += f"; rso: {s['layers']} layers, projection {s['projection']}, tau {s['tau']}"
+    return line
+
+
+def options_json(opts: MethodOptions) -> str:
+    return json.dumps(opts.__dict__, sort_keys=True, default=str)

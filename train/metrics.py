@@ -1,0 +1,106 @@
+"""Metrics: a JSONL log, memory readings, throughput, and the loss-curve plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import torch
+
+__all__ = ["MetricsLog", "memory_mb", "memory_label", "plot_curves", "Throughput", "perplexity"]
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak CUDA memory allocated on a GPU; the process's resident set size on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    except ImportError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_label(device) -> str:
+    return "gpu_peak_mb" if torch.device(device).type == "cuda" else "rss_mb"
+
+
+class Throughput:
+    """Tokens per second over the interval since the last call."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def __call__(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = tokens / max(now - self.t, 1e-9)
+        self.t = now
+        return rate
+
+
+class MetricsLog:
+    """Append-only JSONL records; on resume, records past the checkpoint's step are dropped."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in self.read(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def read(path) -> list[dict]:
+        out = []
+        for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a killed run
+        return out
+
+
+def plot_curves(metrics_path, png_path, title: str = "") -> pathlib.Path | None:
+    """Train loss (and eval loss where present) against step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = MetricsLog.read(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = pathlib.Path(png_path)
+    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
