@@ -100,6 +100,7 @@ def run(args) -> dict:
     resume_from = _latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         raise SystemExit(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    saved = {}
     if resume_from is not None:  # the run's settings come from its checkpoint
         saved = json.loads((out / "args.json").read_text())
         for key, value in saved.items():
@@ -108,6 +109,9 @@ def run(args) -> dict:
                 setattr(args, key, value)
     cfg = load_config(args.config)
     user_accum = args.grad_accum
+    if saved and args.batch_size is None:  # the largest micro-batch up to the saved one that fits
+        per_rank = max(1, saved["global_batch"] // world)
+        args.batch_size = max(b for b in range(1, min(saved["batch_size"], per_rank) + 1) if per_rank % b == 0)
     args = resolve_args(args, cfg)
     tr = cfg["training"]
     if user_accum is None:
