@@ -1,0 +1,104 @@
+"""Fine-tuning pipeline: each method on a tiny subset, save/reload of the plain model, metrics, errors."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from train import tasks  # noqa: E402
+from train.finetune import build_parser, main, run  # noqa: E402
+
+MICRO_LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "training": {"tokenizer": "gpt2"},
+}
+
+
+def _args(out, *extra):
+    return build_parser().parse_args(
+        ["--model", "tiny-bert", "--max-train", "48", "--max-eval", "24", "--batch-size", "8", "--max-length", "32",
+         "--max-steps", "4", "--tau", "2", "--rank", "4", "--output-dir", str(out), "--no-progress",
+         "--threads", "2", *extra])
+
+
+METHODS = ["adamw", "galore", "golore", "golore@20", "rso", "lora"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finetune_each_method_saves_a_plain_model(tmp_path, method):
+    from transformers import AutoModelForSequenceClassification
+
+    res = run(_args(tmp_path, "--method", method, "--task", "rotten_tomatoes"))
+    assert res["steps"] == 4 and 0.0 <= res["final_accuracy"] <= 1.0
+    assert res["reload_same_predictions"] and res["reload_max_abs_diff"] < 1e-5
+    assert res["merge_max_abs_diff"] < 1e-4  # unwrap (merge) does not change the function
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    names = [n for n, _ in model.named_modules()]
+    assert not any("lora" in n or n.endswith(".B") for n in names)  # a plain BERT
+    assert all(type(m).__name__ != "SubspaceLinear" for m in model.modules())
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_boolq_pairs(tmp_path):
+    res = run(_args(tmp_path, "--method", "rso", "--task", "boolq", "--no-save-model"))
+    assert res["task"] == "boolq" and "final_accuracy" in res
+
+
+def test_causal_lm_rso_saves_plain_llama(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tmp_path / "micro-llama.json"
+    cfg.write_text(json.dumps(MICRO_LLAMA))
+    out = tmp_path / "run"
+    res = run(build_parser().parse_args(
+        ["--model", str(cfg), "--task", "xsum", "--method", "rso", "--rank", "4", "--tau", "2", "--max-steps", "3",
+         "--batch-size", "2", "--max-length", "48", "--max-train", "12", "--max-eval", "4", "--lr", "3e-3",
+         "--output-dir", str(out), "--no-progress", "--threads", "2"]))
+    assert torch.isfinite(torch.tensor(res["final_eval_loss"])) and res["final_eval_ppl"] > 1
+    assert res["reload_same_predictions"]
+    assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "LlamaForCausalLM"
+
+
+def test_finetune_resume_identical(tmp_path):
+    common = ["--method", "rso", "--task", "rotten_tomatoes", "--max-steps", "6", "--save-every", "3",
+              "--eval-every", "3", "--log-every", "1", "--no-save-model"]
+    run(_args(tmp_path / "a", *common))
+    assert run(_args(tmp_path / "b", *common, "--stop-after", "3")) == {"stopped_at": 3}
+    run(build_parser().parse_args(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]))
+
+    def records(folder):
+        return [{k: v for k, v in r.items() if k in ("step", "loss", "eval_loss", "accuracy")}
+                for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+
+
+def test_metrics_match_hand_computation():
+    pred, gold = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]
+    assert tasks.accuracy(pred, gold) == pytest.approx(4 / 6)
+    assert tasks.f1_binary(pred, gold) == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    # MCC = (tp·tn − fp·fn)/sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) with tp=3, tn=1, fp=1, fn=1
+    assert tasks.matthews(pred, gold) == pytest.approx((3 - 1) / (4 * 4 * 2 * 2) ** 0.5)
+    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 5.0, 4.0]
+    assert tasks.pearson(x, y) == pytest.approx(3.5 / (5 * 4.75) ** 0.5)
+    assert tasks.spearman(x, y) == pytest.approx(3.0 / (5 * 4.5) ** 0.5)  # tied 4s share rank 2.5
+
+
+def test_offline_tasks_load_and_glue_needs_network(capsys, tmp_path):
+    rt = tasks.load_task("rotten_tomatoes")
+    assert len(rt.eval) == 2000 and len(rt.train) == 12808 - 2000
+    assert {r["label"] for r in rt.train} == {0, 1}
+    bq = tasks.load_task("boolq")
+    assert len(bq.train) == 9427 and len(bq.eval) == 3270
+    assert not {r["text"] for r in bq.train} & {r["text"] for r in bq.eval}
+    assert tasks.GLUE["cola"][2][0] == "matthews" and tasks.GLUE["stsb"][1] == 1
+    assert main(["--task", "mnli", "--output-dir", str(tmp_path)]) == 2
+    assert "needs network access" in capsys.readouterr().err
+    assert main(["--task", "squad", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown task 'squad'" in capsys.readouterr().err
+    assert main(["--task", "boolq", "--method", "qlora", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown method 'qlora'" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+"""RSO under the unmodified transformers.Trainer: merges every tau optimizer steps with grad accumulation."""
+import importlib.util
+import json
+import os
+import pathlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MICRO = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "training": {"tokenizer": "bpe512"},
+}
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", REPO / "examples" / "hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_merges_every_tau_optimizer_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSO_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps(MICRO))
+    torch.set_num_threads(2)
+    res = _example().run(config=str(cfg), max_steps=7, tau=3, rank=8, grad_accum=3, batch_size=2, seq_len=16,
+                         max_docs=100, output_dir=str(tmp_path / "out"))
+    assert res["global_step"] == 7 and res["merges"] == 2
+    # (trainer step, rso step, rso cycle) after every optimizer step: 3 micro-batches count once
+    assert res["seen"] == [(s, s, s // 3) for s in range(1, 8)]
+    assert torch.isfinite(torch.tensor(res["eval_loss"]))
+    assert all(type(m).__name__ != "SubspaceLinear" for m in res["model"].modules())  # unwrapped
