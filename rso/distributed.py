@@ -163,9 +163,8 @@ def gradient_bytes(model: nn.Module) -> dict:
     share) × full, the issue's upper bound for the sum.
     """
     core = unwrap_parallel(model)
-    layer_ids = {}
-    for _, m in _subspace_layers(core):
-        layer_ids[id(m.B)] = m
+    layer_ids = {id(m.B): m for _, m in _subspace_layers(core)}
+    w0_ids = {id(m.weight) for m in layer_ids.values()}
     seen, b_bytes, other_bytes, full_bytes, nonwrapped_full = set(), 0, 0, 0, 0
     max_ratio = 0.0
     for p in core.parameters():
@@ -178,9 +177,8 @@ def gradient_bytes(model: nn.Module) -> dict:
             b_bytes += nbytes if p.requires_grad else 0
             max_ratio = max(max_ratio, m.rank / m.in_features)
             continue
-        is_w0 = any(p is m.weight for m in layer_ids.values())
         full_bytes += nbytes
-        if not is_w0:
+        if id(p) not in w0_ids:
             nonwrapped_full += nbytes
             other_bytes += nbytes if p.requires_grad else 0
     share = nonwrapped_full / full_bytes if full_bytes else 0.0
@@ -196,6 +194,9 @@ def buffer_bytes(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------- projections in sync
+_CAPTURE_SYNC = weakref.WeakKeyDictionary()  # outer loop -> its capture-sync hook handle
+
+
 def sync_captured_gradients(model: nn.Module, process_group=None):
     """Average the core's captured full weight gradients across ranks before each merge.
 
@@ -209,9 +210,8 @@ def sync_captured_gradients(model: nn.Module, process_group=None):
     loop = _outer_loop(core)
     if loop is None:
         raise ValueError("sync_captured_gradients: the model is not wrapped by rso.wrap")
-    existing = getattr(core, "_rso_capture_sync", None)
-    if existing is not None:
-        return existing
+    if loop in _CAPTURE_SYNC:
+        return _CAPTURE_SYNC[loop]
     ref = weakref.ref(loop)
 
     def pre(optimizer, args, kwargs):
@@ -227,7 +227,7 @@ def sync_captured_gradients(model: nn.Module, process_group=None):
 
     handle = register_optimizer_step_pre_hook(pre)
     weakref.finalize(loop, handle.remove)
-    object.__setattr__(core, "_rso_capture_sync", handle)
+    _CAPTURE_SYNC[loop] = handle
     return handle
 
 
@@ -235,10 +235,8 @@ def projection_fingerprints(model: nn.Module) -> dict:
     """{layer name: sha256 of P's bytes, cycle}: equal across ranks iff the projections are."""
     out = {}
     for name, m in _subspace_layers(model):
-        p = m.P.detach().to("cpu").contiguous()
-        out[name] = (hashlib.sha256(p.view(torch.uint8).numpy().tobytes()
-                                    if p.dtype != torch.bfloat16 else p.view(torch.int16).numpy().tobytes()
-                                    ).hexdigest(), int(m.cycle))
+        raw = m.P.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        out[name] = (hashlib.sha256(raw.numpy().tobytes()).hexdigest(), int(m.cycle))
     return out
 
 
@@ -516,7 +514,7 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, *, process_group=Non
     state = {k: v for k, v in state.items() if k in metadata}
 
     opt_index = meta.get("optimizer")
-    params_by_name = {name: p for p, name in ((p, n) for n, p in core.named_parameters())}
+    params_by_name = dict(core.named_parameters())
     if optimizer is not None:
         if opt_index is None:
             raise ValueError("load_checkpoint: the checkpoint has no optimizer state")
