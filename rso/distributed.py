@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import math
 import types
 import warnings
 import weakref
