@@ -1,0 +1,129 @@
+"""Run several pre-training methods under equal steps and tokens and tabulate their final eval loss.
+
+    python -m train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --output-dir runs/compare
+
+Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``, ``rso:svd``,
+``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (same seed, data
+order, schedule and token count); ``--jobs N`` runs N at once, each pinned to its own
+``--threads-per-job`` CPU cores when ``taskset`` is there. Writes ``table.md`` and ``table.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
+
+
+def parse_entry(entry: str) -> dict:
+    spec, _, lr = entry.partition("=")
+    method, _, projection = spec.partition(":")
+    return {"method": method, "projection": projection or None, "lr": float(lr) if lr else None,
+            "name": (spec.replace(":", "-").replace("@", "at") + (f"_lr{lr}" if lr else ""))}
+
+
+def command(entry: dict, args, extra: list[str], out: pathlib.Path) -> list[str]:
+    cmd = [sys.executable, "-m", "train.pretrain", "--config", args.config, "--method", entry["method"],
+           "--max-steps", str(args.max_steps), "--output-dir", str(out), "--no-progress", "--seed", str(args.seed)]
+    if args.rank:
+        cmd += ["--rank", str(args.rank)]
+    if args.tau:
+        cmd += ["--tau", str(args.tau)]
+    if entry["projection"]:
+        cmd += ["--projection", entry["projection"]]
+    lr = entry["lr"] if entry["lr"] is not None else args.lr
+    if lr is not None:
+        cmd += ["--lr", str(lr)]
+    if args.threads_per_job:
+        cmd += ["--threads", str(args.threads_per_job)]
+    return cmd + extra
+
+
+def display(cmd: list[str]) -> str:
+    return "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c != "--no-progress")
+
+
+def table(rows: list[dict], baseline: str = "adamw") -> str:
+    base = next((r for r in rows if r["method"] == baseline and r.get("final_eval_loss") is not None), None)
+    lines = ["| method | lr | eval loss | eval ppl | Δ loss vs AdamW | trainable params | tokens/s | peak memory (MB) | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = r["method"] + (f" ({r['projection']})" if r.get("projection") else "")
+        if r.get("final_eval_loss") is None:
+            lines.append(f"| {label} | {r.get('lr')} | failed: {r.get('error', '?')} | | | | | | |")
+            continue
+        delta = "" if base is None else f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%"
+        mem = next((v for k, v in r.items() if k.startswith("peak_")), None)
+        lines.append(f"| {label} | {r['lr']:g} | {r['final_eval_loss']:.4f} | {r['final_eval_ppl']:.2f} | {delta} | "
+                     f"{r['trainable_params'] / 1e6:.2f}M | {r['median_tokens_per_s']:,.0f} | "
+                     f"{mem:,.0f} | {r['wall_s_this_session']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--tau", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="LR for entries without their own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads-per-job", type=int, default=None)
+    p.add_argument("--output-dir", default="runs/compare")
+    args, extra = p.parse_known_args(argv)
+    out = pathlib.Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [parse_entry(e) for e in args.methods.split(",") if e]
+    pin = shutil.which("taskset") and args.jobs > 1 and args.threads_per_job
+    pending, running, done = list(entries), [], []
+    slots = list(range(args.jobs))
+    while pending or running:
+        while pending and slots:
+            entry, slot = pending.pop(0), slots.pop(0)
+            cmd = command(entry, args, extra, out / entry["name"])
+            entry["command"] = display(cmd)
+            if pin:
+                cores = ",".join(str(slot * args.threads_per_job + i) for i in range(args.threads_per_job))
+                cmd = ["taskset", "-c", cores] + cmd
+            log = open(out / f"{entry['name']}.log", "w")
+            print(f"start {entry['name']}: {entry['command']}", flush=True)
+            running.append((entry, slot, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
+        time.sleep(1)
+        for item in list(running):
+            entry, slot, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            slots.append(slot)
+            log.close()
+            res_path = out / entry["name"] / "results.json"
+            if proc.returncode == 0 and res_path.exists():
+                entry.update(json.loads(res_path.read_text()))
+                print(f"done  {entry['name']}: eval loss {entry['final_eval_loss']:.4f}, ppl {entry['final_eval_ppl']:.2f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            else:
+                tail = (out / f"{entry['name']}.log").read_text().strip().splitlines()[-1:] or ["?"]
+                entry["error"] = f"exit {proc.returncode}: {tail[0][:200]}"
+                print(f"FAIL  {entry['name']}: {entry['error']}", flush=True)
+            done.append(entry)
+    order = {e["name"]: i for i, e in enumerate(entries)}
+    done.sort(key=lambda e: order[e["name"]])
+    text = table(done)
+    (out / "table.md").write_text(text + "\n\nCommands:\n\n" + "\n".join(f"    {e['command']}" for e in done) + "\n")
+    (out / "table.json").write_text(json.dumps(done, indent=2, default=str))
+    print(text)
+    print(f"table: {out / 'table.md'}")
+    return 0 if all("error" not in e for e in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
