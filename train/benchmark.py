@@ -170,15 +170,18 @@ def run_worker(spec: dict) -> dict:
     if spec["flops"]:
         out["flops"] = _flops(model, batch)
 
-    times = []
+    times, cpu = [], []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _train_step(model, opt, batch)
         _sync(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     out["step_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+    # CPU time of this process (all its threads): less sensitive than wall time to other processes
+    out["step_cpu_s"] = {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
     out["tokens_per_s"] = spec["batch"] * spec["seq"] / out["step_s"]["median"]
 
     base = spec["method"].removesuffix("+ce")
@@ -270,11 +273,12 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
         rank = next((r["rank"] for r in ok.values()), None)
         lines += [f"### {config} (rank {rank})", "",
                   "| method | trainable | gradients | optimizer state | activations | peak | GFLOP f+b | "
-                  "step s: median (min–max) | × AdamW | × floor | tokens/s | cycle-end step s (× median) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "step s: median (min–max) | × AdamW | × floor | CPU s/step (× AdamW) | tokens/s | "
+                  "cycle-end step s (× median) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['error']} |" + " |" * 10)
+                lines.append(f"| {r['method']} | {r['error']} |" + " |" * 11)
                 continue
             m, st = r["memory"], r["step_s"]
             ratio = f"{st['median'] / ref['step_s']['median']:.3f}" if ref else "—"
@@ -282,11 +286,19 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
             cyc = (f"{r['cycle_step_s']:.3f} ({r['cycle_step_s'] / st['median']:.2f}×)"
                    if "cycle_step_s" in r else "—")
             flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "—"
+            cpu = r.get("step_cpu_s", {}).get("median")
+            cpu_txt = "—" if cpu is None or meta["device"] != "cpu" else (
+                f"{cpu:.2f} ({cpu / ref['step_cpu_s']['median']:.3f})" if ref and "step_cpu_s" in ref else f"{cpu:.2f}")
             lines.append(
                 f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
                 f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_bytes(m['peak'])} | "
-                f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | "
+                f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
                 f"{r['tokens_per_s']:,.0f} | {cyc} |")
+        spread = [f"{name} {min(r['round_medians']):.3f}–{max(r['round_medians']):.3f}"
+                  for name, r in ok.items() if len(r.get("round_medians", [])) > 1]
+        if spread:
+            lines += ["", "Median step time across rounds (the table keeps each method's fastest round): "
+                      + ", ".join(spread)]
         if ref:
             lines += ["", "Memory relative to AdamW: " + ", ".join(
                 f"{name} activations {r['memory']['activations'] / ref['memory']['activations']:.3f} / "
@@ -388,6 +400,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-batch-seq", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per method process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the method list this many times, interleaved; keep each method's fastest "
+                             "round (less exposed to other load on a shared machine) and report the spread")
     parser.add_argument("--out", default="bench_results", help="output folder")
     args = parser.parse_args(argv)
 
@@ -414,31 +429,52 @@ def main(argv=None) -> int:
         rank = resolve_rank(args.rank, cfg)
         sweep_seqs = [int(x) for x in args.sweep_seqs.split(",")]
         sweep_batches = [int(x) for x in args.sweep_batches.split(",")]
-        for method in methods:
-            reason = available(method)
-            if reason:
-                print(f"[{config_name}] {method}: skipped ({reason})", flush=True)
-                results.append({"method": method, "config": config_name, "error": f"skipped: {reason}"})
-                continue
-            spec = {"method": method, "config_name": config_name, "config": cfg, "rank": rank, "batch": args.batch,
-                    "seq": args.seq, "dtype": dtype, "device": args.device, "attn": args.attn,
-                    "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-                    "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
-                    "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "flops": not args.no_flops,
-                    "track_peak": not args.no_peak, "sweep": method in sweep_methods,
-                    "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
-                    "sweep_batch_seq": args.sweep_batch_seq,
-                    "max_seq": max([args.seq] + (sweep_seqs + [args.sweep_batch_seq] if args.sweep else []))}
-            print(f"[{config_name}] {method} ...", end=" ", flush=True)
-            res = _launch(spec, args.timeout)
-            res["sweep_batch_seq"] = args.sweep_batch_seq
-            results.append(res)
-            if "error" in res:
-                print(res["error"], flush=True)
-            else:
-                print(f"step {res['step_s']['median']:.3f} s, activations {_fmt_bytes(res['memory']['activations'])}, "
+        best: dict[str, dict] = {}
+        medians: dict[str, list] = {}
+        for round_ in range(args.rounds):
+            for method in methods:
+                reason = available(method)
+                if reason:
+                    if round_ == 0:
+                        print(f"[{config_name}] {method}: skipped ({reason})", flush=True)
+                        best[method] = {"method": method, "config": config_name, "error": f"skipped: {reason}"}
+                    continue
+                spec = {"method": method, "config_name": config_name, "config": cfg, "rank": rank,
+                        "batch": args.batch, "seq": args.seq, "dtype": dtype, "device": args.device,
+                        "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+                        "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
+                        "chunk_size": args.chunk_size, "ce_mode": args.ce_mode,
+                        "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
+                        "sweep": method in sweep_methods and round_ == 0,
+                        "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
+                        "sweep_batch_seq": args.sweep_batch_seq,
+                        "max_seq": max([args.seq] + (sweep_seqs + [args.sweep_batch_seq] if args.sweep else []))}
+                print(f"[{config_name}] round {round_ + 1}/{args.rounds} {method} ...", end=" ", flush=True)
+                res = _launch(spec, args.timeout)
+                res["sweep_batch_seq"] = args.sweep_batch_seq
+                if "error" in res:
+                    print(res["error"], flush=True)
+                    best.setdefault(method, res)
+                    continue
+                print(f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
+                      f"activations {_fmt_bytes(res['memory']['activations'])}, "
                       f"peak {_fmt_bytes(res['memory']['peak'])} ({res['wall_s']:.0f} s)", flush=True)
-            (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+                medians.setdefault(method, []).append(res["step_s"]["median"])
+                prev = best.get(method)
+                if prev is None or "error" in prev or res["step_s"]["median"] < prev["step_s"]["median"]:
+                    for key in ("flops", "sweep"):
+                        if prev is not None and key in prev and key not in res:
+                            res[key] = prev[key]
+                    best[method] = res
+                else:
+                    for key in ("flops", "sweep"):
+                        if key in res and key not in prev:
+                            prev[key] = res[key]
+                best[method]["round_medians"] = medians[method]
+                snapshot = results + [best[m] for m in methods if m in best]
+                (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": snapshot}, indent=1))
+        results.extend(best[m] for m in methods if m in best)
+        (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = format_markdown(results, command, meta)
     (out_dir / "results.md").write_text(md)
     for config_name in dict.fromkeys(r["config"] for r in results):
