@@ -170,6 +170,10 @@ def run_worker(spec: dict) -> dict:
     if spec["flops"]:
         out["flops"] = _flops(model, batch)
 
+    if spec["steps"] == 0:  # --steps 0: memory only (does it fit?), no timing
+        if spec.get("sweep"):
+            out["sweep"] = _sweep(spec, model, opt, config)
+        return out
     times, cpu = [], []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
@@ -280,7 +284,15 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['method']} | {r['error']} |" + " |" * 11)
                 continue
-            m, st = r["memory"], r["step_s"]
+            m = r["memory"]
+            if "step_s" not in r:  # memory only
+                lines.append(f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
+                             f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | "
+                             f"{_fmt_bytes(m['peak'])} | fits (not timed) |" + " |" * 6)
+                continue
+            st = r["step_s"]
+            ref = ref if ref and "step_s" in ref else None
+            floor = floor if floor and "step_s" in floor else None
             ratio = f"{st['median'] / ref['step_s']['median']:.3f}" if ref else "—"
             fr = f"{st['median'] / floor['step_s']['median']:.3f}" if floor else "—"
             cyc = (f"{r['cycle_step_s']:.3f} ({r['cycle_step_s'] / st['median']:.2f}×)"
@@ -294,15 +306,17 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
                 f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_bytes(m['peak'])} | "
                 f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
                 f"{r['tokens_per_s']:,.0f} | {cyc} |")
+        ref = ref if ref and "step_s" in ref else None
         spread = [f"{name} {min(r['round_medians']):.3f}–{max(r['round_medians']):.3f}"
                   for name, r in ok.items() if len(r.get("round_medians", [])) > 1]
         if spread:
             lines += ["", "Median step time across rounds (the table keeps each method's fastest round): "
                       + ", ".join(spread)]
-        if ref:
+        mem_ref = ok.get("adamw")
+        if mem_ref:
             lines += ["", "Memory relative to AdamW: " + ", ".join(
-                f"{name} activations {r['memory']['activations'] / ref['memory']['activations']:.3f} / "
-                f"optimizer {r['memory']['optimizer_state'] / ref['memory']['optimizer_state']:.3f}"
+                f"{name} activations {r['memory']['activations'] / mem_ref['memory']['activations']:.3f} / "
+                f"optimizer {r['memory']['optimizer_state'] / mem_ref['memory']['optimizer_state']:.3f}"
                 for name, r in ok.items() if name != "adamw")]
         sweeps = [r for r in rows if r.get("sweep")]
         if sweeps:
@@ -387,7 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", default="quarter", help="int, 'quarter' (hidden/4) or 'peer' (papers' rank)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per method (pinned)")
     parser.add_argument("--cores", default=None, help="comma-separated CPU cores to pin to (default: first N)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (0: memory only)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the +ce head")
     parser.add_argument("--ce-mode", default="recompute", choices=("recompute", "fused"))
@@ -456,12 +470,13 @@ def main(argv=None) -> int:
                     print(res["error"], flush=True)
                     best.setdefault(method, res)
                     continue
-                print(f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
-                      f"activations {_fmt_bytes(res['memory']['activations'])}, "
+                timed = "step_s" in res
+                print((f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
+                       if timed else "") + f"activations {_fmt_bytes(res['memory']['activations'])}, "
                       f"peak {_fmt_bytes(res['memory']['peak'])} ({res['wall_s']:.0f} s)", flush=True)
-                medians.setdefault(method, []).append(res["step_s"]["median"])
+                medians.setdefault(method, []).append(res["step_s"]["median"] if timed else 0.0)
                 prev = best.get(method)
-                if prev is None or "error" in prev or res["step_s"]["median"] < prev["step_s"]["median"]:
+                if prev is None or "error" in prev or not timed or res["step_s"]["median"] < prev["step_s"]["median"]:
                     for key in ("flops", "sweep"):
                         if prev is not None and key in prev and key not in res:
                             res[key] = prev[key]
