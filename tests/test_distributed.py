@@ -97,6 +97,16 @@ def train(model, opt, steps, rank=0, world=1, on_step=None):
     return losses
 
 
+def _entry_args(out_dir, name, *more):
+    from train.distributed import build_parser
+    return build_parser().parse_args([
+        "--config", os.path.join(out_dir, "cfg.json"), "--method", "rso", "--parallel", "fsdp",
+        "--dataset", "synthetic", "--synthetic-tokens", "20000", "--batch-size", "2", "--grad-accum", "1",
+        "--seq-len", "16", "--max-steps", "4", "--rank", "4", "--tau", "2", "--warmup", "0", "--log-every", "1",
+        "--eval-every", "4", "--save-every", "4", "--eval-batches", "1", "--output-dir", os.path.join(out_dir, name),
+        *more])
+
+
 # ---------------------------------------------------------------------------- worker
 def _worker(rank, port, out_dir, run_fsdp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -200,14 +210,11 @@ def _worker(rank, port, out_dir, run_fsdp):
             mopt = make_opt(mmodel)
             res["mp_losses"] = train(mmodel, mopt, range(1, 5), rank, WORLD)
             res["mp_synced"] = rd.check_projections_synchronized(mmodel)
-            # the torchrun entry point's loop, on this process group: FSDP2, 2 steps, checkpoint
-            from train.distributed import build_parser, run
-            args = build_parser().parse_args([
-                "--config", os.path.join(out_dir, "cfg.json"), "--method", "rso", "--parallel", "fsdp",
-                "--dataset", "synthetic", "--synthetic-tokens", "20000", "--batch-size", "2", "--grad-accum", "1",
-                "--seq-len", "16", "--max-steps", "2", "--rank", "4", "--tau", "2", "--warmup", "0",
-                "--eval-batches", "1", "--output-dir", os.path.join(out_dir, "entry")])
-            res["entry"] = run(args)
+            # the torchrun entry point's loop, on this process group: FSDP2, 4 steps in one go, and
+            # 2 steps then a checkpoint (--stop-after) that the test process resumes alone
+            from train.distributed import run
+            res["entry"] = run(_entry_args(out_dir, "entry_full"))
+            res["entry_part"] = run(_entry_args(out_dir, "entry", "--stop-after", "2"))
         if rank == 0:
             torch.save(res, os.path.join(out_dir, "rank0.pt"))
         else:
@@ -324,13 +331,25 @@ def test_checkpoint_contents(runs):
         assert "optim/model.layers.0.self_attn.q_proj.B/exp_avg" in _checkpoint_keys(runs["dir"] / "ckpt_fsdp")
 
 
-def test_entry_point_fsdp(runs):
+def test_entry_point_fsdp_resume_on_one_rank(runs):
+    """train.distributed: 2-rank FSDP2 run stopped after 2 steps, resumed by 1 rank (DDP): same losses."""
     if not runs["fsdp"]:
         pytest.skip(fsdp2_available()[1])
-    entry = runs["r0"]["entry"]
-    assert entry["steps"] == 2 and entry["world_size"] == WORLD and entry["parallel"] == "fsdp"
-    assert all(map(lambda x: x == x and x < 10, entry["train_losses"]))
-    assert (runs["dir"] / "entry" / "checkpoints" / "step_2" / ".metadata").exists()
+    import torch.distributed as dist
+    from train.distributed import run
+    full, part = runs["r0"]["entry"], runs["r0"]["entry_part"]
+    assert full["steps"] == 4 and full["world_size"] == WORLD and full["parallel"] == "fsdp"
+    assert part["steps"] == 2 and (runs["dir"] / "entry" / "checkpoints" / "step_2" / ".metadata").exists()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        args = _entry_args(str(runs["dir"]), "entry", "--resume", "--parallel", "ddp")
+        args.batch_size = args.grad_accum = None  # resume picks them to keep the global batch
+        resumed = run(args)
+    finally:
+        dist.destroy_process_group()
+    assert resumed["steps"] == 4 and resumed["world_size"] == 1
+    torch.testing.assert_close(torch.tensor(part["train_losses"] + resumed["train_losses"]),
+                               torch.tensor(full["train_losses"]), atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_resume_same_world_size(runs):

@@ -46,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddp: replicate, all-reduce trainable gradients; fsdp: FSDP2 fully_shard per block")
     p.add_argument("--reshard-after-forward", type=int, default=1, help="fsdp: free gathered weights after forward (1) or keep them for backward (0)")
     p.add_argument("--backend", default=None, help="nccl | gloo (default: nccl on GPU, gloo on CPU)")
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="end this session after this step (checkpointed), as a preemption would; --resume continues")
     p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="length of the --dataset synthetic stream")
     p.set_defaults(output_dir="runs/distributed", no_progress=True)
     return p
@@ -92,7 +90,7 @@ def run(args) -> dict:
     from .data import BlockLoader, build_pretraining_data, default_cache_dir
     from .methods import MethodError, MethodOptions, setup_method
     from .models import build_model, load_config
-    from .pretrain import resolve_args
+    from .pretrain import RUN_ARGS, resolve_args
     from .schedule import cosine_schedule
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -103,10 +101,9 @@ def run(args) -> dict:
     saved = {}
     if resume_from is not None:  # the run's settings come from its checkpoint
         saved = json.loads((out / "args.json").read_text())
-        for key, value in saved.items():
-            if key not in ("resume", "output_dir", "backend", "threads", "no_progress", "batch_size", "grad_accum",
-                           "parallel", "reshard_after_forward", "device", "stop_at"):
-                setattr(args, key, value)
+        for key in RUN_ARGS + ("global_batch", "synthetic_tokens"):  # micro-batch and accumulation: per world size
+            if key in saved and key not in ("batch_size", "grad_accum"):
+                setattr(args, key, saved[key])
     cfg = load_config(args.config)
     user_accum = args.grad_accum
     if saved and args.batch_size is None:  # the largest micro-batch up to the saved one that fits
@@ -120,6 +117,10 @@ def run(args) -> dict:
             raise SystemExit(f"--resume: the run's global batch {total} is not a multiple of --batch-size "
                              f"{args.batch_size} x {world} ranks; pick a --batch-size that divides it")
         args.grad_accum = max(1, total // (args.batch_size * world))
+    if saved and args.batch_size * args.grad_accum * world != saved["global_batch"]:
+        raise SystemExit(f"--resume: the run's global batch is {saved['global_batch']} sequences; --batch-size "
+                         f"{args.batch_size} x --grad-accum {args.grad_accum} x {world} ranks would make it "
+                         f"{args.batch_size * args.grad_accum * world} (leave --grad-accum out to have it computed)")
     args.global_batch = args.batch_size * args.grad_accum * world
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,12 +191,12 @@ def run(args) -> dict:
         f"{args.batch_size}x{args.grad_accum}x{world} seqs of {args.seq_len}"
         + (f"; gradient bytes per step {comm['total']:,} = {comm['ratio']:.3f} of full training" if comm else ""))
 
-    step = 0
+    step = start_step = 0
     if resume_from is not None:
         extra = rd.load_checkpoint(resume_from, train_model, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         train_loader.load_state_dict(extra["data"])
-        step = int(extra["step"])
+        step = start_step = int(extra["step"])
         log(f"resumed from {resume_from} at step {step} (saved by {extra.get('world_size')} ranks, now {world})")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -281,10 +282,11 @@ def run(args) -> dict:
             if metrics is not None:
                 metrics.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
             log(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
-        if step % args.save_every == 0 or step == args.max_steps or step == args.stop_at:
+        stop = args.stop_after is not None and step - start_step >= args.stop_after and step < args.max_steps
+        if step % args.save_every == 0 or step == args.max_steps or stop:
             checkpoint()
-        if step == args.stop_at:
-            log(f"stopping at step {step} (--stop-at); continue with --resume")
+        if stop:
+            log(f"stopped after {args.stop_after} steps at step {step} (--stop-after); continue with --resume")
             break
     if last_eval is None:
         last_eval = (step, evaluate())
