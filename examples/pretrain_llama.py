@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import rso  # noqa: E402
 from train.data import build_pretraining_data, default_cache_dir  # noqa: E402
 from train.models import build_model, load_config  # noqa: E402
+from train.schedule import cosine_schedule  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--config", default="tiny")
@@ -39,9 +40,7 @@ model = build_model(cfg, vocab_size=len(tok)).to(device)
 model = rso.wrap(model, rank=a.rank, tau=a.tau, projection="stiefel")      # W = W0 + B P, only B trains
 print(rso.summary(model))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
-warmup = a.steps // 10
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min((t + 1) / (warmup + 1),
-                                          0.1 + 0.45 * (1 + math.cos(math.pi * min(1, (t - warmup) / (a.steps - warmup))))))
+sched = cosine_schedule(opt, warmup=a.steps // 10, total=a.steps)           # linear warm-up, cosine to 10%
 amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
 for step in range(1, a.steps + 1):
