@@ -168,7 +168,8 @@ class SubspaceLinear(nn.Module):
         group = self._group if self._group is not None and len(self._group) > 1 else None
         with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
             xc = cast(x)
-            P, index = cast(self.P), self._coordinate_index()
+            # P follows the compute dtype (autocast, or inputs cast by e.g. an FSDP2 mixed-precision policy).
+            P, index = self.P.to(dtype), self._coordinate_index()
             z = group.lookup(self, x, dtype) if group is not None else None
             if z is None:
                 z = project(xc, P, index)

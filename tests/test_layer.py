@@ -159,3 +159,11 @@ def test_shared_projection_stores_one_z_and_matches_unshared_gradients():
     torch.testing.assert_close(x.grad, x_ref.grad)
     for n in block:
         torch.testing.assert_close(block[n].B.grad, unshared[n].B.grad)
+
+
+def test_P_follows_the_compute_dtype():
+    # As under an FSDP2 mixed-precision policy: parameters and inputs bf16, the P buffer left fp32.
+    layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
+    layer.P.data = layer.P.data.float()
+    y = layer(torch.randn(3, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
