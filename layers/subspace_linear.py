@@ -102,6 +102,7 @@ class SubspaceLinear(nn.Module):
         self.layout = layout  # "linear", or "conv1d" (HF GPT-2 Conv1D: weight stored in×out)
         self.weight_requires_grad = weight_requires_grad  # restored by unwrap
         self.coordinate = False  # P is r rows of the identity: project by indexing
+        self.evaluation = "auto"  # "merged" | "split" | "auto" (fewer FLOPs; see layers.functional)
         self._group = None
         self._capture = None
         self._index = None
@@ -178,7 +179,8 @@ class SubspaceLinear(nn.Module):
             else:
                 group.consume(self)
             bias = cast(self.bias) if self.bias is not None else None
-            merged = use_merged(x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
+            merged = self.evaluation == "merged" or self.evaluation == "auto" and use_merged(
+                x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
             return SubspaceLinearFunction.apply(xc, z, cast(self.weight), cast(self.B), P, index, bias,
                                                 self.scale, merged, self._capture)
 
