@@ -66,7 +66,7 @@ def register(name: str):
 
 
 def method_names() -> list[str]:
-    return sorted(METHODS) + ["golore@X"]
+    return sorted(m for m in METHODS if not m.endswith("@")) + ["golore@X"]
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
