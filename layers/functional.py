@@ -88,7 +88,8 @@ class SubspaceLinearFunction(torch.autograd.Function):
                 else:
                     grad_x.add_(torch.matmul(gB, P), alpha=s)
         if need_B:
-            grad_B = (_flat(g).T @ _flat(z)).mul_(s)
+            grad_B = _flat(g).T @ _flat(z)
+            grad_B = grad_B if s == 1 else grad_B.mul_(s)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = _flat(g).sum(0)
         if ctx.capture is not None:

@@ -11,7 +11,6 @@ equal ``P`` and, within one forward pass, reuse one ``z``, so that input costs `
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -163,26 +162,26 @@ class SubspaceLinear(nn.Module):
 
     def forward(self, x):
         device_type = x.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-        cast = (lambda t: t.to(dtype)) if autocast else (lambda t: t)
-        group = self._group if self._group is not None and len(self._group) > 1 else None
-        with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
-            xc = cast(x)
-            # P follows the compute dtype (autocast, or inputs cast by e.g. an FSDP2 mixed-precision policy).
-            P, index = self.P.to(dtype), self._coordinate_index()
-            z = group.lookup(self, x, dtype) if group is not None else None
-            if z is None:
-                z = project(xc, P, index)
-                if group is not None:
-                    group.store(self, x, dtype, z)
-            else:
-                group.consume(self)
-            bias = cast(self.bias) if self.bias is not None else None
-            merged = self.evaluation == "merged" or self.evaluation == "auto" and use_merged(
-                x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
-            return SubspaceLinearFunction.apply(xc, z, cast(self.weight), cast(self.B), P, index, bias,
-                                                self.scale, merged, self._capture)
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Cast once here; inside the function every op then already sees the autocast dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            xc, weight, B = x.to(dtype), self.weight.to(dtype), self.B.to(dtype)
+            bias = self.bias.to(dtype) if self.bias is not None else None
+        else:
+            dtype, xc, weight, B, bias = x.dtype, x, self.weight, self.B, self.bias
+        # P follows the compute dtype (autocast, or inputs cast by e.g. an FSDP2 mixed-precision policy).
+        P, index = self.P.to(dtype), self._coordinate_index()
+        group = self._group if self._group is not None and len(self._group.members) > 1 else None
+        z = group.lookup(self, x, dtype) if group is not None else None
+        if z is None:
+            z = project(xc, P, index)
+            if group is not None:
+                group.store(self, x, dtype, z)
+        else:
+            group.consume(self)
+        merged = self.evaluation == "merged" or self.evaluation == "auto" and use_merged(
+            x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
+        return SubspaceLinearFunction.apply(xc, z, weight, B, P, index, bias, self.scale, merged, self._capture)
 
     def arm_capture(self):
         """Keep x on the coming step and accumulate the full weight gradient gᵀx (for SVD)."""

@@ -91,45 +91,60 @@ class OuterLoop:
                     m.B.grad.add_(m.B, alpha=1.0 / self.proximal)
 
     def after_step(self, optimizer):
+        due = []
         for g in self._groups_in(optimizer):
             for m in g.members:
                 m.step += 1
-            step = int(g.members[0].step)
-            if self.tau is not None and step % self.tau == 0:
-                self.resample(g, optimizer)
+            if self.tau is not None and int(g.members[0].step) % self.tau == 0:
+                due.append(g)
+        if due:
+            self.resample(due, optimizer)
         self._arm_captures()
 
     # ---------------------------------------------------------- the merge
     def outer_step(self, optimizer=None):
         """Merge and resample every group now (the explicit form of the automatic cycle end)."""
-        for g in self.groups:
-            self.resample(g, optimizer)
+        self.resample(self.groups, optimizer)
         self._arm_captures()
 
     @torch.no_grad()
-    def resample(self, group: ProjectionGroup, optimizer=None):
-        members = group.members
-        lead = members[0]
-        for m in members:
-            m.merge_()
-        step = int(lead.step)
-        grads = [m.take_captured_gradient() for m in members]
-        gradient = torch.cat(grads, 0) if all(g is not None for g in grads) else None
-        old_P = lead.P.detach().clone() if self.state_policy == "project" else None
-        new_P = self.sample(group, int(lead.cycle) + 1, gradient=gradient, step=step)
-        for m in members:
-            m.set_projection_(new_P, coordinate=isinstance(self.sampler, CoordinateSampler))
-            m.cycle += 1
-        if optimizer is not None:
-            for m in members:
-                self._update_optimizer_state(optimizer, m.B, old_P, new_P)
+    def resample(self, groups: list[ProjectionGroup], optimizer=None):
+        """Merge each group's B into W₀, then move every group to its next cycle's P."""
+        gradients = []
+        for g in groups:
+            for m in g.members:
+                m.merge_()
+            grads = [m.take_captured_gradient() for m in g.members]
+            gradients.append(torch.cat(grads, 0) if all(x is not None for x in grads) else None)
+        old = [g.members[0].P.detach().clone() for g in groups] if self.state_policy == "project" else None
+        new = self.draw(groups, [int(g.members[0].cycle) + 1 for g in groups], gradients)
+        coordinate = isinstance(self.sampler, CoordinateSampler)
+        for i, (g, P) in enumerate(zip(groups, new)):
+            for m in g.members:
+                m.set_projection_(P, coordinate=coordinate)
+                m.cycle += 1
+                if optimizer is not None:
+                    self._update_optimizer_state(optimizer, m.B, old[i] if old else None, P)
 
-    def sample(self, group: ProjectionGroup, cycle: int, gradient=None, step: int = 0) -> torch.Tensor:
-        """P for ``cycle`` of ``group``: a pure function of (seed, cycle[, gradient])."""
-        lead = group.members[0]
-        gen = generator_for(int(lead.seed), cycle)
-        return self.sampler.sample(lead.rank, lead.in_features, gen, gradient=gradient, step=step,
-                                   dtype=lead.P.dtype, device=lead.P.device)
+    def draw(self, groups: list[ProjectionGroup], cycles: list[int], gradients=None) -> list[torch.Tensor]:
+        """P for ``cycles[i]`` of ``groups[i]``: a pure function of (seed, cycle[, gradient]).
+
+        Random draws use a generator on the layer's device; groups of one shape are sampled together
+        (one batched QR for Stiefel)."""
+        gradients = gradients if gradients is not None else [None] * len(groups)
+        out = [None] * len(groups)
+        buckets = {}
+        for i, g in enumerate(groups):
+            lead = g.members[0]
+            key = (lead.rank, lead.in_features, lead.P.dtype, lead.P.device, int(lead.step))
+            buckets.setdefault(key, []).append(i)
+        for (rank, dim, dtype, device, step), idx in buckets.items():
+            gens = [generator_for(int(groups[i].members[0].seed), cycles[i], device=device) for i in idx]
+            Ps = self.sampler.sample_many(rank, dim, gens, gradients=[gradients[i] for i in idx], step=step,
+                                          dtype=dtype, device=device)
+            for i, P in zip(idx, Ps):
+                out[i] = P
+        return out
 
     def _update_optimizer_state(self, optimizer, B, old_P, new_P):
         if self.state_policy == "reset":

@@ -14,8 +14,10 @@ name            P                                                               
 ``hybrid``      GoLore@x%: ``svd`` before step (1−x)·T, ``stiefel`` from then on   —
 ==============  ===============================================================  ==============
 
-Randomness comes only from the ``torch.Generator`` passed in, and random matrices are drawn on the
-CPU before moving to ``device``, so a seed gives the same P on every device and every rank.
+Randomness comes only from the ``torch.Generator`` passed in, and random matrices are drawn on that
+generator's device (then moved to ``device``): a seed gives the same P on every rank of one device
+type. A CPU generator and a CUDA generator with the same seed give different (equally distributed)
+samples; drawing on the GPU keeps a resample step cheap.
 
 To add a sampler, subclass :class:`ProjectionSampler` and implement :meth:`sample`; set
 ``needs_gradient`` (or override :meth:`uses_gradient`) if it looks at the gradient.
@@ -51,9 +53,9 @@ def mix_seed(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def generator_for(*values: int) -> torch.Generator:
-    """A CPU generator seeded by :func:`mix_seed` of ``values`` (e.g. seed, group, cycle)."""
-    return torch.Generator().manual_seed(mix_seed(*values))
+def generator_for(*values: int, device=None) -> torch.Generator:
+    """A generator on ``device`` (default CPU) seeded by :func:`mix_seed` of ``values`` (seed, group, cycle)."""
+    return torch.Generator(device=device if device is not None else "cpu").manual_seed(mix_seed(*values))
 
 
 class ProjectionSampler:
@@ -72,6 +74,12 @@ class ProjectionSampler:
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         raise NotImplementedError
+
+    def sample_many(self, rank, dim, generators, *, gradients=None, step=0, dtype=torch.float32, device=None):
+        """One sample per generator (and gradient); samplers may override it to batch the work."""
+        gradients = gradients if gradients is not None else [None] * len(generators)
+        return [self.sample(rank, dim, g, gradient=grad, step=step, dtype=dtype, device=device)
+                for g, grad in zip(generators, gradients)]
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -93,14 +101,19 @@ class StiefelSampler(ProjectionSampler):
     name = "stiefel"
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
+        return self.sample_many(rank, dim, [generator], dtype=dtype, device=device)[0]
+
+    def sample_many(self, rank, dim, generators, *, gradients=None, step=0, dtype=torch.float32, device=None):
+        """Draws each Gaussian from its own generator, then one batched QR for all of them."""
         _check_rank(rank, dim)
-        z = torch.randn(dim, rank, generator=generator, dtype=_compute_dtype(dtype))
+        z = torch.stack([torch.randn(dim, rank, generator=g, device=g.device, dtype=_compute_dtype(dtype))
+                         for g in generators])
         z = z.to(device) if device is not None else z
         q, r = torch.linalg.qr(z)
         # Sign fix: makes the QR factor unique, hence Q Haar-distributed.
-        sign = torch.sign(torch.diagonal(r))
+        sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         sign[sign == 0] = 1
-        return (q * sign).T.contiguous().to(dtype)
+        return list((q * sign.unsqueeze(-2)).transpose(-2, -1).contiguous().to(dtype).unbind(0))
 
 
 class GaussianSampler(ProjectionSampler):
@@ -110,7 +123,8 @@ class GaussianSampler(ProjectionSampler):
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         _check_rank(rank, dim)
-        p = torch.randn(rank, dim, generator=generator, dtype=_compute_dtype(dtype)) / math.sqrt(rank)
+        p = torch.randn(rank, dim, generator=generator, device=generator.device,
+                        dtype=_compute_dtype(dtype)) / math.sqrt(rank)
         return p.to(device=device, dtype=dtype)
 
 
@@ -126,9 +140,9 @@ class CoordinateSampler(ProjectionSampler):
 
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         _check_rank(rank, dim)
-        idx = torch.randperm(dim, generator=generator)[:rank].sort().values
-        p = torch.zeros(rank, dim, dtype=dtype)
-        p[torch.arange(rank), idx] = 1
+        idx = torch.randperm(dim, generator=generator, device=generator.device)[:rank].sort().values
+        p = torch.zeros(rank, dim, dtype=dtype, device=idx.device)
+        p[torch.arange(rank, device=idx.device), idx] = 1
         return p.to(device) if device is not None else p
 
 
@@ -189,6 +203,10 @@ class HybridSampler(ProjectionSampler):
     def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
         inner = self._svd if self.uses_gradient(step) else self._stiefel
         return inner.sample(rank, dim, generator, gradient=gradient, step=step, dtype=dtype, device=device)
+
+    def sample_many(self, rank, dim, generators, *, gradients=None, step=0, dtype=torch.float32, device=None):
+        inner = self._svd if self.uses_gradient(step) else self._stiefel
+        return inner.sample_many(rank, dim, generators, gradients=gradients, step=step, dtype=dtype, device=device)
 
     def __repr__(self):
         return f"HybridSampler(total_steps={self.total_steps}, random_fraction={self.random_fraction})"

@@ -162,10 +162,9 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     loop = OuterLoop(groups, sampler, tau, state_on_merge, proximal)
     coordinate = isinstance(sampler, CoordinateSampler)
     for index, group in enumerate(groups):
-        group_seed = mix_seed(seed, index)
         for m in group.members:
-            m.seed.fill_(group_seed)
-        P = loop.sample(group, cycle=0, step=0)
+            m.seed.fill_(mix_seed(seed, index))
+    for group, P in zip(groups, loop.draw(groups, [0] * len(groups))):
         for m in group.members:
             m.set_projection_(P, coordinate=coordinate)
 
