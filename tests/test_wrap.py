@@ -93,27 +93,27 @@ def test_fractional_rank_and_shared_groups():
     assert not torch.equal(attn.q_proj.P, attn.o_proj.P[:, :32])
 
 
+def randomize_B(model, batch):
+    """Give every B random values; return the outputs and the effective weights they imply."""
+    with torch.no_grad():
+        for _, layer in rso.subspace_layers(model):
+            layer.B.normal_(std=0.5)
+    return run(model, batch), {n: layer.effective_weight().clone() for n, layer in rso.subspace_layers(model)}
+
+
 def test_merge_with_scale_keeps_outputs_and_unwrap_restores_plain_modules():
     for build in (tiny_llama, tiny_gpt2):
         model = build(dtype=torch.float64)
         model.eval()
         batch = lm_batch()
         rso.wrap(model, rank=8, scale=0.25, tau=None)
-        with torch.no_grad():
-            for _, layer in rso.subspace_layers(model):
-                layer.B.normal_(std=0.5)
-        before = run(model, batch)
-        expected = {n: layer.effective_weight().clone() for n, layer in rso.subspace_layers(model)}
+        before, expected = randomize_B(model, batch)
         rso.outer_step(model)
         torch.testing.assert_close(run(model, batch), before)
         for n, layer in rso.subspace_layers(model):
             assert torch.count_nonzero(layer.B) == 0
             torch.testing.assert_close(layer.weight, expected[n])
-        with torch.no_grad():
-            for _, layer in rso.subspace_layers(model):
-                layer.B.normal_(std=0.5)
-        before = run(model, batch)
-        expected = {n: layer.effective_weight().clone() for n, layer in rso.subspace_layers(model)}
+        before, expected = randomize_B(model, batch)
         rso.unwrap(model)
         assert not rso.is_wrapped(model)
         torch.testing.assert_close(run(model, batch), before)
