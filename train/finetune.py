@@ -285,9 +285,6 @@ def run(args) -> dict:
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        loop = getattr(model, "_rso_outer_loop", None)
-        if loop is not None and hasattr(loop, "_arm_captures"):
-            loop._arm_captures()
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state_dict(ckpt["data"])

@@ -89,7 +89,12 @@ def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
     name, extra = parse_method(spec)
     for key, value in extra.items():
         setattr(opts, key, value)
-    return METHODS[name](model, opts)
+    try:
+        return METHODS[name](model, opts)
+    except MethodError:
+        raise
+    except (ValueError, TypeError) as e:  # e.g. a rank larger than a layer: one clear line, not a traceback
+        raise MethodError(f"{spec}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- optimizers by name

@@ -126,13 +126,6 @@ def evaluate(model, loader, device, autocast, max_batches=None) -> float:
     return total / max(count, 1)
 
 
-def _rearm_rso(model):
-    """After loading a state dict, let the RSO outer loop re-arm gradient capture for the new step."""
-    loop = getattr(model, "_rso_outer_loop", None)
-    if loop is not None and hasattr(loop, "_arm_captures"):
-        loop._arm_captures()
-
-
 def run(args) -> dict:
     """Train as ``args`` say; returns the final results (also written to ``results.json``)."""
     out = pathlib.Path(args.output_dir)
@@ -183,8 +176,7 @@ def run(args) -> dict:
 
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        _rearm_rso(model)
+        model.load_state_dict(ckpt["model"])  # rso re-arms its gradient captures for the loaded step itself
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         train_loader.load_state_dict(ckpt["data"])
