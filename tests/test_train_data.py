@@ -103,3 +103,28 @@ def test_sixty_m_parameter_count():
         model = build_model(load_config("60m"))
     n = sum(p.numel() for p in model.parameters())
     assert 55e6 < n < 62e6
+
+
+def test_streaming_loader_resumes_and_keeps_eval_fixed(monkeypatch):
+    """The C4 path, with datasets.load_dataset replaced by a local stream (no network in tests)."""
+    datasets = pytest.importorskip("datasets")
+    docs, _ = data.load_documents("bbc", max_docs=60)
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        assert (name, config, streaming) == ("allenai/c4", "en", True)
+        rows = docs if split == "train" else docs[::-1]
+        return datasets.IterableDataset.from_generator(lambda: ({"text": d} for d in rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tok, train, held = data.build_pretraining_data("c4", "gpt2", 32, 4, 0, None)
+    seq = [train.next_batch() for _ in range(8)]
+    other = data.StreamingLoader(tok, 32, 4, seed=0, shuffle_buffer=10_000)  # as build_pretraining_data makes it
+    for _ in range(5):
+        other.next_batch()
+    resumed = data.StreamingLoader(tok, 32, 4, seed=0, shuffle_buffer=10_000)
+    resumed.load_state_dict(other.state_dict())
+    for i in range(5, 8):
+        assert torch.equal(resumed.next_batch(), seq[i])
+    first = [b.clone() for b in held.eval_batches(3)]
+    again = list(held.eval_batches(3))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -523,9 +523,13 @@ class StreamingLoader:
         self._it = None
 
     def eval_batches(self, max_batches: int | None = None):
-        n = max_batches or 10
-        for _ in range(n):
-            yield self.next_batch()
+        """The first ``max_batches`` (default 20) batches of the split, read once and kept: every
+        evaluation of a run sees the same held-out blocks."""
+        n = max_batches or 20
+        if getattr(self, "_eval_cache", None) is None or len(self._eval_cache) < n:
+            self.load_state_dict({"docs_consumed": 0, "buffer": []})
+            self._eval_cache = [self.next_batch() for _ in range(n)]
+        yield from self._eval_cache[:n]
 
 
 def build_pretraining_data(dataset: str, tok_spec: str, seq_len: int, batch_size: int, seed: int,
