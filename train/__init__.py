@@ -1,0 +1,7 @@
+"""Training pipelines on real data: ``python -m train.pretrain`` (LLaMA from scratch) and
+``python -m train.finetune`` (pretrained encoders and decoders), with every method of the project.
+
+One job per module: ``data`` (corpora, tokenizers, packing, batches), ``models`` (configs, packaged
+models), ``methods`` (AdamW / GaLore / GoLore / RSO / LoRA set-up), ``schedule``, ``checkpoint``,
+``metrics``, ``tasks`` (fine-tuning tasks and metrics), ``compare`` (method comparison tables).
+"""
