@@ -355,12 +355,16 @@ def plot_sweep(results: list[dict], path: pathlib.Path, config: str):
                             label=f"{r['method']} activations")
             ax.plot([p[key] for p in pts], [p["peak"] / 2 ** 20 for p in pts], marker="x", linestyle="--",
                     color=line.get_color(), alpha=0.6, label=f"{r['method']} peak")
-    axes[0].set(xscale="log", yscale="log", xlabel="sequence length (batch 1)", ylabel="MiB",
+    axes[0].set(xscale="log", xlabel="sequence length (batch 1)", ylabel="MiB",
                 title=f"{config}: bytes vs sequence length")
-    axes[1].set(xscale="log", yscale="log", xlabel=f"batch (seq {rows[0].get('sweep_batch_seq', 256)})",
+    axes[1].set(xscale="log", xlabel=f"batch (seq {rows[0].get('sweep_batch_seq', 256)})",
                 ylabel="MiB", title=f"{config}: bytes vs batch")
     for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
+        ax.minorticks_off()
+        ticks = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
+        if ticks:
+            ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+        ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
