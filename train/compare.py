@@ -51,8 +51,9 @@ def display(cmd: list[str]) -> str:
 
 
 def table(rows: list[dict], baseline: str = "adamw") -> str:
-    base = next((r for r in rows if r["method"] == baseline and r.get("final_eval_loss") is not None), None)
-    lines = ["| method | lr | eval loss | eval ppl | Δ loss vs AdamW | trainable params | tokens/s | peak memory (MB) | wall (s) |",
+    bases = [r for r in rows if r["method"] == baseline and r.get("final_eval_loss") is not None]
+    base = min(bases, key=lambda r: r["final_eval_loss"]) if bases else None  # the best AdamW row
+    lines = ["| method | lr | eval loss | eval ppl | Δ loss vs best AdamW | trainable params | tokens/s | peak memory (MB) | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["method"] + (f" ({r['projection']})" if r.get("projection") else "")
