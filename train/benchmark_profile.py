@@ -76,49 +76,6 @@ def by_kind(ops):
     return kinds
 
 
-def flop_breakdown(method, cfg_name, batch, seq, rank=None):
-    """FLOPs of one forward + backward by part of the model (deterministic, unlike timings)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from train.benchmark import _build_model, load_config, resolve_rank
-    from train.benchmark_methods import setup
-
-    cfg = load_config(cfg_name)
-    rank = rank or resolve_rank("quarter", cfg)
-    spec = {"config": cfg, "max_seq": seq, "attn": "sdpa", "dtype": "fp32", "seed": 0, "device": "cpu"}
-    model, config = _build_model(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = setup(method, model, rank=rank, gap=10_000, tau=10_000)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        s.model(input_ids=ids, labels=ids).loss.backward()
-    parts = collections.Counter()
-    for name, ops in counter.get_flop_counts().items():
-        leaf = name.rsplit(".", 1)[-1]
-        if name == "Global" or "layers" not in name and leaf not in ("lm_head",):
-            continue
-        if leaf.endswith("_proj") and ".layers." in name:
-            parts["decoder linear layers"] += sum(ops.values())
-        elif leaf == "self_attn":
-            parts["attention (incl. its linear layers)"] += sum(ops.values())
-        elif leaf == "lm_head":
-            parts["output head"] += sum(ops.values())
-    total = counter.get_total_flops()
-    attn_only = parts.pop("attention (incl. its linear layers)", 0)
-    lin = parts["decoder linear layers"]
-    qkvo = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-               if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    parts["attention scores (QKᵀ, PV)"] = attn_only - qkvo
-    head = parts["output head"]
-    if head == 0:  # chunked head: its matmuls run outside lm_head's forward
-        parts["output head"] = total - lin - parts["attention scores (QKᵀ, PV)"]
-    parts["total"] = total
-    return dict(parts)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m train.benchmark_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="60m")
@@ -129,17 +86,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the profiles here")
-    parser.add_argument("--flops", action="store_true", help="FLOP breakdown by model part instead of timings")
     args = parser.parse_args(argv)
-    if args.flops:
-        rows = {m: flop_breakdown(m.strip(), args.config, args.batch, args.seq, args.rank)
-                for m in args.methods.split(",")}
-        keys = list(dict.fromkeys(k for r in rows.values() for k in r))
-        print("| part | " + " | ".join(rows) + " |")
-        print("|---|" + "---|" * len(rows))
-        for k in keys:
-            print(f"| {k} | " + " | ".join(f"{r.get(k, 0) / 1e9:,.1f} GF" for r in rows.values()) + " |")
-        return 0
     results = []
     for method in args.methods.split(","):
         r = profile(method.strip(), args.config, args.batch, args.seq, args.steps, args.threads, args.rank)

@@ -191,6 +191,8 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         raise ValueError(f"rso.memory.estimate: method must be one of {METHODS}, got {method!r}")
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"rso.memory.estimate: attn must be 'sdpa' or 'eager', got {attn!r}")
+    if galore_projector not in ("peer", "rank"):
+        raise ValueError(f"rso.memory.estimate: galore_projector must be 'peer' or 'rank', got {galore_projector!r}")
     for name, value in (("batch", batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rso.memory.estimate: {name} must be a positive int, got {value!r}")
