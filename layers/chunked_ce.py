@@ -96,7 +96,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # Several chunks accumulate the weight gradient in fp32; a single chunk writes it in the weight's dtype.
+        single = hidden.shape[0] <= ctx.chunk
+        grad_w = None if (not need_w or single) else torch.zeros(weight.shape, dtype=torch.float32,
+                                                                   device=weight.device)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) \
             else None
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -106,7 +109,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = probs.to(hidden.dtype)
             if grad_h is not None:
                 torch.matmul(g, weight, out=grad_h[start:start + ctx.chunk])
-            if grad_w is not None:
+            if need_w and single:
+                grad_w = g.T @ h
+            elif grad_w is not None:
                 if g.dtype == torch.float32:
                     grad_w.addmm_(g.T, h)
                 else:

@@ -83,3 +83,31 @@ def test_floor_share_on_the_60m_config():
     assert 0.12 < 1 - floor / full < 0.20
     assert floor < rso_ < full
     assert ce < 0.8 * floor  # the chunked head removes the 128 KB/token log-softmax
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_chunked_head_equals_hugging_face_loss_and_gradients(mode):
+    import rso.heads
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG))
+    rso.wrap(model, rank=8)
+    ids = torch.randint(0, CFG["vocab_size"], (B, S), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    rso.heads.use_chunked_head(model, chunk_size=7, mode=mode)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    assert torch.allclose(out.loss, ref, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in want:
+            assert torch.allclose(p.grad, want[n], atol=1e-5, rtol=1e-4), n
+    rso.heads.restore_head(model)
+    assert model(input_ids=ids).logits.shape == (B, S, CFG["vocab_size"])
+    with pytest.raises(ValueError, match="mode"):
+        rso.heads.use_chunked_head(model, mode="nope")
