@@ -288,7 +288,7 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
             if "step_s" not in r:  # memory only
                 lines.append(f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
                              f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | "
-                             f"{_fmt_bytes(m['peak'])} | fits (not timed) |" + " |" * 6)
+                             f"{_fmt_bytes(m['peak'])} | memory only (--steps 0) |" + " |" * 6)
                 continue
             st = r["step_s"]
             ref = ref if ref and "step_s" in ref else None
