@@ -27,7 +27,7 @@ def test_trainer_merges_every_tau_optimizer_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("RSO_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "micro.json"
     cfg.write_text(json.dumps(MICRO))
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     res = _example().run(config=str(cfg), max_steps=7, tau=3, rank=8, grad_accum=3, batch_size=2, seq_len=16,
                          max_docs=100, output_dir=str(tmp_path / "out"))
     assert res["global_step"] == 7 and res["merges"] == 2

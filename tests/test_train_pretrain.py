@@ -39,7 +39,7 @@ def env(tmp_path_factory):
 def _args(env, out, *extra):
     return build_parser().parse_args(
         ["--config", env["config"], "--max-docs", "200", "--cache-dir", env["cache"], "--output-dir", str(out),
-         "--eval-batches", "2", "--no-progress", "--threads", "2", *extra])
+         "--eval-batches", "2", "--no-progress", "--threads", "1", *extra])
 
 
 METHODS = [("adamw", []), ("galore", []), ("golore", []), ("golore@20", []), ("rso", ["--projection", "stiefel"]),
@@ -146,7 +146,7 @@ def test_offline_default_cli(env, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "train.pretrain", "--config", env["config"], "--method", "rso", "--rank", "8",
          "--tau", "2", "--max-steps", "3", "--max-docs", "200", "--cache-dir", env["cache"],
-         "--output-dir", str(tmp_path), "--no-progress", "--threads", "2"],
+         "--output-dir", str(tmp_path), "--no-progress", "--threads", "1"],
         cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "perplexity" in out.stdout and "plot:" in out.stdout and "metrics:" in out.stdout
