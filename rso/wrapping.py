@@ -10,7 +10,6 @@ import math
 import numbers
 import re
 
-import torch
 from torch import nn
 
 from layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d

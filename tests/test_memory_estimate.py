@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from rso.memory import estimate, measure_step, storage_bytes
-from train.benchmark_methods import available, hidden_optimizer_tensors, setup
+from rso.memory import estimate, measure_step
+from train.benchmark_methods import available, setup
 
 CFG = dict(hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
            num_hidden_layers=2, vocab_size=512)
@@ -36,7 +36,7 @@ def measured(method, dtype, attn):
     ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     r = measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False)
     return {"weights": r.parameters + r.buffers, "gradients": r.gradients,
-            "optimizer": r.optimizer_state + storage_bytes(hidden_optimizer_tensors(s.optimizer)),
+            "optimizer": r.optimizer_state,
             "activations": r.activations}
 
 

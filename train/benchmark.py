@@ -135,8 +135,8 @@ def _flops(model, batch):
 def run_worker(spec: dict) -> dict:
     """One method on one config in this process: memory, FLOPs, timings (and the sweep)."""
     import torch
-    from rso.memory import measure_step, storage_bytes
-    from train.benchmark_methods import hidden_optimizer_tensors, setup
+    from rso.memory import measure_step
+    from train.benchmark_methods import setup
 
     cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
@@ -162,10 +162,9 @@ def run_worker(spec: dict) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     report = measure_step(model, batch, opt, track_peak=spec["track_peak"])
-    hidden = storage_bytes(hidden_optimizer_tensors(opt))
     out["memory"] = {"parameters": report.parameters, "trainable": report.trainable_parameters,
                      "buffers": report.buffers, "gradients": report.gradients,
-                     "optimizer_state": report.optimizer_state + hidden, "optimizer_hidden": hidden,
+                     "optimizer_state": report.optimizer_state,
                      "activations": report.activations, "peak": report.peak, "peak_source": report.peak_source}
     if spec["flops"]:
         out["flops"] = _flops(model, batch)

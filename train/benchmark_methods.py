@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "Setup", "setup", "available", "hidden_optimizer_tensors", "block_linear_weights",
+__all__ = ["METHODS", "Setup", "setup", "available", "block_linear_weights",
            "import_peer", "MissingPeer"]
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,28 +165,4 @@ def setup(method: str, model: nn.Module, rank: int = 128, *, lr: float = 1e-3, g
         info.update(chunked_ce=ce_mode, chunk_size=chunk_size)
     return Setup(model, opt, info)
 
-
-def _tensors_in(obj, depth=0):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, depth)
-    elif isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            yield from _tensors_in(v, depth)
-    elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
-        for v in vars(obj).values():
-            yield from _tensors_in(v, depth + 1)
-
-
-def hidden_optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    """Tensors held by optimizer state inside Python objects (galore-torch's / APOLLO's projector) that a
-    pytree walk of ``optimizer.state`` (as :func:`rso.memory.measure_step` does) does not see."""
-    out = []
-    for st in optimizer.state.values():
-        for v in st.values():
-            if not isinstance(v, (torch.Tensor, dict, list, tuple)) and hasattr(v, "__dict__"):
-                out.extend(_tensors_in(v, 1))
-    return out
 

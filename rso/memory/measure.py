@@ -5,7 +5,8 @@ underlying storage once:
 
 * parameters / trainable parameters / buffers,
 * gradients (``p.grad`` after backward),
-* optimizer state (tensors in ``optimizer.state`` after the step),
+* optimizer state (tensors in ``optimizer.state`` after the step, also those held inside Python
+  objects such as galore-torch's projectors),
 * activations: tensors autograd saved for backward, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, excluding storages of parameters and buffers
   (saving a weight costs no extra memory),
@@ -14,6 +15,7 @@ underlying storage once:
 """
 from __future__ import annotations
 
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["MemoryReport", "measure_step", "storage_bytes", "format_bytes", "LiveTensorTracker"]
+__all__ = ["MemoryReport", "measure_step", "storage_bytes", "format_bytes", "LiveTensorTracker", "tensors_in"]
 
 
 def _storage(t: torch.Tensor):
@@ -122,10 +124,25 @@ def _default_loss(model, batch):
     return loss if loss.dim() == 0 else loss.float().pow(2).mean()
 
 
+def tensors_in(obj, depth=0):
+    """Tensors inside containers and (up to 3 levels of) plain objects, e.g. galore-torch's projector."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v, depth)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from tensors_in(v, depth)
+    elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+        for v in vars(obj).values():
+            yield from tensors_in(v, depth + 1)
+
+
 def _optimizer_tensors(optimizer):
     if optimizer is None:
         return []
-    return [t for st in optimizer.state.values() for t in tree_leaves(st) if isinstance(t, torch.Tensor)]
+    return [t for st in optimizer.state.values() for t in tensors_in(st)]
 
 
 def measure_step(model: torch.nn.Module, batch, optimizer=None, loss_fn=None, track_peak: bool = True) -> MemoryReport:
