@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
+from . import heads
 from .outer_loop import STATE_POLICIES, OuterLoop
 from .projections import CoordinateSampler, make_sampler, mix_seed
 
@@ -130,7 +131,8 @@ def _group_layers(names, layers, share_projections):
 
 def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel", target_modules=None,
          scale: float = 1.0, seed: int = 0, *, share_projections=True, total_steps: int | None = None,
-         random_fraction: float = 0.2, state_on_merge: str = "reset", proximal: float | None = None):
+         random_fraction: float = 0.2, state_on_merge: str = "reset", proximal: float | None = None,
+         chunked_head: int | None = None):
     """Reparameterize the model's linear layers as ``W₀ + scale·B P`` in place and return the model.
 
     Args:
@@ -146,11 +148,18 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
         total_steps, random_fraction: for "hybrid" (GoLore@x%: SVD, then Stiefel for the last x).
         state_on_merge: optimizer state of B at a new cycle: "reset" (delete), "keep", "project".
         proximal: η of the optional proximal term ‖B‖²/(2η).
+        chunked_head: for a causal LM, compute the output head + cross-entropy in chunks of this many
+            tokens, so the vocab-wide logits are never held for the whole batch (``rso.heads``).
     """
     _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_projections)
     if is_wrapped(model):
         raise ValueError(f"rso.wrap: {type(model).__name__} is already wrapped (call rso.unwrap first)")
     sampler = make_sampler(projection, total_steps=total_steps, random_fraction=random_fraction)
+    if chunked_head is not None:
+        if isinstance(chunked_head, bool) or not isinstance(chunked_head, int) or chunked_head < 1:
+            raise ValueError(f"rso.wrap: chunked_head must be None or a positive int (tokens per chunk), "
+                             f"got {chunked_head!r}")
+        heads._causal_lm(model)  # raises TypeError for a model without a causal-LM head
     targets = _find_targets(model, target_modules)
     ranks = [_layer_rank(name, module, rank) for name, module in targets]
 
@@ -173,6 +182,8 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
         setattr(parent, leaf, layer)
     object.__setattr__(model, _LOOP_ATTR, loop.attach())
     object.__setattr__(model, _HOOK_ATTR, model.register_load_state_dict_post_hook(_rearm_after_load))
+    if chunked_head is not None:
+        heads.use_chunked_head(model, chunk_size=chunked_head)
     return model
 
 
@@ -213,6 +224,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     object.__delattr__(model, _LOOP_ATTR)
     getattr(model, _HOOK_ATTR).remove()
     object.__delattr__(model, _HOOK_ATTR)
+    if heads.uses_chunked_head(model):
+        heads.restore_head(model)
     return model
 
 

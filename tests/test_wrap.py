@@ -206,3 +206,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([layer.B.grad.clone() for _, layer in rso.subspace_layers(model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
+    model = tiny_llama(dtype=torch.float64)
+    batch = lm_batch(batch=2, seq=12)
+    ref = model(**batch).loss
+    rso.wrap(model, rank=8, chunked_head=5)
+    out = model(**batch)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref)
+    rso.unwrap(model)
+    assert model(**batch).logits is not None
+    with pytest.raises(ValueError, match="chunked_head"):
+        rso.wrap(tiny_llama(), rank=8, chunked_head=0)
+    with pytest.raises(TypeError, match="causal LM"):
+        rso.wrap(mlp(), rank=3, chunked_head=16)
