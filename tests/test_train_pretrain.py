@@ -79,7 +79,7 @@ def _model_state(path):
 def test_resume_continues_identically(env, tmp_path, method, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--method", method, "--max-steps", "6", "--tau", "2", "--save-every", "3", "--eval-every", "3",
-              "--log-every", "1", "--grad-accum", "2", *extra]
+              "--log-every", "2", "--grad-accum", "2", *extra]
     run(_args(env, straight, *common))
     assert run(_args(env, split, *common, "--stop-after", "3")) == {"stopped_at": 3}
     run(build_parser().parse_args(["--output-dir", str(split), "--resume", "--no-progress", "--cache-dir", env["cache"]]))

@@ -282,7 +282,7 @@ def run(args) -> dict:
     log(f"{args.max_steps} steps (batch {args.batch_size} x accum {args.grad_accum}), lr {args.lr:g}, "
         f"warm-up {args.warmup}, device {device}{' (bf16 autocast)' if use_bf16 else ''}")
 
-    step = 0
+    step, interval = 0, [0.0, 0]  # interval: (sum, count) of step losses since the last log line
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -290,6 +290,7 @@ def run(args) -> dict:
         sampler.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
+        interval = list(ckpt.get("log_interval", interval))
         log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
 
@@ -297,6 +298,7 @@ def run(args) -> dict:
         save_checkpoint(out / "checkpoint.pt", {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": rng_state(),
+            "log_interval": interval,
             "args": {k: getattr(args, k) for k in RUN_ARGS}})
 
     # ---- the loop
@@ -324,13 +326,16 @@ def run(args) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        interval[0] += loss_sum
+        interval[1] += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
             tps, mem = speed(tokens_seen), memory_mb(device)
             tokens_seen = 0
-            metrics.log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": round(tps, 1),
+            mean_loss, interval = interval[0] / max(interval[1], 1), [0.0, 0]
+            metrics.log({"step": step, "loss": mean_loss, "lr": lr, "tokens_per_s": round(tps, 1),
                          mem_key: round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)})
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
         bar.update(1)
         if step % args.eval_every == 0 or step == args.max_steps:
             result = evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast)

@@ -174,7 +174,7 @@ def run(args) -> dict:
         f"x seq {args.seq_len}), lr {args.lr:g}, warm-up {args.warmup}, device {device}"
         f"{' (bf16 autocast)' if use_bf16 else ''}")
 
-    step = 0
+    step, interval = 0, [0.0, 0]  # interval: (sum, count) of step losses since the last log line
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # rso re-arms its gradient captures for the loaded step itself
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -182,6 +182,7 @@ def run(args) -> dict:
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
+        interval = list(ckpt.get("log_interval", interval))
         log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
     if ckpt is None:
@@ -191,6 +192,7 @@ def run(args) -> dict:
         save_checkpoint(out / "checkpoint.pt", {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "data": train_loader.state_dict(), "rng": rng_state(),
+            "log_interval": interval,
             "args": {k: getattr(args, k) for k in RUN_ARGS}, "config": cfg})
 
     # ---- the loop
@@ -217,15 +219,18 @@ def run(args) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        interval[0] += loss_sum
+        interval[1] += 1
         steps_done += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
             tps = speed(tokens_per_step * (args.log_every if step % args.log_every == 0 else step % args.log_every))
             mem = memory_mb(device)
-            metrics.log({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+            mean_loss, interval = interval[0] / max(interval[1], 1), [0.0, 0]
+            metrics.log({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
                          "tokens": step * tokens_per_step, "tokens_per_s": round(tps, 1), mem_key: round(mem, 1),
                          "elapsed_s": round(time.perf_counter() - t_start, 2)})
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
         bar.update(1)
         if step % args.eval_every == 0 or step == args.max_steps:
             eval_loss = evaluate(model, eval_loader, device, autocast, args.eval_batches)
