@@ -25,15 +25,33 @@ __all__ = ["chunked_linear_cross_entropy", "ChunkedLinearCrossEntropy", "MODES"]
 MODES = ("recompute", "fused")
 
 
-def _chunk_grad(h, weight, bias, targets, lse, ignore_index):
-    """d(sum of token losses)/d(logits) for one chunk, in fp32: softmax − one-hot, zero on ignored rows."""
-    logits = F.linear(h, weight, bias).float()
+def _logit_grad_(logits, lse, targets, ignore_index):
+    """In place on fp32 ``logits``: d(sum of token losses)/d(logits) = softmax − one-hot, 0 on ignored rows."""
     probs = logits.sub_(lse.unsqueeze(1)).exp_()
     valid = targets != ignore_index
     rows = torch.arange(targets.shape[0], device=targets.device)
     probs[rows[valid], targets[valid]] -= 1.0
     probs[~valid] = 0.0
     return probs
+
+
+def _chunk_grad(h, weight, bias, targets, lse, ignore_index):
+    """:func:`_logit_grad_` of one chunk's recomputed logits."""
+    return _logit_grad_(F.linear(h, weight, bias).float(), lse, targets, ignore_index)
+
+
+def _accumulate(probs, h, weight, grad_h, grad_w, grad_b):
+    """Add one chunk's contribution to the gradients of h (its rows, written), W (fp32 sum) and b."""
+    g = probs.to(h.dtype)
+    if grad_h is not None:
+        torch.matmul(g, weight, out=grad_h)
+    if grad_w is not None:
+        if g.dtype == torch.float32:
+            grad_w.addmm_(g.T, h)
+        else:
+            grad_w += (g.T @ h).float()
+    if grad_b is not None:
+        grad_b += probs.sum(0)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -57,20 +75,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
             total += torch.where(valid, c_lse - picked, 0.0).sum()
             if fused and (want_h or want_w or want_b):
-                probs = logits.sub_(c_lse.unsqueeze(1)).exp_()
-                rows = torch.arange(t.shape[0], device=t.device)
-                probs[rows[valid], t[valid]] -= 1.0
-                probs[~valid] = 0.0
-                g = probs.to(hidden.dtype)
-                if grad_h is not None:
-                    torch.matmul(g, weight, out=grad_h[start:start + chunk])
-                if grad_w is not None:
-                    if g.dtype == torch.float32:
-                        grad_w.addmm_(g.T, h)
-                    else:
-                        grad_w += (g.T @ h).float()
-                if grad_b is not None:
-                    grad_b += probs.sum(0)
+                probs = _logit_grad_(logits, c_lse, t, ignore_index)
+                _accumulate(probs, h, weight, grad_h[start:start + chunk] if grad_h is not None else None,
+                            grad_w, grad_b)
             del logits
         if reduction == "mean":
             div = float(divisor) if divisor is not None else float((targets != ignore_index).sum().clamp(min=1))
@@ -106,18 +113,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
             probs = _chunk_grad(h, weight, bias, t, lse[start:start + ctx.chunk], ctx.ignore_index)
             probs.mul_(scale)
-            g = probs.to(hidden.dtype)
-            if grad_h is not None:
-                torch.matmul(g, weight, out=grad_h[start:start + ctx.chunk])
+            _accumulate(probs, h, weight, grad_h[start:start + ctx.chunk] if grad_h is not None else None,
+                        grad_w, grad_b)
             if need_w and single:
-                grad_w = g.T @ h
-            elif grad_w is not None:
-                if g.dtype == torch.float32:
-                    grad_w.addmm_(g.T, h)
-                else:
-                    grad_w += (g.T @ h).float()
-            if grad_b is not None:
-                grad_b += probs.sum(0)
+                grad_w = probs.to(h.dtype).T @ h
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None, None)
 
