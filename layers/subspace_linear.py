@@ -6,7 +6,8 @@ r-wide ``z = x Pᵀ`` for backward (see :mod:`layers.functional`, which also pic
 evaluation orders per call).
 
 Layers that read the same input tensor (q/k/v, gate/up) can form a :class:`ProjectionGroup`: they hold
-equal ``P`` and, within one forward pass, reuse one ``z``, so that input costs ``rank`` once.
+one ``P`` (a single tensor, registered as a buffer in each member) and, within one forward pass, reuse
+one ``z``, so that input costs ``rank`` once.
 """
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ def is_conv1d(module) -> bool:
 class ProjectionGroup:
     """Layers sharing one projection P and, per forward pass, one stored ``z = x Pᵀ``.
 
-    The cached ``z`` is reused only for the very same input tensor (same object, same version, same
-    dtype and grad mode) and is dropped as soon as every member has read it.
+    Every member's ``P`` buffer is the leader's tensor (one storage; ``tie_`` restores that after a
+    ``.to()`` or an assigning ``load_state_dict`` gave members copies). The cached ``z`` is reused only
+    for the very same input tensor (same object, same version, same dtype and grad mode) and is
+    dropped as soon as every member has read it. Under ``torch.compile`` the cache is bypassed: the
+    members' identical ``x Pᵀ`` on one ``P`` tensor are merged by the compiler's common-subexpression
+    elimination instead.
     """
 
     def __init__(self, members):
@@ -39,9 +44,28 @@ class ProjectionGroup:
         self._key = None
         self._z = None
         self._consumed = set()
+        self.tie_()
 
     def __len__(self):
         return len(self.members)
+
+    def tie_(self):
+        """Point each member's ``P`` at the leader's tensor where device, dtype and shape agree."""
+        lead = self.members[0]._buffers["P"]
+        for m in self.members[1:]:
+            mine = m._buffers["P"]
+            if mine is not lead and (mine.device, mine.dtype, mine.shape) == (lead.device, lead.dtype, lead.shape):
+                m._buffers["P"] = lead
+
+    @torch.no_grad()
+    def set_projection_(self, P: torch.Tensor, coordinate: bool = False):
+        """Copy ``P`` into the group's projection (once per distinct tensor) and set the members' mode."""
+        done = set()
+        for m in self.members:
+            if id(m.P) not in done:
+                done.add(id(m.P))
+                m.P.copy_(P)
+            m.coordinate, m._index = coordinate, None
 
     def lookup(self, layer, x, dtype):
         """The cached ``z`` for ``x`` if a group mate computed it in this pass, else None."""
@@ -149,13 +173,22 @@ class SubspaceLinear(nn.Module):
 
     @torch.no_grad()
     def set_projection_(self, P: torch.Tensor, coordinate: bool = False):
+        """Set this layer's projection (for a layer in a group, use the group's ``set_projection_``)."""
         self.P.copy_(P)
         self.coordinate = coordinate
         self._index = None
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._group is not None:  # a conversion gives each member its own copy of P: share again
+            self._group.tie_()
+        return self
+
     def _coordinate_index(self):
         if not self.coordinate:
             return None
+        if torch.compiler.is_compiling():
+            return self.P.argmax(dim=1)
         if self._index is None or self._index[0] != self.P._version or self._index[1].device != self.P.device:
             self._index = (self.P._version, self.P.argmax(dim=1))
         return self._index[1]
@@ -171,7 +204,8 @@ class SubspaceLinear(nn.Module):
             dtype, xc, weight, B, bias = x.dtype, x, self.weight, self.B, self.bias
         # P follows the compute dtype (autocast, or inputs cast by e.g. an FSDP2 mixed-precision policy).
         P, index = self.P.to(dtype), self._coordinate_index()
-        group = self._group if self._group is not None and len(self._group.members) > 1 else None
+        group = self._group if self._group is not None and len(self._group.members) > 1 \
+            and not torch.compiler.is_compiling() else None
         z = group.lookup(self, x, dtype) if group is not None else None
         if z is None:
             z = project(xc, P, index)

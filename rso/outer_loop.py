@@ -120,8 +120,8 @@ class OuterLoop:
         new = self.draw(groups, [int(g.members[0].cycle) + 1 for g in groups], gradients)
         coordinate = isinstance(self.sampler, CoordinateSampler)
         for i, (g, P) in enumerate(zip(groups, new)):
+            g.set_projection_(P, coordinate=coordinate)
             for m in g.members:
-                m.set_projection_(P, coordinate=coordinate)
                 m.cycle += 1
                 if optimizer is not None:
                     self._update_optimizer_state(optimizer, m.B, old[i] if old else None, P)

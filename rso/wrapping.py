@@ -173,8 +173,7 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
         for m in group.members:
             m.seed.fill_(mix_seed(seed, index))
     for group, P in zip(groups, loop.draw(groups, [0] * len(groups))):
-        for m in group.members:
-            m.set_projection_(P, coordinate=coordinate)
+        group.set_projection_(P, coordinate=coordinate)
 
     for name, layer in zip(names, layers):
         parent_name, _, leaf = name.rpartition(".")
@@ -188,9 +187,12 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
 
 
 def _rearm_after_load(model, incompatible_keys):
-    """Loaded step counters may put the model on a cycle's last step: re-decide gradient captures."""
+    """After a load: share each group's P again (``assign=True`` replaces buffers) and, since the loaded
+    step counters may put the model on a cycle's last step, re-decide gradient captures."""
     loop = getattr(model, _LOOP_ATTR, None)
     if loop is not None:
+        for group in loop.groups:
+            group.tie_()
         loop.rearm()
 
 

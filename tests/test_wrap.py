@@ -222,3 +222,50 @@ def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
         rso.wrap(tiny_llama(), rank=8, chunked_head=0)
     with pytest.raises(TypeError, match="causal LM"):
         rso.wrap(mlp(), rank=3, chunked_head=16)
+
+
+def projection_storages(model):
+    return {m.P.untyped_storage().data_ptr() for _, m in rso.subspace_layers(model)}
+
+
+def assert_one_P_per_group(model):
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        assert attn.k_proj.P is attn.q_proj.P and attn.v_proj.P is attn.q_proj.P
+        assert mlp.up_proj.P is mlp.gate_proj.P
+        assert attn.o_proj.P is not attn.q_proj.P and mlp.down_proj.P is not mlp.gate_proj.P
+
+
+def test_shared_projection_is_one_tensor_through_conversions_loads_and_cycles():
+    model = rso.wrap(tiny_llama(), rank=4, tau=2)
+    L = model.config.num_hidden_layers
+    assert_one_P_per_group(model)
+    assert len(projection_storages(model)) == 4 * L  # q/k/v, o, gate/up, down
+    unshared = rso.wrap(tiny_llama(), rank=4, tau=2, share_projections=False)
+    assert len(projection_storages(unshared)) == 7 * L
+    saved = {n: b.clone() for n, b in model.state_dict().items()}
+
+    model.to(torch.float64)  # a conversion copies every buffer: the group shares again
+    assert_one_P_per_group(model)
+    assert model.model.layers[0].self_attn.q_proj.P.dtype == torch.float64
+    model.to(torch.float32)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+
+    copy_ = copy.deepcopy(model)
+    assert_one_P_per_group(copy_)
+    fresh = rso.wrap(tiny_llama(seed=3), rank=4, tau=2, seed=9)
+    fresh.load_state_dict(saved, assign=True)  # assign replaces each member's buffer with its own copy
+    assert_one_P_per_group(fresh)
+    torch.testing.assert_close(fresh.model.layers[1].mlp.up_proj.P, saved["model.layers.1.mlp.up_proj.P"])
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = model.model.layers[0].self_attn.q_proj.P.clone()
+    batch = lm_batch()
+    for _ in range(2):  # the second step ends the cycle: merge + resample into the shared tensor
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert rso.state(model)["cycle"] == 1
+    assert_one_P_per_group(model)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.P, before)

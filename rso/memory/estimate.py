@@ -235,9 +235,11 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         trainable, n_trainable_tensors = n_params - L * lin_weights, n_tensors_other
     elif method == "rso":
         B = sum(o * ranks[name] for name, o, _, _ in lin)
-        P = sum(ranks[name] * n for name, _, n, _ in lin)
+        projections = {}  # one P per projection group (one tensor shared by q/k/v, by gate/up)
+        for name, _, n, grp in lin:
+            projections[(grp, ranks[name]) if share_projections else name] = ranks[name] * n
         extra_weights = L * B
-        buffers += L * (P * wb + len(lin) * 3 * 8)  # P per layer, int64 step/cycle/seed
+        buffers += L * (sum(projections.values()) * wb + len(lin) * 3 * 8)  # P, int64 step/cycle/seed
         trainable = n_params - L * lin_weights + L * B
         n_trainable_tensors = n_tensors_other + L * len(lin)
     else:  # lora
