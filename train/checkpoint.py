@@ -11,13 +11,14 @@ import os
 import pathlib
 import pickle
 import random
+import sys
 import tempfile
 
 import numpy as np
 import torch
 
 __all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "find_checkpoint", "CheckpointError"]
+           "find_checkpoint", "CheckpointError", "resume_settings", "save_run", "restore_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -84,3 +85,40 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 def find_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:
     path = pathlib.Path(output_dir) / CHECKPOINT_NAME
     return path if path.exists() else None
+
+
+def resume_settings(output_dir: pathlib.Path, args, run_args: tuple[str, ...]) -> dict:
+    """``--resume``: load the checkpoint in ``output_dir`` and set ``args``'s ``run_args`` to the run's saved ones."""
+    path = find_checkpoint(output_dir)
+    if path is None:
+        raise CheckpointError(f"--resume: no checkpoint in {output_dir} (expected {output_dir / CHECKPOINT_NAME})")
+    ckpt = load_checkpoint(path)
+    print(f"--resume: continuing {output_dir} with the settings saved in its checkpoint", file=sys.stderr)
+    for k in run_args:
+        if k in ckpt["args"]:
+            setattr(args, k, ckpt["args"][k])
+    return ckpt
+
+
+def save_run(output_dir: pathlib.Path, step: int, model, optimizer, scheduler, data, train_loss, args,
+             run_args: tuple[str, ...], **extra) -> None:
+    """Write ``<output_dir>/checkpoint.pt``: the run's states, every RNG state, the step, ``run_args`` and ``extra``."""
+    save_checkpoint(output_dir / CHECKPOINT_NAME, {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": rng_state(),
+        "log_interval": train_loss.state_dict(),
+        "args": {k: getattr(args, k) for k in run_args}, **extra})
+
+
+def restore_run(ckpt: dict | None, model, optimizer, scheduler, data, train_loss) -> int:
+    """Load a checkpoint saved by ``save_run`` into the run's pieces and the RNGs; the step to continue from (0: none)."""
+    if ckpt is None:
+        return 0
+    model.load_state_dict(ckpt["model"])  # rso re-arms its gradient captures for the loaded step itself
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    data.load_state_dict(ckpt["data"])
+    set_rng_state(ckpt["rng"])
+    if "log_interval" in ckpt:
+        train_loss.load_state_dict(ckpt["log_interval"])
+    return int(ckpt["step"])

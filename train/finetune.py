@@ -18,15 +18,17 @@ import json
 import math
 import pathlib
 import sys
-import time
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import DataError, default_cache_dir, load_tokenizer
-from .methods import MethodError, MethodOptions, describe, parse_method, setup_method, unwrap_for_saving
-from .metrics import MetricsLog, Throughput, memory_label, memory_mb, perplexity, plot_curves
+from .checkpoint import restore_run, resume_settings, save_run
+from .data import default_cache_dir, load_tokenizer
+from .loop import (Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args, cli_main,
+                   due, eval_mode,
+                   fill_step_defaults, method_options, optimizer_step, parse_optimizer_args, setup_device, stop_early)
+from .methods import describe, parse_method, setup_method, unwrap_for_saving
+from .metrics import IntervalLoss, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2, minilm_dir
 from .schedule import cosine_schedule
 from .tasks import EpochSampler, Task, compute_metrics, load_task
@@ -57,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak LR (default: {DEFAULT_LR['adamw']:g} adamw, {DEFAULT_LR['lora']:g} lora, "
                         f"{DEFAULT_LR_SUBSPACE:g} rso/galore/golore)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--optimizer", default="adamw", help="any torch.optim or torch_optimizer class by name")
-    p.add_argument("--optimizer-args", default="{}", help="extra optimizer keywords as JSON")
+    add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation)")
@@ -70,19 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--max-eval", type=int, default=None, help="use only the first N evaluation examples")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: steps/4)")
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: eval-every)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--output-dir", default="runs/finetune")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="end this session after N more steps (as if killed); --resume continues")
+    add_session_args(p, output_dir="runs/finetune")
     p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained + reload check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="bf16", help="autocast dtype on GPU: bf16 | fp32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    add_runtime_args(p)
     return p
 
 
@@ -181,38 +172,34 @@ def eval_batches(examples, batch_size, pad_id, kind):
 @torch.no_grad()
 def predict(model, examples, batch_size, pad_id, kind, device, autocast, max_batches=None) -> torch.Tensor:
     """Logits of a classifier over ``examples`` (or the first ``max_batches`` batches), float32 on CPU."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i, batch in enumerate(eval_batches(examples, batch_size, pad_id, kind)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast():
-            out.append(model(**batch).logits.float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i, batch in enumerate(eval_batches(examples, batch_size, pad_id, kind)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            with autocast():
+                out.append(model(**batch).logits.float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate(model, task: Task, examples, batch_size, pad_id, device, autocast) -> dict:
-    was_training = model.training
-    model.eval()
     total, count, preds, gold = 0.0, 0, [], []
-    for batch in eval_batches(examples, batch_size, pad_id, task.kind):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            out = model(**batch)
-        if task.kind == "causal_lm":
-            n = (batch["labels"][:, 1:] != -100).sum().item()
-            total, count = total + out.loss.float().item() * n, count + n
-        else:
-            n = batch["labels"].shape[0]
-            total, count = total + out.loss.float().item() * n, count + n
-            logits = out.logits.float()
-            preds.append(logits.squeeze(-1).cpu() if task.kind == "regression" else logits.argmax(-1).cpu())
-            gold.append(batch["labels"].cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in eval_batches(examples, batch_size, pad_id, task.kind):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                out = model(**batch)
+            if task.kind == "causal_lm":
+                n = (batch["labels"][:, 1:] != -100).sum().item()
+                total, count = total + out.loss.float().item() * n, count + n
+            else:
+                n = batch["labels"].shape[0]
+                total, count = total + out.loss.float().item() * n, count + n
+                logits = out.logits.float()
+                preds.append(logits.squeeze(-1).cpu() if task.kind == "regression" else logits.argmax(-1).cpu())
+                gold.append(batch["labels"].cpu())
     result = {"eval_loss": total / max(count, 1)}
     if task.kind == "causal_lm":
         result["eval_ppl"] = perplexity(result["eval_loss"])
@@ -224,29 +211,12 @@ def evaluate(model, task: Task, examples, batch_size, pad_id, device, autocast) 
 # ----------------------------------------------------------------------------- the run
 def run(args) -> dict:
     out = pathlib.Path(args.output_dir)
-    ckpt = None
-    if args.resume:
-        path = find_checkpoint(out)
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint.pt'})")
-        ckpt = load_checkpoint(path)
-        print(f"--resume: continuing {out} with the settings saved in its checkpoint", file=sys.stderr)
-        for k in RUN_ARGS:
-            if k in ckpt["args"]:
-                setattr(args, k, ckpt["args"][k])
+    ckpt = resume_settings(out, args, RUN_ARGS) if args.resume else None
     name, _ = parse_method(args.method)  # unknown methods fail before any loading
-    if isinstance(args.optimizer_args, str):
-        try:
-            args.optimizer_args = json.loads(args.optimizer_args)
-        except json.JSONDecodeError as e:
-            raise MethodError(f"--optimizer-args is not valid JSON: {e}") from e
+    parse_optimizer_args(args)
     if args.lr is None:
         args.lr = DEFAULT_LR.get(name, DEFAULT_LR_SUBSPACE)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_bf16 = device.type == "cuda" and args.dtype == "bf16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    device, use_bf16, autocast = setup_device(args)
     log = tqdm.write
     cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
@@ -261,19 +231,11 @@ def run(args) -> dict:
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum))
     if args.max_steps is None:
         args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
-    if args.warmup is None:
-        args.warmup = int(0.06 * args.max_steps)
-    if args.eval_every is None:
-        args.eval_every = max(1, args.max_steps // 4)
-    if args.save_every is None:
-        args.save_every = args.eval_every
+    fill_step_defaults(args, warmup=int(0.06 * args.max_steps), evals_per_run=4)
     log(f"task {task.name}: {len(train_set):,} train / {len(eval_set):,} {task.eval_split} examples; {task.notes}")
 
     # ---- method
-    opts = MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
-                         optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
-                         projection=args.projection, total_steps=args.max_steps, seed=args.seed,
-                         task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
+    opts = method_options(args, task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
     model, optimizer = setup_method(args.method, model, opts)
     scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, min_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -282,75 +244,35 @@ def run(args) -> dict:
     log(f"{args.max_steps} steps (batch {args.batch_size} x accum {args.grad_accum}), lr {args.lr:g}, "
         f"warm-up {args.warmup}, device {device}{' (bf16 autocast)' if use_bf16 else ''}")
 
-    step, interval = 0, [0.0, 0]  # interval: (sum, count) of step losses since the last log line
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        interval = list(ckpt.get("log_interval", interval))
-        log(f"resumed from {out / 'checkpoint.pt'} at step {step}")
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
-
-    def checkpoint():
-        save_checkpoint(out / "checkpoint.pt", {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": rng_state(),
-            "log_interval": interval,
-            "args": {k: getattr(args, k) for k in RUN_ARGS}})
+    train_loss = IntervalLoss()
+    step = start_step = restore_run(ckpt, model, optimizer, scheduler, sampler, train_loss)
+    progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=f"{task.name}/{args.method}")
 
     # ---- the loop
-    start_step = step
     model.train()
-    mem_key = memory_label(device)
-    bar = tqdm(total=args.max_steps, initial=step, desc=f"{task.name}/{args.method}", dynamic_ncols=True,
-               disable=args.no_progress, file=sys.stderr)
-    speed, t_start, last_eval, tokens_seen = Throughput(), time.perf_counter(), None, 0
+    last_eval, tokens_seen = None, 0  # tokens: since the last log line
     while step < args.max_steps:
-        loss_sum = 0.0
-        for _ in range(args.grad_accum):
-            batch = collate([train_set[i] for i in sampler.next_indices()], pad_id, task.kind)
-            tokens_seen += int(batch["attention_mask"].sum())
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                loss = model(**batch).loss / args.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum} at step {step + 1}; lower --lr")
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [collate([train_set[i] for i in sampler.next_indices()], pad_id, task.kind)
+                         for _ in range(args.grad_accum)]
+        tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        loss_sum = accumulate_gradients(model, micro_batches, device, autocast)
+        _, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
         step += 1
-        interval[0] += loss_sum
-        interval[1] += 1
+        train_loss.add(loss_sum)
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            tps, mem = speed(tokens_seen), memory_mb(device)
+        if due(step, args.log_every, args.max_steps):
+            progress.log_train(step, train_loss.pop_mean(), lr, tokens_seen)
             tokens_seen = 0
-            mean_loss, interval = interval[0] / max(interval[1], 1), [0.0, 0]
-            metrics.log({"step": step, "loss": mean_loss, "lr": lr, "tokens_per_s": round(tps, 1),
-                         mem_key: round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)})
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
-        bar.update(1)
-        if step % args.eval_every == 0 or step == args.max_steps:
+        progress.bar.update(1)
+        if due(step, args.eval_every, args.max_steps):
             result = evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast)
             last_eval = (step, result)
-            metrics.log({"step": step, **result})
-            log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            speed(0)
-        if step % args.save_every == 0 or step == args.max_steps:
-            checkpoint()
-        if args.stop_after is not None and step - start_step >= args.stop_after and step < args.max_steps:
-            bar.close()
-            log(f"stopped after {args.stop_after} steps at step {step} (--stop-after); last checkpoint: "
-                f"{out / 'checkpoint.pt'}")
+            progress.log_eval(step, result, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if due(step, args.save_every, args.max_steps):
+            save_run(out, step, model, optimizer, scheduler, sampler, train_loss, args, RUN_ARGS)
+        if stop_early(args, step, start_step, progress):
             return {"stopped_at": step}
-    bar.close()
+    progress.bar.close()
     if last_eval is None or last_eval[0] != step:
         last_eval = (step, evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast))
     png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{task.name} / {args.method}")
@@ -395,13 +317,8 @@ def save_and_verify(model, tok, model_cls, task, eval_set, args, pad_id, device,
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DataError, MethodError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """The ``rso-finetune`` command."""
+    return cli_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

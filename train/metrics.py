@@ -1,4 +1,4 @@
-"""Metrics: a JSONL log, memory readings, throughput, and the loss-curve plot."""
+"""Metrics: a JSONL log, memory readings, throughput, the mean loss between log lines, and the loss-curve plot."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-__all__ = ["MetricsLog", "memory_mb", "memory_label", "plot_curves", "Throughput", "perplexity"]
+__all__ = ["MetricsLog", "memory_mb", "memory_label", "plot_curves", "Throughput", "IntervalLoss", "perplexity"]
 
 
 def perplexity(loss: float) -> float:
@@ -46,6 +46,29 @@ class Throughput:
         rate = tokens / max(now - self.t, 1e-9)
         self.t = now
         return rate
+
+
+class IntervalLoss:
+    """The mean training loss over the steps since the last log line; checkpoints keep it as [sum, count]."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total += loss
+        self.count += 1
+
+    def pop_mean(self) -> float:
+        """The mean so far; starts the next interval."""
+        mean = self.total / max(self.count, 1)
+        self.total, self.count = 0.0, 0
+        return mean
+
+    def state_dict(self) -> list:
+        return [self.total, self.count]
+
+    def load_state_dict(self, state) -> None:
+        self.total, self.count = state
 
 
 class MetricsLog:
