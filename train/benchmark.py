@@ -11,6 +11,9 @@ method up (see :mod:`train.benchmark_methods`) and measures in one run:
   merge + resample, GaLore's SVD, APOLLO's new projection) timed separately, and tokens/s;
 * with ``--sweep``: activation and peak bytes against sequence length and batch (PNG plot).
 
+With ``--compile`` the timed steps run ``torch.compile(model)`` (inductor; the first step, which
+compiles, is reported as ``first_step_s``); memory and FLOPs are always those of the eager model.
+
 Results go to ``--out`` as ``results.json``, ``results.md`` (Markdown tables, the command on top) and
 ``sweep_<config>.png``. Timings are quoted as ratios to AdamW (and to the frozen-linear floor) from
 the same run.
@@ -141,7 +144,7 @@ def run_worker(spec: dict) -> dict:
     cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
            "batch": spec["batch"], "seq": spec["seq"], "rank": spec["rank"], "threads": spec["threads"],
-           "cores": cores, "attn": spec["attn"], "torch": torch.__version__}
+           "cores": cores, "attn": spec["attn"], "torch": torch.__version__, "compile": bool(spec.get("compile"))}
     model, config = _build_model(spec)
     out["n_parameters"] = sum(p.numel() for p in model.parameters())
     # Cycle-ending step placed right after the timed ones: first step, measured step, warm-up, timed.
@@ -152,10 +155,11 @@ def run_worker(spec: dict) -> dict:
     out["setup"] = s.info
     batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
     device = spec["device"]
+    stepper = torch.compile(model) if spec.get("compile") else model
 
     _sync(device)
     t0 = time.perf_counter()
-    _train_step(model, opt, batch)  # creates optimizer state (GaLore's first SVD, APOLLO's projection)
+    _train_step(stepper, opt, batch)  # creates optimizer state (GaLore's first SVD, APOLLO's projection)
     _sync(device)
     out["first_step_s"] = time.perf_counter() - t0
 
@@ -177,7 +181,7 @@ def run_worker(spec: dict) -> dict:
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        _train_step(model, opt, batch)
+        _train_step(stepper, opt, batch)
         _sync(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
@@ -191,7 +195,7 @@ def run_worker(spec: dict) -> dict:
     if base not in ("adamw", "frozen", "lora"):
         _sync(device)
         t0 = time.perf_counter()
-        _train_step(model, opt, batch)  # ends a cycle: merge + resample / SVD / new random projection
+        _train_step(stepper, opt, batch)  # ends a cycle: merge + resample / SVD / new random projection
         _sync(device)
         out["cycle_step_s"] = time.perf_counter() - t0
         if base.startswith("rso-"):
@@ -265,7 +269,7 @@ def _fmt_bytes(n):
 def format_markdown(results: list[dict], command: str, meta: dict) -> str:
     lines = [f"Command: `{command}`", "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
-             f"{meta['seq']}, {meta['attn']} attention"
+             f"{meta['seq']}, {meta['attn']} attention" + (", torch.compile (inductor)" if meta.get("compile") else "")
              + (f", {meta['threads']} threads pinned per method (one process each)" if meta["device"] == "cpu" else ""),
              ""]
     for config in dict.fromkeys(r["config"] for r in results):
@@ -415,6 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-seqs", default="256,512,1024,2048,4096")
     parser.add_argument("--sweep-batches", default="1,2,4,8,16")
     parser.add_argument("--sweep-batch-seq", type=int, default=256)
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile(model) (inductor); memory and FLOPs stay eager")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per method process")
     parser.add_argument("--rounds", type=int, default=1,
@@ -439,7 +445,7 @@ def main(argv=None) -> int:
     import torch
     meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
             "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
-            "command": command}
+            "compile": args.compile, "command": command}
     results = []
     for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         cfg = load_config(config_name)
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
                         "batch": args.batch, "seq": args.seq, "dtype": dtype, "device": args.device,
                         "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                         "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
-                        "chunk_size": args.chunk_size, "ce_mode": args.ce_mode,
+                        "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "compile": args.compile,
                         "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
                         "sweep": method in sweep_methods and round_ == 0,
                         "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
