@@ -3,5 +3,6 @@
 
 One job per module: ``data`` (corpora, tokenizers, packing, batches), ``models`` (configs, packaged
 models), ``methods`` (AdamW / GaLore / GoLore / RSO / LoRA set-up), ``schedule``, ``checkpoint``,
-``metrics``, ``tasks`` (fine-tuning tasks and metrics), ``compare`` (method comparison tables).
+``metrics``, ``loop`` (command-line options and the steps both loops share: gradient accumulation,
+clipping, progress records), ``tasks`` (fine-tuning tasks and metrics), ``compare`` (method comparison tables).
 """
