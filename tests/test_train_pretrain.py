@@ -150,3 +150,20 @@ def test_offline_default_cli(env, tmp_path):
         cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "perplexity" in out.stdout and "plot:" in out.stdout and "metrics:" in out.stdout
+
+
+def test_compile_flag_trains_the_same_run(env, tmp_path, monkeypatch):
+    # aot_eager: Dynamo + AOTAutograd without a C++ compiler; the flag itself picks the default (inductor)
+    compiled_with = []
+    real = torch.compile
+
+    def aot_eager(model, **kw):
+        compiled_with.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    eager = run(_args(env, tmp_path / "eager", "--method", "rso", "--max-steps", "3", "--tau", "2"))
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    compiled = run(_args(env, tmp_path / "compiled", "--method", "rso", "--max-steps", "3", "--tau", "2", "--compile"))
+    assert compiled_with == ["LlamaForCausalLM"]
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-5)

@@ -266,6 +266,10 @@ def _fmt_bytes(n):
     return f"{n} B"
 
 
+def _fmt_peak(memory):
+    return "not tracked" if memory.get("peak_source") == "not tracked" else _fmt_bytes(memory["peak"])
+
+
 def format_markdown(results: list[dict], command: str, meta: dict) -> str:
     lines = [f"Command: `{command}`", "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
@@ -291,7 +295,7 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
             if "step_s" not in r:  # memory only
                 lines.append(f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
                              f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | "
-                             f"{_fmt_bytes(m['peak'])} | memory only (--steps 0) |" + " |" * 6)
+                             f"{_fmt_peak(m)} | memory only (--steps 0) |" + " |" * 6)
                 continue
             st = r["step_s"]
             ref = ref if ref and "step_s" in ref else None
@@ -306,7 +310,7 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
                 f"{cpu:.2f} ({cpu / ref['step_cpu_s']['median']:.3f})" if ref and "step_cpu_s" in ref else f"{cpu:.2f}")
             lines.append(
                 f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
-                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_bytes(m['peak'])} | "
+                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_peak(m)} | "
                 f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
                 f"{r['tokens_per_s']:,.0f} | {cyc} |")
         ref = ref if ref and "step_s" in ref else None
@@ -482,7 +486,7 @@ def main(argv=None) -> int:
                 timed = "step_s" in res
                 print((f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
                        if timed else "") + f"activations {_fmt_bytes(res['memory']['activations'])}, "
-                      f"peak {_fmt_bytes(res['memory']['peak'])} ({res['wall_s']:.0f} s)", flush=True)
+                      f"peak {_fmt_peak(res['memory'])} ({res['wall_s']:.0f} s)", flush=True)
                 medians.setdefault(method, []).append(res["step_s"]["median"] if timed else 0.0)
                 prev = best.get(method)
                 if prev is None or "error" in prev or not timed or res["step_s"]["median"] < prev["step_s"]["median"]:

@@ -180,6 +180,7 @@ def run(args) -> dict:
         counter = rd.CommCounter()
         train_model = rd.ddp(model, counter=counter,
                              device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(train_model) if args.compile else train_model
     scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, args.min_lr_ratio)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
         if (use_bf16 and args.parallel == "ddp") else contextlib.nullcontext
@@ -242,7 +243,7 @@ def run(args) -> dict:
             rows = train_loader.next_batch()[rank * args.batch_size:(rank + 1) * args.batch_size].to(device)
             last = micro == args.grad_accum - 1
             with sync_ctx(last), autocast():
-                loss = train_model(input_ids=rows, labels=rows).loss / args.grad_accum
+                loss = step_model(input_ids=rows, labels=rows).loss / args.grad_accum
             with sync_ctx(last):
                 loss.backward()
             loss_sum += loss.detach().float()

@@ -251,11 +251,12 @@ def run(args) -> dict:
     # ---- the loop
     model.train()
     last_eval, tokens_seen = None, 0  # tokens: since the last log line
+    step_model = torch.compile(model) if args.compile else model
     while step < args.max_steps:
         micro_batches = [collate([train_set[i] for i in sampler.next_indices()], pad_id, task.kind)
                          for _ in range(args.grad_accum)]
         tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        loss_sum = accumulate_gradients(model, micro_batches, device, autocast)
+        loss_sum = accumulate_gradients(step_model, micro_batches, device, autocast)
         _, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
         step += 1
         train_loss.add(loss_sum)

@@ -48,11 +48,13 @@ def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Cache folder, device, precision, CPU threads and the progress bar."""
+    """Cache folder, device, precision, CPU threads, compilation and the progress bar."""
     p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: $RSO_CACHE or ~/.cache/rso-train)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default="bf16", help="autocast dtype on GPU: bf16 | fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile(model) (the first step compiles; evaluation stays eager)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

@@ -144,9 +144,10 @@ def run(args) -> dict:
     # ---- the loop
     model.train()
     last_eval = None
+    step_model = torch.compile(model) if args.compile else model
     while step < args.max_steps:
         blocks = [train_loader.next_batch().to(device) for _ in range(args.grad_accum)]
-        loss_sum = accumulate_gradients(model, [{"input_ids": b, "labels": b} for b in blocks], device, autocast)
+        loss_sum = accumulate_gradients(step_model, [{"input_ids": b, "labels": b} for b in blocks], device, autocast)
         grad_norm, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
         step += 1
         train_loss.add(loss_sum)
