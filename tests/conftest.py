@@ -43,3 +43,19 @@ def lm_batch(batch=2, seq=8, vocab=64, seed=1):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float32, seed=1):
+    """One steady training step of ``train.benchmark_methods.setup(method)`` on a LLaMA built from
+    ``cfg``, measured with ``rso.memory.measure_step`` (no peak tracking); returns (report, setup)."""
+    import warnings
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rso.memory import measure_step
+    from train.benchmark_methods import setup
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn)).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = setup(method, model, rank=rank)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False), s

@@ -2,13 +2,13 @@
 the textbook LLaMA-7B numbers, and the ``python -m rso.memory`` command line."""
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
-from rso.memory import estimate, measure_step
-from train.benchmark_methods import available, setup
+from conftest import measure_method
+from rso.memory import estimate
+from train.benchmark_methods import available
 
 CFG = dict(hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
            num_hidden_layers=2, vocab_size=512)
@@ -27,14 +27,7 @@ AS_ESTIMATED = {
 
 
 def measured(method, dtype, attn):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation=attn)).to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = setup(method, model, rank=RANK)
-    ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    r = measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False)
+    r, _ = measure_method(method, CFG, RANK, BATCH, SEQ, attn, dtype, seed=1)
     return {"weights": r.parameters + r.buffers, "gradients": r.gradients,
             "optimizer": r.optimizer_state,
             "activations": r.activations}

@@ -7,13 +7,13 @@ peer package) and our ``rso.optim.GaLoreAdamW``, both at the rank RSO uses.
 * optimizer state: GaLore keeps Adam's moments of r·max(m, n) per weight plus its projector; RSO keeps
   moments of B (out × r) and the same-size P as a model buffer: no more even counting P.
 """
-import warnings
 
 import pytest
 import torch
 
-from rso.memory import estimate, measure_step
-from train.benchmark_methods import available, setup
+from conftest import measure_method
+from rso.memory import estimate
+from train.benchmark_methods import available
 
 CFG = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4,
            num_hidden_layers=2, vocab_size=256)
@@ -22,17 +22,10 @@ GALORES = ["galore-torch", "galore"]
 
 
 def run(method, attn="sdpa", dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
     reason = available(method)
     if reason:
         pytest.skip(f"cannot compare with {method}: {reason}")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation=attn)).to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = setup(method, model, rank=R)
-    ids = torch.randint(0, CFG["vocab_size"], (B, S), generator=torch.Generator().manual_seed(5))
-    rep = measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False)
+    rep, s = measure_method(method, CFG, R, B, S, attn, dtype, seed=5)
     return rep, rep.optimizer_state, s  # includes galore-torch's projector objects
 
 
