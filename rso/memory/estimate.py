@@ -226,6 +226,9 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         buffers = 2 * (d.head_dim // 2) * wb  # cast with the model by .to(dtype)
 
     ranks = {name: _rank_for(rank, o, n) for name, o, n, _ in lin}
+    # RSO's projection groups: (rank, in_features) of each; q/k/v share one P and one stored z, gate/up one
+    projection_groups = {(grp, ranks[name]) if share_projections else name: (ranks[name], n)
+                         for name, _, n, grp in lin}
     extra_weights = 0
     if method == "adamw":
         trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
@@ -235,11 +238,9 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         trainable, n_trainable_tensors = n_params - L * lin_weights, n_tensors_other
     elif method == "rso":
         B = sum(o * ranks[name] for name, o, _, _ in lin)
-        projections = {}  # one P per projection group (one tensor shared by q/k/v, by gate/up)
-        for name, _, n, grp in lin:
-            projections[(grp, ranks[name]) if share_projections else name] = ranks[name] * n
+        P = sum(r * n for r, n in projection_groups.values())
         extra_weights = L * B
-        buffers += L * (sum(projections.values()) * wb + len(lin) * 3 * 8)  # P, int64 step/cycle/seed
+        buffers += L * (P * wb + len(lin) * 3 * 8)  # one P per group, int64 step/cycle/seed per layer
         trainable = n_params - L * lin_weights + L * B
         n_trainable_tensors = n_tensors_other + L * len(lin)
     else:  # lora
@@ -288,13 +289,7 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     elif method == "frozen":
         layer = floor
     elif method == "rso":
-        if share_projections:
-            groups = {}
-            for name, _, _, grp in lin:
-                groups.setdefault((grp, ranks[name]), ranks[name])
-            layer = floor + wb * sum(groups.values())
-        else:
-            layer = floor + wb * sum(ranks.values())
+        layer = floor + wb * sum(r for r, _ in projection_groups.values())
     else:  # lora: adapters save their input x (an fp32 copy each if adapters are fp32) and A x
         if ab == wb:
             adapter_inputs = sum(inputs.values())
