@@ -34,6 +34,19 @@ def tiny_bert(dtype=torch.float32, seed=0):
     return BertForSequenceClassification(cfg).to(dtype)
 
 
+def assert_close_hf(actual, expected, ulps=32, msg=None):
+    """Compare outputs or gradients of a float64 HF model at float32 precision.
+
+    HF LLaMA computes RMSNorm and the rotary embedding in float32 even when its weights are float64
+    (it casts there and back), so two equal functions of a "float64" LLaMA agree only to a few float32
+    ulps. Tolerance: ``ulps`` float32 epsilons, relative and times the largest expected magnitude, absolute
+    (measured: at most 3.6 ulps of the largest value, in the tests that use it).
+    """
+    eps = ulps * torch.finfo(torch.float32).eps
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=eps, atol=eps * scale, msg=msg)
+
+
 def lm_batch(batch=2, seq=8, vocab=64, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)

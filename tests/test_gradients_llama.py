@@ -4,7 +4,7 @@ import copy
 import torch
 
 import rso
-from conftest import lm_batch, tiny_llama
+from conftest import assert_close_hf, lm_batch, tiny_llama
 
 
 def test_B_and_input_gradients_match_the_unwrapped_model():
@@ -21,11 +21,11 @@ def test_B_and_input_gradients_match_the_unwrapped_model():
     x2 = embeds.clone().requires_grad_(True)
     plain(inputs_embeds=x2, labels=batch["labels"]).loss.backward()
 
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_close_hf(x1.grad, x2.grad)
     for name, layer in rso.subspace_layers(model):
         dW = plain.get_submodule(name).weight.grad
-        torch.testing.assert_close(layer.B.grad, layer.scale * dW @ layer.P.T, msg=name)
+        assert_close_hf(layer.B.grad, layer.scale * dW @ layer.P.T, msg=name)
         assert layer.weight.grad is None
     # Parameters outside the wrapped layers get the same gradients as in the plain model.
-    torch.testing.assert_close(model.lm_head.weight.grad, plain.lm_head.weight.grad)
-    torch.testing.assert_close(model.model.norm.weight.grad, plain.model.norm.weight.grad)
+    assert_close_hf(model.lm_head.weight.grad, plain.lm_head.weight.grad)
+    assert_close_hf(model.model.norm.weight.grad, plain.model.norm.weight.grad)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import rso
-from conftest import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import assert_close_hf, lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 from layers import SubspaceLinear
 
 
@@ -109,14 +109,14 @@ def test_merge_with_scale_keeps_outputs_and_unwrap_restores_plain_modules():
         rso.wrap(model, rank=8, scale=0.25, tau=None)
         before, expected = randomize_B(model, batch)
         rso.outer_step(model)
-        torch.testing.assert_close(run(model, batch), before)
+        assert_close_hf(run(model, batch), before)
         for n, layer in rso.subspace_layers(model):
             assert torch.count_nonzero(layer.B) == 0
             torch.testing.assert_close(layer.weight, expected[n])
         before, expected = randomize_B(model, batch)
         rso.unwrap(model)
         assert not rso.is_wrapped(model)
-        torch.testing.assert_close(run(model, batch), before)
+        assert_close_hf(run(model, batch), before)
         for n, w in expected.items():
             module = model.get_submodule(n)
             assert type(module).__name__ in ("Linear", "Conv1D") and module.weight.requires_grad
@@ -205,7 +205,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(**lm_batch()).loss.backward()
         grads.append([layer.B.grad.clone() for _, layer in rso.subspace_layers(model)])
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+        assert_close_hf(a, b)
 
 
 def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
@@ -215,7 +215,7 @@ def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
     rso.wrap(model, rank=8, chunked_head=5)
     out = model(**batch)
     assert out.logits is None
-    torch.testing.assert_close(out.loss, ref)
+    assert_close_hf(out.loss, ref)
     rso.unwrap(model)
     assert model(**batch).logits is not None
     with pytest.raises(ValueError, match="chunked_head"):
