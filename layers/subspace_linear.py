@@ -41,6 +41,8 @@ class ProjectionGroup:
         self.members = list(members)
         for m in self.members:
             m._group = self
+        for m in self.members[1:]:  # on disk the group's P is stored once, under the leader's name
+            m._non_persistent_buffers_set.add("P")
         self._key = None
         self._z = None
         self._consumed = set()
@@ -177,6 +179,21 @@ class SubspaceLinear(nn.Module):
         self.P.copy_(P)
         self.coordinate = coordinate
         self._index = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Merge first, so a state dict holds the effective weight under ``weight`` (and B = 0).
+
+        The subspace P is kept: the optimizer state of B stays valid and training goes on as before,
+        but B's weight decay and the proximal term restart from the merged point (as at a cycle end)."""
+        self.merge_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if "P" in self._non_persistent_buffers_set:  # a group mate's P in an older checkpoint: it is the leader's
+            state_dict.pop(prefix + "P", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -6,8 +6,9 @@
 """
 from layers.subspace_linear import ProjectionGroup, SubspaceLinear
 
-from . import memory, projections
+from . import memory, projections, serialization
 from .outer_loop import OuterLoop
+from .serialization import from_pretrained
 from .projections import (CoordinateSampler, GaussianSampler, HybridSampler, ProjectionSampler, SVDSampler,
                           StiefelSampler, make_sampler)
 from .wrapping import (is_wrapped, merge_and_unload, outer_step, print_trainable_parameters, state,
@@ -16,6 +17,6 @@ from .wrapping import (is_wrapped, merge_and_unload, outer_step, print_trainable
 __version__ = "0.1.0"
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
-           "state", "is_wrapped", "subspace_layers", "SubspaceLinear", "ProjectionGroup", "OuterLoop",
+           "state", "is_wrapped", "from_pretrained", "subspace_layers", "SubspaceLinear", "ProjectionGroup", "OuterLoop",
            "ProjectionSampler", "StiefelSampler", "GaussianSampler", "CoordinateSampler", "SVDSampler",
-           "HybridSampler", "make_sampler", "memory", "projections"]
+           "HybridSampler", "make_sampler", "memory", "projections", "serialization"]

@@ -38,6 +38,7 @@ class OuterLoop:
         self.tau = tau
         self.state_policy = state_policy
         self.proximal = proximal
+        self.settings = {}  # the arguments of rso.wrap, as JSON data (set by wrap)
         self._handles = []
 
     # --------------------------------------------------------------- hooks

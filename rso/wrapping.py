@@ -16,6 +16,7 @@ from layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
 from .outer_loop import STATE_POLICIES, OuterLoop
 from .projections import CoordinateSampler, make_sampler, mix_seed
+from .serialization import SETTINGS_KEY, check_checkpoint, wrap_settings
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
            "state", "is_wrapped", "subspace_layers", "DEFAULT_EXCLUDED", "DEFAULT_SHARED_INPUTS"]
@@ -27,7 +28,7 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
                          ("query", "key", "value"), ("wq", "wk", "wv"), ("w1", "w3"))
 
 _LOOP_ATTR = "_rso_outer_loop"
-_HOOK_ATTR = "_rso_load_hook"
+_HOOK_ATTR = "_rso_load_hooks"
 
 
 def _is_linear(module) -> bool:
@@ -168,6 +169,8 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     layers = [SubspaceLinear.from_module(module, r, scale) for (_, module), r in zip(targets, ranks)]
     groups = [ProjectionGroup(members) for members in _group_layers(names, layers, share_projections)]
     loop = OuterLoop(groups, sampler, tau, state_on_merge, proximal)
+    loop.settings = wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_projections, total_steps,
+                                  random_fraction, state_on_merge, proximal, chunked_head)
     coordinate = isinstance(sampler, CoordinateSampler)
     for index, group in enumerate(groups):
         for m in group.members:
@@ -180,10 +183,22 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, layer)
     object.__setattr__(model, _LOOP_ATTR, loop.attach())
-    object.__setattr__(model, _HOOK_ATTR, model.register_load_state_dict_post_hook(_rearm_after_load))
+    object.__setattr__(model, _HOOK_ATTR, (model.register_load_state_dict_pre_hook(_check_before_load),
+                                           model.register_load_state_dict_post_hook(_rearm_after_load)))
+    if _has_hf_config(model):  # config.json then carries the wrap arguments (rso.from_pretrained reads them)
+        setattr(model.config, SETTINGS_KEY, loop.settings)
     if chunked_head is not None:
         heads.use_chunked_head(model, chunk_size=chunked_head)
     return model
+
+
+def _has_hf_config(model) -> bool:
+    return hasattr(getattr(model, "config", None), "to_json_string")
+
+
+def _check_before_load(model, state_dict, prefix, *args):
+    """Before a load changes anything: the checkpoint's rso state must fit how this model is wrapped."""
+    check_checkpoint(model, state_dict, prefix, dict(subspace_layers(model)))
 
 
 def _rearm_after_load(model, incompatible_keys):
@@ -224,8 +239,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, module)
     object.__delattr__(model, _LOOP_ATTR)
-    getattr(model, _HOOK_ATTR).remove()
+    for handle in getattr(model, _HOOK_ATTR):
+        handle.remove()
     object.__delattr__(model, _HOOK_ATTR)
+    if _has_hf_config(model) and hasattr(model.config, SETTINGS_KEY):
+        delattr(model.config, SETTINGS_KEY)
     if heads.uses_chunked_head(model):
         heads.restore_head(model)
     return model

@@ -1,0 +1,144 @@
+"""The tools users train with, at their default checkpointing: Trainer and TRL resume, accelerate, plain loads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+import rso  # noqa: E402
+
+TAU = 3
+
+
+def micro_llama(vocab=64, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False))
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, n=48, seq=16, vocab=64):
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def states_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def trainer_args(out, **kw):
+    # Trainer defaults otherwise: save_strategy="steps", safetensors, AdamW, linear schedule
+    return TrainingArguments(output_dir=str(out), max_steps=8, save_steps=4, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.01, report_to=[],
+                             use_cpu=True, seed=0, logging_steps=100, disable_tqdm=True, **kw)
+
+
+@pytest.mark.parametrize("projection", ["stiefel", "svd"])
+def test_trainer_checkpoints_and_resume_equal_the_uninterrupted_run(tmp_path, projection):
+    full = rso.wrap(micro_llama(), rank=8, tau=TAU, projection=projection)
+    Trainer(model=full, args=trainer_args(tmp_path / "full"), train_dataset=Blocks()).train()
+    assert rso.state(full)["step"] == 8 and rso.state(full)["cycle"] == 8 // TAU
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+
+    resumed = rso.wrap(micro_llama(seed=1), rank=8, tau=TAU, projection=projection)  # other init: all from disk
+    Trainer(model=resumed, args=trainer_args(tmp_path / "resumed"), train_dataset=Blocks()).train(
+        resume_from_checkpoint=str(checkpoint))
+    assert rso.state(resumed) == rso.state(full)
+    states_close(resumed.state_dict(), full.state_dict())
+
+    # the checkpoint folder is an ordinary HF model: the plain class loads the trained (effective) weights
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint-8")
+    ids = Blocks().ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, full(input_ids=ids).logits)
+    again = rso.from_pretrained(LlamaForCausalLM, tmp_path / "full" / "checkpoint-8")
+    assert rso.state(again) == rso.state(full)
+
+
+def test_trl_sft_trainer_checkpoints_and_resumes(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from train.data import load_documents, load_tokenizer
+    tok = load_tokenizer("gpt2")
+    tok.pad_token = tok.eos_token
+    docs = load_documents("xsum", eval_fraction=0.0, max_docs=24)[0]
+    data = Dataset.from_dict({"text": [d[:200] for d in docs]})
+
+    def sft(out, model):
+        cfg = trl.SFTConfig(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=4,
+                            gradient_accumulation_steps=2, learning_rate=5e-3, max_length=32, report_to=[],
+                            use_cpu=True, seed=0, logging_steps=100, disable_tqdm=True)
+        return trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+
+    full = rso.wrap(micro_llama(vocab=len(tok)), rank=8, tau=TAU)
+    sft(tmp_path / "full", full).train()
+    resumed = rso.wrap(micro_llama(vocab=len(tok), seed=1), rank=8, tau=TAU)
+    sft(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert rso.state(resumed) == rso.state(full) and rso.state(full)["step"] == 6
+    states_close(resumed.state_dict(), full.state_dict())
+    # SFTConfig turns on bf16 autocast (patched into full.forward by accelerate): compare weights, not logits
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint-6")
+    layers = dict(rso.subspace_layers(full))
+    for key, value in plain.state_dict().items():
+        name = key.removesuffix(".weight")
+        expected = layers[name].effective_weight() if name in layers else full.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path):
+    from accelerate import Accelerator
+
+    def session(model):
+        acc = Accelerator(cpu=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return acc, *acc.prepare(model, opt)
+
+    data = Blocks()
+    def steps(model, opt, acc, start, n):
+        for i in range(start, start + n):
+            batch = data[i]
+            loss = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+
+    acc, model, opt = session(rso.wrap(micro_llama(), rank=8, tau=TAU))
+    steps(model, opt, acc, 0, 4)
+    acc.save_state(str(tmp_path / "state"))  # safetensors by default
+    steps(model, opt, acc, 4, 4)
+
+    acc2, other, opt2 = session(rso.wrap(micro_llama(seed=1), rank=8, tau=TAU))
+    acc2.load_state(str(tmp_path / "state"))
+    assert rso.state(other)["step"] == 4
+    steps(other, opt2, acc2, 4, 4)
+    assert rso.state(other) == rso.state(model)
+    states_close(other.state_dict(), model.state_dict(), atol=0)
+
+
+def test_gradient_checkpointing_with_default_arguments_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = rso.wrap(micro_llama(), rank=8, tau=None)
+        with torch.no_grad():
+            for _, layer in rso.subspace_layers(model):
+                layer.B.normal_(std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # HF default arguments
+            assert model.is_gradient_checkpointing
+        model.train()
+        batch = Blocks()[0]
+        model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+        grads.append([layer.B.grad.clone() for _, layer in rso.subspace_layers(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
