@@ -11,14 +11,13 @@ import os
 import pathlib
 import pickle
 import random
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
 __all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "find_checkpoint", "CheckpointError", "resume_settings", "save_run", "restore_run"]
+           "find_checkpoint", "CheckpointError", "load_run", "save_run", "restore_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -87,17 +86,12 @@ def find_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:
     return path if path.exists() else None
 
 
-def resume_settings(output_dir: pathlib.Path, args, run_args: tuple[str, ...]) -> dict:
-    """``--resume``: load the checkpoint in ``output_dir`` and set ``args``'s ``run_args`` to the run's saved ones."""
+def load_run(output_dir: pathlib.Path) -> dict:
+    """``--resume``: the checkpoint saved in ``output_dir`` (a CheckpointError if there is none)."""
     path = find_checkpoint(output_dir)
     if path is None:
         raise CheckpointError(f"--resume: no checkpoint in {output_dir} (expected {output_dir / CHECKPOINT_NAME})")
-    ckpt = load_checkpoint(path)
-    print(f"--resume: continuing {output_dir} with the settings saved in its checkpoint", file=sys.stderr)
-    for k in run_args:
-        if k in ckpt["args"]:
-            setattr(args, k, ckpt["args"][k])
-    return ckpt
+    return load_checkpoint(path)
 
 
 def save_run(output_dir: pathlib.Path, step: int, model, optimizer, scheduler, data, train_loss, args,

@@ -12,13 +12,13 @@ micro-batch per rank; the optimizer step sees ``batch-size × grad-accum × worl
 ``--grad-accum`` defaults to the config's ``total_batch_size / (batch-size × world)``, so the global
 batch, and with it the trajectory, does not depend on the number of GPUs. Every rank draws the
 same global batch and keeps its own rows, so ``--resume`` on a different world size continues on
-the same data.
+the same data; ``--resume`` follows ``train.pretrain``'s rules (a larger ``--max-steps`` extends the
+run; the micro-batch and accumulation may change with the world size, the global batch may not).
 
 Writes (rank 0) ``metrics.jsonl`` and ``results.json`` to ``--output-dir``, and sharded
 ``torch.distributed.checkpoint`` directories ``checkpoints/step_N`` (all ranks). For DDP the log
 also shows the bytes all-reduced per step (``comm_bytes``).
 """
-import argparse
 import contextlib
 import inspect
 import json
@@ -34,17 +34,28 @@ import torch.distributed as dist
 
 from rso import distributed as rd
 
-__all__ = ["build_parser", "run", "main", "synthetic_tokens"]
+from . import pretrain
+from .checkpoint import CheckpointError
+from .loop import Parser, UsageError, check_rank, cli_main, method_options, resume_args, resume_schedule
+
+__all__ = ["build_parser", "run", "main", "synthetic_tokens", "RUN_ARGS", "IDENTITY_ARGS"]
+
+#: ``train.pretrain``'s, less the micro-batch and accumulation (they follow the world size), plus the global
+#: batch and the synthetic stream's length; saved in ``args.json``.
+RUN_ARGS = tuple(k for k in pretrain.RUN_ARGS if k not in ("batch_size", "grad_accum")) + (
+    "global_batch", "synthetic_tokens")
+#: Those that --resume refuses another value for (the global batch is checked on its own).
+IDENTITY_ARGS = tuple(k for k in pretrain.IDENTITY_ARGS if k not in ("batch_size", "grad_accum")) + (
+    "synthetic_tokens",)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .pretrain import build_parser as single_parser
-    p = single_parser()
+def build_parser() -> Parser:
+    p = pretrain.build_parser()
     p.prog = "torchrun --nproc-per-node N -m train.distributed"
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
                    help="ddp: replicate, all-reduce trainable gradients; fsdp: FSDP2 fully_shard per block")
-    p.add_argument("--reshard-after-forward", type=int, default=1, help="fsdp: free gathered weights after forward (1) or keep them for backward (0)")
+    p.add_argument("--reshard-after-forward", type=int, default=1, choices=(0, 1), help="fsdp: free gathered weights after forward (1) or keep them for backward (0)")
     p.add_argument("--backend", default=None, help="nccl | gloo (default: nccl on GPU, gloo on CPU)")
     p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="length of the --dataset synthetic stream")
     p.set_defaults(output_dir="runs/distributed", no_progress=True)
@@ -79,46 +90,47 @@ def _init_distributed(backend):
     return True
 
 
-def _latest_checkpoint(out: pathlib.Path):
+def _latest_checkpoint(out: pathlib.Path) -> tuple[int, pathlib.Path] | None:
+    """(step, folder) of the newest complete checkpoint under ``out/checkpoints``."""
     steps = sorted((int(p.name.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*")
                    if p.name.split("_")[1].isdigit() and (p / ".metadata").exists())
-    return steps[-1][1] if steps else None
+    return steps[-1] if steps else None
 
 
 def run(args) -> dict:
     """Train as ``args`` say on the current process group; every rank calls it."""
     from .data import BlockLoader, build_pretraining_data, default_cache_dir
-    from .methods import MethodError, MethodOptions, setup_method
+    from .methods import MethodError, setup_method
     from .models import build_model, load_config
-    from .pretrain import RUN_ARGS, resolve_args
     from .schedule import cosine_schedule
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    log = print if rank == 0 else (lambda *a, **k: None)
     out = pathlib.Path(args.output_dir)
-    resume_from = _latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise SystemExit(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    latest = _latest_checkpoint(out) if args.resume else None
+    if args.resume and latest is None:
+        raise CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    resume_from = latest[1] if latest else None
     saved = {}
-    if resume_from is not None:  # the run's settings come from its checkpoint
+    if latest is not None:  # the run's settings (args.json, rewritten by each session) win
         saved = json.loads((out / "args.json").read_text())
-        for key in RUN_ARGS + ("global_batch", "synthetic_tokens"):  # micro-batch and accumulation: per world size
-            if key in saved and key not in ("batch_size", "grad_accum"):
-                setattr(args, key, saved[key])
+        resume_args(args, saved, latest[0], RUN_ARGS, IDENTITY_ARGS, log)
     cfg = load_config(args.config)
     user_accum = args.grad_accum
     if saved and args.batch_size is None:  # the largest micro-batch up to the saved one that fits
         per_rank = max(1, saved["global_batch"] // world)
         args.batch_size = max(b for b in range(1, min(saved["batch_size"], per_rank) + 1) if per_rank % b == 0)
-    args = resolve_args(args, cfg)
+    args = pretrain.resolve_args(args, cfg)
+    check_rank(args, cfg)
     tr = cfg["training"]
     if user_accum is None:
         total = getattr(args, "global_batch", None) or tr.get("total_batch_size", args.batch_size * world)
         if resume_from is not None and total % (args.batch_size * world):
-            raise SystemExit(f"--resume: the run's global batch {total} is not a multiple of --batch-size "
+            raise UsageError(f"--resume: the run's global batch {total} is not a multiple of --batch-size "
                              f"{args.batch_size} x {world} ranks; pick a --batch-size that divides it")
         args.grad_accum = max(1, total // (args.batch_size * world))
     if saved and args.batch_size * args.grad_accum * world != saved["global_batch"]:
-        raise SystemExit(f"--resume: the run's global batch is {saved['global_batch']} sequences; --batch-size "
+        raise UsageError(f"--resume: the run's global batch is {saved['global_batch']} sequences; --batch-size "
                          f"{args.batch_size} x --grad-accum {args.grad_accum} x {world} ranks would make it "
                          f"{args.batch_size * args.grad_accum * world} (leave --grad-accum out to have it computed)")
     args.global_batch = args.batch_size * args.grad_accum * world
@@ -129,7 +141,6 @@ def run(args) -> dict:
     else:
         device = torch.device(args.device or "cpu")
     use_bf16 = device.type == "cuda" and args.dtype == "bf16"
-    log = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- data: every rank reads the same global micro-batch and keeps its rows
     global_micro = args.batch_size * world
@@ -157,10 +168,7 @@ def run(args) -> dict:
     # ---- model + method (same seed on every rank; DDP also broadcasts rank 0's weights)
     torch.manual_seed(args.seed)
     model = build_model(cfg, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos).to(device)
-    opts = MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
-                         optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
-                         projection=args.projection, total_steps=args.max_steps, seed=args.seed)
-    model, optimizer = setup_method(args.method, model, opts)
+    model, optimizer = setup_method(args.method, model, method_options(args))
     counter = None
     if args.parallel == "fsdp":
         if args.method.startswith(("galore", "golore")):
@@ -198,8 +206,9 @@ def run(args) -> dict:
         scheduler.load_state_dict(extra["scheduler"])
         train_loader.load_state_dict(extra["data"])
         step = start_step = int(extra["step"])
+        resume_schedule(scheduler, args, step, log)
         log(f"resumed from {resume_from} at step {step} (saved by {extra.get('world_size')} ranks, now {world})")
-    elif rank == 0:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
@@ -301,15 +310,18 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_in_process_group(args) -> None:
     started = _init_distributed(args.backend)
     try:
         run(args)
     finally:
         if started:
             dist.destroy_process_group()
-    return 0
+
+
+def main(argv=None) -> int:
+    """The torchrun entry point; its arguments are checked before the process group starts."""
+    return cli_main(_run_in_process_group, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -15,36 +15,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import pathlib
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import restore_run, resume_settings, save_run
+from .checkpoint import load_run, restore_run, save_run
 from .data import default_cache_dir, load_tokenizer
-from .loop import (Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args, cli_main,
-                   due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step, parse_optimizer_args, setup_device, stop_early)
+from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
+                   check_rank, cli_main, due, eval_mode, fill_step_defaults, method_options, optimizer_step,
+                   resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
 from .methods import describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2, minilm_dir
 from .schedule import cosine_schedule
 from .tasks import EpochSampler, Task, compute_metrics, load_task
 
+#: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
 RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay",
-            "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps", "epochs", "warmup",
-            "grad_clip", "seed", "max_train", "max_eval", "eval_every", "save_every", "log_every", "dtype")
+            "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps", "epochs",
+            "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip", "seed", "max_train", "max_eval",
+            "eval_every", "save_every", "log_every", "dtype")
+#: Those that make the run what it is: --resume refuses another value for them.
+IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "optimizer",
+                 "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train")
 
 #: Default peak learning rates per method family (full fine-tuning needs a smaller one).
 DEFAULT_LR = {"adamw": 5e-5, "lora": 5e-4}
 DEFAULT_LR_SUBSPACE = 2e-4
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rso-finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    p = Parser(prog="rso-finetune", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="rotten_tomatoes",
                    help="rotten_tomatoes | boolq | xsum (causal LM) | a GLUE task (cola, sst2, mrpc, ...; online)")
     p.add_argument("--model", default=None,
@@ -78,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- model + tokenizer
+def model_config(spec: str | None) -> dict | None:
+    """The config dict of ``--model`` where it is known without loading the model: a config or ``minilm``."""
+    if spec == "minilm":
+        return json.loads((minilm_dir() / "config.json").read_text())
+    try:
+        return load_config(spec) if spec else None
+    except ConfigError:
+        return None
+
+
 def load_model_and_tokenizer(args, task: Task, cache_dir):
     """(model, tokenizer, model_class) for ``--model`` and the task's kind."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -211,13 +225,14 @@ def evaluate(model, task: Task, examples, batch_size, pad_id, device, autocast) 
 # ----------------------------------------------------------------------------- the run
 def run(args) -> dict:
     out = pathlib.Path(args.output_dir)
-    ckpt = resume_settings(out, args, RUN_ARGS) if args.resume else None
-    name, _ = parse_method(args.method)  # unknown methods fail before any loading
-    parse_optimizer_args(args)
-    if args.lr is None:
-        args.lr = DEFAULT_LR.get(name, DEFAULT_LR_SUBSPACE)
-    device, use_bf16, autocast = setup_device(args)
     log = tqdm.write
+    ckpt = load_run(out) if args.resume else None
+    if ckpt is not None:
+        resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
+    check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
+    if args.lr is None:
+        args.lr = DEFAULT_LR.get(parse_method(args.method)[0], DEFAULT_LR_SUBSPACE)
+    device, use_bf16, autocast = setup_device(args)
     cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
     # ---- task, model, tokenizer
@@ -228,9 +243,9 @@ def run(args) -> dict:
     train_set = encode(task, tok, task.train, args.max_length)
     eval_set = encode(task, tok, task.eval, args.max_length)
     pad_id = tok.pad_token_id
-    steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum))
+    args.steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum))
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+        args.max_steps = steps_for_epochs(args.epochs, args.steps_per_epoch)
     fill_step_defaults(args, warmup=int(0.06 * args.max_steps), evals_per_run=4)
     log(f"task {task.name}: {len(train_set):,} train / {len(eval_set):,} {task.eval_split} examples; {task.notes}")
 
@@ -246,6 +261,8 @@ def run(args) -> dict:
 
     train_loss = IntervalLoss()
     step = start_step = restore_run(ckpt, model, optimizer, scheduler, sampler, train_loss)
+    if ckpt is not None:
+        resume_schedule(scheduler, args, step, log)
     progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=f"{task.name}/{args.method}")
 
     # ---- the loop

@@ -1,17 +1,21 @@
-"""The pieces that ``train.pretrain`` and ``train.finetune`` share around their training loops.
+"""The pieces that ``train.pretrain``, ``train.finetune`` and ``train.distributed`` share around their loops.
 
-One job each: the common command-line options, ``main``'s handling of user errors, device and
-autocast, the method's options, when a periodic action is due, gradient accumulation, the optimizer
-step, the progress record (``metrics.jsonl`` and the tqdm bar) and ``--stop-after``. Saving and
-restoring a run is in ``train.checkpoint``; the loops themselves stay in the entry points.
+One job each: the command line (the common options, a parser whose errors are one line and whose
+arguments are checked before any data is read, ``main``'s handling of user errors, what ``--resume``
+keeps and what it lets change), device and autocast, the method's options, when a periodic action is
+due, gradient accumulation, the optimizer step, the progress record (``metrics.jsonl`` and the tqdm
+bar) and ``--stop-after``. Saving and restoring a run is in ``train.checkpoint``; the loops
+themselves stay in the entry points.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,22 +23,132 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from rso.projections import SAMPLERS
+
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import DataError
-from .methods import MethodError, MethodOptions
+from .methods import MethodError, MethodOptions, check_optimizer, parse_method
 from .metrics import MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
+from .schedule import resize
 
-__all__ = ["add_optimizer_args", "add_session_args", "add_runtime_args", "cli_main", "parse_optimizer_args",
+__all__ = ["UsageError", "Parser", "given_options", "check_args", "check_rank", "add_optimizer_args",
+           "add_session_args", "add_runtime_args", "cli_main", "resume_args", "resume_schedule", "steps_for_epochs",
            "fill_step_defaults", "setup_device", "method_options", "eval_mode", "due", "accumulate_gradients",
            "optimizer_step", "Progress", "stop_early"]
 
 
 # ----------------------------------------------------------------------------- command line
+class UsageError(ValueError):
+    """A command-line argument that cannot work; ``cli_main`` prints it as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The entry points' parser: an error raises :class:`UsageError` (one line, no usage text); parsed
+    arguments are checked (:func:`check_args`) and carry ``given``, the options set on the command line."""
+
+    def error(self, message):
+        raise UsageError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.given = given_options(self, args)
+        check_args(parsed)
+        return parsed, rest
+
+
+def given_options(parser: argparse.ArgumentParser, argv=None) -> tuple[str, ...]:
+    """The destinations ``argv`` (default: ``sys.argv[1:]``) sets: parsed again by a copy of ``parser``
+    whose defaults are all ``SUPPRESS``, so that only the options on the command line appear."""
+    bare = copy.deepcopy(parser)
+    bare._defaults = {}  # set_defaults()
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    parsed, _ = argparse.ArgumentParser.parse_known_args(bare, argv)
+    return tuple(sorted(vars(parsed)))
+
+
+#: Smallest value of each integer option (of any entry point); an unset (None) option is not checked.
+INT_MIN = {"rank": 1, "tau": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "max_length": 1, "max_steps": 1,
+           "warmup": 0, "eval_every": 1, "eval_batches": 1, "save_every": 1, "log_every": 1, "max_docs": 2,
+           "max_train": 1, "max_eval": 1, "threads": 1, "stop_after": 1, "synthetic_tokens": 2}
+#: Allowed range of each float option (finite in any case).
+FLOAT_RANGE = {"lr": ("> 0", lambda v: v > 0), "scale": ("> 0", lambda v: v > 0), "epochs": ("> 0", lambda v: v > 0),
+               "weight_decay": ("≥ 0", lambda v: v >= 0), "grad_clip": ("≥ 0 (0: off)", lambda v: v >= 0),
+               "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+               "eval_fraction": ("in (0, 1)", lambda v: 0 < v < 1)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """A UsageError naming the option for any value that cannot work: numbers out of range, an unknown
+    ``--method``, ``--projection``, ``--optimizer`` (or one the method cannot use) or ``--device``."""
+    for dest, low in INT_MIN.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise UsageError(f"{_flag(dest)} must be ≥ {low}, got {value}")
+    for dest, (allowed, ok) in FLOAT_RANGE.items():
+        value = getattr(args, dest, None)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{_flag(dest)} must be a finite number, got {value}")
+        if value is not None and not ok(value):
+            raise UsageError(f"{_flag(dest)} must be {allowed}, got {value}")
+    if hasattr(args, "method"):
+        try:
+            method, _ = parse_method(args.method)
+        except MethodError as e:
+            raise UsageError(f"--method: {e}") from None
+        try:
+            check_optimizer(method, args.optimizer)
+        except MethodError as e:
+            raise UsageError(f"--optimizer: {e}") from None
+    if getattr(args, "projection", None) is not None and args.projection not in SAMPLERS:
+        raise UsageError(f"--projection: unknown projection {args.projection!r}; choose one of: "
+                         f"{', '.join(sorted(SAMPLERS))}")
+    if getattr(args, "device", None):
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise UsageError(f"--device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def check_rank(args, cfg: dict | None) -> None:
+    """A UsageError if ``--rank`` exceeds the smallest dimension of the block linear layers of the model
+    that ``cfg`` (a ``transformers`` config dict; None: unknown) describes."""
+    if cfg is None or "hidden_size" not in cfg or parse_method(args.method)[0] == "adamw":
+        return
+    dims = {"hidden_size": cfg["hidden_size"]}
+    if "intermediate_size" in cfg:
+        dims["intermediate_size"] = cfg["intermediate_size"]
+    if cfg.get("num_key_value_heads") and cfg.get("num_attention_heads"):
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        dims["key/value width"] = cfg["num_key_value_heads"] * head_dim
+    name, smallest = min(dims.items(), key=lambda item: item[1])
+    if args.rank > smallest:
+        raise UsageError(f"--rank {args.rank} is larger than the model's smallest linear layer dimension "
+                         f"({name} {smallest})")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", default="adamw", help="any torch.optim or torch_optimizer class by name")
-    p.add_argument("--optimizer-args", default="{}", help='extra optimizer keywords as JSON, e.g. \'{"momentum": 0.9}\'')
+    p.add_argument("--optimizer-args", type=_json_object, default="{}",
+                   help='extra optimizer keywords as a JSON object, e.g. \'{"momentum": 0.9}\'')
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -42,7 +156,9 @@ def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: eval-every)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--output-dir", default=output_dir)
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --output-dir with its saved settings; a larger --max-steps "
+                        "extends it")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this session after N more steps (as if killed); --resume continues")
 
@@ -51,7 +167,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Cache folder, device, precision, CPU threads, compilation and the progress bar."""
     p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: $RSO_CACHE or ~/.cache/rso-train)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="bf16", help="autocast dtype on GPU: bf16 | fp32")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on GPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile(model) (the first step compiles; evaluation stays eager)")
@@ -59,28 +175,101 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(run, parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parse ``argv`` and ``run`` it; a user error (config, data, method, checkpoint) prints one line, exit status 2."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and ``run`` it; a user error (arguments, config, data, method, checkpoint) prints one
+    line ``error: ...`` to stderr, exit status 2."""
     try:
-        run(args)
-    except (ConfigError, DataError, MethodError, CheckpointError) as e:
+        run(parser.parse_args(argv))
+    except (UsageError, ConfigError, DataError, MethodError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+# ----------------------------------------------------------------------------- --resume
+def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps for ``--epochs``."""
+    return max(1, math.ceil(epochs * steps_per_epoch))
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _same(dest: str, given, saved) -> bool:
+    if dest == "method":
+        return parse_method(given) == parse_method(saved)
+    if dest == "optimizer":
+        return given.lower() == saved.lower()
+    return given == saved
+
+
+def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identity: tuple[str, ...], log) -> None:
+    """``--resume`` at ``step``: set ``args``'s ``run_args`` to the saved run's settings ``saved``, except its length.
+
+    A flag in ``args.given`` that is in ``identity`` and differs from the saved value is a UsageError.
+    ``--max-steps`` (or ``--epochs``, with the saved ``steps_per_epoch``) sets a new length, at least
+    ``step``; ``subspace_total_steps`` (the GoLore / hybrid switch) stays the saved one. Every other saved
+    setting wins over a given flag. Logs the settings the run goes on with, and the given flags that lost.
+    """
+    given, lost = getattr(args, "given", ()), []
+    for dest in run_args:
+        if dest not in saved:
+            continue
+        value = getattr(args, dest, None)
+        if dest in given and dest in ("max_steps", "epochs"):
+            continue
+        if dest in given and not _same(dest, value, saved[dest]):
+            if dest in identity:
+                raise UsageError(f"{_flag(dest)} {_show(value)} differs from the saved run's {dest} {saved[dest]!r} "
+                                 "(a resumed run keeps its identity; use a new --output-dir)")
+            lost.append(f"{_flag(dest)} {_show(value)} (kept {saved[dest]!r})")
+        setattr(args, dest, saved[dest])
+    asked = None
+    if "max_steps" in given:
+        asked = f"--max-steps {args.max_steps}"
+    elif "epochs" in given:
+        args.max_steps = steps_for_epochs(args.epochs, saved["steps_per_epoch"])
+        asked = f"--epochs {args.epochs:g} ({args.max_steps} steps)"
+    if asked is not None and args.max_steps < step:
+        raise UsageError(f"{asked} is below the saved run's step {step} (a resumed run goes on from there; "
+                         "use a new --output-dir to start over)")
+    args.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])
+
+    def setting(dest):
+        text = f"{dest} {_show(getattr(args, dest))}"
+        return text + (f" (saved {saved[dest]})" if dest == "max_steps" and args.max_steps != saved[dest] else "")
+
+    log(f"--resume: continuing at step {step} with the saved settings: "
+        f"{', '.join(setting(dest) for dest in run_args if dest in saved)}")
+    if lost:
+        log(f"--resume: the saved settings win over {', '.join(lost)}")
+
+
+def resume_schedule(scheduler, args, step: int, log) -> None:
+    """After restoring a run at ``step`` whose length ``--resume`` changed: rebuild its cosine schedule for
+    ``args.max_steps`` (``schedule.resize``) and say so, with the LR at ``step`` under both schedules."""
+    change = resize(scheduler, args.max_steps)
+    if change is None:
+        return
+    old, before, after = change
+    line = (f"--resume: the run {'extends' if args.max_steps > old else 'shortens'} from {old} to {args.max_steps} "
+            f"steps; the cosine LR schedule is rebuilt for {args.max_steps} steps: LR at step {step} {before:.4g} "
+            f"on the old schedule, {after:.4g} on the new one")
+    name, extra = parse_method(args.method)
+    if name == "golore@" or (name == "rso" and args.projection == "hybrid"):
+        fraction = extra.get("random_fraction", MethodOptions.random_fraction)
+        switch = int(round((1 - fraction) * args.subspace_total_steps))
+        line += (f"; the switch from SVD to random projections stays at step {switch}, placed in the original "
+                 f"{args.subspace_total_steps} steps")
+    log(line)
+
+
 # ----------------------------------------------------------------------------- set-up
-def parse_optimizer_args(args) -> None:
-    """``--optimizer-args`` from its JSON text to a dict (a resumed run's is a dict already)."""
-    if isinstance(args.optimizer_args, str):
-        try:
-            args.optimizer_args = json.loads(args.optimizer_args)
-        except json.JSONDecodeError as e:
-            raise MethodError(f"--optimizer-args is not valid JSON: {e}") from e
-
-
 def fill_step_defaults(args, warmup: int, evals_per_run: int) -> None:
-    """Fill ``--warmup``, ``--eval-every`` (``evals_per_run`` evaluations) and ``--save-every`` (= eval-every) if unset."""
+    """Fill ``--warmup``, ``--eval-every`` (``evals_per_run`` evaluations), ``--save-every`` (= eval-every) and
+    ``subspace_total_steps`` (the length the GoLore / hybrid switch is placed in: ``--max-steps``) if unset."""
+    if getattr(args, "subspace_total_steps", None) is None:
+        args.subspace_total_steps = args.max_steps
     if args.warmup is None:
         args.warmup = warmup
     if args.eval_every is None:
@@ -100,10 +289,12 @@ def setup_device(args) -> tuple[torch.device, bool, Callable]:
 
 
 def method_options(args, **entry_point_options) -> MethodOptions:
-    """The method's options from the shared flags, plus those only one entry point sets."""
+    """The method's options from the shared flags, plus those only one entry point sets; the GoLore / hybrid
+    switch is placed in ``subspace_total_steps`` (a resumed run's original length)."""
     return MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
                          optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
-                         projection=args.projection, total_steps=args.max_steps, seed=args.seed, **entry_point_options)
+                         projection=args.projection, total_steps=args.subspace_total_steps, seed=args.seed,
+                         **entry_point_options)
 
 
 @contextlib.contextmanager

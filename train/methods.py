@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["MethodError", "MethodOptions", "METHODS", "register", "parse_method", "setup_method",
-           "resolve_optimizer", "matrix_parameters", "method_names"]
+           "resolve_optimizer", "check_optimizer", "matrix_parameters", "method_names"]
 
 #: Leaf names of the block linear layers (LLaMA, BERT, GPT-2 style) the subspace methods act on.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -87,6 +87,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
 def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
     """(model, optimizer) for a method spec; the model may be wrapped (rso) or replaced (lora)."""
     name, extra = parse_method(spec)
+    check_optimizer(name, opts.optimizer)
     for key, value in extra.items():
         setattr(opts, key, value)
     try:
@@ -118,6 +119,15 @@ def resolve_optimizer(name: str):
                    and issubclass(getattr(torch.optim, a), torch.optim.Optimizer) and a != "Optimizer")
     raise MethodError(f"unknown optimizer {name!r}: not in torch.optim ({', '.join(known)}) "
                       "nor in torch_optimizer (e.g. lamb, radam, adabelief, yogi, adafactor)")
+
+
+def check_optimizer(method: str, optimizer: str) -> None:
+    """MethodError unless method ``method`` (a :func:`parse_method` name) can train with optimizer ``optimizer``:
+    a known class, and AdamW for the GaLore family (they run their own projected AdamW)."""
+    if method in ("galore", "golore", "golore@") and optimizer.lower() not in ("adamw", "adam"):
+        raise MethodError(f"the galore/golore methods run their own projected AdamW; --optimizer "
+                          f"{optimizer!r} is only for adamw, rso and lora")
+    resolve_optimizer(optimizer)
 
 
 def _make_optimizer(params, opts: MethodOptions):
@@ -160,9 +170,6 @@ def _full(model, opts):
 def _projected(model, opts, cls_name: str, projection: str):
     import rso.optim as ropt
 
-    if opts.optimizer.lower() not in ("adamw", "adam"):
-        raise MethodError(f"the galore/golore methods run their own projected AdamW; --optimizer "
-                          f"{opts.optimizer!r} is only for adamw, rso and lora")
     matrices, others = matrix_parameters(model)
     if not matrices:
         raise MethodError(f"{type(model).__name__} has no block linear layers to project")

