@@ -6,7 +6,12 @@ The merges (W₀ ← W₀ + B·P, new P) happen by themselves every τ *optimize
 ``torch.optim`` step hooks, also with gradient accumulation. A callback checks that after every
 optimizer step ``rso.state(model)["cycle"] == global_step // tau``.
 
+Checkpoints are the Trainer's own (``save_strategy="steps"``): each ``checkpoint-N`` folder holds the
+effective weights W₀ + B·P under the usual names, so ``AutoModelForCausalLM.from_pretrained`` loads
+the trained model, and ``trainer.train(resume_from_checkpoint=...)`` continues the run exactly.
+
     python examples/hf_trainer.py --max-steps 40 --tau 10 --grad-accum 4
+    python examples/hf_trainer.py --max-steps 60 --tau 10 --grad-accum 4 --output-dir runs/hf --resume runs/hf/checkpoint-40
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import rso  # noqa: E402
 from train.data import build_pretraining_data, default_cache_dir  # noqa: E402
@@ -54,7 +59,7 @@ class MergeCheck(TrainerCallback):
 
 
 def run(config="tiny", max_steps=40, tau=10, rank=32, grad_accum=4, batch_size=4, seq_len=64, lr=3e-3,
-        tokenizer=None, max_docs=None, output_dir=None, seed=0):
+        tokenizer=None, max_docs=None, output_dir=None, seed=0, save_steps=None, resume=None):
     cfg = load_config(config)
     tok, train_loader, eval_loader = build_pretraining_data(
         "embedded", tokenizer or cfg["training"].get("tokenizer", "gpt2"), seq_len, batch_size, seed,
@@ -65,24 +70,30 @@ def run(config="tiny", max_steps=40, tau=10, rank=32, grad_accum=4, batch_size=4
     print(rso.summary(model))
 
     check = MergeCheck(model, tau)
+    output_dir = output_dir or tempfile.mkdtemp(prefix="rso-hf-trainer-")
     args = TrainingArguments(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="rso-hf-trainer-"),
+        output_dir=output_dir, save_steps=save_steps or max(1, max_steps // 2),
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, max_steps // 10), max_grad_norm=1.0,
-        logging_steps=max(1, max_steps // 8), save_strategy="no", report_to=[], seed=seed,
+        logging_steps=max(1, max_steps // 8), report_to=[], seed=seed,
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), disable_tqdm=False,
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_loader.blocks),
                       eval_dataset=Blocks(eval_loader.blocks[:64]), callbacks=[check])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     eval_loss = trainer.evaluate()["eval_loss"]
     merges = rso.state(model)["cycle"]
     print(f"optimizer steps {trainer.state.global_step}, micro-batches per step {grad_accum}, "
           f"merges {merges} (expected {trainer.state.global_step // tau}): every tau={tau} optimizer steps")
     print(f"eval loss {eval_loss:.4f}")
-    model = rso.unwrap(model)
+
+    # The last checkpoint is a plain HF model folder: a plain loader gets the trained model.
+    last = os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}")
+    plain = AutoModelForCausalLM.from_pretrained(last)
+    plain_loss = Trainer(model=plain, args=args, eval_dataset=Blocks(eval_loader.blocks[:64])).evaluate()["eval_loss"]
+    print(f"{last} loaded by AutoModelForCausalLM.from_pretrained: eval loss {plain_loss:.4f}")
     return {"global_step": trainer.state.global_step, "merges": merges, "seen": check.seen, "eval_loss": eval_loss,
-            "model": model}
+            "plain_eval_loss": plain_loss, "checkpoint": last, "model": model}
 
 
 def main(argv=None):
@@ -97,8 +108,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--output-dir", default=None, help="checkpoint-N folders go here (default: a temporary folder)")
+    p.add_argument("--save-steps", type=int, default=None, help="default: max-steps / 2")
+    p.add_argument("--resume", default=None, help="a checkpoint-N folder to continue from")
     a = p.parse_args(argv)
-    run(a.config, a.max_steps, a.tau, a.rank, a.grad_accum, a.batch_size, a.seq_len, a.lr, a.tokenizer, a.max_docs)
+    run(a.config, a.max_steps, a.tau, a.rank, a.grad_accum, a.batch_size, a.seq_len, a.lr, a.tokenizer, a.max_docs,
+        a.output_dir, save_steps=a.save_steps, resume=a.resume)
 
 
 if __name__ == "__main__":
