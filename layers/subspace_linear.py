@@ -131,6 +131,7 @@ class SubspaceLinear(nn.Module):
         self._group = None
         self._capture = None
         self._index = None
+        self.identity = torch.zeros(0, dtype=torch.uint8)  # how training goes on (set by rso.wrap; see get_extra_state)
 
     @classmethod
     def from_module(cls, module, rank, scale=1.0):
@@ -188,10 +189,19 @@ class SubspaceLinear(nn.Module):
         self.merge_()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def get_extra_state(self):
+        """The settings that decide how training continues from this state (projection, τ, scale...),
+        as UTF-8 JSON bytes in a uint8 tensor; ``rso`` compares them with the model's before a load."""
+        return self.identity.clone()  # a tensor of its own per layer: safetensors refuses shared storage
+
+    def set_extra_state(self, state):
+        pass  # compared before the load began (rso.serialization.check_checkpoint)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if "P" in self._non_persistent_buffers_set:  # a group mate's P in an older checkpoint: it is the leader's
             state_dict.pop(prefix + "P", None)
+        state_dict.setdefault(prefix + "_extra_state", self.identity)  # older checkpoints have none
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

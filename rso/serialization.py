@@ -12,8 +12,9 @@ safetensors sees no shared tensors. The wrap arguments go to ``config.rso`` (wri
 ``config.json``) for :func:`from_pretrained`.
 
 **What is checked on load.** A state dict with rso keys loaded into a wrapped model must come from a
-model wrapped alike: another rank, other wrapped layers or other projection sharing raise a
-``ValueError`` naming the layer and the fix, before anything is loaded. A plain state dict (no rso keys)
+model wrapped alike: another rank, other wrapped layers, other projection sharing, or other settings
+that decide how training goes on (``IDENTITY``: each layer's ``_extra_state`` holds them) raise a
+``ValueError`` naming them and the fix, before anything is loaded. A plain state dict (no rso keys)
 loads into a wrapped model as its W₀.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 from layers.subspace_linear import SubspaceLinear, is_conv1d
 from .projections import SAMPLERS
 
-__all__ = ["SETTINGS_KEY", "wrap_settings", "check_checkpoint", "from_pretrained", "read_settings"]
+__all__ = ["SETTINGS_KEY", "IDENTITY", "wrap_settings", "identity_tensor", "check_checkpoint", "from_pretrained",
+           "read_settings"]
 
 #: The attribute of an HF model's config (so the key in ``config.json``) that holds the wrap arguments.
 SETTINGS_KEY = "rso"
@@ -50,6 +52,21 @@ def wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_project
             "proximal": proximal, "chunked_head": chunked_head}
 
 
+#: The wrap arguments that decide how training continues from a saved state (compared on load).
+IDENTITY = ("projection", "tau", "scale", "state_on_merge", "proximal")
+
+
+def identity_tensor(settings: dict) -> torch.Tensor:
+    """The continuation settings (``IDENTITY``, plus the GoLore switch for "hybrid") as JSON bytes in a uint8 tensor."""
+    keys = IDENTITY + (("total_steps", "random_fraction") if settings["projection"] == "hybrid" else ())
+    data = json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _identity(tensor) -> dict:
+    return json.loads(bytes(tensor.tolist()).decode()) if tensor is not None and tensor.numel() else {}
+
+
 def _plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -61,9 +78,13 @@ def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict[str
     saved = {n for n in saved if isinstance(modules.get(n), SubspaceLinear) or _plain_linear(modules.get(n))}
     if not saved:
         return  # a plain state dict: its weights become W₀
-    problems = []
+    problems, differing = [], {}
     for name, layer in layers.items():
         key = prefix + name + "."
+        saved_identity, own = _identity(state_dict.get(key + "_extra_state")), _identity(layer.identity)
+        for k in sorted(set(saved_identity) & set(own)):
+            if saved_identity[k] != own[k]:
+                differing.setdefault(k, f"{k}={own[k]!r} here, {saved_identity[k]!r} in the checkpoint ({k})")
         if name not in saved:
             if key + "weight" in state_dict:
                 problems.append(f"'{name}' is wrapped here but was a plain layer in the checkpoint (target_modules)")
@@ -85,6 +106,7 @@ def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict[str
             problems.append(f"'{name}' shared a P in the checkpoint but has its own here (share_projections)")
     problems += [f"'{n}' was wrapped in the checkpoint but is a plain layer here (target_modules)"
                  for n in sorted(saved - set(layers)) if _plain_linear(modules.get(n))]
+    problems = list(differing.values()) + problems
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ValueError(f"rso: this checkpoint was saved from a model wrapped with other arguments: {shown}. "

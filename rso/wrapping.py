@@ -16,7 +16,7 @@ from layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
 from .outer_loop import STATE_POLICIES, OuterLoop
 from .projections import CoordinateSampler, make_sampler, mix_seed
-from .serialization import SETTINGS_KEY, check_checkpoint, wrap_settings
+from .serialization import SETTINGS_KEY, check_checkpoint, identity_tensor, wrap_settings
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
            "state", "is_wrapped", "subspace_layers", "DEFAULT_EXCLUDED", "DEFAULT_SHARED_INPUTS"]
@@ -171,6 +171,9 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     loop = OuterLoop(groups, sampler, tau, state_on_merge, proximal)
     loop.settings = wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_projections, total_steps,
                                   random_fraction, state_on_merge, proximal, chunked_head)
+    identity = identity_tensor(loop.settings)
+    for layer in layers:
+        layer.identity = identity
     coordinate = isinstance(sampler, CoordinateSampler)
     for index, group in enumerate(groups):
         for m in group.members:

@@ -86,10 +86,12 @@ def test_rso_from_pretrained_restores_the_wrapped_model_exactly(tmp_path, projec
         assert back.config.rso == model.config.rso
 
 
-def test_older_checkpoints_with_a_P_per_member_still_load():
+def test_older_checkpoints_with_a_P_per_member_and_no_settings_still_load():
     model, _ = trained()
     state = model.state_dict()
     state["model.layers.0.self_attn.k_proj.P"] = state["model.layers.0.self_attn.q_proj.P"].clone()
+    for key in [k for k in state if k.endswith("_extra_state")]:  # nor the settings of each layer
+        del state[key]
     fresh = rso.wrap(tiny_llama(), rank=8, tau=3)
     fresh.load_state_dict(state)  # strict: the follower's copy is accepted and dropped
     assert fresh.model.layers[0].self_attn.k_proj.P is fresh.model.layers[0].self_attn.q_proj.P
@@ -97,6 +99,9 @@ def test_older_checkpoints_with_a_P_per_member_still_load():
 
 @pytest.mark.parametrize("other, message", [
     (dict(rank=4), "rank 8 in the checkpoint, 4 here"),
+    (dict(projection="coordinate"), "projection='coordinate' here, 'stiefel' in the checkpoint"),
+    (dict(tau=5), "tau=5 here, 3 in the checkpoint"),
+    (dict(scale=0.5), "scale=0.5 here, 1.0 in the checkpoint"),
     (dict(target_modules=["q_proj", "k_proj", "v_proj"]), "wrapped in the checkpoint but is a plain layer here"),
     (dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
           share_projections=False), "shared a P in the checkpoint but has its own here"),
