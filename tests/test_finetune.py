@@ -102,3 +102,17 @@ def test_offline_tasks_load_and_glue_needs_network(capsys, tmp_path):
     assert "unknown task 'squad'" in capsys.readouterr().err
     assert main(["--task", "boolq", "--method", "qlora", "--output-dir", str(tmp_path)]) == 2
     assert "unknown method 'qlora'" in capsys.readouterr().err
+
+
+def test_finetune_resume_with_more_epochs_extends(tmp_path, capsys):
+    out = tmp_path / "run"
+    session = ["--output-dir", str(out), "--no-progress", "--no-save-model", "--threads", "1"]
+    res = run(build_parser().parse_args(
+        ["--model", "tiny-bert", "--max-train", "16", "--max-eval", "8", "--batch-size", "8", "--max-length", "32",
+         "--tau", "2", "--rank", "4", "--epochs", "1", *session]))
+    assert res["steps"] == 2  # 16 examples / batch 8
+    capsys.readouterr()
+    assert run(build_parser().parse_args(["--resume", "--epochs", "2", *session]))["steps"] == 4
+    assert "--resume: the run extends from 2 to 4 steps; the cosine LR schedule is rebuilt" in capsys.readouterr().out
+    assert main(["--resume", "--epochs", "1", *session]) == 2
+    assert capsys.readouterr().err.startswith("error: --epochs 1 (2 steps) is below the saved run's step 4 (")

@@ -167,3 +167,58 @@ def test_compile_flag_trains_the_same_run(env, tmp_path, monkeypatch):
     compiled = run(_args(env, tmp_path / "compiled", "--method", "rso", "--max-steps", "3", "--tau", "2", "--compile"))
     assert compiled_with == ["LlamaForCausalLM"]
     assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- --resume: length, identity, settings
+def _resume(env, out, *extra):
+    return main(["--output-dir", str(out), "--resume", "--no-progress", "--cache-dir", env["cache"], *extra])
+
+
+def _lrs(out):
+    return {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+
+
+def test_resume_with_a_larger_max_steps_extends_the_run(env, tmp_path, capsys, monkeypatch):
+    from train import pretrain
+    from train.schedule import CosineWithWarmup
+
+    run(_args(env, tmp_path, "--method", "rso", "--projection", "hybrid", "--max-steps", "4", "--log-every", "1"))
+    capsys.readouterr()
+    switch_lengths, setup = [], pretrain.setup_method
+    monkeypatch.setattr(pretrain, "setup_method",
+                        lambda spec, model, opts: switch_lengths.append(opts.total_steps) or setup(spec, model, opts))
+    assert _resume(env, tmp_path, "--max-steps", "8", "--stop-after", "1") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "steps; the cosine" in line]
+    assert lines == ["--resume: the run extends from 4 to 8 steps; the cosine LR schedule is rebuilt for 8 steps: "
+                     "LR at step 4 0.0003 on the old schedule, 0.00165 on the new one; the switch from SVD to random "
+                     "projections stays at step 3, placed in the original 4 steps"]
+    assert _resume(env, tmp_path) == 0  # the new length is saved: a plain --resume goes on to step 8
+    assert "the cosine LR schedule" not in capsys.readouterr().out
+    assert switch_lengths == [4, 4]
+    old, new = CosineWithWarmup(0, 4, 0.1), CosineWithWarmup(0, 8, 0.1)
+    lrs = _lrs(tmp_path)
+    assert list(lrs) == list(range(1, 9))
+    assert [lrs[s] for s in range(1, 5)] == pytest.approx([3e-3 * old(s - 1) for s in range(1, 5)])
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([3e-3 * new(s - 1) for s in range(5, 9)])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 8 and saved["args"]["max_steps"] == 8 and saved["args"]["subspace_total_steps"] == 4
+
+
+def test_resume_refuses_a_new_identity_and_keeps_saved_settings(env, tmp_path, capsys):
+    base = ["--config", env["config"], "--max-docs", "200", "--eval-batches", "2", "--threads", "1"]
+    run(_args(env, tmp_path, "--method", "rso", "--max-steps", "2"))
+    capsys.readouterr()
+    refused = {("--method", "adamw"): "--method adamw differs from the saved run's method 'rso'",
+               ("--rank", "4"): "--rank 4 differs from the saved run's rank 8",
+               ("--seq-len", "8"): "--seq-len 8 differs from the saved run's seq_len 16",
+               ("--max-docs", "100"): "--max-docs 100 differs from the saved run's max_docs 200",
+               ("--max-steps", "1"): "--max-steps 1 is below the saved run's step 2"}
+    for flag, message in refused.items():
+        assert _resume(env, tmp_path, *base, *flag) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message} (") and err.count("\n") == 1, err
+    assert _resume(env, tmp_path, *base, "--method", "RSO", "--rank", "8", "--lr", "0.1", "--warmup", "1") == 0
+    out = capsys.readouterr().out
+    assert out.count("--resume: continuing at step 2 with the saved settings: config ") == 1
+    assert "--resume: the saved settings win over --lr 0.1 (kept 0.003), --warmup 1 (kept 0)\n" in out
+    assert "cosine" not in out and "after 2 steps" in out

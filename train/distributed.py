@@ -55,7 +55,8 @@ def build_parser() -> Parser:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
                    help="ddp: replicate, all-reduce trainable gradients; fsdp: FSDP2 fully_shard per block")
-    p.add_argument("--reshard-after-forward", type=int, default=1, choices=(0, 1), help="fsdp: free gathered weights after forward (1) or keep them for backward (0)")
+    p.add_argument("--reshard-after-forward", type=int, default=1, choices=(0, 1),
+                   help="fsdp: free gathered weights after forward (1) or keep them for backward (0)")
     p.add_argument("--backend", default=None, help="nccl | gloo (default: nccl on GPU, gloo on CPU)")
     p.add_argument("--synthetic-tokens", type=int, default=2_000_000, help="length of the --dataset synthetic stream")
     p.set_defaults(output_dir="runs/distributed", no_progress=True)

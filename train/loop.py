@@ -233,7 +233,7 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
     if asked is not None and args.max_steps < step:
         raise UsageError(f"{asked} is below the saved run's step {step} (a resumed run goes on from there; "
                          "use a new --output-dir to start over)")
-    args.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])
+    args.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])  # older checkpoints: saved length
 
     def setting(dest):
         text = f"{dest} {_show(getattr(args, dest))}"
