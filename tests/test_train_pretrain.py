@@ -1,4 +1,5 @@
-"""Pre-training pipeline: a few steps per method, exact resume, atomic checkpoints, clear errors.
+"""Pre-training pipeline: a few steps per method, exact resume, --resume's rules (extension, identity, saved
+settings), atomic checkpoints, clear errors.
 
 Everything runs offline (HF_HUB_OFFLINE=1) on a micro LLaMA built from a config, a 512-token BPE
 trained on 200 documents of the embedded corpus, and a handful of steps.
