@@ -228,6 +228,8 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
     if "max_steps" in given:
         asked = f"--max-steps {args.max_steps}"
     elif "epochs" in given:
+        if "steps_per_epoch" not in saved:
+            raise UsageError("--epochs: this checkpoint predates saved epoch lengths; give --max-steps instead")
         args.max_steps = steps_for_epochs(args.epochs, saved["steps_per_epoch"])
         asked = f"--epochs {args.epochs:g} ({args.max_steps} steps)"
     if asked is not None and args.max_steps < step:
