@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import rso
-from conftest import lm_batch, tiny_llama
+from conftest import assert_close_hf, lm_batch, tiny_llama
 
 
 def train(model, steps, compiled):
@@ -33,9 +33,12 @@ def test_compiled_training_matches_eager_through_a_cycle(projection):
     expected = train(eager, 3, compiled=False)
     got = train(compiled, 3, compiled=True)
     assert rso.state(compiled)["cycle"] == 1
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert_close_hf(torch.tensor(got), torch.tensor(expected))  # float64 LLaMA with float32 RMSNorm / rotary (see conftest)
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=name)
+        if a.is_floating_point():
+            assert_close_hf(b, a, msg=name)
+        else:
+            assert torch.equal(b, a), name
     breaks = sum(counters["graph_break"].values())
     if projection == "svd":  # the step that captures the full gradient for the SVD runs in pieces
         assert breaks > 0
