@@ -99,26 +99,70 @@ def test_coordinate_projection_indexes_instead_of_matmul():
     torch.testing.assert_close(x.grad, (layer.weight + layer.scale * layer.B @ P).sum(0).expand(5, 12))
 
 
+def float64_reference(layer, x, G):
+    """Output and gradients of ``layer`` at ``x`` with upstream gradient ``G``, in float64 from the layer's own
+    values, each with the magnitude Σ|terms| of every entry's sum (what rounding errors scale with)."""
+    W0, B, P = (t.detach().double() for t in (layer.weight, layer.B, layer.P))
+    b = layer.bias.detach().double()
+    s = layer.scale
+    x, G = x.detach().double().reshape(-1, layer.in_features), G.detach().double().reshape(-1, layer.out_features)
+    z = x @ P.T
+    BP_abs = B.abs() @ P.abs()
+    return {
+        "y": (x @ W0.T + s * z @ B.T + b, x.abs() @ W0.abs().T + s * x.abs() @ BP_abs.T + b.abs()),
+        "B": (s * G.T @ z, s * G.abs().T @ (x.abs() @ P.abs().T)),
+        "x": (G @ (W0 + s * B @ P), G.abs() @ (W0.abs() + s * BP_abs)),
+        "bias": (G.sum(0), G.abs().sum(0)),
+    }
+
+
+def assert_rounding_close(actual, expected, magnitude, dtype, what):
+    """``actual``, computed in ``dtype`` (fp32 accumulation), against a float64 ``expected``.
+
+    With u = eps/2 the unit roundoff of ``dtype``: each entry is a sum that the layer rounds a few times (inputs
+    cast to ``dtype``, z, the partial products, the sum), each rounding of relative size ≤ u, so elementwise
+    |err| ≤ 4u·Σ|terms| (``magnitude``); and since those roundings are independent, norm-wise
+    ‖err‖ ≤ 2u·‖expected‖ (measured: 0.5–1.2u). A 3% error in ``scale`` is ≈ 5u (bf16) and ≈ 40u (fp16) here.
+    """
+    u = torch.finfo(dtype).eps / 2
+    err = (actual.detach().double().reshape(expected.shape) - expected).abs()
+    worst = float((err / (4 * u * magnitude)).max())
+    assert worst <= 1, f"{what}: elementwise error {worst:.2f}× the bound 4u·Σ|terms| ({dtype})"
+    rel = float(err.norm() / expected.norm()) / u
+    assert rel <= 2, f"{what}: norm-wise relative error {rel:.2f}u > 2u ({dtype})"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_low_precision(dtype):
     layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.float32)
-    x = torch.randn(4, 32)
-    ref = layer(x)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, generator=g).requires_grad_(True)
+    G = torch.randn(4, 16, generator=g)
+    ref = float64_reference(layer, x, G)  # from the fp32 values autocast rounds to ``dtype``
     with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
-    y.float().sum().backward()
-    assert layer.B.grad.dtype == torch.float32 and torch.isfinite(layer.B.grad).all()
+    assert_rounding_close(y, *ref["y"], dtype, "output")
+    (y.float() * G).sum().backward()
+    assert layer.B.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    assert_rounding_close(layer.B.grad, *ref["B"], dtype, "B.grad")
+    assert_rounding_close(x.grad, *ref["x"], dtype, "x.grad")
+    assert_rounding_close(layer.bias.grad, *ref["bias"], dtype, "bias.grad")
 
 
 def test_bf16_weights_without_autocast():
     layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
-    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    G = torch.randn(2, 5, 16, generator=g).to(torch.bfloat16)
+    ref = float64_reference(layer, x, G)  # the same bf16 weights and inputs, exactly, in float64
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    y.sum().backward()
+    assert_rounding_close(y, *ref["y"], torch.bfloat16, "output")
+    (y * G).sum().backward()
     assert layer.B.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
+    assert_rounding_close(layer.B.grad, *ref["B"], torch.bfloat16, "B.grad")
+    assert_rounding_close(x.grad, *ref["x"], torch.bfloat16, "x.grad")
 
 
 def test_shared_projection_stores_one_z_and_matches_unshared_gradients():
@@ -161,9 +205,20 @@ def test_shared_projection_stores_one_z_and_matches_unshared_gradients():
         torch.testing.assert_close(block[n].B.grad, unshared[n].B.grad)
 
 
-def test_P_follows_the_compute_dtype():
+@pytest.mark.parametrize("evaluation", ["split", "merged"])
+def test_P_follows_the_compute_dtype(evaluation):
     # As under an FSDP2 mixed-precision policy: parameters and inputs bf16, the P buffer left fp32.
     layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
-    layer.P.data = layer.P.data.float()
-    y = layer(torch.randn(3, 32, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    layer.P.data = StiefelSampler().sample(8, 32, generator_for(0), dtype=torch.float32)
+    layer.evaluation = evaluation
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    G = torch.randn(3, 16, generator=g).to(torch.bfloat16)
+    ref = float64_reference(layer, x, G)  # with the fp32 P the layer rounds to bf16
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.P.dtype == torch.float32
+    assert_rounding_close(y, *ref["y"], torch.bfloat16, "output")
+    (y * G).sum().backward()
+    assert layer.B.grad.dtype == torch.bfloat16
+    assert_rounding_close(layer.B.grad, *ref["B"], torch.bfloat16, "B.grad")
+    assert_rounding_close(x.grad, *ref["x"], torch.bfloat16, "x.grad")
