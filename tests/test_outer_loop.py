@@ -24,25 +24,54 @@ def step(model, opt, x, y, micro=1):
 
 
 def test_merge_at_tau_with_plain_adamw():
-    model, x, y = regression()
-    rso.wrap(model, rank=4, tau=3)
+    model, x, y = regression(dtype=torch.float64)
+    rso.wrap(model, rank=4, tau=3, scale=0.5)
     layer = model[0]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    lr, wd, (beta1, beta2), eps = 1e-2, 1e-2, (0.9, 0.999), 1e-8
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd,
+                            betas=(beta1, beta2), eps=eps)
     W0, P0 = layer.weight.clone(), layer.P.clone()
     B_param = layer.B
     for _ in range(2):
         step(model, opt, x, y)
     assert torch.equal(layer.weight, W0) and torch.count_nonzero(layer.B) > 0 and layer.B in opt.state
-    expected_W = layer.weight + layer.scale * layer.B.detach() @ layer.P  # before the third step's update
-    step(model, opt, x, y)
+    # The third step: its AdamW update of B by hand from the pre-step values, then the merge W₀ + s·B·P.
+    (model(x) - y).pow(2).mean().backward()
+    pre = {m: (m.B.detach().clone(), m.B.grad.clone(), m.P.clone(), m.weight.clone(),
+               opt.state[m.B]["exp_avg"].clone(), opt.state[m.B]["exp_avg_sq"].clone()) for m in (model[0], model[2])}
+    opt.step()
+    opt.zero_grad()
     assert rso.state(model)["cycle"] == 1
-    assert not torch.equal(layer.weight, W0) and not torch.equal(layer.P, P0)
-    assert torch.count_nonzero(layer.B) == 0 and layer.B is B_param
+    for m, (B, g, P, W, exp_avg, exp_avg_sq) in pre.items():
+        exp_avg = beta1 * exp_avg + (1 - beta1) * g
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        B3 = B * (1 - lr * wd) - lr * (exp_avg / (1 - beta1 ** 3)) / ((exp_avg_sq / (1 - beta2 ** 3)).sqrt() + eps)
+        # The merge runs in fp32 (``effective_weight``), even for float64 weights: a few fp32 roundings of W₀,
+        # B, P, the rank-4 product and the sum, so |err| ≤ 8u₃₂·(|W₀| + s·|B||P|) with u₃₂ the fp32 unit roundoff.
+        expected = W + 0.5 * B3 @ P
+        bound = 8 * torch.finfo(torch.float32).eps / 2 * (W.abs() + 0.5 * B3.abs() @ P.abs())
+        assert ((m.weight - expected).abs() <= bound).all(), float(((m.weight - expected).abs() / bound).max())
+        assert torch.count_nonzero(m.B) == 0 and not torch.equal(m.P, P)
+    assert not torch.equal(layer.P, P0) and layer.B is B_param
     assert layer.B not in opt.state  # Adam restarts its bias correction in the new subspace
     assert model[2].B not in opt.state and model[0].bias in opt.state
-    assert not torch.allclose(layer.weight, expected_W)  # the third step's update was merged too
     step(model, opt, x, y)
     assert opt.state[layer.B]["step"].item() == 1
+
+
+@pytest.mark.xfail(strict=True, reason="library bug (reported): SubspaceLinear.effective_weight/merge_ compute "
+                                       "in float32 even for float64 weights, so a float64 model loses float64 "
+                                       "precision at every merge")
+def test_float64_merge_keeps_float64_precision():
+    from layers import SubspaceLinear
+    torch.manual_seed(0)
+    layer = SubspaceLinear(8, 6, 2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.P.normal_()
+    expected = layer.weight.detach() + layer.scale * layer.B.detach() @ layer.P
+    layer.merge_()
+    torch.testing.assert_close(layer.weight.detach(), expected)  # float64 tolerances (rtol 1e-7)
 
 
 def test_gradient_accumulation_counts_optimizer_steps():
@@ -88,28 +117,32 @@ def test_any_optimizer_drives_the_loop_and_reduces_loss(make_opt):
     assert (model(x) - y).pow(2).mean().item() < 0.7 * first
 
 
-def test_state_policies_keep_and_project():
-    for policy in ("keep", "project"):
-        model, x, y = regression(dtype=torch.float64)
-        rso.wrap(model, rank=4, tau=2, state_on_merge=policy)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        step(model, opt, x, y)
-        layer = model[0]
-        old_P = layer.P.clone()
-        step(model, opt, x, y)  # this step merges
-        state = opt.state[layer.B]
-        assert state["step"].item() == 2
-        if policy == "keep":
-            continue
-        # Replay: the moments before projection, mapped by R = P_old P_newᵀ (R∘R for the second moment).
-        replay, _, _ = regression(dtype=torch.float64)
-        rso.wrap(replay, rank=4, tau=None)
-        ro = torch.optim.Adam([p for p in replay.parameters() if p.requires_grad], lr=1e-2)
+@pytest.mark.parametrize("policy", ["keep", "project"])
+def test_state_policies_keep_and_project(policy):
+    model, x, y = regression(dtype=torch.float64)
+    rso.wrap(model, rank=4, tau=2, state_on_merge=policy)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # Replay without merges: Adam's moments after two steps, i.e. just before the merge of step 2.
+    replay, _, _ = regression(dtype=torch.float64)
+    rso.wrap(replay, rank=4, tau=None)
+    ro = torch.optim.Adam([p for p in replay.parameters() if p.requires_grad], lr=1e-2)
+    step(model, opt, x, y)
+    old_P = [model[i].P.clone() for i in (0, 2)]
+    step(model, opt, x, y)  # this step merges
+    for _ in range(2):
         step(replay, ro, x, y)
-        step(replay, ro, x, y)
-        R = old_P @ layer.P.T
-        torch.testing.assert_close(state["exp_avg"], ro.state[replay[0].B]["exp_avg"] @ R)
-        torch.testing.assert_close(state["exp_avg_sq"], ro.state[replay[0].B]["exp_avg_sq"] @ (R * R))
+    assert rso.state(model)["cycle"] == 1
+    for i, P_old in zip((0, 2), old_P):
+        state, before = opt.state[model[i].B], ro.state[replay[i].B]
+        assert state["step"].item() == 2 and not torch.equal(model[i].P, P_old)
+        if policy == "keep":  # carried unchanged across the merge
+            torch.testing.assert_close(state["exp_avg"], before["exp_avg"], rtol=1e-12, atol=0)
+            torch.testing.assert_close(state["exp_avg_sq"], before["exp_avg_sq"], rtol=1e-12, atol=0)
+        else:  # mapped by R = P_old P_newᵀ (R∘R for the second moment)
+            R = P_old @ model[i].P.T
+            torch.testing.assert_close(state["exp_avg"], before["exp_avg"] @ R)
+            torch.testing.assert_close(state["exp_avg_sq"], before["exp_avg_sq"] @ (R * R))
+    assert all(torch.count_nonzero(opt.state[model[i].B]["exp_avg"]) > 0 for i in (0, 2))
 
 
 def test_proximal_term_adds_B_over_eta():
