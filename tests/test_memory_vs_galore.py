@@ -11,8 +11,10 @@ peer package) and our ``rso.optim.GaLoreAdamW``, both at the rank RSO uses.
 import pytest
 import torch
 
+import rso
 from conftest import measure_method
-from rso.memory import estimate
+from rso.memory import estimate, storage_bytes
+from rso.memory.measure import tensors_in
 from train.benchmark_methods import available
 
 CFG = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4,
@@ -56,30 +58,74 @@ def test_activations_fall_by_the_shapes_factor(galore, rso_run):
     assert r.activations < g.activations
 
 
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def state_bytes(optimizer, param, keys=None):
+    """Bytes of the tensors in ``optimizer.state[param]`` (those under ``keys`` only, if given)."""
+    st = optimizer.state[param]
+    return storage_bytes(list(tensors_in({k: v for k, v in st.items() if keys is None or k in keys})))
+
+
+def galore_weights(setup):
+    """name → weight Parameter of the linear layers GaLore projects (those in its group with a rank)."""
+    projected = {id(p) for g in setup.optimizer.param_groups if g.get("rank") for p in g["params"]}
+    return {n.removesuffix(".weight"): p for n, p in setup.model.named_parameters() if id(p) in projected}
+
+
 @pytest.mark.parametrize("galore", GALORES)
 def test_gradients_only_of_B(galore, rso_run):
-    g, _, _ = run(galore)
-    r, _, _ = rso_run
+    g, _, gs = run(galore)
+    r, _, s = rso_run
+    layers = dict(rso.subspace_layers(s.model))
+    weights = galore_weights(gs)
     L, shapes = linear_shapes()
-    assert g.gradients - r.gradients == 4 * L * sum(out * (inp - R) for out, inp in shapes)
-    full_linear = sum(out * inp for out, inp in shapes)
-    b_only = sum(out * R for out, inp in shapes)
-    assert b_only / full_linear < 0.3
-    assert r.gradients < g.gradients
+    assert sorted(layers) == sorted(weights) and len(layers) == L * len(shapes)
+    # Measured gradient bytes are exactly those of the trainable parameters: in RSO the wrapped layers' B
+    # (out × r), never their frozen weights; in GaLore every full weight.
+    assert r.gradients == storage_bytes(trainable(s.model))
+    assert g.gradients == storage_bytes(trainable(gs.model))
+    for name, m in layers.items():
+        assert not m.weight.requires_grad and tuple(m.B.shape) == (m.out_features, R)
+        assert m.weight.shape == weights[name].shape
+    full = sum(storage_bytes([w]) for w in weights.values())
+    b_only = sum(storage_bytes([m.B]) for m in layers.values())
+    assert g.gradients - r.gradients == full - b_only
+    # The wrapped layers' share: RSO's gradient bytes beyond the common parameters (embeddings, norms, head)
+    # are rank/in of GaLore's for them.
+    common = r.gradients - b_only
+    assert g.gradients - common == full
+    assert (r.gradients - common) / (g.gradients - common) == pytest.approx(
+        sum(o * R for o, _ in shapes) / sum(o * n for o, n in shapes), rel=1e-12)
+    assert (r.gradients - common) / (g.gradients - common) < 0.3
 
 
 @pytest.mark.parametrize("galore", GALORES)
 def test_optimizer_state_at_most_galore(galore, rso_run):
-    _, g_opt, _ = run(galore)
+    _, g_opt, gs = run(galore)
     r, r_opt, s = rso_run
     assert r_opt <= g_opt
-    # even counting RSO's projections P (model buffers, r × in per layer) against GaLore's projectors
-    p_bytes = sum(m.P.numel() * m.P.element_size() for m in s.model.modules() if hasattr(m, "P"))
+    # The measured state is AdamW's: two moments per trainable parameter, plus its fp32 step scalar.
+    params = trainable(s.model)
+    assert r_opt == 2 * storage_bytes(params) + 4 * len(params)
+    # Per wrapped layer, from the real optimizer states: RSO's moments of B (out × r) are at most GaLore's
+    # low-rank moments of the weight, and B's whole state at most the weight's (with GaLore's projector).
+    layers, weights = dict(rso.subspace_layers(s.model)), galore_weights(gs)
+    moments = ("exp_avg", "exp_avg_sq")
+    rso_moments = galore_moments = 0
+    for name, m in layers.items():
+        mine, theirs = state_bytes(s.optimizer, m.B, moments), state_bytes(gs.optimizer, weights[name], moments)
+        assert mine == 2 * storage_bytes([m.B]) and mine <= theirs, name
+        assert state_bytes(s.optimizer, m.B) <= state_bytes(gs.optimizer, weights[name]), name
+        assert m.weight not in s.optimizer.state
+        rso_moments, galore_moments = rso_moments + mine, galore_moments + theirs
+    assert rso_moments <= galore_moments
+    # Even counting RSO's projections P (model buffers, one r × in tensor per projection group) against
+    # GaLore's projectors.
+    p_bytes = storage_bytes([m.P for m in layers.values()])
+    assert p_bytes == sum(storage_bytes([grp.members[0].P]) for grp in rso.wrapping._loop(s.model, "test").groups)
     assert r_opt + p_bytes <= g_opt
-    L, shapes = linear_shapes()
-    moments_galore = 2 * 4 * L * sum(R * max(o, n) for o, n in shapes)
-    moments_rso = 2 * 4 * L * sum(o * R for o, n in shapes)
-    assert moments_rso <= moments_galore
 
 
 @pytest.mark.parametrize("attn", ["eager"])
