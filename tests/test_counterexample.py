@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from rso.optim.counterexample import (METHODS, Settings, main, make_problem, run_all, run_method,
-                                      summary_table)
+from train.counterexample import (PAPER, METHODS, Settings, main, make_problem, paper_problem, plateau_iteration,
+                                  run_all, run_method, summary_table)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_the_other_methods_converge(run, kind):
 def test_golore_at_x_stalls_like_galore_until_its_switch_then_recovers(run, kind):
     hybrid, galore = curve(run, kind, "golore@x"), curve(run, kind, "galore")
     T = len(galore) - 1
-    switch = round((1 - run["setup"]["settings"]["random_fraction"]) * T)
+    switch = round((1 - run["setup"]["settings"]["random_fraction"][kind]) * T)
     # Same SVD cycles as GaLore (only the state policy at a switch differs): stalled at the same level.
     assert hybrid[:101] == galore[:101]
     before = hybrid[T // 4: switch + 1]
@@ -96,3 +96,34 @@ def test_command_line_writes_curves_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "galore" in printed and "rso" in printed
     assert summary_table(data).splitlines()[0] in printed
+
+
+def test_paper_preset_is_the_authors_setup():
+    p = paper_problem()
+    assert abs(p.f_star - (-23.217)) < 5e-4           # torch.manual_seed(42), float32 randn, as committed
+    assert torch.equal(p.X0[:6, :6], 0.5 * torch.eye(6, dtype=torch.float64)) and p.X0[:6, 6:].abs().sum() == 0
+    assert PAPER.steps == {"msgd": 200_000, "adamw": 100_000} and PAPER.lr == {"msgd": 3e-5, "adamw": 3e-5}
+    assert PAPER.momentum == 0.0 and PAPER.gap == 100 and PAPER.schedule == "constant" and PAPER.log_every == 100
+    assert PAPER.random_fraction == {"msgd": 0.75, "adamw": 0.5}
+    state = torch.get_rng_state()
+    paper_problem()
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
+
+
+def test_paper_preset_command_logs_every_100_iterations(tmp_path, capsys):
+    out_json = tmp_path / "p.json"
+    assert main(["--preset", "paper", "--steps-msgd", "250", "--steps-adamw", "200", "--methods", "full", "galore",
+                 "--json", str(out_json), "--png", ""]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["setup"]["preset"] == "paper" and data["setup"]["settings"]["lr"] == {"msgd": 3e-5, "adamw": 3e-5}
+    assert data["results"]["msgd"]["full"]["iterations"] == [0, 100, 200, 250]
+    assert data["results"]["adamw"]["galore"]["iterations"] == [0, 100, 200]
+    f = data["results"]["msgd"]["full"]["f"]
+    assert f[0] == pytest.approx(paper_problem().f(paper_problem().X0)) and f[-1] < f[0]
+    assert "flat from" in capsys.readouterr().out
+
+
+def test_plateau_iteration():
+    curve = {"iterations": [0, 10, 20, 30, 40], "f": [5.0, 2.0, 1.0005, 1.0001, 1.0]}
+    assert plateau_iteration(curve) == 20           # within 0.1% of the total decrease from there on
+    assert plateau_iteration({"iterations": [0, 10], "f": [3.0, 1.0]}) == 10

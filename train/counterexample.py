@@ -12,8 +12,10 @@ that matter. A random (Stiefel) P, noise-free or large-batch gradients, and RSO 
 fixed point.
 
 All methods run with common random numbers: the same X₀, D and sign sequence ξ_t (a batch of b
-averages the first b signs of row t). :func:`run_all` returns the curves, :func:`plot` draws them,
-``examples/counterexample.py`` is the command line.
+adds b − 1 further signs to the first one, drawn as a binomial count). :func:`run_all` returns the
+curves, :func:`plot` draws them, ``python -m train.counterexample`` (or ``examples/counterexample.py``)
+is the command line. ``--preset paper`` runs the authors' settings (:data:`PAPER`); the defaults are a
+fast variant for the tests.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..projections import generator_for
-from .adamw import SubspaceAdamW
-from .sgd import SubspaceSGD
+import rso
+from rso.optim import SubspaceAdamW, SubspaceSGD
+from rso.projections import generator_for
 
-__all__ = ["Problem", "Settings", "METHODS", "OPTIMIZERS", "make_problem", "run_method", "run_all",
-           "summary_table", "plot"]
+__all__ = ["Problem", "Settings", "PAPER", "METHODS", "OPTIMIZERS", "make_problem", "paper_problem",
+           "run_method", "run_all", "summary_table", "plateau_iteration", "plot", "main"]
 
 #: method name → short description (the curve labels).
 METHODS = {
@@ -98,29 +100,60 @@ def make_problem(n: int = 10, r: int = 4, sigma: float = 1.0, seed: int = 42,
     return Problem(n, r, float(sigma), D.to(dtype), X0.to(dtype))
 
 
+def paper_problem(n: int = 10, r: int = 4, sigma: float = 1.0, seed: int = 42) -> Problem:
+    """The authors' draw: ``torch.manual_seed(seed)``, then D = σ·randn(n−r, n−r) and the bottom rows of
+    X₀ = [[σ/2·I, 0], [σ·randn(r, n)]] from torch's global generator in float32 (f* = −23.217 for
+    seed 42), converted to float64. The global RNG state is restored afterwards."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        D = sigma * torch.randn(n - r, n - r)
+        bottom = sigma * torch.randn(r, n)
+    finally:
+        torch.set_rng_state(state)
+    X0 = torch.zeros(n, n, dtype=torch.float64)
+    X0[: n - r, : n - r] = 0.5 * sigma * torch.eye(n - r, dtype=torch.float64)
+    X0[n - r:] = bottom.double()
+    return Problem(n, r, float(sigma), D.double(), X0)
+
+
 @dataclass
 class Settings:
-    """Everything a run depends on besides the problem. ``steps`` etc. are per optimizer."""
+    """Everything a run depends on besides the problem. ``steps``, ``lr``, ``random_fraction`` are per optimizer."""
 
     steps: dict = field(default_factory=lambda: {"msgd": 2000, "adamw": 1000})
     lr: dict = field(default_factory=lambda: {"msgd": 0.02, "adamw": 0.03})
-    momentum: float = 0.9              # MSGD: M ← βM + R, X ← X − lr·M
+    momentum: float = 0.9              # MSGD: M ← βM + R, X ← X − lr·M (0: plain SGD)
     betas: tuple = (0.9, 0.999)        # AdamW
     gap: int = 100                     # τ: steps per subspace
-    random_fraction: float = 0.5       # GoLore@x%: the last x of the iterations are random
+    random_fraction: dict = field(default_factory=lambda: {"msgd": 0.5, "adamw": 0.5})  # GoLore@x%: last x random
     batch_c: float = 4.0               # large-batch GaLore: b = ⌈c·√T⌉ noise samples averaged per step
     schedule: str = "cosine"           # "constant" | "cosine" (to 0 over the run), same for every method
     state_on_switch: str = "project"   # GoLore / GoLore@x% (and RSO's state_on_merge): momentum projection
     seed: int = 42
+    log_every: int = 1                 # record f, f − f*, ‖∇f‖ every this many iterations (and at the end)
 
     def batch(self, optimizer: str) -> int:
         return math.ceil(self.batch_c * math.sqrt(self.steps[optimizer]))
 
 
-def _signs(seed: int, steps: int, batch: int) -> torch.Tensor:
-    """ξ samples (steps × batch), ±1; row t, first b columns, is the batch of step t."""
+#: The GoLore authors' settings (pkumelon/Golore ``exp/main.py``): lr 3e-5 for every optimizer, plain SGD
+#: (momentum 0) for 200,000 iterations and AdamW for 100,000, constant lr, refresh every 100, f logged
+#: every 100 iterations, GoLore@75% in the SGD panel and GoLore@50% in the AdamW panel.
+PAPER = Settings(steps={"msgd": 200_000, "adamw": 100_000}, lr={"msgd": 3e-5, "adamw": 3e-5}, momentum=0.0,
+                 gap=100, random_fraction={"msgd": 0.75, "adamw": 0.5}, schedule="constant", seed=42,
+                 log_every=100)
+
+
+def _noise(seed: int, steps: int, batch: int) -> list[float]:
+    """ξ_t for each step: the mean of ``batch`` ±1 signs whose first is the common sign of step t."""
     gen = generator_for(seed, 1)
-    return torch.randint(0, 2, (steps, batch), generator=gen, dtype=torch.int64).mul(2).sub(1).double()
+    first = torch.randint(0, 2, (steps,), generator=gen, dtype=torch.int64).mul(2).sub(1).double()
+    if batch == 1:
+        return first.tolist()
+    heads = torch.binomial(torch.full((steps,), float(batch - 1), dtype=torch.float64),
+                           torch.full((steps,), 0.5, dtype=torch.float64), generator=generator_for(seed, 2))
+    return ((first + 2 * heads - (batch - 1)) / batch).tolist()
 
 
 def _lr_at(settings: Settings, optimizer: str, t: int) -> float:
@@ -152,17 +185,13 @@ def run_method(problem: Problem, method: str, optimizer: str, settings: Settings
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     steps = settings.steps[optimizer]
     batch = settings.batch(optimizer) if method == "galore-large-batch" else 1
-    signs = _signs(settings.seed, steps, max(batch, settings.batch(optimizer)))
-    noise_scale = 0.0 if method == "galore-deterministic" else 1.0
-    xis = (noise_scale * signs[:, :batch].mean(1)).tolist()
+    xis = [0.0] * steps if method == "galore-deterministic" else _noise(settings.seed, steps, batch)
     n, r = problem.n, problem.r
 
     projected = {"rank": r, "update_proj_gap": settings.gap, "scale": 1.0, "proj_side": "left",
                  "seed": settings.seed}
     model = None
     if method == "rso":
-        import rso  # the layers package; imported here so rso.optim does not depend on it
-
         lin = nn.Linear(n, n, bias=False, dtype=problem.X0.dtype)
         with torch.no_grad():
             lin.weight.copy_(problem.X0.T)      # W = Xᵀ: W's input side is X's row side (left projection)
@@ -184,38 +213,44 @@ def run_method(problem: Problem, method: str, optimizer: str, settings: Settings
             extra = dict(projected, projection="stiefel", state_on_switch=settings.state_on_switch)
         elif method == "golore@x":
             extra = dict(projected, projection="hybrid", total_steps=steps,
-                         random_fraction=settings.random_fraction, state_on_switch=settings.state_on_switch)
+                         random_fraction=settings.random_fraction[optimizer], state_on_switch=settings.state_on_switch)
         opt = _make_optimizer(optimizer, [X], settings, extra)
 
         def current_x():
             return X.detach()
 
-    gaps, norms = [], []
+    its, values, gaps, norms = [], [], [], []
 
-    def record():
+    def record(t):
         # f(X) − f* = ½‖∇f(X)‖² exactly; computing it from the identity avoids the cancellation
         # of f(X) − f* near the optimum (f* ≈ −20).
-        g = float(problem.grad(current_x()).norm())
+        x = current_x()
+        g = float(problem.grad(x).norm())
+        its.append(t)
+        values.append(problem.f(x))
         gaps.append(0.5 * g * g)
         norms.append(g)
 
-    record()
+    record(0)
     try:
         for t in range(steps):
             xi = xis[t]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(settings, optimizer, t)
+            if settings.schedule != "constant" or t == 0:
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(settings, optimizer, t)
             if model is None:
                 X.grad = problem.stochastic_grad(X.detach(), xi)
             else:
                 opt.zero_grad(set_to_none=True)
                 problem.stochastic_loss(model(eye), xi).backward()
             opt.step()
-            record()
+            if (t + 1) % settings.log_every == 0 or t + 1 == steps:
+                record(t + 1)
     finally:
         if model is not None:
             rso.unwrap(model)
-    return {"method": method, "optimizer": optimizer, "batch": batch, "loss_gap": gaps, "grad_norm": norms}
+    return {"method": method, "optimizer": optimizer, "batch": batch, "iterations": its, "f": values,
+            "loss_gap": gaps, "grad_norm": norms}
 
 
 def run_all(problem: Problem | None = None, settings: Settings | None = None, methods=None,
@@ -225,56 +260,78 @@ def run_all(problem: Problem | None = None, settings: Settings | None = None, me
     settings = settings or Settings()
     methods = list(methods or METHODS)
     results = {kind: {m: run_method(problem, m, kind, settings) for m in methods} for kind in optimizers}
-    setup = {"n": problem.n, "r": problem.r, "sigma": problem.sigma, "f_star": problem.f_star,
-             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}}
-    return {"setup": setup, "results": results}
+    return {"setup": _setup(problem, settings), "results": results}
+
+
+def _setup(problem: Problem, settings: Settings, preset: str = "custom") -> dict:
+    return {"preset": preset, "n": problem.n, "r": problem.r, "sigma": problem.sigma, "f_star": problem.f_star,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}}
+
+
+def plateau_iteration(curve: dict, fraction: float = 1e-3) -> int:
+    """The first logged iteration from which f stays within ``fraction`` of the run's total decrease
+    of its final value: where the method stops improving (for a converging method, late in the run)."""
+    f, its = curve["f"], curve["iterations"]
+    tol = fraction * max(f[0] - f[-1], 0.0)
+    for i in range(len(f)):
+        if all(v - f[-1] <= tol for v in f[i:]):
+            return its[i]
+    return its[-1]
 
 
 def summary_table(run: dict) -> str:
-    """Initial and final ‖∇f‖ and final f − f* per method and optimizer, as aligned text."""
-    lines = [f"{'optimizer':<8} {'method':<22} {'batch':>5} {'‖∇f(X₀)‖':>11} {'‖∇f(X_T)‖':>11} "
-             f"{'min ‖∇f‖':>11} {'f(X_T)−f*':>11}"]
+    """Final f(X_T), f − f* and ‖∇f‖, the initial ‖∇f‖ and the plateau iteration, as aligned text."""
+    lines = [f"{'optimizer':<8} {'method':<22} {'batch':>5} {'f(X_T)':>10} {'f(X_T)−f*':>11} {'‖∇f(X₀)‖':>10} "
+             f"{'‖∇f(X_T)‖':>11} {'flat from':>10}"]
     for kind, per_method in run["results"].items():
         for m, c in per_method.items():
-            lines.append(f"{kind:<8} {m:<22} {c['batch']:>5} {c['grad_norm'][0]:>11.3e} "
-                         f"{c['grad_norm'][-1]:>11.3e} {min(c['grad_norm']):>11.3e} {c['loss_gap'][-1]:>11.3e}")
+            lines.append(f"{kind:<8} {m:<22} {c['batch']:>5} {c['f'][-1]:>10.4f} {c['loss_gap'][-1]:>11.3e} "
+                         f"{c['grad_norm'][0]:>10.3e} {c['grad_norm'][-1]:>11.3e} {plateau_iteration(c):>10}")
     return "\n".join(lines)
 
 
+def _label(run: dict, kind: str, method: str) -> str:
+    if method == "galore-large-batch":
+        return f"GaLore, batch {run['results'][kind][method]['batch']}"
+    x_pct = int(round(100 * run["setup"]["settings"]["random_fraction"][kind]))
+    return METHODS[method].replace("x%", f"{x_pct}%")
+
+
 def plot(run: dict, path: str) -> None:
-    """Loss gap and gradient norm against iterations, one column per optimizer (matplotlib, Agg)."""
+    """Per optimizer (a column): f(X_t) with f* (as the paper plots it), f(X_t) − f* and ‖∇f(X_t)‖ (log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(run["results"])
-    fig, axes = plt.subplots(2, len(kinds), figsize=(6.5 * len(kinds), 8.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(kinds), figsize=(6.5 * len(kinds), 12), squeeze=False)
     styles = {"full": ("k", "-"), "galore": ("tab:red", "-"), "golore": ("tab:blue", "-"),
               "golore@x": ("tab:cyan", "--"), "galore-deterministic": ("tab:orange", ":"),
               "galore-large-batch": ("tab:purple", "-."), "rso": ("tab:green", "--")}
-    x_pct = int(round(100 * run["setup"]["settings"]["random_fraction"]))
+    s = run["setup"]
+    momentum = s["settings"]["momentum"]
+    floor = 1e-16
     for col, kind in enumerate(kinds):
         for m, c in run["results"][kind].items():
             color, ls = styles.get(m, (None, "-"))
-            label = METHODS[m].replace("x%", f"{x_pct}%")
-            if m == "galore-large-batch":
-                label = f"GaLore, batch {c['batch']}"
-            floor = 1e-16
-            axes[0, col].semilogy([max(v, floor) for v in c["loss_gap"]], color=color, ls=ls, label=label)
-            axes[1, col].semilogy([max(v, floor) for v in c["grad_norm"]], color=color, ls=ls, label=label)
-        name = "MSGD" if kind == "msgd" else "AdamW"
-        axes[0, col].set_title(f"{name}: f(X_t) − f*")
-        axes[1, col].set_title(f"{name}: ‖∇f(X_t)‖_F")
-        for row in range(2):
+            its, label = c["iterations"], _label(run, kind, m)
+            axes[0, col].plot(its, c["f"], color=color, ls=ls, label=label)
+            axes[1, col].semilogy(its, [max(v, floor) for v in c["loss_gap"]], color=color, ls=ls, label=label)
+            axes[2, col].semilogy(its, [max(v, floor) for v in c["grad_norm"]], color=color, ls=ls, label=label)
+        axes[0, col].axhline(s["f_star"], color="gray", lw=0.8, ls=":", label=f"f* = {s['f_star']:.3f}")
+        name = ("MSGD" if momentum else "SGD") if kind == "msgd" else "AdamW"
+        axes[0, col].set_title(f"{name}: f(X_t)")
+        axes[1, col].set_title(f"{name}: f(X_t) − f*")
+        axes[2, col].set_title(f"{name}: ‖∇f(X_t)‖_F")
+        for row in range(3):
             axes[row, col].set_xlabel("iteration")
             axes[row, col].grid(True, which="major", alpha=0.3)
         axes[0, col].legend(fontsize=8)
-    s = run["setup"]
-    fig.suptitle(f"GoLore counter-example: n={s['n']}, r={s['r']}, σ={s['sigma']}, "
-                 f"τ={s['settings']['gap']}, seed={s['settings']['seed']}")
+    fig.suptitle(f"GoLore counter-example: n={s['n']}, r={s['r']}, σ={s['sigma']}, τ={s['settings']['gap']}, "
+                 f"lr {s['settings']['lr']}, seed={s['settings']['seed']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -286,43 +343,70 @@ def to_json(run: dict) -> dict:
 def main(argv=None) -> int:
     """Command line: run every method, print the table, write the JSON curves and the PNG."""
     import argparse
+    import dataclasses
     import json
     import os
 
+    from tqdm.auto import tqdm
+
     d = Settings()
-    ap = argparse.ArgumentParser(description="GoLore counter-example: GaLore vs GoLore vs RSO on "
+    ap = argparse.ArgumentParser(prog="python -m train.counterexample",
+                                 description="GoLore counter-example: GaLore vs GoLore vs RSO on "
                                              "f(X) = ½‖AX‖² + ⟨B, X⟩ with noise in the ignored block")
+    ap.add_argument("--preset", choices=["fast", "paper"], default="fast",
+                    help="fast: the defaults below (seconds); paper: the GoLore authors' settings (minutes: "
+                         "SGD 200,000 and AdamW 100,000 iterations at lr 3e-5, their draw of D and X₀); "
+                         "flags given explicitly override the preset")
     ap.add_argument("--n", type=int, default=10, help="X is n×n (default 10)")
     ap.add_argument("--r", type=int, default=4, help="rank of every projection and of the noise block (4)")
     ap.add_argument("--sigma", type=float, default=1.0, help="noise level σ (1.0)")
-    ap.add_argument("--gap", type=int, default=d.gap, help="τ: steps per subspace (100)")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seed of D, X₀, the noise and the projections (42)")
-    ap.add_argument("--steps-msgd", type=int, default=d.steps["msgd"], help="MSGD iterations (2000)")
-    ap.add_argument("--steps-adamw", type=int, default=d.steps["adamw"], help="AdamW iterations (1000)")
-    ap.add_argument("--lr-msgd", type=float, default=d.lr["msgd"], help="MSGD peak learning rate (0.02)")
-    ap.add_argument("--lr-adamw", type=float, default=d.lr["adamw"], help="AdamW peak learning rate (0.03)")
-    ap.add_argument("--momentum", type=float, default=d.momentum, help="MSGD momentum β (0.9)")
-    ap.add_argument("--random-fraction", type=float, default=d.random_fraction,
-                    help="GoLore@x%%: fraction x of the iterations, at the end, with random projections (0.5)")
-    ap.add_argument("--batch-c", type=float, default=d.batch_c,
-                    help="large-batch GaLore: batch ⌈c·√T⌉ (c = 4)")
-    ap.add_argument("--schedule", choices=["constant", "cosine"], default=d.schedule,
-                    help="learning-rate schedule, the same for every method (cosine)")
-    ap.add_argument("--state-on-switch", choices=["keep", "reset", "project"], default=d.state_on_switch,
+    ap.add_argument("--gap", type=int, default=None, help=f"τ: steps per subspace ({d.gap})")
+    ap.add_argument("--seed", type=int, default=None, help=f"seed of D, X₀, the noise and the projections ({d.seed})")
+    ap.add_argument("--steps-msgd", type=int, default=None, help=f"(M)SGD iterations ({d.steps['msgd']})")
+    ap.add_argument("--steps-adamw", type=int, default=None, help=f"AdamW iterations ({d.steps['adamw']})")
+    ap.add_argument("--lr-msgd", type=float, default=None, help=f"(M)SGD peak learning rate ({d.lr['msgd']})")
+    ap.add_argument("--lr-adamw", type=float, default=None, help=f"AdamW peak learning rate ({d.lr['adamw']})")
+    ap.add_argument("--momentum", type=float, default=None, help=f"MSGD momentum β ({d.momentum}; 0: plain SGD)")
+    ap.add_argument("--random-fraction", type=float, default=None,
+                    help="GoLore@x%%: fraction x of the iterations, at the end, with random projections, for both "
+                         "optimizers (0.5; paper: 0.75 for SGD, 0.5 for AdamW)")
+    ap.add_argument("--batch-c", type=float, default=None, help=f"large-batch GaLore: batch ⌈c·√T⌉ (c = {d.batch_c})")
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                    help=f"learning-rate schedule, the same for every method ({d.schedule})")
+    ap.add_argument("--state-on-switch", choices=["keep", "reset", "project"], default=None,
                     help="GoLore's / RSO's optimizer state at a new subspace (project); GaLore keeps it, "
                          "as galore-torch")
+    ap.add_argument("--log-every", type=int, default=None, help="record the curves every N iterations (fast: 1)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     ap.add_argument("--json", default="counterexample.json", help="where to write the curves")
     ap.add_argument("--png", default="counterexample.png", help="where to write the plot ('' to skip)")
     args = ap.parse_args(argv)
+    for name in ("gap", "steps_msgd", "steps_adamw", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
 
-    settings = Settings(steps={"msgd": args.steps_msgd, "adamw": args.steps_adamw},
-                        lr={"msgd": args.lr_msgd, "adamw": args.lr_adamw}, momentum=args.momentum,
-                        gap=args.gap, random_fraction=args.random_fraction, batch_c=args.batch_c,
-                        schedule=args.schedule, state_on_switch=args.state_on_switch, seed=args.seed)
-    problem = make_problem(args.n, args.r, args.sigma, args.seed)
-    run = run_all(problem, settings, args.methods, args.optimizers)
+    base = PAPER if args.preset == "paper" else d
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    settings = dataclasses.replace(
+        base,
+        steps={"msgd": given(args.steps_msgd, base.steps["msgd"]), "adamw": given(args.steps_adamw, base.steps["adamw"])},
+        lr={"msgd": given(args.lr_msgd, base.lr["msgd"]), "adamw": given(args.lr_adamw, base.lr["adamw"])},
+        random_fraction=dict(base.random_fraction) if args.random_fraction is None
+        else {"msgd": args.random_fraction, "adamw": args.random_fraction},
+        **{k: getattr(args, k) for k in ("momentum", "gap", "batch_c", "schedule", "state_on_switch", "seed",
+                                         "log_every") if getattr(args, k) is not None})
+    problem = (paper_problem if args.preset == "paper" else make_problem)(args.n, args.r, args.sigma, settings.seed)
+    bar = tqdm(total=len(args.methods) * len(args.optimizers), desc="counter-example runs", disable=None)
+    results = {}
+    for kind in args.optimizers:
+        results[kind] = {}
+        for m in args.methods:
+            bar.set_postfix_str(f"{kind} / {m}")
+            results[kind][m] = run_method(problem, m, kind, settings)
+            bar.update(1)
+    bar.close()
+    run = {"setup": _setup(problem, settings, args.preset), "results": results}
     print(summary_table(run))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -334,3 +418,7 @@ def main(argv=None) -> int:
         plot(run, args.png)
         print(f"plot: {args.png}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
