@@ -263,7 +263,8 @@ def _loss(params, t):
 @pytest.mark.parametrize("make", [
     lambda groups: SubspaceAdamW(groups, lr=0.01, weight_decay=0.01),
     lambda groups: SubspaceSGD(groups, lr=0.01, momentum=0.9),
-], ids=["adamw", "sgd"])
+    lambda groups: GaLoreAdamW(groups, lr=0.01, weight_decay=0.01),             # compat="galore-torch"
+], ids=["adamw", "sgd", "galore-adamw"])
 def test_state_dict_round_trip_resumes_bit_for_bit(make):
     ref = _params()
     opt = make(_groups(ref))
@@ -304,30 +305,32 @@ def test_state_dict_round_trip_resumes_bit_for_bit(make):
     ("std", (7, 4), "right"), ("std", (4, 7), "left"), ("reverse_std", (7, 4), "left"),
     ("reverse_std", (4, 7), "right"), ("left", (7, 4), "left"), ("right", (4, 7), "right")])
 def test_galore_torch_param_groups_work_unchanged(proj_type, shape, side):
-    """Same groups, same trajectory as galore-torch's GaLoreAdamW (eps set tiny: the two place eps
-    differently relative to the bias correction)."""
+    """Same groups and arguments, same trajectory as galore-torch's GaLoreAdamW, bit for bit: GaLoreAdamW
+    defaults to compat="galore-torch" (eps 1e-6 on √v, galore-torch's SVD factors); more in
+    test_galore_compat.py. (This test used to set eps=1e-30 and allow 1e-6: the torch formula's eps.)"""
     galore_torch = pytest.importorskip("galore_torch")
     A, Y, X1 = least_squares(*shape, seed=7)
     X2 = nn.Parameter(X1.detach().clone())
     group = {"rank": 2, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}
-    ours = GaLoreAdamW([dict(group, params=[X1])], lr=0.01, eps=1e-30)
-    peer = galore_torch.GaLoreAdamW([dict(group, params=[X2])], lr=0.01, eps=1e-30,
-                                    no_deprecation_warning=True)
+    ours = GaLoreAdamW([dict(group, params=[X1])], lr=0.01)
+    peer = galore_torch.GaLoreAdamW([dict(group, params=[X2])], lr=0.01, no_deprecation_warning=True)
     for _ in range(8):
         backward(A, Y, X1), backward(A, Y, X2)
         ours.step(), peer.step()
     m, n = shape
     assert ours.state[X1]["proj"].shape == (2, m if side == "left" else n)
-    torch.testing.assert_close(X1.detach(), X2.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(X1.detach(), X2.detach())
     assert (X1.detach() - least_squares(*shape, seed=7)[2].detach()).abs().max() > 1e-3
 
 
 def test_aliases_set_the_default_projection():
     X = nn.Parameter(torch.randn(6, 4, dtype=F64))
-    for cls, name in [(GaLoreAdamW, "svd"), (GaLoreSGD, "svd"), (GoLoreAdamW, "stiefel"),
-                      (GoLoreSGD, "stiefel"), (SubspaceAdamW, "svd"), (SubspaceSGD, "svd")]:
+    for cls, name, compat in [(GaLoreAdamW, "svd", "galore-torch"), (GaLoreSGD, "svd", "torch"),
+                              (GoLoreAdamW, "stiefel", "torch"), (GoLoreSGD, "stiefel", "torch"),
+                              (SubspaceAdamW, "svd", "torch"), (SubspaceSGD, "svd", "torch")]:
         opt = cls([{"params": [X], "rank": 2}], lr=0.1)
         assert opt.param_groups[0]["projection"] == name
+        assert opt.param_groups[0]["compat"] == compat
         opt2 = cls([{"params": [X], "rank": 2, "projection": "gaussian"}], lr=0.1)
         assert opt2.param_groups[0]["projection"] == "gaussian"
     X.grad = torch.randn(6, 4, dtype=F64)

@@ -17,6 +17,12 @@ What happens to the inner optimizer's state when ``P`` changes is the group's ``
 ``keep`` (reuse the low-rank state in the new coordinates, as galore-torch does), ``reset`` (start
 from zero) or ``project`` (carry it over through ``Q = P_new P_oldᵀ``; subclasses say how each
 state tensor transforms).
+
+A group's ``compat`` names whose numerics it follows. ``"torch"``: the ``torch.optim`` formula,
+``X ← decay(X) − lr·scale·Δ``. ``"galore-torch"`` (AdamW only): galore-torch 1.0's order of
+operations, ``X ← X − s_t·(scale·Δ)`` then ``X ← X − lr·wd·X``, with its projector: the SVD of ``G``
+itself in float32, ``P = Vh[:r]`` (right) or ``P = U[:, :r]ᵀ`` (left). Under ``keep`` the signs of
+these factors carry over into the reused moments, so the left side must not come from ``svd(Gᵀ)``.
 """
 from __future__ import annotations
 
@@ -25,14 +31,18 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..projections import ProjectionSampler, SAMPLERS, generator_for, make_sampler
+from ..projections import (HybridSampler, ProjectionSampler, SAMPLERS, SVDSampler, generator_for,
+                           make_sampler)
 
-__all__ = ["SubspaceOptimizer", "PROJ_SIDES", "STATE_POLICIES", "GALORE_PROJ_TYPES"]
+__all__ = ["SubspaceOptimizer", "PROJ_SIDES", "STATE_POLICIES", "GALORE_PROJ_TYPES", "COMPAT_MODES",
+           "galore_svd_factor"]
 
 PROJ_SIDES = ("auto", "left", "right", "reverse")
 STATE_POLICIES = ("keep", "reset", "project")
 # galore-torch's ``proj_type`` names the side; "full" (two-sided) has no equivalent here.
 GALORE_PROJ_TYPES = {"std": "auto", "reverse_std": "reverse", "left": "left", "right": "right"}
+# Whose numerics a group follows (see the module docstring).
+COMPAT_MODES = ("torch", "galore-torch")
 
 # Keys a projected group may carry, with their defaults (``rank`` itself has none: no rank, no projection).
 PROJECTION_DEFAULTS = {
@@ -67,20 +77,37 @@ def resolve_side(proj_side: str, shape) -> str:
     return proj_side
 
 
+def galore_svd_factor(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """galore-torch's projection ``P`` (r × d): ``svd(G)`` in float32, ``Vh[:r]`` or ``U[:, :r]ᵀ``.
+
+    Returned with the strides of galore-torch's views (LAPACK's column-major factors), so the
+    projection matmuls make the same BLAS calls, but compact: galore-torch's view keeps the whole
+    ``min(m, n) × d`` factor alive.
+    """
+    g = grad if grad.dtype == torch.float32 else grad.float()
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    p = vh[:rank].mT.contiguous().mT if side == "right" else u[:, :rank].mT.clone()
+    return p.to(grad.dtype)
+
+
 class SubspaceOptimizer(Optimizer):
     """Base class: param-group validation, projection sampling and the state-switch policy.
 
     Subclasses implement :meth:`_inner_step` (ρ on the low-rank or full gradient, returning the
-    direction to subtract), :meth:`_apply_weight_decay`, and :meth:`_transfer_state` /
+    direction to subtract and its step size), :meth:`_apply_weight_decay`, and :meth:`_transfer_state` /
     :meth:`_reset_state` for the ``project`` / ``reset`` policies.
     """
 
     #: projection used by groups that have a ``rank`` but no ``projection`` key.
     default_projection = "svd"
+    #: ``compat`` of groups that do not set it, and the values a subclass supports.
+    default_compat = "torch"
+    compat_modes: tuple[str, ...] = ("torch",)
 
     def __init__(self, params, defaults: dict[str, Any], *, projection=None, proj_side="auto",
-                 **projection_defaults):
+                 compat=None, **projection_defaults):
         defaults = dict(defaults)
+        defaults["compat"] = self.default_compat if compat is None else compat
         defaults["projection"] = self.default_projection if projection is None else projection
         for key, value in PROJECTION_DEFAULTS.items():
             defaults[key] = projection_defaults.pop(key, value)
@@ -104,7 +131,12 @@ class SubspaceOptimizer(Optimizer):
             else:
                 group["proj_side"] = self._default_proj_side
         super().add_param_group(group)
-        self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        group = self.param_groups[-1]
+        if group["compat"] not in self.compat_modes:
+            raise ValueError(f"compat must be one of {list(self.compat_modes)} for {type(self).__name__}, "
+                             f"got {group['compat']!r}")
+        self._resolve_defaults(group)
+        self._validate_group(group, len(self.param_groups) - 1)
 
     @staticmethod
     def is_projected(group: dict[str, Any]) -> bool:
@@ -143,6 +175,9 @@ class SubspaceOptimizer(Optimizer):
                     f"'rank') takes only 2-D parameters of shape (m, n); put it in a group without "
                     f"'rank' to train it unprojected")
 
+    def _resolve_defaults(self, group: dict[str, Any]) -> None:
+        """Subclasses fill defaults that depend on ``compat`` (AdamW's eps)."""
+
     def _validate_inner_options(self, group: dict[str, Any]) -> None:
         """Subclasses check their own hyperparameters (lr, betas, ...)."""
 
@@ -158,10 +193,16 @@ class SubspaceOptimizer(Optimizer):
             self._samplers[key] = sampler
         return sampler
 
+    #: keys that groups saved before they existed get on load (those runs used these values).
+    legacy_group_defaults = {"compat": "torch"}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         if not hasattr(self, "_samplers"):
             self._samplers = {}
+        for group in self.param_groups:
+            for key, value in self.legacy_group_defaults.items():
+                group.setdefault(key, value)
 
     # ------------------------------------------------------------------ projection
     def _projection(self, group, state, grad: torch.Tensor, index: int):
@@ -179,12 +220,19 @@ class SubspaceOptimizer(Optimizer):
         )
         if new_cycle:
             cycle = state["cycle"] + 1 if "cycle" in state else 0
-            gradient = None
-            if sampler.uses_gradient(step):
-                gradient = grad if side == "right" else grad.T
-            generator = generator_for(group["seed"], index, cycle)
-            proj = sampler.sample(rank, dim, generator, gradient=gradient, step=step,
-                                  dtype=grad.dtype, device=grad.device)
+            proj = None
+            if (group["compat"] == "galore-torch" and isinstance(sampler, (SVDSampler, HybridSampler))
+                    and sampler.uses_gradient(step)):
+                proj = galore_svd_factor(grad, rank, side)
+                if not torch.isfinite(proj).all():
+                    proj = None                  # the sampler below warns and falls back
+            if proj is None:
+                gradient = None
+                if sampler.uses_gradient(step):
+                    gradient = grad if side == "right" else grad.T
+                generator = generator_for(group["seed"], index, cycle)
+                proj = sampler.sample(rank, dim, generator, gradient=gradient, step=step,
+                                      dtype=grad.dtype, device=grad.device)
             old = state.get("proj")
             state["proj"] = proj
             state["cycle"] = cycle
@@ -230,17 +278,27 @@ class SubspaceOptimizer(Optimizer):
                 grad = self._preprocess_grad(group, p, grad)
                 if projected:
                     proj, side = self._projection(group, state, grad, index)
-                    low = self.project(grad, proj, side)
-                    direction = self._inner_step(group, state, low)
+                    direction, step_size = self._inner_step(group, state, self.project(grad, proj, side))
                     direction = self.project_back(direction, proj, side)
-                    alpha = -group["lr"] * group["scale"]
+                    scale = group["scale"]
                 else:
-                    direction = self._inner_step(group, state, grad)
-                    alpha = -group["lr"]
-                self._apply_weight_decay(group, p)
-                p.add_(direction, alpha=alpha)
+                    direction, step_size = self._inner_step(group, state, grad)
+                    scale = 1
+                self._update(group, p, direction, step_size, scale)
                 state["step"] += 1
         return loss
+
+    def _update(self, group, p, direction, step_size, scale) -> None:
+        """``torch``: ``X ← decay(X) − step_size·scale·D``. ``galore-torch``: ``X ← X − step_size·(scale·D)``,
+        then ``decay(X)`` (galore-torch scales the projected-back tensor, and decays after the step)."""
+        if group["compat"] == "galore-torch":
+            if scale != 1:
+                direction = direction * scale
+            p.add_(direction, alpha=-step_size)
+            self._apply_weight_decay(group, p)
+        else:
+            self._apply_weight_decay(group, p)
+            p.add_(direction, alpha=-step_size * scale)
 
     # ------------------------------------------------------------------ subclass hooks
     def _preprocess_grad(self, group, p, grad):
@@ -249,7 +307,8 @@ class SubspaceOptimizer(Optimizer):
     def _apply_weight_decay(self, group, p) -> None:
         pass
 
-    def _inner_step(self, group, state, grad: torch.Tensor) -> torch.Tensor:
+    def _inner_step(self, group, state, grad: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """ρ: ``(D, step_size)``; the step subtracts ``step_size·D`` (times ``scale`` when projected)."""
         raise NotImplementedError
 
     def _reset_state(self, state) -> None:

@@ -19,7 +19,8 @@ class SubspaceSGD(SubspaceOptimizer):
     ``momentum=β, dampening=β`` gives the exponential-average form ``M ← β M + (1 − β) R`` that the
     GoLore analysis uses. ``state_on_switch="project"`` moves the momentum to the new subspace,
     ``M ← P_new P_oldᵀ M`` (GoLore's momentum projection); ``reset`` drops it; ``keep`` reuses it.
-    The projection keys are those of :class:`~rso.optim.SubspaceAdamW`.
+    The projection keys are those of :class:`~rso.optim.SubspaceAdamW`. ``compat`` takes only
+    ``"torch"``: galore-torch 1.0 ships no SGD (only AdamW, AdamW8bit and Adafactor) to match.
     """
 
     default_projection = "svd"
@@ -52,13 +53,13 @@ class SubspaceSGD(SubspaceOptimizer):
     def _inner_step(self, group, state, grad):
         momentum = group["momentum"]
         if momentum == 0:
-            return grad
+            return grad, group["lr"]
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = grad.clone()
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-        return grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        return (grad.add(buf, alpha=momentum) if group["nesterov"] else buf), group["lr"]
 
     def _reset_state(self, state):
         state.pop("momentum_buffer", None)
@@ -70,7 +71,10 @@ class SubspaceSGD(SubspaceOptimizer):
 
 
 class GaLoreSGD(SubspaceSGD):
-    """:class:`SubspaceSGD` whose projected groups default to ``projection="svd"`` (GaLore)."""
+    """:class:`SubspaceSGD` whose projected groups default to ``projection="svd"`` (GaLore).
+
+    galore-torch has no SGD counterpart; this follows ``torch.optim.SGD`` (see :class:`SubspaceSGD`).
+    """
 
     default_projection = "svd"
 
