@@ -55,15 +55,56 @@ def test_llama_trains_and_merges_on_cuda_bf16_with_reproducible_P():
     assert report.peak_source == "CUDA allocator" and report.peak > report.parameters
 
 
+def check_svd_projection(device):
+    """Train a wrapped LLaMA with ``projection="svd"`` on ``device`` through two cycle ends and check that each
+    new P of ``down_proj`` is the top-8 right singular subspace of the full weight gradient of the cycle's
+    last inner step (taken independently, from hooks: gᵀx), with no fallback to a Stiefel sample."""
+    import warnings
+    model = rso.wrap(tiny_llama().to(device), rank=8, tau=2, projection="svd")
+    layer = model.model.layers[0].mlp.down_proj
+    loop = model._rso_outer_loop
+    drawn = []  # (gradient the sampler received, P it returned) for down_proj's group
+    inner = loop.sampler.sample_many
+
+    def spy(rank, dim, generators, *, gradients=None, **kw):
+        Ps = inner(rank, dim, generators, gradients=gradients, **kw)
+        if dim == layer.in_features:  # only down_proj reads the intermediate width
+            drawn.extend(zip(gradients or [None] * len(Ps), Ps))
+        return Ps
+
+    loop.sampler.sample_many = spy
+    seen = {}
+    layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach()))
+    layer.register_full_backward_hook(lambda m, gin, gout: seen.update(g=gout[0].detach()))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = {k: v.to(device) for k, v in lm_batch().items()}
+    full = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the sampler's "SVD projection failed" fallback
+        for _ in range(4):
+            model(**batch).loss.backward()
+            full.append((seen["g"].flatten(0, -2).double().T @ seen["x"].flatten(0, -2).double()).cpu())
+            opt.step()
+            opt.zero_grad()
+    assert rso.state(model)["cycle"] == 2
+    # One draw per cycle end for each of the two layers' down_proj, each given a gradient.
+    assert len(drawn) == 2 * model.config.num_hidden_layers and all(grad is not None for grad, _ in drawn)
+    mine = [(grad, P) for grad, P in drawn if grad.shape == full[0].shape
+            and any(torch.allclose(grad.double().cpu(), G, rtol=1e-4, atol=1e-4 * float(G.abs().max()))
+                    for G in (full[1], full[3]))]
+    assert len(mine) == 2  # the gradients handed over for layer 0 are its full weight gradients gᵀx
+    for (grad, P), G in zip(mine, (full[1], full[3])):  # the last inner steps of cycles 0 and 1
+        assert P.device.type == torch.device(device).type
+        torch.testing.assert_close(grad.double().cpu(), G, rtol=1e-4, atol=1e-4 * float(G.abs().max()))
+        _, S, Vh = torch.linalg.svd(G)
+        assert S[7] > 1.05 * S[8]  # the top-8 subspace is well defined (sin θ ≤ ε/gap)
+        P = P.double().cpu()
+        torch.testing.assert_close(P @ P.T, torch.eye(8, dtype=torch.float64), atol=1e-4, rtol=0)
+        # Rows of P span the top-8 right singular vectors: equal orthogonal projectors.
+        torch.testing.assert_close(P.T @ P, Vh[:8].T @ Vh[:8], atol=1e-3, rtol=0)
+    torch.testing.assert_close(layer.P.double().cpu(), mine[-1][1].double().cpu(), rtol=0, atol=0)
+
+
 @cuda
 def test_svd_projection_on_cuda():
-    model = rso.wrap(tiny_llama().cuda(), rank=8, tau=2, projection="svd")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = {k: v.cuda() for k, v in lm_batch().items()}
-    for _ in range(4):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    P = model.model.layers[0].mlp.down_proj.P
-    assert rso.state(model)["cycle"] == 2
-    torch.testing.assert_close(P @ P.T, torch.eye(8, device="cuda"), atol=1e-4, rtol=0)
+    check_svd_projection("cuda")
