@@ -181,3 +181,15 @@ def test_galore_torch_mode_resumes_bit_for_bit_and_old_checkpoints_keep_their_fo
     opt3 = make(nn.Parameter(ckpt["X"].clone()))
     opt3.load_state_dict(old)
     assert opt3.param_groups[0]["compat"] == "torch" and opt3.param_groups[0]["correct_bias"] is True
+
+
+def test_a_failed_svd_falls_back_to_a_stiefel_sample_with_a_warning():
+    """Where galore-torch would write NaNs into the weights, the cycle gets a random P instead."""
+    X = nn.Parameter(torch.randn(6, 4))
+    opt = GaLoreAdamW([{"params": [X], "rank": 2}], lr=0.01)
+    X.grad = torch.full((6, 4), float("nan"))
+    with pytest.warns(RuntimeWarning, match="SVD projection failed"):
+        opt.step()
+    P = opt.state[X]["proj"]
+    assert torch.isfinite(P).all()
+    torch.testing.assert_close(P @ P.T, torch.eye(2))

@@ -223,9 +223,12 @@ class SubspaceOptimizer(Optimizer):
             proj = None
             if (group["compat"] == "galore-torch" and isinstance(sampler, (SVDSampler, HybridSampler))
                     and sampler.uses_gradient(step)):
-                proj = galore_svd_factor(grad, rank, side)
-                if not torch.isfinite(proj).all():
-                    proj = None                  # the sampler below warns and falls back
+                try:
+                    proj = galore_svd_factor(grad, rank, side)
+                except (RuntimeError, torch.linalg.LinAlgError):
+                    proj = None
+                if proj is not None and not torch.isfinite(proj).all():
+                    proj = None                  # the sampler below warns and falls back (Stiefel)
             if proj is None:
                 gradient = None
                 if sampler.uses_gradient(step):
