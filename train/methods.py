@@ -180,7 +180,9 @@ def _projected(model, opts, cls_name: str, projection: str):
             raise MethodError("golore@X needs the total number of steps (--max-steps)")
         group.update(random_fraction=opts.random_fraction, total_steps=opts.total_steps)
     cls = getattr(ropt, cls_name)
-    kwargs = {"lr": opts.lr, "weight_decay": opts.weight_decay, **opts.optimizer_args}
+    # One AdamW formula for every method a pipeline compares (torch.optim.AdamW's, as --method adamw uses);
+    # rso.optim.GaLoreAdamW alone defaults to galore-torch's. --optimizer-args '{"compat": "galore-torch"}' switches.
+    kwargs = {"lr": opts.lr, "weight_decay": opts.weight_decay, "compat": "torch", **opts.optimizer_args}
     return model, cls([group, {"params": others}], **kwargs)
 
 
