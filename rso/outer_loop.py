@@ -25,7 +25,7 @@ from .projections import CoordinateSampler, ProjectionSampler, generator_for
 
 STATE_POLICIES = ("reset", "keep", "project")
 
-__all__ = ["OuterLoop", "STATE_POLICIES"]
+__all__ = ["OuterLoop", "STATE_POLICIES", "check_state_policy"]
 
 
 class OuterLoop:
@@ -153,8 +153,15 @@ class OuterLoop:
         elif self.state_policy == "project" and B in optimizer.state:
             # Coordinates c in the old basis stand for c·P_old; in the new basis that is c·(P_old P_newᵀ).
             R = (old_P.float() @ new_P.float().T)
-            for key, value in optimizer.state[B].items():
+            state = optimizer.state[B]
+            if _is_bitsandbytes(optimizer):
+                _project_bitsandbytes_state(optimizer, state, R)
+                return
+            for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == B.shape:
+                    if not value.is_floating_point():
+                        raise ValueError(_cannot_project(optimizer, f"its state {key!r} is {value.dtype}, not a "
+                                                                    "floating-point moment"))
                     # Second moments stay non-negative: map them with R∘R.
                     mat = R * R if "sq" in key else R
                     value.copy_((value.float() @ mat).to(value.dtype))
@@ -176,3 +183,52 @@ class OuterLoop:
                 for m in g.members:
                     if m._capture is None:
                         m.arm_capture()
+
+
+# ------------------------------------------------------------------ bitsandbytes optimizer states
+def _is_bitsandbytes(optimizer) -> bool:
+    return type(optimizer).__module__.startswith("bitsandbytes")
+
+
+def _cannot_project(optimizer, why: str) -> str:
+    return (f"rso: state_on_merge='project' cannot map the optimizer state of {type(optimizer).__name__}: {why}; "
+            f"use state_on_merge='reset' or 'keep' with it (allowed policies: {', '.join(STATE_POLICIES)}; "
+            "'project' works with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or 32-bit)")
+
+
+def check_state_policy(optimizer, state_policy: str) -> None:
+    """ValueError if ``state_policy`` cannot work with ``optimizer`` (checked before training starts):
+    'project' maps moments, which it knows how to do for torch.optim's floating-point states and for
+    bitsandbytes' Adam family (first moment ``state1``, second ``state2``, 8-bit blockwise or 32-bit)."""
+    if state_policy == "project" and _is_bitsandbytes(optimizer) and getattr(optimizer, "optimizer_name", None) != "adam":
+        raise ValueError(_cannot_project(optimizer, f"its states ({getattr(optimizer, 'optimizer_name', '?')}) are not "
+                                                    "Adam's first and second moments"))
+
+
+@torch.no_grad()
+def _project_bitsandbytes_state(optimizer, state, R):
+    """``state1`` ← state1·R, ``state2`` ← state2·(R∘R) for bitsandbytes' Adam family: fp32 states in place;
+    8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
+    dequantized, mapped in fp32 and quantized again with the same map and block size."""
+    check_state_policy(optimizer, "project")
+    if "state1" not in state or "state2" not in state:
+        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
+    for key, mat in (("state1", R), ("state2", R * R)):
+        value = state[key]
+        if value.dtype == torch.float32:
+            value.copy_(value @ mat)
+            continue
+        index = key[-1]
+        absmax, code = state.get(f"absmax{index}"), state.get(f"qmap{index}")
+        if value.dtype != torch.uint8 or absmax is None or code is None:
+            raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
+                                                        f"(keys {sorted(state)})"))
+        import bitsandbytes.functional as F
+        blocksize = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
+        if absmax.numel() != -(-value.numel() // blocksize):
+            raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
+                                                        f"are not blocks of {blocksize}"))
+        moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=blocksize).float()
+        codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=blocksize)
+        value.copy_(codes)
+        absmax.copy_(quant_state.absmax)

@@ -1,4 +1,10 @@
-"""``python -m rso.memory``: does training this model fit on my GPU? An analytic breakdown."""
+"""``python -m rso.memory``: does training this model fit on my GPU? An analytic breakdown.
+
+    python -m rso.memory --model llama-7b --method rso --rank 256 --batch 16 --seq 256 --chunked-ce \
+        --activation-checkpointing --optimizer-bits 8
+    python -m rso.memory --model llama-7b --fit 24GB                 # every method: largest batch × seq, recipe
+    python -m rso.memory --model llama-7b --fit 24GB --rank 1024,256 --batch 16 --seq 256   # does 16 × 256 fit?
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +12,7 @@ import json
 import sys
 
 from .estimate import GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, estimate, format_estimate
+from .planner import FIT_METHODS, fit, format_fit, parse_size
 
 __all__ = ["main"]
 
@@ -15,6 +22,14 @@ def _rank(text):
     return int(value) if value >= 1 else value
 
 
+def _ranks(text):
+    return [_rank(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rso.memory",
@@ -22,26 +37,53 @@ def main(argv=None) -> int:
                     "of a LLaMA-family model, and whether it fits on a 24 GB / 80 GB GPU.")
     parser.add_argument("--model", default="llama-7b",
                         help=f"preset ({', '.join(PRESETS)}), a config.json or a directory holding one")
-    parser.add_argument("--method", default="rso", choices=METHODS + ("all",),
-                        help="'all' prints every method side by side")
-    parser.add_argument("--rank", type=_rank, default=None,
-                        help="int, or a fraction of in_features (default: the peers' rank, else hidden/4)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--method", default=None,
+                        help=f"one of {', '.join(METHODS)}, or 'all' (every method side by side); default rso. "
+                             f"With --fit: a comma-separated list of {', '.join(FIT_METHODS)} (default: all)")
+    parser.add_argument("--rank", type=_ranks, default=None,
+                        help="int, or a fraction of in_features (default: the peers' rank, else hidden/4); "
+                             "with --fit a comma-separated list gives rows for each")
+    parser.add_argument("--batch", type=int, default=None, help="default 1; with --fit: the batch to fit")
+    parser.add_argument("--seq", type=_ints, default=None,
+                        help="default 2048; with --fit a comma-separated list (default 256,2048)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument("--master-weights", action="store_true", help="add fp32 master weights")
     parser.add_argument("--fp32-states", action="store_true", help="optimizer moments in fp32")
     parser.add_argument("--chunked-ce", action="store_true", help="chunked linear + cross-entropy head")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="each decoder block recomputed in the backward pass (non-reentrant checkpoint)")
+    parser.add_argument("--optimizer-bits", type=int, default=None, choices=(8, 16, 32),
+                        help="8: bitsandbytes AdamW8bit states (16/32: moments in --dtype / fp32)")
+    parser.add_argument("--per-layer-updates", action="store_true",
+                        help="each gradient freed right after its own optimizer step (GaLore's per-layer updates)")
+    parser.add_argument("--fit", default=None, metavar="SIZE",
+                        help="plan for a memory budget, e.g. 24GB or 80GB (GB = GiB, as cards report): per method the "
+                             "largest batch × seq that fits and the recipe (rank, checkpointing, 8-bit states, "
+                             "chunked head) that gets there")
+    parser.add_argument("--reserve", default=None,
+                        help=f"with --fit: left aside for CUDA (default {GPU_RESERVE // 2 ** 30}GiB; 0 on a host)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    methods = METHODS if args.method == "all" else (args.method,)
-    results = []
     try:
+        if args.fit is not None:
+            return _plan(args)
+        if args.reserve is not None:
+            raise ValueError("--reserve goes with --fit")
+        if args.method is not None and args.method != "all" and args.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)} or 'all', got {args.method!r}")
+        for name in ("rank", "seq"):
+            if getattr(args, name) is not None and len(getattr(args, name)) != 1:
+                raise ValueError(f"--{name} takes one value without --fit")
+        args.method = args.method or "rso"
+        args.rank = args.rank[0] if args.rank else None
+        args.seq = args.seq[0] if args.seq else 2048
+        args.batch = 1 if args.batch is None else args.batch
+        methods = METHODS if args.method == "all" else (args.method,)
+        results = []
         for method in methods:
             results.append(estimate(args.model, method=method, rank=args.rank, batch=args.batch, seq=args.seq,
-                                    dtype=args.dtype, attn=args.attn, master_weights=args.master_weights,
-                                    fp32_states=args.fp32_states, chunked_ce=args.chunked_ce))
+                                    **_options(args)))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -53,13 +95,17 @@ def main(argv=None) -> int:
         print(format_estimate(res, title=f"{args.model} · {res['method']}{rank} · "
                                          f"batch {args.batch} × seq {args.seq} · {args.dtype}"
                                          f"{' + fp32 master' if args.master_weights else ''}"
-                                         f"{' · chunked CE' if args.chunked_ce else ''}"))
+                                         f"{' · chunked CE' if args.chunked_ce else ''}"
+                                         f"{' · checkpointing' if args.activation_checkpointing else ''}"
+                                         f"{' · 8-bit states' if args.optimizer_bits == 8 else ''}"
+                                         f"{' · per-layer updates' if args.per_layer_updates else ''}"))
+        if args.activation_checkpointing:
+            print(f"  (activations: {res['activations_kept'] / 1e9:.2f} GB kept + "
+                  f"{res['activations_recompute'] / 1e9:.2f} GB for one block's recomputation)")
         per_sample = estimate(args.model, method=res["method"], rank=args.rank, batch=2, seq=args.seq,
-                              dtype=args.dtype, attn=args.attn, master_weights=args.master_weights,
-                              fp32_states=args.fp32_states, chunked_ce=args.chunked_ce)["activations"] \
-            - estimate(args.model, method=res["method"], rank=args.rank, batch=1, seq=args.seq, dtype=args.dtype,
-                       attn=args.attn, master_weights=args.master_weights, fp32_states=args.fp32_states,
-                       chunked_ce=args.chunked_ce)["activations"]
+                              **_options(args))["activations"] \
+            - estimate(args.model, method=res["method"], rank=args.rank, batch=1, seq=args.seq,
+                       **_options(args))["activations"]
         fixed = res["total"] - args.batch * per_sample
         for gpu, cap in GPU_SIZES.items():
             room = cap - GPU_RESERVE - fixed
@@ -67,4 +113,39 @@ def main(argv=None) -> int:
             print(f"largest batch at seq {args.seq} on a {gpu}: {most}"
                   f"{'' if most else ' (the model state alone does not fit)'}")
         print()
+    return 0
+
+
+def _options(args) -> dict:
+    return dict(dtype=args.dtype, attn=args.attn, master_weights=args.master_weights, fp32_states=args.fp32_states,
+                chunked_ce=args.chunked_ce, activation_checkpointing=args.activation_checkpointing,
+                optimizer_bits=args.optimizer_bits, per_layer_updates=args.per_layer_updates)
+
+
+def _plan(args) -> int:
+    """``--fit SIZE``: the planner's table (or JSON)."""
+    ignored = [flag for flag, on in (("--chunked-ce", args.chunked_ce), ("--activation-checkpointing",
+                                                                          args.activation_checkpointing),
+                                     ("--optimizer-bits", args.optimizer_bits is not None),
+                                     ("--per-layer-updates", args.per_layer_updates),
+                                     ("--master-weights", args.master_weights), ("--fp32-states", args.fp32_states))
+               if on]
+    if ignored:
+        raise ValueError(f"--fit chooses the recipe itself; leave out {', '.join(ignored)}")
+    methods = None
+    if args.method and args.method != "all":
+        methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    reserve = GPU_RESERVE if args.reserve is None else (0 if str(args.reserve).strip() in ("0", "0.0")
+                                                        else parse_size(args.reserve))
+    rows = fit(args.model, args.fit, methods=methods, seqs=tuple(args.seq or (256, 2048)), batch=args.batch,
+               rank=args.rank, dtype=args.dtype, attn=args.attn, reserve=reserve)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "estimate"} for r in rows], indent=2))
+        return 0
+    cap, usable = rows[0]["capacity"], rows[0]["usable"]
+    print(format_fit(rows, title=f"{args.model} · {args.dtype} · fits in {cap / 2 ** 30:g} GiB "
+                                 f"({usable / 2 ** 30:g} GiB usable, {(cap - usable) / 2 ** 30:g} GiB reserved)"
+                                 + (f" · target batch {args.batch}" if args.batch else "")))
+    print("\n(estimates: rso.memory.estimate, verified to the byte against measure_step on small models; recipe: "
+          "the cheapest set of memory savers that reaches that batch)")
     return 0

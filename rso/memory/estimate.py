@@ -161,7 +161,8 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
              attn: str = "sdpa", master_weights: bool = False, fp32_states: bool = False,
              share_projections: bool = True, chunked_ce: bool = False, lora_train_other: bool = False,
              lora_dtype: str | None = "fp32", galore_projector: str = "peer",
-             step_tensors: bool | None = None) -> dict:
+             step_tensors: bool | None = None, activation_checkpointing: bool = False,
+             optimizer_bits: int | None = None, per_layer_updates: bool = False) -> dict:
     """Bytes of weights, gradients, optimizer state and activations of one training step.
 
     Args:
@@ -186,6 +187,18 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
             factor (min(m, n)² kept alive); ``"rank"``: only the r columns (a compact implementation).
         step_tensors: count torch.optim.AdamW's 4-byte ``step`` tensor per parameter (default: for
             adamw/rso/lora/frozen, not for galore-torch which keeps an int).
+        activation_checkpointing: each decoder block runs under non-reentrant ``torch.utils.checkpoint``
+            (``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``):
+            ``activations`` is then what the step keeps (each block's input, and what runs outside the
+            blocks: ``activations_kept``) plus the most one block's recomputation saves in the backward
+            pass (``activations_recompute``; RSO layers still store their r-wide projections there).
+        optimizer_bits: 8 for bitsandbytes' ``AdamW8bit`` (``--optimizer adamw8bit``): each tensor of at least
+            4096 elements keeps two uint8 moments plus one fp32 scale per 256-element block of each, smaller
+            ones fp32 moments; the two 256-entry fp32 quantization maps once; no step tensors. None (or 16 /
+            32): the moments in ``dtype`` (``fp32_states`` for fp32).
+        per_layer_updates: each parameter is updated by its own optimizer as soon as its gradient is
+            accumulated, and the gradient freed (GaLore's "per-layer weight updates"): ``gradients`` is
+            the largest single gradient.
     """
     if method not in METHODS:
         raise ValueError(f"rso.memory.estimate: method must be one of {METHODS}, got {method!r}")
@@ -203,13 +216,16 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0 \
             or (isinstance(rank, float) and rank >= 1):
         raise ValueError(f"rso.memory.estimate: rank must be an int ≥ 1 or a float in (0, 1), got {rank!r}")
+    if optimizer_bits not in (None, 8, 16, 32):
+        raise ValueError(f"rso.memory.estimate: optimizer_bits must be 8, 16, 32 or None, got {optimizer_bits!r}")
     wb = _bytes_of(dtype)           # weights, gradients, activations
-    sb = 4 if fp32_states else wb   # optimizer moments
+    sb = 4 if (fp32_states or optimizer_bits == 32) else wb   # optimizer moments
+    eight_bit = optimizer_bits == 8
     d = dims
     L, h, i, V = d.layers, d.hidden, d.intermediate, d.vocab
     T = batch * seq
     if step_tensors is None:
-        step_tensors = method != "galore"
+        step_tensors = method != "galore" and not eight_bit  # bitsandbytes keeps an int step
 
     # ---------------------------------------------------------------- parameters
     lin = d.linears
@@ -254,23 +270,42 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     weights = (n_params + extra_weights) * wb + buffers + adapter_extra
     master = trainable * 4 if (master_weights and wb != 4) else 0
     gradients = trainable * wb + adapter_extra
-    if method == "galore":
-        # full gradients; projected weights keep r·max(m, n) moments and an r·min(m, n) projector
-        projected_moments = projector = 0
-        for name, o, n, _ in lin:
-            r = ranks[name]
-            projected_moments += r * max(o, n)
-            projector += r * min(o, n)
-        other = n_params - L * lin_weights
+    # the tensors an optimizer keeps moments for: (elements, whether it is a subspace tensor), per layer and once
+    other_tensors = [V * h] + ([] if d.tied else [V * h]) + [h]
+    layer_other = [h, h] + [o for name, o, _, _ in lin if d.bias(name)]
+    if method in ("adamw", "galore"):
+        layer_sub = [o * n for _, o, n, _ in lin]
+    elif method == "rso":
+        layer_sub = [o * ranks[name] for name, o, _, _ in lin]
+    elif method == "lora":
+        layer_sub = [x for name, o, n, _ in lin for x in (ranks[name] * n, o * ranks[name])]
+    else:
+        layer_sub = []
+    if method == "lora" and not lora_train_other:
+        other_tensors, layer_other = [], []
+    if method == "galore":  # projected weights keep r·max(m, n) moments and an r·min(m, n) projector
+        moment_sub = [ranks[name] * max(o, n) for name, o, n, _ in lin]
+        projector = sum(ranks[name] * min(o, n) for name, o, n, _ in lin)
         if galore_projector == "peer" and wb == 4:  # U[:, :r] / Vh[:r] keep the whole factor alive
             projector = sum(min(o, n) ** 2 for _, o, n, _ in lin)
-        optimizer = 2 * sb * (other + L * projected_moments) + wb * L * projector
-    elif method == "lora":
-        optimizer = 2 * max(sb, ab) * L * AB + 2 * sb * (trainable - L * AB)
     else:
-        optimizer = 2 * sb * trainable
+        moment_sub, projector = layer_sub, 0
+    if eight_bit:
+        def states(numel):  # bitsandbytes AdamW8bit: uint8 moments + fp32 absmax per 256 (≥ 4096 elements)
+            return 2 * numel + 2 * 4 * -(-numel // 256) if numel >= 4096 else 8 * numel
+        moments = [*other_tensors, *(layer_other + moment_sub) * L]
+        subspace_states = L * sum(states(x) for x in moment_sub)
+        optimizer = subspace_states + sum(states(x) for x in other_tensors) + L * sum(states(x) for x in layer_other)
+        optimizer += 2 * 256 * 4 if any(x >= 4096 for x in moments) else 0  # the two quantization maps
+    else:
+        msb = max(sb, ab) if method == "lora" else sb
+        subspace_states = 2 * msb * L * sum(moment_sub)
+        optimizer = subspace_states + 2 * sb * (sum(other_tensors) + L * sum(layer_other))
+    optimizer += wb * L * projector
     if step_tensors:
         optimizer += 4 * n_trainable_tensors
+    if per_layer_updates:  # a gradient lives only until its own optimizer step
+        gradients = max([*other_tensors, *layer_other, *layer_sub]) * (ab if method == "lora" else wb)
 
     # ---------------------------------------------------------------- activations (per token)
     e, a, g = d.head_dim, d.heads, d.kv_heads
@@ -314,16 +349,29 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         head_loss, fixed = wb * h + 4 + 8, 0
     else:  # the head's input (if it trains), fp32 log-softmax, int64 target, a scalar
         head_loss, fixed = (wb * h if others_train else 0) + 4 * V + 8, 4
-    per_token = ids + L * layer + first_norm + final_norm + head_loss
-    activations = T * per_token + 2 * seq * e * wb + fixed
+    rope = 2 * seq * e * wb  # cos and sin, saved by every layer's rotary embedding (one storage each)
+    if not activation_checkpointing:
+        per_token = ids + L * layer + first_norm + final_norm + head_loss
+        kept, recompute = T * per_token + rope + fixed, 0
+    else:
+        # kept: each block's input (checkpoint saves it), and what runs outside the blocks (the embedding's
+        # output requires grad under checkpointing, so no block is special). recomputed: one block's own
+        # saved tensors, less what is kept already (an fp32 RMSNorm saves its input itself), and cos / sin
+        kept = T * (ids + L * wb * h + final_norm + head_loss) + fixed
+        recompute = T * (layer - (4 * h if wb == 4 else 0)) + rope
+    activations = kept + recompute
 
     total = weights + master + gradients + optimizer + activations
     return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
             "activations": activations, "total": total,
             "parameters": (n_params + extra_weights) * wb, "trainable_parameters": trainable * wb,
             "buffers": buffers, "master_weights": master,
+            "activations_kept": kept, "activations_recompute": recompute,
+            "optimizer_subspace": subspace_states,
             "n_parameters": n_params + extra_weights, "n_trainable": trainable,
-            "method": method, "rank": rank, "batch": batch, "seq": seq, "dtype": str(dtype), "attn": attn}
+            "method": method, "rank": rank, "batch": batch, "seq": seq, "dtype": str(dtype), "attn": attn,
+            "activation_checkpointing": bool(activation_checkpointing), "chunked_ce": chunked_ce,
+            "optimizer_bits": optimizer_bits, "per_layer_updates": bool(per_layer_updates)}
 
 
 def fits(result: dict, capacity: int, reserve: int = GPU_RESERVE) -> bool:

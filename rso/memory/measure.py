@@ -9,7 +9,13 @@ underlying storage once:
   objects such as galore-torch's projectors),
 * activations: tensors autograd saved for backward, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, excluding storages of parameters and buffers
-  (saving a weight costs no extra memory),
+  (saving a weight costs no extra memory); under activation checkpointing (``torch.utils.checkpoint``,
+  non-reentrant, as ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant":
+  False})`` sets up) that is what the checkpointed step keeps: each checkpointed block's input, and what
+  runs outside the blocks,
+* recomputed: with activation checkpointing, the most bytes one checkpointed block's recomputation in
+  the backward pass saves on top of those (parameters, buffers and kept tensors not counted again);
+  ``activations + recomputed`` is then the step's activation memory at its peak,
 * peak live bytes: the CUDA allocator's peak on GPU; on CPU the peak of live tensor storages tracked
   by a ``TorchDispatchMode`` (every storage an op creates, released when it is freed).
 """
@@ -97,6 +103,12 @@ class MemoryReport:
     activations: int
     peak: int
     peak_source: str
+    recomputed: int = 0
+
+    @property
+    def activation_peak(self) -> int:
+        """Saved activations at the step's peak: what the step keeps plus one block's recomputation."""
+        return self.activations + self.recomputed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +118,8 @@ class MemoryReport:
                 ("buffers", self.buffers), ("gradients", self.gradients),
                 ("optimizer state", self.optimizer_state), ("activations (saved for backward)", self.activations),
                 (f"peak live ({self.peak_source})", self.peak)]
+        if self.recomputed:
+            rows.insert(6, ("  + one block's recomputation", self.recomputed))
         width = max(len(r[0]) for r in rows)
         lines = [title, "-" * (width + 20)]
         lines += [f"{name:<{width}}  {format_bytes(v):>16}" for name, v in rows]
@@ -157,13 +171,18 @@ def measure_step(model: torch.nn.Module, batch, optimizer=None, loss_fn=None, tr
     fixed = {s.data_ptr() for s in map(_storage, params + buffers) if s is not None}
     cuda = any(p.is_cuda for p in params)
 
-    saved = {}
+    saved, saved_refs = {}, {}
 
     def pack(t):
         s = _storage(t)
         if s is not None and s.data_ptr() not in fixed:
             saved[s.data_ptr()] = s.nbytes()
+            saved_refs[s.data_ptr()] = StorageWeakRef(s)
         return t
+
+    def known(s):  # a parameter, a buffer, or a tensor the step keeps that is still alive (addresses get reused)
+        ptr = s.data_ptr()
+        return ptr in fixed or (ptr in saved_refs and not saved_refs[ptr].expired())
 
     if cuda:
         torch.cuda.synchronize()
@@ -178,7 +197,8 @@ def measure_step(model: torch.nn.Module, batch, optimizer=None, loss_fn=None, tr
     with tracker if tracker is not None else _Null():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(model, batch)
-        loss.backward()
+        with _count_recomputation(known) as recomputed:
+            loss.backward()
         gradients = storage_bytes([p.grad for p in params if p.grad is not None])
         if optimizer is not None:
             optimizer.step()
@@ -195,7 +215,53 @@ def measure_step(model: torch.nn.Module, batch, optimizer=None, loss_fn=None, tr
         gradients=gradients,
         optimizer_state=storage_bytes(_optimizer_tensors(optimizer)),
         activations=sum(saved.values()),
-        peak=peak, peak_source=source)
+        peak=peak, peak_source=source, recomputed=max(recomputed, default=0))
+
+
+class _count_recomputation:
+    """Bytes each non-reentrant checkpoint recomputation saves (storages for which ``known(storage)`` is
+    false), one entry per recomputed region; the list it yields fills during the backward pass.
+
+    ``torch.utils.checkpoint`` saves a recomputed block's tensors through its own ``_recomputation_hook``
+    (a ``saved_tensors_hooks`` pushed above any of ours); its pack hook is wrapped here to see them. If a
+    torch version lacks that class, nothing is counted (``recomputed`` stays 0).
+    """
+
+    def __init__(self, known):
+        self.known = known
+        self.counts = []
+
+    def __enter__(self):
+        import torch.utils.checkpoint as tuc
+        self._module = tuc
+        self._original = original = getattr(tuc, "_recomputation_hook", None)
+        if original is None:
+            return self.counts
+        known, counts = self.known, self.counts
+
+        class _Counting(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                inner, mine = self.pack_hook, {}
+                counts.append(0)
+                index = len(counts) - 1
+
+                def pack_hook(x):
+                    s = _storage(x)
+                    if s is not None and s.data_ptr() not in mine and not known(s):
+                        mine[s.data_ptr()] = s.nbytes()
+                        counts[index] += s.nbytes()
+                    return inner(x)
+
+                self.pack_hook = pack_hook
+
+        tuc._recomputation_hook = _Counting
+        return self.counts
+
+    def __exit__(self, *exc):
+        if self._original is not None:
+            self._module._recomputation_hook = self._original
+        return False
 
 
 class _Null:

@@ -1,0 +1,98 @@
+"""bitsandbytes' 8-bit AdamW with RSO: what each state_on_merge policy does to B's quantized states, and
+``--optimizer adamw8bit`` / ``--activation-checkpointing`` in the training command lines."""
+import pytest
+import torch
+
+import rso
+
+bnb = pytest.importorskip("bitsandbytes")
+F = pytest.importorskip("bitsandbytes.functional")
+
+CFG = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+           num_hidden_layers=2, vocab_size=512)
+
+
+def wrapped(policy, optimizer_cls=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa"))
+    rso.wrap(model, rank=32, tau=None, state_on_merge=policy)  # merges only when asked (rso.outer_step)
+    cls = optimizer_cls or bnb.optim.AdamW8bit
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, opt, ids
+
+
+def train(model, opt, ids, steps):
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def moments(state, i):
+    """A moment of bitsandbytes' state in fp32 (dequantized if it is 8-bit)."""
+    v = state[f"state{i}"]
+    if v.dtype == torch.uint8:
+        return F.dequantize_blockwise(v, absmax=state[f"absmax{i}"], code=state[f"qmap{i}"], blocksize=256).float()
+    return v.float().clone()
+
+
+def test_reset_and_keep_with_8bit_states():
+    for policy in ("reset", "keep"):
+        model, opt, ids = wrapped(policy)
+        train(model, opt, ids, 2)
+        layers = [layer for _, layer in rso.subspace_layers(model)]
+        before = {id(layer.B): {k: v.clone() for k, v in opt.state[layer.B].items() if torch.is_tensor(v)}
+                  for layer in layers}
+        rso.outer_step(model, opt)
+        for layer in layers:
+            if policy == "reset":
+                assert layer.B not in opt.state or not opt.state[layer.B]
+            else:  # the codes and scales are carried unchanged
+                for k, v in before[id(layer.B)].items():
+                    assert torch.equal(opt.state[layer.B][k], v), k
+        assert torch.isfinite(torch.tensor(train(model, opt, ids, 2)))
+        assert any(opt.state[layer.B]["state1"].dtype == torch.uint8 for layer in layers)
+
+
+def test_project_maps_8bit_states_within_their_quantization():
+    """'project' on uint8 states: dequantize, map (first moment by R, second by R∘R), quantize again with the
+    same map; equal to the fp32 mapping within the 8-bit blockwise quantization (< 1% of the largest value),
+    32-bit states (tensors under 4096 elements) exactly; second moments stay ≥ 0."""
+    model, opt, ids = wrapped("project")
+    train(model, opt, ids, 3)
+    layers = [layer for _, layer in rso.subspace_layers(model)]
+    before = {id(layer.B): (moments(opt.state[layer.B], 1), moments(opt.state[layer.B], 2), layer.P.clone())
+              for layer in layers}
+    rso.outer_step(model, opt)
+    kinds = set()
+    for layer in layers:
+        m1, m2, P_old = before[id(layer.B)]
+        R = P_old.float() @ layer.P.float().T
+        want1, want2 = m1 @ R, m2 @ (R * R)
+        got1, got2 = moments(opt.state[layer.B], 1), moments(opt.state[layer.B], 2)
+        eight = opt.state[layer.B]["state1"].dtype == torch.uint8
+        kinds.add(eight)
+        tol = 0.01 if eight else 1e-6
+        assert (got1 - want1).abs().max() <= tol * want1.abs().max()
+        assert (got2 - want2).abs().max() <= tol * want2.abs().max()
+        assert got2.min() >= 0
+        # mapping back with Rᵀ gives the old moment (P_new has orthonormal rows): the map is not a no-op
+        assert not torch.allclose(got1, m1)
+    assert kinds == {True, False}  # both 8-bit and (small) 32-bit states were mapped
+    assert torch.isfinite(torch.tensor(train(model, opt, ids, 2)))
+
+
+def test_project_refused_for_bitsandbytes_states_it_cannot_map():
+    from rso.outer_loop import check_state_policy
+    model, opt, ids = wrapped("project", bnb.optim.Lion8bit)
+    train(model, opt, ids, 1)
+    with pytest.raises(ValueError, match=r"Lion8bit.*'reset' or 'keep'.*reset, keep, project"):
+        rso.outer_step(model, opt)
+    with pytest.raises(ValueError, match="Lion8bit"):
+        check_state_policy(opt, "project")
+    check_state_policy(opt, "keep")
+    check_state_policy(bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(2))]), "project")
