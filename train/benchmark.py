@@ -13,6 +13,9 @@ method up (see :mod:`train.benchmark_methods`) and measures in one run:
 
 With ``--compile`` the timed steps run ``torch.compile(model)`` (inductor; the first step, which
 compiles, is reported as ``first_step_s``); memory and FLOPs are always those of the eager model.
+``--activation-checkpointing`` checkpoints every decoder block (activations are then what the step
+keeps plus one block's recomputation, shown as ``kept + recomputed``); ``--optimizer adamw8bit`` runs
+bitsandbytes' 8-bit AdamW for the methods that use ``torch.optim.AdamW`` (adamw, frozen, lora, rso-*).
 
 Results go to ``--out`` as ``results.json``, ``results.md`` (Markdown tables, the command on top) and
 ``sweep_<config>.png``. Timings are quoted as ratios to AdamW (and to the frozen-linear floor) from
@@ -23,6 +26,7 @@ Examples::
     python -m train.benchmark --configs tiny,60m --batch 8 --seq 256 --threads 2
     python -m train.benchmark --configs 60m --methods adamw,frozen,rso-stiefel --sweep
     python -m train.benchmark --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
+    python -m train.benchmark --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
 """
 from __future__ import annotations
 
@@ -152,6 +156,15 @@ def run_worker(spec: dict) -> dict:
     s = setup(spec["method"], model, rank=spec["rank"], gap=boundary, tau=boundary + 1, seed=spec["seed"],
               chunk_size=spec["chunk_size"], ce_mode=spec["ce_mode"])
     model, opt = s.model, s.optimizer
+    if spec.get("activation_checkpointing"):
+        from train.methods import enable_activation_checkpointing
+        enable_activation_checkpointing(model)
+        s.info["activation_checkpointing"] = True
+    if spec.get("optimizer", "adamw") != "adamw":  # an 8-bit AdamW with the same groups and learning rate
+        from train.methods import resolve_optimizer
+        cls = resolve_optimizer(spec["optimizer"])
+        opt = cls([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
+        s.info["optimizer"] = spec["optimizer"]
     out["setup"] = s.info
     batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
     device = spec["device"]
@@ -169,7 +182,8 @@ def run_worker(spec: dict) -> dict:
     out["memory"] = {"parameters": report.parameters, "trainable": report.trainable_parameters,
                      "buffers": report.buffers, "gradients": report.gradients,
                      "optimizer_state": report.optimizer_state,
-                     "activations": report.activations, "peak": report.peak, "peak_source": report.peak_source}
+                     "activations": report.activations, "recomputed": report.recomputed,
+                     "peak": report.peak, "peak_source": report.peak_source}
     if spec["flops"]:
         out["flops"] = _flops(model, batch)
 
@@ -266,6 +280,13 @@ def _fmt_bytes(n):
     return f"{n} B"
 
 
+def _fmt_act(memory):
+    """Saved activations; with checkpointing, what the step keeps + one block's recomputation."""
+    if memory.get("recomputed"):
+        return f"{_fmt_bytes(memory['activations'])} + {_fmt_bytes(memory['recomputed'])}"
+    return _fmt_bytes(memory["activations"])
+
+
 def _fmt_peak(memory):
     return "not tracked" if memory.get("peak_source") == "not tracked" else _fmt_bytes(memory["peak"])
 
@@ -274,6 +295,8 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
     lines = [f"Command: `{command}`", "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
              f"{meta['seq']}, {meta['attn']} attention" + (", torch.compile (inductor)" if meta.get("compile") else "")
+             + (", activation checkpointing" if meta.get("activation_checkpointing") else "")
+             + (f", optimizer {meta['optimizer']}" if meta.get("optimizer", "adamw") != "adamw" else "")
              + (f", {meta['threads']} threads pinned per method (one process each)" if meta["device"] == "cpu" else ""),
              ""]
     for config in dict.fromkeys(r["config"] for r in results):
@@ -294,7 +317,7 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
             m = r["memory"]
             if "step_s" not in r:  # memory only
                 lines.append(f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
-                             f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | "
+                             f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_act(m)} | "
                              f"{_fmt_peak(m)} | memory only (--steps 0) |" + " |" * 6)
                 continue
             st = r["step_s"]
@@ -310,7 +333,7 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
                 f"{cpu:.2f} ({cpu / ref['step_cpu_s']['median']:.3f})" if ref and "step_cpu_s" in ref else f"{cpu:.2f}")
             lines.append(
                 f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
-                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_bytes(m['activations'])} | {_fmt_peak(m)} | "
+                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_act(m)} | {_fmt_peak(m)} | "
                 f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
                 f"{r['tokens_per_s']:,.0f} | {cyc} |")
         ref = ref if ref and "step_s" in ref else None
@@ -397,6 +420,25 @@ def _device_name(device):
     return f"CPU ({name})"
 
 
+#: methods whose optimizer is torch.optim.AdamW (``--optimizer adamw8bit`` replaces it), each also with +ce
+ADAMW_METHODS = ("adamw", "frozen", "lora") + tuple(f"rso-{s}" for s in ("stiefel", "gaussian", "coordinate", "svd"))
+
+
+def _check_memory_options(args, methods) -> str | None:
+    """The one-line error for --optimizer / --activation-checkpointing values that cannot run, else None."""
+    if args.optimizer != "adamw":
+        from train.methods import MethodError, check_optimizer
+        others = [m for m in methods if m.removesuffix("+ce") not in ADAMW_METHODS]
+        if others:
+            return (f"--optimizer {args.optimizer}: only for {', '.join(ADAMW_METHODS)} (each also +ce); "
+                    f"{', '.join(others)} run their own optimizer")
+        try:
+            check_optimizer("adamw", args.optimizer)
+        except MethodError as e:
+            return f"--optimizer: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -425,6 +467,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-batch-seq", type=int, default=256)
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile(model) (inductor); memory and FLOPs stay eager")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="checkpoint every decoder block (non-reentrant): activations = kept + one block's "
+                             "recomputation")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                        help="adamw8bit: bitsandbytes' 8-bit AdamW for adamw, frozen, lora and rso-* (each +ce)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per method process")
     parser.add_argument("--rounds", type=int, default=1,
@@ -442,6 +489,10 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
+    error = _check_memory_options(args, methods)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     sweep_methods = {m.strip() for m in args.sweep_methods.split(",")} if args.sweep else set()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -449,7 +500,8 @@ def main(argv=None) -> int:
     import torch
     meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
             "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
-            "compile": args.compile, "command": command}
+            "compile": args.compile, "command": command,
+            "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer}
     results = []
     for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         cfg = load_config(config_name)
@@ -471,6 +523,7 @@ def main(argv=None) -> int:
                         "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                         "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
                         "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "compile": args.compile,
+                        "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer,
                         "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
                         "sweep": method in sweep_methods and round_ == 0,
                         "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,

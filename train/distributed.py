@@ -36,7 +36,8 @@ from rso import distributed as rd
 
 from . import pretrain
 from .checkpoint import CheckpointError
-from .loop import Parser, UsageError, check_rank, cli_main, method_options, resume_args, resume_schedule
+from .loop import (Parser, UsageError, apply_activation_checkpointing, check_checkpointing, check_rank, cli_main,
+                   method_options, resume_args, resume_schedule)
 
 __all__ = ["build_parser", "run", "main", "synthetic_tokens", "RUN_ARGS", "IDENTITY_ARGS"]
 
@@ -122,6 +123,7 @@ def run(args) -> dict:
         per_rank = max(1, saved["global_batch"] // world)
         args.batch_size = max(b for b in range(1, min(saved["batch_size"], per_rank) + 1) if per_rank % b == 0)
     args = pretrain.resolve_args(args, cfg)
+    check_checkpointing(args, cfg)
     check_rank(args, cfg)
     tr = cfg["training"]
     if user_accum is None:
@@ -170,6 +172,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos).to(device)
     model, optimizer = setup_method(args.method, model, method_options(args))
+    model = apply_activation_checkpointing(args, model, log)  # before sharding: FSDP2 wraps the checkpointed blocks
     counter = None
     if args.parallel == "fsdp":
         if args.method.startswith(("galore", "golore")):

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .checkpoint import load_run, restore_run, save_run
 from .data import default_cache_dir, load_tokenizer
 from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
-                   check_rank, cli_main, due, eval_mode, fill_step_defaults, method_options, optimizer_step,
+                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
+                   fill_step_defaults, method_options, optimizer_step,
                    resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
 from .methods import describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, perplexity, plot_curves
@@ -230,6 +231,7 @@ def run(args) -> dict:
     ckpt = load_run(out) if args.resume else None
     if ckpt is not None:
         resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
+    check_checkpointing(args, model_config(args.model))
     check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
     if args.lr is None:
         args.lr = DEFAULT_LR.get(parse_method(args.method)[0], DEFAULT_LR_SUBSPACE)
@@ -253,6 +255,7 @@ def run(args) -> dict:
     # ---- method
     opts = method_options(args, task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
     model, optimizer = setup_method(args.method, model, opts)
+    model = apply_activation_checkpointing(args, model, log)
     scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, min_ratio=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = EpochSampler(len(train_set), args.batch_size, seed=args.seed)

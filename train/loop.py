@@ -27,12 +27,14 @@ from rso.projections import SAMPLERS
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import DataError
-from .methods import MethodError, MethodOptions, check_optimizer, parse_method
+from .methods import (MethodError, MethodOptions, check_optimizer, enable_activation_checkpointing, is_bitsandbytes,
+                      parse_method, supports_activation_checkpointing)
 from .metrics import MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
 from .schedule import resize
 
-__all__ = ["UsageError", "Parser", "given_options", "check_args", "check_rank", "add_optimizer_args",
+__all__ = ["UsageError", "Parser", "given_options", "check_args", "check_rank", "check_checkpointing",
+           "apply_activation_checkpointing", "add_optimizer_args",
            "add_session_args", "add_runtime_args", "cli_main", "resume_args", "resume_schedule", "steps_for_epochs",
            "fill_step_defaults", "setup_device", "method_options", "eval_mode", "due", "accumulate_gradients",
            "optimizer_step", "Progress", "stop_early"]
@@ -105,6 +107,9 @@ def check_args(args) -> None:
             check_optimizer(method, args.optimizer)
         except MethodError as e:
             raise UsageError(f"--optimizer: {e}") from None
+    if getattr(args, "parallel", None) == "fsdp" and is_bitsandbytes(getattr(args, "optimizer", "")):
+        raise UsageError(f"--optimizer {args.optimizer}: bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded "
+                         "(DTensor) parameters; use --parallel ddp")
     if getattr(args, "projection", None) is not None and args.projection not in SAMPLERS:
         raise UsageError(f"--projection: unknown projection {args.projection!r}; choose one of: "
                          f"{', '.join(sorted(SAMPLERS))}")
@@ -134,6 +139,29 @@ def check_rank(args, cfg: dict | None) -> None:
                          f"({name} {smallest})")
 
 
+def check_checkpointing(args, cfg: dict | None) -> None:
+    """A UsageError if ``--activation-checkpointing`` is asked for a model type (``cfg['model_type']``; None:
+    unknown, checked once the model is built) whose ``transformers`` class cannot checkpoint its blocks."""
+    if not getattr(args, "activation_checkpointing", False) or not cfg:
+        return
+    if supports_activation_checkpointing(cfg.get("model_type")) is False:
+        raise UsageError(f"--activation-checkpointing: {cfg['model_type']} models do not support activation "
+                         "checkpointing in transformers")
+
+
+def apply_activation_checkpointing(args, model, log=None):
+    """``--activation-checkpointing``: checkpoint every decoder block of ``model`` (after the method's set-up)."""
+    if not getattr(args, "activation_checkpointing", False):
+        return model
+    try:
+        enable_activation_checkpointing(model)
+    except MethodError as e:
+        raise UsageError(f"--activation-checkpointing: {e}") from None
+    if log is not None:
+        log("activation checkpointing: each decoder block keeps only its input and is recomputed in the backward pass")
+    return model
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -146,7 +174,8 @@ def _json_object(text: str) -> dict:
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--optimizer", default="adamw", help="any torch.optim or torch_optimizer class by name")
+    p.add_argument("--optimizer", default="adamw",
+                   help="any torch.optim or torch_optimizer class by name, or adamw8bit / adam8bit (bitsandbytes)")
     p.add_argument("--optimizer-args", type=_json_object, default="{}",
                    help='extra optimizer keywords as a JSON object, e.g. \'{"momentum": 0.9}\'')
 
@@ -171,6 +200,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile(model) (the first step compiles; evaluation stays eager)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each decoder block's input and recompute the block in the backward pass "
+                        "(non-reentrant torch.utils.checkpoint; same gradients, about a third more compute)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

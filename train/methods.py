@@ -12,6 +12,10 @@ with :func:`register`. ``opts`` is a :class:`MethodOptions`.
 ``lora``       ``peft`` LoRA adapters (a baseline); ``--scale`` sets alpha = scale·rank
 =============  ============================================================================
 
+``--optimizer`` names any ``torch.optim`` / ``torch_optimizer`` class, or ``adamw8bit`` / ``adam8bit``
+(bitsandbytes: 8-bit blockwise states) for adamw, rso and lora. ``--activation-checkpointing``
+(:func:`enable_activation_checkpointing`) recomputes each decoder block in the backward pass.
+
 The subspace methods act on the linear layers of the transformer blocks (attention and MLP); the
 embeddings, norms and output head train in full, as in the papers.
 """
@@ -25,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["MethodError", "MethodOptions", "METHODS", "register", "parse_method", "setup_method",
-           "resolve_optimizer", "check_optimizer", "matrix_parameters", "method_names"]
+           "resolve_optimizer", "check_optimizer", "matrix_parameters", "method_names", "BITSANDBYTES_OPTIMIZERS",
+           "is_bitsandbytes", "enable_activation_checkpointing", "supports_activation_checkpointing"]
 
 #: Leaf names of the block linear layers (LLaMA, BERT, GPT-2 style) the subspace methods act on.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -99,9 +104,23 @@ def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
 
 
 # ----------------------------------------------------------------------------- optimizers by name
+#: 8-bit optimizers by name: bitsandbytes' blockwise-quantized states (uint8 moments, an fp32 scale per 256)
+BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit"}
+
+
+def is_bitsandbytes(name: str) -> bool:
+    """Whether ``--optimizer name`` is one of bitsandbytes' 8-bit optimizers (:data:`BITSANDBYTES_OPTIMIZERS`)."""
+    return name.lower().replace("-", "").replace("_", "") in BITSANDBYTES_OPTIMIZERS
+
+
 def resolve_optimizer(name: str):
-    """An optimizer class from ``torch.optim`` or ``torch_optimizer`` by (case-insensitive) name."""
+    """An optimizer class by (case-insensitive) name: bitsandbytes' ``adamw8bit`` / ``adam8bit``, else from
+    ``torch.optim`` or ``torch_optimizer``."""
     lowered = name.lower()
+    if is_bitsandbytes(name):
+        _check_bitsandbytes(name)
+        import bitsandbytes as bnb
+        return getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[lowered.replace("-", "").replace("_", "")])
     for attr in dir(torch.optim):
         obj = getattr(torch.optim, attr)
         if attr.lower() == lowered and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
@@ -117,8 +136,15 @@ def resolve_optimizer(name: str):
             pass
     known = sorted(a for a in dir(torch.optim) if isinstance(getattr(torch.optim, a), type)
                    and issubclass(getattr(torch.optim, a), torch.optim.Optimizer) and a != "Optimizer")
-    raise MethodError(f"unknown optimizer {name!r}: not in torch.optim ({', '.join(known)}) "
-                      "nor in torch_optimizer (e.g. lamb, radam, adabelief, yogi, adafactor)")
+    raise MethodError(f"unknown optimizer {name!r}: not in torch.optim ({', '.join(known)}), torch_optimizer "
+                      f"(e.g. lamb, radam, adabelief, yogi, adafactor) nor bitsandbytes "
+                      f"({', '.join(BITSANDBYTES_OPTIMIZERS)})")
+
+
+def _check_bitsandbytes(name: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MethodError(f"optimizer {name!r} needs bitsandbytes (pip install bitsandbytes), which is not installed")
 
 
 def check_optimizer(method: str, optimizer: str) -> None:
@@ -127,6 +153,9 @@ def check_optimizer(method: str, optimizer: str) -> None:
     if method in ("galore", "golore", "golore@") and optimizer.lower() not in ("adamw", "adam"):
         raise MethodError(f"the galore/golore methods run their own projected AdamW; --optimizer "
                           f"{optimizer!r} is only for adamw, rso and lora")
+    if is_bitsandbytes(optimizer):  # checked without importing it (seconds)
+        _check_bitsandbytes(optimizer)
+        return
     resolve_optimizer(optimizer)
 
 
@@ -232,6 +261,41 @@ def _lora(model, opts):
                 p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)
+
+
+def supports_activation_checkpointing(model_type: str | None) -> bool | None:
+    """Whether ``transformers``' model class for ``model_type`` (causal LM, else sequence classification)
+    supports gradient checkpointing; None if the type is unknown here."""
+    if not model_type:
+        return None
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+    for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        name = mapping.get(model_type)
+        if name:
+            cls = getattr(transformers, name, None)
+            return None if cls is None else bool(getattr(cls, "supports_gradient_checkpointing", False))
+    return None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Checkpoint every decoder block (non-reentrant ``torch.utils.checkpoint``, as
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``): the step keeps
+    each block's input and recomputes the block in the backward pass. Works on a wrapped (rso) or peft model;
+    the gradients are those of the plain step. MethodError if the model does not support it."""
+    import warnings
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise MethodError(f"{type(base).__name__} does not support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def unwrap_for_saving(model: nn.Module) -> nn.Module:

