@@ -164,9 +164,10 @@ class SubspaceLinear(nn.Module):
 
     # ----------------------------------------------------------------- math
     def effective_weight(self) -> torch.Tensor:
-        """``W₀ + scale·B P`` in fp32-accumulated precision, cast to W₀'s dtype."""
+        """``W₀ + scale·B P`` accumulated in fp32 (float64 for float64 weights), cast to W₀'s dtype."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
-            return (self.weight.float() + self.scale * (self.B.float() @ self.P.float())).to(self.weight.dtype)
+            return (self.weight.to(acc) + self.scale * (self.B.to(acc) @ self.P.to(acc))).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge_(self):

@@ -152,7 +152,8 @@ class OuterLoop:
             optimizer.state.pop(B, None)
         elif self.state_policy == "project" and B in optimizer.state:
             # Coordinates c in the old basis stand for c·P_old; in the new basis that is c·(P_old P_newᵀ).
-            R = (old_P.float() @ new_P.float().T)
+            acc = torch.promote_types(B.dtype, torch.float32)  # fp32, or float64 for a float64 model
+            R = old_P.to(acc) @ new_P.to(acc).T
             state = optimizer.state[B]
             if _is_bitsandbytes(optimizer):
                 _project_bitsandbytes_state(optimizer, state, R)
@@ -164,7 +165,7 @@ class OuterLoop:
                                                                     "floating-point moment"))
                     # Second moments stay non-negative: map them with R∘R.
                     mat = R * R if "sq" in key else R
-                    value.copy_((value.float() @ mat).to(value.dtype))
+                    value.copy_((value.to(mat.dtype) @ mat).to(value.dtype))
 
     def rearm(self):
         """Re-decide gradient captures from the step counters (after a load_state_dict, say)."""

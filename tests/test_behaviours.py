@@ -151,8 +151,6 @@ def test_project_policy_maps_every_layers_state(make_opt, update):
     assert rso.state(model)["cycle"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="library bug (reported): OuterLoop._update_optimizer_state maps the "
-                                       "state in float32 (R and value.float()), also for float64 state")
 def test_project_policy_keeps_float64_precision():
     model, x, y = regression(dtype=torch.float64)
     rso.wrap(model, rank=4, tau=None, state_on_merge="project")

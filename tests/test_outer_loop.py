@@ -59,9 +59,6 @@ def test_merge_at_tau_with_plain_adamw():
     assert opt.state[layer.B]["step"].item() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="library bug (reported): SubspaceLinear.effective_weight/merge_ compute "
-                                       "in float32 even for float64 weights, so a float64 model loses float64 "
-                                       "precision at every merge")
 def test_float64_merge_keeps_float64_precision():
     from layers import SubspaceLinear
     torch.manual_seed(0)
