@@ -47,13 +47,15 @@ def _effective(weight, B, P, index, scale):
 
 
 class GradientCapture:
-    """Accumulates the full weight gradient ``Σ gᵀx`` (fp32, out×in) over the micro-batches of a step."""
+    """Accumulates the full weight gradient ``Σ gᵀx`` (fp32, or float64 for float64 inputs; out×in) over
+    the micro-batches of a step."""
 
     def __init__(self):
         self.grad = None
 
     def add(self, g: torch.Tensor, x: torch.Tensor):
-        update = _flat(g).float().T @ _flat(x).float()
+        acc = torch.promote_types(g.dtype, torch.float32)
+        update = _flat(g).to(acc).T @ _flat(x).to(acc)
         self.grad = update if self.grad is None else self.grad.add_(update)
 
 

@@ -215,15 +215,18 @@ def sync_captured_gradients(model: nn.Module, process_group=None):
 
     def pre(optimizer, args, kwargs):
         lp = ref()
-        if lp is None or _world(process_group) == 1:
+        if lp is None:
             return
-        for g in lp._groups_in(optimizer):
-            for m in g.members:
-                cap = m._capture
-                if cap is not None and cap.grad is not None:
-                    dist.all_reduce(cap.grad, group=process_group)
-                    cap.grad.div_(_world(process_group))
+        if _world(process_group) > 1:
+            for g in lp._groups_in(optimizer):
+                for m in g.members:
+                    cap = m._capture
+                    if cap is not None and cap.grad is not None:
+                        dist.all_reduce(cap.grad, group=process_group)
+                        cap.grad.div_(_world(process_group))
+        lp.start_first_cycle(optimizer)  # the first cycle's P from the averaged gradient, too
 
+    loop.defer_first_cycle = True
     handle = register_optimizer_step_pre_hook(pre)
     weakref.finalize(loop, handle.remove)
     _CAPTURE_SYNC[loop] = handle

@@ -39,6 +39,7 @@ class OuterLoop:
         self.state_policy = state_policy
         self.proximal = proximal
         self.settings = {}  # the arguments of rso.wrap, as JSON data (set by wrap)
+        self.defer_first_cycle = False  # True when rso.distributed averages the captured gradients first
         self._handles = []
 
     # --------------------------------------------------------------- hooks
@@ -53,8 +54,12 @@ class OuterLoop:
 
         def pre(optimizer, args, kwargs):
             loop = ref()
-            if loop is not None and loop.proximal is not None:
+            if loop is None:
+                return
+            if loop.proximal is not None:
                 loop.add_proximal_gradient(optimizer)
+            if not loop.defer_first_cycle:
+                loop.start_first_cycle(optimizer)
 
         self._handles = [register_optimizer_step_post_hook(post), register_optimizer_step_pre_hook(pre)]
         for h in self._handles:
@@ -90,6 +95,33 @@ class OuterLoop:
             for m in g.members:
                 if m.B.grad is not None:
                     m.B.grad.add_(m.B, alpha=1.0 / self.proximal)
+
+    @torch.no_grad()
+    def start_first_cycle(self, optimizer):
+        """Before the first step, give a gradient-based sampler ("svd", "hybrid") the gradient it lacked
+        at wrap time, as GaLore does: P ← sampler(G₁) from the step's full gradient G₁ (captured), and
+        B's gradient becomes that of the new subspace, ∂B = c·s·G₁ P_newᵀ, where c = ‖B.grad‖ /
+        ‖s·G₁ P_oldᵀ‖ carries over whatever scaled B.grad since backward (clipping, GradScaler's unscale)."""
+        groups = [g for g in self._groups_in(optimizer) if int(g.members[0].step) == 0 and int(g.members[0].cycle) == 0
+                  and all(m._capture is not None and m._capture.grad is not None for m in g.members)]
+        if not groups:
+            return
+        due_now = self.tau == 1  # the merge after this step needs the same gradient: leave it captured
+        gradients = [[m._capture.grad if due_now else m.take_captured_gradient() for m in g.members] for g in groups]
+        if any(type(m.B.grad).__name__ == "DTensor" for g in groups for m in g.members):
+            return  # FSDP2-sharded B: the first cycle stays random (its captures are dropped above)
+        new = self.draw(groups, [0] * len(groups), [torch.cat(grads, 0) for grads in gradients])
+        coordinate = isinstance(self.sampler, CoordinateSampler)
+        for g, grads, P in zip(groups, gradients, new):
+            old_P = g.members[0].P.to(grads[0].dtype, copy=True)  # the buffer is overwritten in place next
+            g.set_projection_(P, coordinate=coordinate)
+            new_P = g.members[0].P.to(grads[0].dtype)
+            for m, G in zip(g.members, grads):
+                if m.B.grad is None:
+                    continue
+                before = (m.scale * G @ old_P.T).norm()
+                c = m.B.grad.to(G.dtype).norm() / before if before > 0 else 1.0
+                m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
 
     def after_step(self, optimizer):
         due = []
@@ -175,12 +207,14 @@ class OuterLoop:
         self._arm_captures()
 
     def _arm_captures(self):
-        """Keep the full gradient on the last inner step of a cycle whose next P needs it."""
+        """Keep the full gradient on the last inner step of a cycle whose next P needs it, and on the
+        first step if the first cycle's P needs one (see :meth:`start_first_cycle`)."""
         if self.tau is None:
             return
         for g in self.groups:
             step = int(g.members[0].step)
-            if (step + 1) % self.tau == 0 and self.sampler.uses_gradient(step + 1):
+            first = step == 0 and int(g.members[0].cycle) == 0 and self.sampler.uses_gradient(0)
+            if first or (step + 1) % self.tau == 0 and self.sampler.uses_gradient(step + 1):
                 for m in g.members:
                     if m._capture is None:
                         m.arm_capture()

@@ -1,4 +1,5 @@
 """The outer loop under ordinary training loops: merge timing, optimizer state, accumulation, SVD."""
+import copy
 import pytest
 import torch
 from torch import nn
@@ -193,18 +194,20 @@ def test_svd_projection_uses_the_full_gradient_of_the_last_inner_step():
     torch.testing.assert_close(layer.P.T @ layer.P, vh[:4].T @ vh[:4])
 
 
-def test_svd_capture_memory_is_only_on_the_last_inner_step():
+def test_svd_capture_memory_is_only_on_the_first_step_and_the_last_inner_steps():
     model = tiny_llama()
-    rso.wrap(model, rank=8, tau=2, projection="svd")
+    rso.wrap(model, rank=8, tau=3, projection="svd")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = lm_batch()
-    normal = rso.memory.measure_step(model, batch, opt)      # step 1: not the last of its cycle
-    capture = rso.memory.measure_step(model, batch, opt)     # step 2: keeps x, merges with SVD
+    first = rso.memory.measure_step(model, batch, opt)       # step 1: keeps x, its gradient picks cycle 0's P
+    normal = rso.memory.measure_step(model, batch, opt)      # step 2: not the last of its cycle
+    last = rso.memory.measure_step(model, batch, opt)        # step 3: keeps x, merges with SVD
     after = rso.memory.measure_step(model, batch, opt)
     # Extra activations = the inputs x of the wrapped layers (shared inputs once: qkv, o, gate/up, down).
     width = model.config.hidden_size * 3 + model.config.intermediate_size
     extra = 2 * 8 * width * model.config.num_hidden_layers * 4
-    assert capture.activations - normal.activations == extra
+    assert first.activations - normal.activations == extra
+    assert last.activations - normal.activations == extra
     assert after.activations == normal.activations
     assert rso.state(model)["cycle"] == 1
 
@@ -217,8 +220,46 @@ def test_hybrid_is_svd_then_stiefel():
     for _ in range(8):
         armed.append(model[0]._capture is not None)
         step(model, opt, x, y)
-    # Cycles starting at steps 2 (< 4) use SVD: capture on step 2 only; cycles at 4, 6, 8 are Stiefel.
-    assert armed == [False, True, False, False, False, False, False, False]
+    # Cycles starting at steps 0 and 2 (< 4) use SVD: capture on steps 1 and 2; cycles at 4, 6, 8 are Stiefel.
+    assert armed == [True, True, False, False, False, False, False, False]
+
+
+@pytest.mark.parametrize("projection", ["svd", "hybrid"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_first_cycle_of_a_gradient_sampler_uses_the_first_gradient(projection, clip):
+    """Like GaLore: cycle 0's P is the SVD of step 1's gradient, and step 1 already moves in it."""
+    from rso.projections import SVDSampler, generator_for
+    model, x, y = regression(dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    rso.wrap(model, rank=4, tau=3, projection=projection, total_steps=30, scale=0.5)
+    random_P = model[0].P.clone()
+    (plain(x) - y).pow(2).mean().backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    (model(x) - y).pow(2).mean().backward()
+    factor = 1.0
+    if clip is not None:
+        total = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+        factor = clip / (float(total) + 1e-6)
+        assert factor < 1
+    opt.step()
+    for i in (0, 2):
+        layer, G = model[i], plain[i].weight.grad
+        P = SVDSampler().sample(4, G.shape[1], generator_for(0), gradient=G, dtype=torch.float64)
+        torch.testing.assert_close(layer.P, P, rtol=0, atol=1e-12)
+        assert not torch.allclose(layer.P, random_P) if i == 0 else True
+        torch.testing.assert_close(layer.B, -0.1 * factor * 0.5 * G @ P.T, rtol=1e-10, atol=1e-14)
+        assert layer._capture is None                  # the step's full gradient is not kept
+    assert rso.state(model)["cycle"] == 0 and rso.state(model)["step"] == 1
+
+
+def test_first_cycle_of_stiefel_stays_the_wrap_time_sample():
+    model, x, y = regression(dtype=torch.float64)
+    rso.wrap(model, rank=4, tau=3)
+    P0 = model[0].P.clone()
+    assert model[0]._capture is None
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    step(model, opt, x, y)
+    assert torch.equal(model[0].P, P0)
 
 
 def test_hf_model_loop_runs_and_deleted_model_leaves_inert_hooks():
