@@ -185,11 +185,16 @@ def test_deepcopy_of_wrapped_model_is_independent():
     batch = lm_batch()
     twin = copy.deepcopy(model)
     torch.testing.assert_close(run(rso.unwrap(model), batch), run(rso.unwrap(twin), batch))
-    # The copy has hooks of its own: stepping it advances only its counters.
-    opt = torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=0.1)
-    clone(**batch).loss.backward()
+    # The copy has hooks of its own: stepping it advances only its counters, not the model's it came from.
+    source = rso.wrap(tiny_llama(), rank=8, tau=1)
+    copied = copy.deepcopy(source)
+    opt = torch.optim.SGD([p for p in copied.parameters() if p.requires_grad], lr=0.1)
+    copied(**batch).loss.backward()
     opt.step()
-    assert rso.state(clone)["step"] == 1
+    assert rso.state(copied)["step"] == 1 and rso.state(copied)["cycle"] == 1
+    assert rso.state(source)["step"] == 0 and rso.state(source)["cycle"] == 0
+    assert torch.equal(source.model.layers[0].mlp.down_proj.P, rso.wrap(tiny_llama(), rank=8, tau=1).model.layers[0]
+                       .mlp.down_proj.P)  # not resampled with the copy
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
