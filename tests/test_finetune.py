@@ -65,16 +65,49 @@ def test_causal_lm_rso_saves_plain_llama(tmp_path):
 
 def test_finetune_resume_identical(tmp_path):
     common = ["--method", "rso", "--task", "rotten_tomatoes", "--max-steps", "6", "--save-every", "3",
-              "--eval-every", "3", "--log-every", "2", "--no-save-model"]
+              "--eval-every", "3", "--log-every", "2", "--no-save-model", "--val-from-train", "8"]
     run(_args(tmp_path / "a", *common))
     assert run(_args(tmp_path / "b", *common, "--stop-after", "3")) == {"stopped_at": 3}
     run(build_parser().parse_args(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]))
 
     def records(folder):
-        return [{k: v for k, v in r.items() if k in ("step", "loss", "eval_loss", "accuracy")}
+        return [{k: v for k, v in r.items() if k in ("step", "loss", "eval_loss", "accuracy", "val_loss", "val_accuracy")}
                 for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
 
     assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert "val_accuracy" in records(tmp_path / "a")[-1]
+    assert main(["--output-dir", str(tmp_path / "b"), "--resume", "--val-from-train", "9", "--no-progress"]) == 2
+
+
+def test_validation_split_is_carved_from_train_and_reported_apart(tmp_path, monkeypatch, capsys):
+    full = tasks.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes", max_train=40, max_eval=24, val_from_train=16)
+    assert len(task.validation) == 16 and len(task.train) == 40 and len(task.eval) == 24
+    key = lambda rows: {(r["text"], r["label"]) for r in rows}  # noqa: E731
+    assert key(task.validation) <= key(full.train) and not key(task.validation) & key(full.eval)
+    assert not key(task.validation) & key(task.train)  # held out of training
+    assert tasks.load_task("rotten_tomatoes", val_from_train=16).validation == task.validation  # a fixed draw
+
+    res = run(_args(tmp_path / "a", "--method", "lora", "--val-from-train", "16", "--no-save-model"))
+    assert (res["train_examples"], res["val_examples"], res["eval_examples"]) == (48, 16, 24)
+    assert res["headline"] == {"metric": "accuracy", "higher_is_better": True, "eval_key": "final_accuracy",
+                               "val_key": "final_val_accuracy"}
+    assert {"final_val_loss", "final_val_accuracy", "final_eval_loss", "final_accuracy"} <= set(res)
+    assert res["trainable_params"] > 0 and res["peak_rss_mb"] > 0 and res["median_step_s"] > 0
+    evals = [r for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert evals[-1]["val_accuracy"] == res["final_val_accuracy"] and evals[-1]["accuracy"] == res["final_accuracy"]
+
+    assert main(["--task", "boolq", "--val-from-train", "100000", "--model", "tiny-bert",
+                 "--output-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == ("error: --val-from-train 100000: the task has 9,427 training examples; the "
+                                       "validation split must leave at least one\n")
+
+    def touched(*a, **k):
+        raise AssertionError("data was read before the arguments were checked")
+
+    monkeypatch.setattr("train.finetune.load_task", touched)
+    assert main(["--val-from-train", "0", "--output-dir", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err == "error: --val-from-train must be ≥ 1, got 0\n"
 
 
 def test_metrics_match_hand_computation():

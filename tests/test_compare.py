@@ -1,0 +1,173 @@
+"""The comparison runners: the shared job runner (pinned processes, failures, follow-up jobs), and the
+fine-tuning runner (methods × LRs × seeds; the LR chosen on the validation split, never the held-out set)."""
+import contextlib
+import importlib
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from train import compare_finetune as cf  # noqa: E402
+from train.compare import run_jobs  # noqa: E402
+
+
+class InProcess:
+    """``subprocess.Popen`` for ``python -m <module> ...``, run in this process (the imports are warm): the
+    runner's scheduling, results and tables are the same, without a new interpreter per run."""
+
+    def __init__(self, cmd, stdout, stderr):
+        cmd = cmd[cmd.index(sys.executable):]  # without taskset
+        module = importlib.import_module(cmd[cmd.index("-m") + 1])
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            self.returncode = module.main(cmd[cmd.index("-m") + 2:])
+
+    def poll(self):
+        return self.returncode
+
+
+def test_run_jobs_pins_reports_failures_and_queues_follow_ups(tmp_path):
+    def job(name, code):
+        return {"name": name, "output": tmp_path / name,
+                "cmd": [sys.executable, "-c", f"import json, os, pathlib; {code}"]}
+
+    write = ("p = pathlib.Path({!r}); p.mkdir(); "
+             "(p / 'results.json').write_text(json.dumps({{'cores': sorted(os.sched_getaffinity(0))}}))")
+    first = [job("a", write.format(str(tmp_path / "a"))), job("bad", "print('boom'); raise SystemExit(3)")]
+    follow = job("c", write.format(str(tmp_path / "c")))
+    done = run_jobs(first, tmp_path, n_jobs=2, threads_per_job=1, poll_s=0.05,
+                    on_done=lambda j: [follow] if j["name"] == "a" else [])
+    by = {j["name"]: j for j in done}
+    assert set(by) == {"a", "bad", "c"}
+    assert by["bad"]["error"] == "exit 3: boom" and "error" not in by["a"] and "error" not in by["c"]
+    if (os.cpu_count() or 1) >= 2 and len(os.sched_getaffinity(0)) >= 2:
+        assert len(by["a"]["cores"]) == 1 and len(by["c"]["cores"]) == 1  # taskset: one core per slot
+    assert by["a"]["command"].startswith("python -c ") and (tmp_path / "bad.log").read_text() == "boom\n"
+
+
+def _sweep_run(lr, val, held_out, seed=0, higher=True):
+    key = "accuracy" if higher else "loss"
+    return {"run_lr": lr, "run_seed": seed,
+            "headline": {"metric": key, "higher_is_better": higher, "eval_key": f"final_{'eval_' if not higher else ''}{key}",
+                         "val_key": f"final_val_{key}"},
+            f"final_val_{key}": val, f"final_{'eval_' if not higher else ''}{key}": held_out}
+
+
+def test_lr_choice_reads_only_the_validation_split():
+    # the held-out set prefers 1e-3, the validation split 3e-4: the validation split decides
+    runs = [_sweep_run(1e-4, 0.70, 0.75), _sweep_run(3e-4, 0.80, 0.70), _sweep_run(1e-3, 0.60, 0.90)]
+    assert cf.choose_lr(runs) == 3e-4
+    for r in runs:  # any held-out numbers: the same choice
+        r["final_accuracy"] = 1.0 - r["final_accuracy"]
+    assert cf.choose_lr(runs) == 3e-4
+    # no validation metric: no choice (never a fall-back to the held-out metric)
+    assert cf.choose_lr([{k: v for k, v in r.items() if k != "final_val_accuracy"} for r in runs]) is None
+    # failed runs are passed over; a loss is minimised; ties go to the smaller LR
+    assert cf.choose_lr([_sweep_run(1e-4, 0.5, 0.9), {**_sweep_run(1e-3, 0.9, 0.9), "error": "exit 1"}]) == 1e-4
+    assert cf.choose_lr([_sweep_run(1e-4, 2.0, 1.0, higher=False), _sweep_run(1e-3, 1.5, 3.0, higher=False)]) == 1e-3
+    assert cf.choose_lr([_sweep_run(1e-3, 0.8, 0.1), _sweep_run(1e-4, 0.8, 0.2)]) == 1e-4
+
+
+class FakeFinetune:
+    """A ``train.finetune`` run that only writes its results: validation accuracy peaks at lr 3e-4,
+    held-out accuracy at 1e-3 (and differs by seed)."""
+
+    calls = []
+
+    def __init__(self, cmd, stdout, stderr):
+        args = cmd[cmd.index("-m") + 2:]
+        value = {k: args[args.index(k) + 1] for k in ("--lr", "--seed", "--output-dir", "--method")}
+        lr, seed = float(value["--lr"]), int(value["--seed"])
+        FakeFinetune.calls.append((value["--method"], lr, seed))
+        out = os.path.join(value["--output-dir"])
+        os.makedirs(out)
+        results = {"model": "fake", "eval_split": "held-out", "train_examples": 40, "val_examples": 8,
+                   "eval_examples": 24, "projection": None, "rank": 4, "trainable_params": 1000,
+                   "peak_rss_mb": 100.0 + seed, "median_step_s": 0.1, "final_eval_loss": 0.5,
+                   "headline": {"metric": "accuracy", "higher_is_better": True, "eval_key": "final_accuracy",
+                                "val_key": "final_val_accuracy"},
+                   "final_val_accuracy": {1e-4: 0.6, 3e-4: 0.8, 1e-3: 0.5}[lr],
+                   "final_accuracy": {1e-4: 0.6, 3e-4: 0.7, 1e-3: 0.9}[lr] + 0.1 * seed}
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+        self.returncode = 0
+
+    def poll(self):
+        return 0
+
+
+def test_runner_sweeps_with_the_first_seed_then_runs_the_others_at_the_validation_choice(tmp_path):
+    FakeFinetune.calls = []
+    out = tmp_path / "cmp"
+    assert cf.main(["--methods", "rso=1e-4/3e-4/1e-3,adamw=1e-4", "--seeds", "0,1,2", "--val-from-train", "8",
+                    "--model", "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "2"], spawn=FakeFinetune) == 0
+    assert sorted(FakeFinetune.calls) == sorted([("rso", 1e-4, 0), ("rso", 3e-4, 0), ("rso", 1e-3, 0),
+                                                 ("rso", 3e-4, 1), ("rso", 3e-4, 2),
+                                                 ("adamw", 1e-4, 0), ("adamw", 1e-4, 1), ("adamw", 1e-4, 2)])
+    rows = {r["name"]: r for r in json.loads((out / "table.json").read_text())["methods"]}
+    rso = rows["rso"]
+    assert rso["chosen_lr"] == 3e-4 and rso["seeds"] == [0, 1, 2]  # not 1e-3, the held-out set's best
+    assert rso["values"] == pytest.approx([0.7, 0.8, 0.9]) and rso["mean"] == pytest.approx(0.8)
+    assert rso["std"] == pytest.approx(0.1) and rso["val_at_chosen"] == 0.8 and rso["peak_memory_mb"] == 102.0
+    assert [s["val_metric"] for s in rso["sweep"]] == [0.6, 0.8, 0.5]
+    assert rows["adamw"]["chosen_lr"] == 1e-4 and not rows["adamw"]["swept"] and rows["adamw"]["sweep"] == []
+    text = (out / "table.md").read_text()
+    assert "| rso | 4 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 80.00 ± 10.00% |" in text
+    sweep_table = text[text.index("LR sweep"):text.index("Command:")]
+    assert "**0.0003**" in sweep_table and "90.00" not in sweep_table  # the sweep shows validation numbers only
+
+
+def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
+    def spawn(*a, **k):
+        raise AssertionError("a run started")
+
+    for argv, message in [(["--methods", "rso:bogus"], "--methods entry 'rso:bogus': --projection: unknown projection"),
+                          (["--methods", "lora[rnk=4]"], "--methods entry 'lora[rnk=4]': unknown option 'rnk=4'"),
+                          (["--methods", "adamw=0"], "--methods entry 'adamw=0': each value must be a finite number > 0"),
+                          (["--seeds", "1,1"], "--seeds: give distinct integer seeds"),
+                          (["--task", "squad"], "unknown task 'squad'; offline: rotten_tomatoes, boolq, xsum"),
+                          (["--jobs", "0"], "--jobs must be ≥ 1, got 0"),
+                          (["--val-from-train", "0"], "--val-from-train must be ≥ 1, got 0"),
+                          (["--", "--lr", "1e-3"], "--lr: the runner sets it"),
+                          (["--", "--max-train", "0"], "--max-train must be ≥ 1, got 0"),
+                          (["--model", "tiny-bert", "--rank", "65"], "--methods entry 'galore': --rank 65 is larger")]:
+        assert cf.main(["--output-dir", str(tmp_path / "x"), *argv], spawn=spawn) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, restore_threads):
+    out = tmp_path / "cmp"
+    rc = cf.main(["--model", "tiny-bert", "--methods", "rso[rank=4,tau=2]=1e-3/3e-3,adamw=1e-3",
+                  "--seeds", "0,1", "--val-from-train", "8", "--jobs", "2", "--threads-per-job", "1",
+                  "--output-dir", str(out), "--",
+                  "--max-train", "16", "--max-eval", "8", "--batch-size", "8", "--max-length", "16",
+                  "--max-steps", "2", "--eval-every", "2"], spawn=InProcess)
+    assert rc == 0, capsys.readouterr().out
+    data = json.loads((out / "table.json").read_text())
+    assert data["val_examples"] == 8 and data["train_examples"] == 16 and data["eval_examples"] == 8
+    assert len(data["runs"]) == 5 and not any(r.get("error") for r in data["runs"])  # 2 sweep + 1 seed + 2 seeds
+    rows = {r["name"]: r for r in data["methods"]}
+    rso, adamw = rows["rso-rank4-tau2"], rows["adamw"]
+    sweep = [r for r in data["runs"] if r["entry_name"] == "rso-rank4-tau2" and r["phase"] == "sweep"]
+    assert rso["chosen_lr"] == cf.choose_lr(sweep) and rso["seeds"] == [0, 1] and adamw["seeds"] == [0, 1]
+    for row in (rso, adamw):
+        assert row["n"] == 2 and 0 <= row["mean"] <= 1 and row["std"] is not None
+        assert row["trainable_params"] > 0 and row["peak_memory_mb"] > 0 and row["median_step_s"] > 0
+    assert not list(out.glob("*/checkpoint.pt")) and (out / "adamw_lr0.001_s1" / "metrics.jsonl").exists()
+    assert rso["label"] == "rso (stiefel), rank 4, tau 2" and adamw["trainable_params"] > rso["trainable_params"]
+    text = (out / "table.md").read_text()
+    assert "| rso (stiefel), rank 4, tau 2 | 4 |" in text and "| adamw | — | 0.001 (not swept) |" in text
+    assert "python -m train.compare_finetune --model tiny-bert" in text

@@ -1,0 +1,392 @@
+"""Fine-tune with several methods × learning rates × seeds and tabulate them, the LR chosen on a validation split.
+
+    python -m train.compare_finetune --task rotten_tomatoes --seeds 0,1,2 --val-from-train 500 \\
+        --jobs 2 --threads-per-job 1 --output-dir runs/ft-compare/rt -- \\
+        --max-train 4000 --epochs 1 --batch-size 32 --max-length 64 --max-eval 2000 --eval-every 125
+
+Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
+``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]`` (keys: rank, tau, scale);
+an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
+
+Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
+examples (the same fixed draw for every run) are held out as a validation split and not trained on
+(``--max-train`` then counts the examples left). For each entry with
+more than one LR, the first seed runs at each LR; the LR with the best validation metric (accuracy, or
+the loss for causal-LM tasks; ties: the smaller LR) is chosen, and the other seeds run at it. The
+held-out set (``task.eval``) is what the table reports, mean ± std over the seeds; it never takes part in
+the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
+run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
+runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
+runner of ``train.compare``). Writes ``table.md`` and ``table.json`` in ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+
+from . import finetune
+from .checkpoint import CHECKPOINT_NAME
+from .compare import display, parse_entry, run_jobs
+from .data import DataError
+from .loop import Parser, UsageError, check_rank, given_options
+from .methods import MethodError, parse_method
+from .models import ConfigError
+from .tasks import task_key
+
+DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
+#: Entry options and the train.finetune flags they set.
+ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float}
+#: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
+RUNNER_SETS = {"method": "the entries of --methods", "projection": "an entry's method:projection",
+               "lr": "an entry's =lr/lr/... or --lr-factors", "seed": "--seeds", "output_dir": "the runner's --output-dir",
+               "val_from_train": "the runner's --val-from-train", "resume": "nothing (start a new --output-dir)",
+               "stop_after": "nothing", "no_save_model": "the runner (--save-models keeps them)",
+               "threads": "--threads-per-job"}
+_ENTRY = re.compile(r"^(?P<spec>[^\[\]=]+)(?:\[(?P<options>[^\]]*)\])?(?:=(?P<lrs>[^\[\]]+))?$")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m train.compare_finetune", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="rotten_tomatoes", help="a train.finetune task")
+    p.add_argument("--model", default=None, help="a train.finetune model (None: minilm for classification, smollm2 for xsum)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated method[:projection][[key=value,...]][=lr/lr/...] entries")
+    p.add_argument("--lr-factors", default="0.5,1,2",
+                   help="an entry without its own LRs sweeps these multiples of the method's default LR")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the LR sweep runs the first")
+    p.add_argument("--val-from-train", type=int, default=500,
+                   help="training examples held out as the validation split the LR is chosen on")
+    p.add_argument("--rank", type=int, default=None, help="rank for entries without their own")
+    p.add_argument("--tau", type=int, default=None, help="steps per subspace for entries without their own")
+    p.add_argument("--scale", type=float, default=None, help="scale for entries without their own")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--threads-per-job", type=int, default=None, help="CPU threads (and pinned cores) per run")
+    p.add_argument("--save-models", action="store_true",
+                   help="let each run save and reload its final model (default: --no-save-model)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's checkpoint.pt (default: deleted once its results are read)")
+    p.add_argument("--output-dir", default="runs/compare-finetune")
+    return p
+
+
+# ----------------------------------------------------------------------------- the plan
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace("/", ",").split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a list of numbers") from None
+    if not values:
+        raise UsageError(f"{what}: no values in {text!r}")
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UsageError(f"{what}: each value must be a finite number > 0, got {bad[0]}")
+    return values
+
+
+def split_entries(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets."""
+    out, depth, word = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(word)
+            word = ""
+        else:
+            word += ch
+    return [w.strip() for w in out + [word] if w.strip()]
+
+
+def parse_ft_entry(text: str, lr_factors: list[float]) -> dict:
+    """An entry of ``--methods``: method, projection, options (rank/tau/scale), its LRs, a file-safe name."""
+    m = _ENTRY.match(text)
+    if not m:
+        raise UsageError(f"--methods: cannot read entry {text!r}; write method[:projection][[key=value,...]][=lr/lr]")
+    entry = parse_entry(m["spec"])
+    try:
+        name, _ = parse_method(entry["method"])
+    except MethodError as e:
+        raise UsageError(f"--methods entry {text!r}: {e}") from None
+    options = {}
+    for item in filter(None, (s.strip() for s in (m["options"] or "").split(","))):
+        key, eq, value = item.partition("=")
+        if key not in ENTRY_OPTIONS or not eq:
+            raise UsageError(f"--methods entry {text!r}: unknown option {item!r}; options: "
+                             f"{', '.join(f'{k}=VALUE' for k in ENTRY_OPTIONS)}")
+        try:
+            options[key] = ENTRY_OPTIONS[key](value)
+        except ValueError:
+            raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not a number") from None
+    if m["lrs"]:
+        lrs = _floats(m["lrs"], f"--methods entry {text!r}")
+    else:
+        default = finetune.DEFAULT_LR.get(name, finetune.DEFAULT_LR_SUBSPACE)
+        lrs = [float(f"{default * f:.3g}") for f in lr_factors]
+    lrs = sorted(set(lrs))
+    label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")
+    label += "".join(f", {k} {v:g}" for k, v in options.items())
+    return {"entry": text, "method": entry["method"], "projection": entry["projection"], "options": options,
+            "lrs": lrs, "label": label,
+            "name": entry["name"] + "".join(f"-{k}{v:g}" for k, v in options.items())}
+
+
+def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folder: pathlib.Path) -> list[str]:
+    cmd = [sys.executable, "-m", "train.finetune", "--task", args.task, "--method", entry["method"],
+           "--lr", f"{lr:g}", "--seed", str(seed), "--val-from-train", str(args.val_from_train),
+           "--output-dir", str(folder), "--no-progress"]
+    if args.model:
+        cmd += ["--model", args.model]
+    if entry["projection"]:
+        cmd += ["--projection", entry["projection"]]
+    for key in ENTRY_OPTIONS:
+        value = entry["options"].get(key, getattr(args, key))
+        if value is not None:
+            cmd += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.threads_per_job:
+        cmd += ["--threads", str(args.threads_per_job)]
+    if not args.save_models:
+        cmd += ["--no-save-model"]
+    return cmd + extra
+
+
+def make_job(entry: dict, lr: float, seed: int, phase: str, args, extra, out: pathlib.Path) -> dict:
+    name = f"{entry['name']}_lr{lr:g}_s{seed}"
+    return {"name": name, "entry_name": entry["name"], "phase": phase, "run_lr": lr, "run_seed": seed,
+            "cmd": job_command(entry, lr, seed, args, extra, out / name), "output": out / name}
+
+
+def plan(args, extra: list[str]) -> list[dict]:
+    """The entries, every argument checked (each run's command line parsed by ``train.finetune``'s parser,
+    its rank checked against the model where the model's config is known) before any run or data."""
+    task_key(args.task)  # an unknown task: a DataError now, not in every run
+    for dest, low in (("jobs", 1), ("threads_per_job", 1), ("val_from_train", 1)):
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f"--{dest.replace('_', '-')} must be ≥ {low}, got {value}")
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
+        raise UsageError(f"--seeds: give distinct integer seeds, got {args.seeds!r}")
+    extra[:] = [a for a in extra if a != "--"]
+    taken = [d for d in given_options(finetune.build_parser(), extra) if d in RUNNER_SETS]
+    if taken:
+        raise UsageError(f"--{taken[0].replace('_', '-')}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
+    finetune.build_parser().parse_args(extra)  # the arguments passed on to every run: unknown or bad values
+    factors = _floats(args.lr_factors, "--lr-factors")
+    entries = [parse_ft_entry(e, factors) for e in split_entries(args.methods)]
+    if not entries:
+        raise UsageError("--methods: no entries")
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"--methods: two entries are both {dup!r}")
+    cfg = finetune.model_config(args.model)
+    for entry in entries:
+        for lr in entry["lrs"]:
+            argv = job_command(entry, lr, args.seed_list[0], args, extra, pathlib.Path("x"))[3:]
+            try:
+                check_rank(finetune.build_parser().parse_args(argv), cfg)
+            except UsageError as e:
+                raise UsageError(f"--methods entry {entry['entry']!r}: {e}") from None
+    return entries
+
+
+# ----------------------------------------------------------------------------- choosing the LR
+def val_metric(run: dict) -> float | None:
+    """A finished run's validation-split metric (``headline['val_key']`` of its results), or None."""
+    if run.get("error") or "headline" not in run:
+        return None
+    value = run.get(run["headline"]["val_key"])
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def choose_lr(runs: list[dict]) -> float | None:
+    """The LR of the sweep run with the best validation-split metric; ties go to the smaller LR.
+
+    Only ``val_metric`` is read: the held-out (reported) metrics of the runs play no part. Failed runs and
+    runs without a validation metric are passed over; None if no run has one.
+    """
+    scored = [(val_metric(r), r["run_lr"]) for r in runs if val_metric(r) is not None]
+    if not scored:
+        return None
+    higher = next(r["headline"]["higher_is_better"] for r in runs if val_metric(r) is not None)
+    return min(scored, key=lambda s: (-s[0] if higher else s[0], s[1]))[1]
+
+
+# ----------------------------------------------------------------------------- the table
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(value, metric: str, spread=None) -> str:
+    if value is None:
+        return "—"
+    percent = metric in ("accuracy", "f1")
+    scale, digits = (100, 2) if percent else (1, 2 if metric == "eval_ppl" else 4)
+    text = f"{scale * value:.{digits}f}"
+    if spread is not None:
+        text += f" ± {scale * spread:.{digits}f}"
+    return text + ("%" if percent else "")
+
+
+def summarize(entry: dict, jobs: list[dict]) -> dict:
+    """One entry's row: the sweep (validation metric per LR), the chosen LR, and over the seed runs at it the
+    held-out metric's mean ± std, trainable parameters, peak memory and step time."""
+    sweep = [j for j in jobs if j["entry_name"] == entry["name"] and j["phase"] == "sweep"]
+    chosen = entry.get("chosen_lr")
+    seeds = [j for j in jobs if j["entry_name"] == entry["name"] and j["run_lr"] == chosen
+             and j["phase"] in ("sweep", "seed")]
+    seeds.sort(key=lambda j: j["run_seed"])
+    ok = [j for j in seeds if not j.get("error")]
+    row = {"name": entry["name"], "label": entry["label"], "method": entry["method"],
+           "projection": entry["projection"], "options": entry["options"], "lrs": entry["lrs"],
+           "swept": len(entry["lrs"]) > 1, "chosen_lr": chosen,
+           "sweep": [{"lr": j["run_lr"], "seed": j["run_seed"], "val_metric": val_metric(j), "run": j["name"],
+                      **({"error": j["error"]} if j.get("error") else {})} for j in sorted(sweep, key=lambda j: j["run_lr"])],
+           "runs": [j["name"] for j in seeds], "failed": [j["name"] for j in seeds if j.get("error")]}
+    if not ok:
+        row["error"] = entry.get("error") or next((j["error"] for j in seeds + sweep if j.get("error")), "no run")
+        return row
+    head = ok[0]["headline"]
+    if entry["projection"] is None and ok[0].get("projection"):  # rso's default projection, as the runs report it
+        row["label"] = row["label"].replace(entry["method"], f"{entry['method']} ({ok[0]['projection']})", 1)
+    eval_values = [j[head["eval_key"]] for j in ok]
+    second = "final_eval_ppl" if head["metric"] == "loss" else "final_eval_loss"
+    memory_key = next((k for k in ok[0] if k.startswith("peak_")), None)
+    row.update({"metric": head["metric"], "higher_is_better": head["higher_is_better"], "seeds": [j["run_seed"] for j in ok],
+                "n": len(ok), "values": eval_values, "mean": _mean_std(eval_values)[0], "std": _mean_std(eval_values)[1],
+                "secondary": second.removeprefix("final_"),
+                "secondary_mean": _mean_std([j[second] for j in ok])[0],
+                "secondary_std": _mean_std([j[second] for j in ok])[1],
+                "val_at_chosen": val_metric(seeds[0]) if seeds[0]["run_seed"] == entry["seed0"] else None,
+                "rank": ok[0].get("rank") if parse_method(entry["method"])[0] != "adamw" else None,
+                "trainable_params": ok[0].get("trainable_params"),
+                "memory_key": memory_key,
+                "peak_memory_mb": max(j[memory_key] for j in ok) if memory_key else None,
+                "median_step_s": statistics.median(j["median_step_s"] for j in ok)})
+    return row
+
+
+def table(rows: list[dict], info: dict) -> str:
+    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
+    second = next((r["secondary"] for r in rows if "secondary" in r), "eval loss")
+    mem = next((r["memory_key"] for r in rows if r.get("memory_key")), "rss_mb")
+    mem_label = "peak GPU memory (MB)" if "gpu" in mem else "peak RSS (MB)"
+    split = info.get("eval_split", "held-out")
+    lines = [f"| method | rank | lr (chosen of swept) | val {metric} at chosen lr | {split} {metric}, mean ± std "
+             f"| {split} {second.replace('eval_', '')} | seeds | trainable params | {mem_label} | step time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lrs = "/".join(f"{lr:g}" for lr in r["lrs"])
+        if "metric" not in r:
+            lines.append(f"| {r['label']} | | {lrs} | failed: {r.get('error', '?')} | | | | | | |")
+            continue
+        chosen = f"{r['chosen_lr']:g}" + (f" of {lrs}" if r["swept"] else " (not swept)")
+        seeds = f"{r['n']}" + (f" ({len(r['failed'])} failed)" if r["failed"] else "")
+        lines.append(f"| {r['label']} | {r['rank'] if r['rank'] is not None else '—'} | {chosen} | "
+                     f"{_fmt(r['val_at_chosen'], r['metric'])} | {_fmt(r['mean'], r['metric'], r['std'])} | "
+                     f"{_fmt(r['secondary_mean'], r['secondary'], r['secondary_std'])} | {seeds} | "
+                     f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_memory_mb']:,.0f} | {r['median_step_s']:.3f} |")
+    lines += ["", "LR sweep (validation split only; seed "
+              f"{info['seeds'][0]}):", "", f"| method | lr | val {metric} |", "|---|---|---|"]
+    for r in rows:
+        for s in r["sweep"]:
+            value = "failed: " + s["error"] if s.get("error") else _fmt(s["val_metric"], metric)
+            mark = "**" if s["lr"] == r.get("chosen_lr") else ""
+            lines.append(f"| {r['label']} | {mark}{s['lr']:g}{mark} | {value} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> int:
+    out = pathlib.Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed0, others = args.seed_list[0], args.seed_list[1:]
+    by_name = {e["name"]: e for e in entries}
+    first = []
+    for e in entries:
+        e["seed0"] = seed0
+        if len(e["lrs"]) > 1:  # sweep with the first seed
+            first += [make_job(e, lr, seed0, "sweep", args, extra, out) for lr in e["lrs"]]
+        else:
+            e["chosen_lr"] = e["lrs"][0]
+            first += [make_job(e, e["lrs"][0], s, "seed", args, extra, out) for s in args.seed_list]
+    jobs = list(first)
+
+    def on_done(job):
+        if not args.keep_checkpoints and not job.get("error"):
+            (pathlib.Path(job["output"]) / CHECKPOINT_NAME).unlink(missing_ok=True)
+        entry = by_name[job["entry_name"]]
+        sweep = [j for j in jobs if j["entry_name"] == entry["name"] and j["phase"] == "sweep"]
+        if job["phase"] != "sweep" or any("error" not in j and "headline" not in j for j in sweep):
+            return []  # not a sweep run, or the sweep is not over
+        entry["chosen_lr"] = choose_lr(sweep)
+        if entry["chosen_lr"] is None:
+            entry["error"] = "no sweep run finished with a validation metric"
+            print(f"FAIL  {entry['name']}: {entry['error']}", flush=True)
+            return []
+        swept = ", ".join(f"{j['run_lr']:g}" for j in sweep)
+        print(f"lr    {entry['name']}: {entry['chosen_lr']:g} (the best validation metric of {swept}); "
+              f"seeds to run at it: {', '.join(map(str, others)) or 'none'}", flush=True)
+        more = [make_job(entry, entry["chosen_lr"], s, "seed", args, extra, out) for s in others]
+        jobs.extend(more)
+        return more
+
+    def summary(job):
+        head = job["headline"]
+        val = job.get(head["val_key"])
+        return (f"val {head['metric']} {val:.4f}, " if val is not None else "") + \
+            f"{job.get('eval_split', 'held-out')} {head['metric']} {job[head['eval_key']]:.4f}"
+
+    run_jobs(first, out, args.jobs, args.threads_per_job, on_done=on_done, summary=summary, spawn=spawn, poll_s=0.5)
+    rows = [summarize(e, jobs) for e in entries]
+    done = [j for j in jobs if "headline" in j]
+    info = {"task": args.task, "model": args.model or (done[0]["model"] if done else None),
+            "eval_split": done[0]["eval_split"] if done else "held-out", "seeds": args.seed_list,
+            "val_from_train": args.val_from_train,
+            "train_examples": done[0]["train_examples"] if done else None,
+            "val_examples": done[0]["val_examples"] if done else None,
+            "eval_examples": done[0]["eval_examples"] if done else None,
+            "selection": (f"each method's lr: the best validation-split metric of its sweep (seed {seed0}); the "
+                          f"validation split is {args.val_from_train} examples carved from the training data (a fixed "
+                          f"draw, the same for every run, not trained on); the held-out set is only reported"),
+            "command": display([sys.executable, "-m", "train.compare_finetune", *args.argv]), "extra_args": extra}
+    text = table(rows, info)
+    header = (f"Task {info['task']}, model {info['model']}: {info['train_examples']} training examples, "
+              f"{info['val_examples']} validation (carved from train), {info['eval_examples']} {info['eval_split']}. "
+              f"{info['selection'][0].upper() + info['selection'][1:]}. Mean ± std over seeds "
+              f"{', '.join(map(str, args.seed_list))} at the chosen lr (sample std; — for one seed).")
+    (out / "table.md").write_text(header + "\n\n" + text + f"\n\nCommand:\n\n    {info['command']}\n\nRuns:\n\n"
+                                  + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
+    (out / "table.json").write_text(json.dumps(
+        {**info, "methods": rows,
+         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output")} for j in jobs]}, indent=2, default=str))
+    print(header + "\n\n" + text)
+    print(f"table: {out / 'table.md'}")
+    return 0 if all(not j.get("error") for j in jobs) and all("error" not in r for r in rows) else 1
+
+
+def main(argv=None, *, spawn=subprocess.Popen) -> int:
+    """Parse and check every argument (one line ``error: ...``, exit status 2, before any run), then run."""
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
+        entries = plan(args, extra)
+    except (UsageError, ConfigError, DataError, MethodError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(args, extra, entries, spawn=spawn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
