@@ -53,9 +53,13 @@ def test_few_steps_per_method(env, tmp_path, method, extra):
     res = run(_args(env, tmp_path, "--method", method, "--max-steps", "4", "--tau", "2", *extra))
     assert res["steps"] == 4 and res["tokens"] == 4 * 4 * 16
     assert torch.isfinite(torch.tensor(res["final_eval_loss"]))
-    assert res["final_eval_loss"] < 7.0  # ln(512) = 6.24 at random init; a few steps must not blow up
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_ppl" in r for r in records) and any("tokens_per_s" in r for r in records)
+    # It trains: the held-out loss (evaluated after every step here) falls at each step, by 0.0088-0.0120
+    # from step 1 to 4 for these methods (measured), from about ln(512) = 6.24.
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 4 and all(b < a for a, b in zip(evals, evals[1:])), evals
+    assert evals[-1] < evals[0] - 0.004 and res["final_eval_loss"] == evals[-1]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "results.json").exists()
 
@@ -112,9 +116,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
 
-def test_torch_optimizer_by_name(env, tmp_path):
+def test_torch_optimizer_by_name(env, tmp_path, monkeypatch):
+    import torch_optimizer
+    calls = []
+    step = torch_optimizer.Lamb.step
+    monkeypatch.setattr(torch_optimizer.Lamb, "step", lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
     res = run(_args(env, tmp_path, "--method", "rso", "--optimizer", "lamb", "--max-steps", "2"))
-    assert res["steps"] == 2
+    assert res["steps"] == 2 and len(calls) == 2  # the steps were LAMB's
 
 
 def _error(capsys, *argv):
