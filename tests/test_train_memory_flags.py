@@ -179,3 +179,24 @@ def test_benchmark_worker_with_checkpointing_and_8bit(capsys):
     capsys.readouterr()
     assert bench_main(["--configs", "tiny", "--methods", "galore", "--optimizer", "adamw8bit"]) == 2
     assert capsys.readouterr().err.startswith("error: --optimizer adamw8bit: only for")
+
+
+def test_memory_frontier_case_matches_the_estimate():
+    """train.memory_frontier's worker on a small LLaMA: bf16 parameters straight from the build, one measured step
+    with checkpointing, the chunked head and 8-bit states, term by term equal to the estimate."""
+    pytest.importorskip("bitsandbytes")
+    from train.memory_frontier import _measured_terms, estimate_case, parse_case, run_case
+    model = {k: v for k, v in MICRO.items() if k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                       "num_key_value_heads", "num_hidden_layers", "vocab_size",
+                                                       "tie_word_embeddings", "max_position_embeddings")}
+    model.update(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2)
+    spec = {"case": "rso+ckpt+ce+8bit", "model": model, "rank": 32, "batch": 2, "seq": 16, "threads": 1}
+    rec = run_case(spec)
+    assert rec["parameter_dtypes"] == ["torch.bfloat16"]
+    measured, est = _measured_terms(rec["measured"]), estimate_case(spec)
+    for key in ("weights", "gradients", "optimizer", "activations_kept", "activations_recompute"):
+        assert measured[key] == pytest.approx(est[key], rel=0.05), key
+    assert measured["total"] == pytest.approx(est["total"], rel=0.05)
+    assert parse_case("adamw")["checkpointing"] is False
+    with pytest.raises(ValueError, match="method"):
+        parse_case("sgd+ckpt")
