@@ -42,10 +42,10 @@ def wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_project
     """The arguments of ``rso.wrap`` as JSON data (a custom sampler is recorded by its class name)."""
     custom = type(sampler).__name__ if sampler.name not in SAMPLERS or type(sampler) is not SAMPLERS[sampler.name] \
         else None
-    as_list = (lambda v: sorted(v) if isinstance(v, set) else list(v)) if isinstance(
-        target_modules, (list, tuple, set)) else (lambda v: v)
+    if isinstance(target_modules, (list, tuple, set)):  # JSON has lists only (a set in a fixed order)
+        target_modules = sorted(target_modules) if isinstance(target_modules, set) else list(target_modules)
     return {"rank": rank, "tau": tau, "projection": custom or sampler.name, "custom_projection": custom is not None,
-            "target_modules": as_list(target_modules), "scale": float(scale), "seed": seed,
+            "target_modules": target_modules, "scale": float(scale), "seed": seed,
             "share_projections": share_projections if isinstance(share_projections, bool)
             else [list(g) for g in share_projections],
             "total_steps": total_steps, "random_fraction": random_fraction, "state_on_merge": state_on_merge,
