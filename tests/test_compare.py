@@ -84,7 +84,7 @@ class FakeFinetune:
         lr, seed = float(value["--lr"]), int(value["--seed"])
         FakeFinetune.calls.append((value["--method"], lr, seed))
         out = os.path.join(value["--output-dir"])
-        os.makedirs(out)
+        os.makedirs(out, exist_ok=True)
         results = {"model": "fake", "eval_split": "held-out", "train_examples": 40, "val_examples": 8,
                    "eval_examples": 24, "projection": None, "rank": 4, "trainable_params": 1000,
                    "peak_rss_mb": 100.0 + seed, "median_step_s": 0.1, "final_eval_loss": 0.5,
@@ -119,6 +119,28 @@ def test_runner_sweeps_with_the_first_seed_then_runs_the_others_at_the_validatio
     assert "| rso | 4 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 80.00 ± 10.00% |" in text
     sweep_table = text[text.index("LR sweep"):text.index("Command:")]
     assert "**0.0003**" in sweep_table and "90.00" not in sweep_table  # the sweep shows validation numbers only
+
+
+def test_resume_reads_the_finished_runs_and_runs_the_rest(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["--methods", "rso=1e-4/3e-4/1e-3", "--seeds", "0,1", "--val-from-train", "8", "--model", "tiny-bert",
+            "--output-dir", str(out), "--", "--max-steps", "2"]
+    FakeFinetune.calls = []
+    assert cf.main(argv, spawn=FakeFinetune) == 0
+    first = json.loads((out / "table.json").read_text())["methods"][0]
+    # an interrupted comparison: the seed-1 run and one sweep run never finished
+    for name in ("rso_lr0.0003_s1", "rso_lr0.001_s0"):
+        (out / name / "results.json").unlink()
+        (out / name).rmdir()
+    (out / "rso_lr0.0001_s0.cmd").write_text("python -m train.finetune --other-args")  # other arguments: rerun
+    FakeFinetune.calls = []
+    assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0
+    assert sorted(FakeFinetune.calls) == [("rso", 1e-4, 0), ("rso", 3e-4, 1), ("rso", 1e-3, 0)]
+    again = json.loads((out / "table.json").read_text())["methods"][0]
+    assert again["chosen_lr"] == first["chosen_lr"] == 3e-4 and again["values"] == first["values"]
+    assert [s["val_metric"] for s in again["sweep"]] == [0.6, 0.8, 0.5]
+    FakeFinetune.calls = []
+    assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0 and FakeFinetune.calls == []  # all finished: none run
 
 
 def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):

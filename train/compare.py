@@ -69,7 +69,8 @@ def table(rows: list[dict], baseline: str = "adamw") -> str:
 
 
 def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_job: int | None = None,
-             on_done=None, summary=None, spawn=subprocess.Popen, poll_s: float = 1.0) -> list[dict]:
+             on_done=None, summary=None, spawn=subprocess.Popen, poll_s: float = 1.0,
+             reuse: bool = False) -> list[dict]:
     """Run ``jobs``, ``n_jobs`` at once, each a process; returns them in the order they finished.
 
     A job is a dict with ``name`` (its log: ``<out>/<name>.log``), ``cmd`` (an argv) and ``output`` (the
@@ -78,16 +79,27 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
     (``job.update``); any other gets ``error`` (exit status and the log's last line). ``job["command"]`` is
     the command as a user would type it. ``on_done(job)`` may return more jobs, queued behind the others;
     ``summary(job)`` words a finished job's line. ``spawn`` starts a process (``subprocess.Popen``'s
-    signature, its ``poll()`` and ``returncode``).
+    signature, its ``poll()`` and ``returncode``). Each started job's command goes to ``<out>/<name>.cmd``;
+    with ``reuse``, a job whose ``.cmd`` holds the same command and whose ``results.json`` exists (a run
+    finished by an earlier, interrupted invocation) is not run again: its results are read.
     """
     pin = shutil.which("taskset") and n_jobs > 1 and threads_per_job
     pending, running, done = list(jobs), [], []
     slots = list(range(n_jobs))
     while pending or running:
         while pending and slots:
-            job, slot = pending.pop(0), slots.pop(0)
+            job = pending.pop(0)
             cmd = job["cmd"]
             job.setdefault("command", display(cmd))
+            cmd_file, res_path = out / f"{job['name']}.cmd", pathlib.Path(job["output"]) / "results.json"
+            if reuse and res_path.exists() and cmd_file.exists() and cmd_file.read_text() == job["command"]:
+                job.update(json.loads(res_path.read_text()), reused=True)
+                print(f"reuse {job['name']}: {summary(job) if summary else 'ok'} (finished earlier)", flush=True)
+                done.append(job)
+                pending += (on_done(job) if on_done else None) or []
+                continue
+            cmd_file.write_text(job["command"])
+            slot = slots.pop(0)
             if pin:
                 cores = ",".join(str(slot * threads_per_job + i) for i in range(threads_per_job))
                 cmd = ["taskset", "-c", cores] + cmd
@@ -128,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads-per-job", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="reuse the runs an interrupted comparison finished")
     p.add_argument("--output-dir", default="runs/compare")
     args, extra = p.parse_known_args(argv)
     out = pathlib.Path(args.output_dir)
@@ -135,7 +148,7 @@ def main(argv=None) -> int:
     entries = [parse_entry(e) for e in args.methods.split(",") if e]
     for entry in entries:
         entry["cmd"], entry["output"] = command(entry, args, extra, out / entry["name"]), out / entry["name"]
-    done = run_jobs(entries, out, args.jobs, args.threads_per_job,
+    done = run_jobs(entries, out, args.jobs, args.threads_per_job, reuse=args.resume,
                     summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
     order = {e["name"]: i for i, e in enumerate(entries)}
     done.sort(key=lambda e: order[e["name"]])

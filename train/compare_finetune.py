@@ -17,7 +17,8 @@ held-out set (``task.eval``) is what the table reports, mean ± std over the see
 the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
-runner of ``train.compare``). Writes ``table.md`` and ``table.json`` in ``--output-dir``.
+runner of ``train.compare``). Writes ``table.md`` and ``table.json`` in ``--output-dir``. ``--resume`` in the same
+``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read, the rest run.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float}
 #: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
 RUNNER_SETS = {"method": "the entries of --methods", "projection": "an entry's method:projection",
                "lr": "an entry's =lr/lr/... or --lr-factors", "seed": "--seeds", "output_dir": "the runner's --output-dir",
-               "val_from_train": "the runner's --val-from-train", "resume": "nothing (start a new --output-dir)",
+               "val_from_train": "the runner's --val-from-train", "resume": "the runner's own --resume, before --",
                "stop_after": "nothing", "no_save_model": "the runner (--save-models keeps them)",
                "threads": "--threads-per-job"}
 _ENTRY = re.compile(r"^(?P<spec>[^\[\]=]+)(?:\[(?P<options>[^\]]*)\])?(?:=(?P<lrs>[^\[\]]+))?$")
@@ -72,6 +73,9 @@ def build_parser() -> Parser:
                    help="let each run save and reload its final model (default: --no-save-model)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's checkpoint.pt (default: deleted once its results are read)")
+    p.add_argument("--resume", action="store_true",
+                   help="rerun an interrupted comparison in the same --output-dir: runs that finished with the same "
+                        "command are read, not run again")
     p.add_argument("--output-dir", default="runs/compare-finetune")
     return p
 
@@ -348,7 +352,8 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
         return (f"val {head['metric']} {val:.4f}, " if val is not None else "") + \
             f"{job.get('eval_split', 'held-out')} {head['metric']} {job[head['eval_key']]:.4f}"
 
-    run_jobs(first, out, args.jobs, args.threads_per_job, on_done=on_done, summary=summary, spawn=spawn, poll_s=0.5)
+    run_jobs(first, out, args.jobs, args.threads_per_job, on_done=on_done, summary=summary, spawn=spawn, poll_s=0.5,
+             reuse=args.resume)
     rows = [summarize(e, jobs) for e in entries]
     done = [j for j in jobs if "headline" in j]
     info = {"task": args.task, "model": args.model or (done[0]["model"] if done else None),
