@@ -10,6 +10,24 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Every test starts from the same process-wide state, whatever ran before it (order independence,
+    checked with ``--random-order``): torch's CPU threads, default dtype, grad mode and global CPU RNG,
+    and the environment variables are put back after each test. Code under test changes them
+    (``--threads`` sets ``torch.set_num_threads``, ``run()`` calls ``torch.manual_seed``)."""
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    rng, env = torch.get_rng_state(), dict(os.environ)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.set_rng_state(rng)
+    if dict(os.environ) != env:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def tiny_llama(dtype=torch.float32, seed=0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
@@ -59,12 +77,12 @@ def llama():
 
 
 def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float32, seed=1):
-    """One steady training step of ``train.benchmark_methods.setup(method)`` on a LLaMA built from
+    """One steady training step of ``train.bench.recipes.setup(method)`` on a LLaMA built from
     ``cfg``, measured with ``rso.memory.measure_step`` (no peak tracking); returns (report, setup)."""
     import warnings
     from transformers import LlamaConfig, LlamaForCausalLM
     from rso.memory import measure_step
-    from train.benchmark_methods import setup
+    from train.bench.recipes import setup
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn)).to(dtype)
     with warnings.catch_warnings():
