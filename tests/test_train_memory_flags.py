@@ -159,11 +159,11 @@ def test_distributed_entry_point_with_checkpointing(tmp_path):
 
 
 def test_benchmark_worker_with_checkpointing_and_8bit(capsys):
-    """train.benchmark's worker: --activation-checkpointing and --optimizer adamw8bit measured as the estimator
+    """train.bench.step's worker: --activation-checkpointing and --optimizer adamw8bit measured as the estimator
     predicts them (kept + one block's recomputation; bitsandbytes' state layout), and the one-line error."""
     pytest.importorskip("bitsandbytes")
     from rso.memory import estimate
-    from train.benchmark import main as bench_main, run_worker
+    from train.bench.step import main as bench_main, run_worker
     cfg = {k: v for k, v in MICRO.items() if k != "training"}
     cfg.update(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2)
     spec = {"method": "rso-stiefel", "config_name": "micro", "config": cfg, "rank": 32, "batch": 2, "seq": 16,
@@ -182,10 +182,10 @@ def test_benchmark_worker_with_checkpointing_and_8bit(capsys):
 
 
 def test_memory_frontier_case_matches_the_estimate():
-    """train.memory_frontier's worker on a small LLaMA: bf16 parameters straight from the build, one measured step
+    """train.bench.memory_frontier's worker on a small LLaMA: bf16 parameters straight from the build, one measured step
     with checkpointing, the chunked head and 8-bit states, term by term equal to the estimate."""
     pytest.importorskip("bitsandbytes")
-    from train.memory_frontier import _measured_terms, estimate_case, parse_case, run_case
+    from train.bench.memory_frontier import _measured_terms, estimate_case, parse_case, run_case
     model = {k: v for k, v in MICRO.items() if k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "num_hidden_layers", "vocab_size",
                                                        "tie_word_embeddings", "max_position_embeddings")}

@@ -1,7 +1,7 @@
-"""Memory and speed of AdamW, GaLore, GoLore, APOLLO, LoRA and RSO side by side (``python -m train.benchmark``).
+"""Memory and speed of AdamW, GaLore, GoLore, APOLLO, LoRA and RSO side by side (``python -m train.bench.step``).
 
 For each LLaMA config and method, one subprocess (threads pinned on CPU) builds the model, sets the
-method up (see :mod:`train.benchmark_methods`) and measures in one run:
+method up (see :mod:`train.bench.recipes`) and measures in one run:
 
 * exact bytes of one steady-state step with :func:`rso.memory.measure_step`: parameters, buffers,
   gradients, optimizer state (plus tensors a peer hides in Python objects, e.g. galore-torch's
@@ -23,10 +23,10 @@ the same run.
 
 Examples::
 
-    python -m train.benchmark --configs tiny,60m --batch 8 --seq 256 --threads 2
-    python -m train.benchmark --configs 60m --methods adamw,frozen,rso-stiefel --sweep
-    python -m train.benchmark --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
-    python -m train.benchmark --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
+    python -m train.bench.step --configs tiny,60m --batch 8 --seq 256 --threads 2
+    python -m train.bench.step --configs 60m --methods adamw,frozen,rso-stiefel --sweep
+    python -m train.bench.step --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
+    python -m train.bench.step --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "train" / "configs"
 
 DEFAULT_METHODS = ("adamw", "frozen", "galore-torch", "galore", "golore", "apollo", "apollo-mini", "lora",
                    "rso-stiefel", "rso-coordinate", "rso-svd", "frozen+ce", "rso-stiefel+ce")
@@ -143,7 +143,7 @@ def run_worker(spec: dict) -> dict:
     """One method on one config in this process: memory, FLOPs, timings (and the sweep)."""
     import torch
     from rso.memory import measure_step
-    from train.benchmark_methods import setup
+    from train.bench.recipes import setup
 
     cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
@@ -252,7 +252,7 @@ def _launch(spec: dict, timeout: int) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env["PYTHONWARNINGS"] = "ignore"
-    cmd = [sys.executable, "-m", "train.benchmark", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "train.bench.step", "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
@@ -440,11 +440,11 @@ def _check_memory_options(args, methods) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="tiny,60m", help="comma-separated config names (train/configs)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated methods (train/benchmark_methods.py), or 'all'")
+                        help="comma-separated methods (train/bench/recipes.py), or 'all'")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    from train.benchmark_methods import METHODS, available
+    from train.bench.recipes import METHODS, available
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -496,7 +496,7 @@ def main(argv=None) -> int:
     sweep_methods = {m.strip() for m in args.sweep_methods.split(",")} if args.sweep else set()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m train.benchmark " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m train.bench.step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     import torch
     meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
             "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,

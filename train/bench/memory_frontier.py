@@ -1,7 +1,7 @@
 """Measured, not only estimated: one real training step of a large LLaMA on this machine, byte by byte.
 
-    python -m train.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
-    python -m train.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
+    python -m train.bench.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
+    python -m train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
         --out docs/memory_frontier_7b.json
 
 Each case runs in its own process, which
@@ -11,7 +11,7 @@ Each case runs in its own process, which
    the process then sets a hard address-space limit (``RLIMIT_AS``, as ``prlimit --as`` does) so a miss
    ends that process with an out-of-memory error and nothing else;
 2. builds the model with random init directly in bf16 (``from_config(config, dtype=bfloat16)``: no fp32
-   copy is ever materialized), sets the method up (``train.benchmark_methods.setup``; the cycle length is
+   copy is ever materialized), sets the method up (``train.bench.recipes.setup``; the cycle length is
    set past the step, so no merge happens in it), optionally checkpoints every block
    (``train.methods.enable_activation_checkpointing``) and swaps in 8-bit AdamW;
 3. runs one training step under :func:`rso.memory.measure_step` (exact bytes of parameters, gradients,
@@ -33,7 +33,7 @@ import sys
 import time
 
 GiB = 2 ** 30
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["main", "parse_case", "estimate_case", "run_case"]
 
@@ -89,7 +89,7 @@ def run_case(spec: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rso.memory import measure_step
-    from train.benchmark_methods import setup
+    from train.bench.recipes import setup
     from train.methods import enable_activation_checkpointing, resolve_optimizer
 
     warnings.simplefilter("ignore")
@@ -137,7 +137,8 @@ def _launch(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    cmd = ["prlimit", f"--as={limit}", "--", sys.executable, "-m", "train.memory_frontier", "--worker", json.dumps(spec)]
+    cmd = ["prlimit", f"--as={limit}", "--", sys.executable, "-m", "train.bench.memory_frontier",
+           "--worker", json.dumps(spec)]
     if spec.get("nice"):
         cmd = ["nice", "-n", str(spec["nice"])] + cmd
     t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def format_table(records: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.memory_frontier", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.bench.memory_frontier", description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", default="llama-1b", help="an rso.memory preset (llama-1b, llama-7b, …) or config.json")
     p.add_argument("--cases", default="rso,rso+ckpt,adamw",
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
             "threads": args.threads, "host": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "command": "python -m train.memory_frontier " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m train.bench.memory_frontier " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []
     for case in cases:
         spec = {"case": case, "model": model, "rank": rank, "batch": args.batch, "seq": args.seq,

@@ -1,0 +1,11 @@
+"""Measurements, not training: what each method costs in memory and time, one script per question.
+
+``step`` (``python -m train.bench.step``, the ``rso-benchmark`` command) times and measures one training
+step of every method side by side on a LLaMA config, byte by byte, with an optional batch/sequence sweep;
+``recipes`` sets each method up as its peer's own recipe for ``step``, the profiler and the memory tests;
+``layer`` times a single linear layer (full, frozen, ``SubspaceLinear`` merged and split); ``profiling``
+breaks a step's time down by operator and model part with ``torch.profiler``; ``plots`` draws activation
+bytes against sequence length and batch from :func:`rso.memory.estimate` without building a model; and
+``memory_frontier`` runs one measured step of a large LLaMA (1B, 7B) in a memory-capped process and compares
+it with the estimate term by term.
+"""
