@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,30 @@ def tiny_llama(dtype=torch.float32, seed=0, **overrides):
                num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
+
+
+MICRO_LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "training": {"tokenizer": "bpe512", "seq_len": 16, "batch_size": 4, "total_batch_size": 4, "lr": 3e-3,
+                 "rank": 8, "tau": 2, "max_steps": 4},
+}
+
+
+def micro_llama_config(**overrides) -> dict:
+    """The micro LLaMA the training-pipeline tests run, as a ``train/configs``-style dict (a fresh copy):
+    2 layers, hidden 32, the 512-token BPE, 4 steps of 16-token sequences at rank 8, tau 2. Keyword
+    arguments replace top-level keys; ``training=`` replaces the whole ``training`` section."""
+    cfg = {**MICRO_LLAMA, "training": dict(MICRO_LLAMA["training"])}
+    cfg.update(overrides)
+    return cfg
+
+
+def write_micro_llama_config(path, **overrides) -> str:
+    """:func:`micro_llama_config` written as JSON to ``path`` (for ``--config``); returns the path as a string."""
+    path.write_text(json.dumps(micro_llama_config(**overrides)))
+    return str(path)
 
 
 def tiny_gpt2(dtype=torch.float32, seed=0):

@@ -9,12 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import micro_llama_config  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MICRO = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "training": {"tokenizer": "bpe512"},
-}
+MICRO = micro_llama_config(training={"tokenizer": "bpe512"})
 
 
 def _example():

@@ -9,15 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import micro_llama_config  # noqa: E402
 from train.pretrain import build_parser, main, run  # noqa: E402
 
-MICRO = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "training": {"tokenizer": "bpe512", "seq_len": 16, "batch_size": 4, "total_batch_size": 4, "lr": 3e-3,
-                 "rank": 8, "tau": 2, "max_steps": 4},
-}
+MICRO = micro_llama_config(hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import write_micro_llama_config  # noqa: E402
 from train import checkpoint as ckpt_mod  # noqa: E402
 from train.pretrain import build_parser, main, run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MICRO = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "training": {"tokenizer": "bpe512", "seq_len": 16, "batch_size": 4, "total_batch_size": 4, "lr": 3e-3,
-                 "rank": 8, "tau": 2, "max_steps": 4},
-}
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    config = root / "micro.json"
-    config.write_text(json.dumps(MICRO))
-    return {"config": str(config), "cache": str(root / "cache"), "root": root}
+    config = write_micro_llama_config(root / "micro.json")
+    return {"config": config, "cache": str(root / "cache"), "root": root}
 
 
 def _args(env, out, *extra):
