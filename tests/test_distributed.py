@@ -5,9 +5,10 @@ cost on a small machine); the test process computes the single-process reference
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
-import socket
 import sys
 import warnings
 
@@ -29,6 +30,11 @@ CKPT_STEP_FSDP = 4
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 96
 LR = 1e-2
 ATOL, RTOL = 2e-5, 1e-4
+MP_STEPS = 4
+#: Worker processes run torch on one thread each (two ranks on a 2-core machine); the test process computes
+#: its references on as many, so that the same code gives the same bits (a CPU QR or matmul may block its
+#: work, and so round, differently on another thread count).
+WORKER_THREADS = 1
 
 
 def fsdp2_available():
@@ -77,6 +83,16 @@ def full_state(model):
     return out
 
 
+@contextlib.contextmanager
+def threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train(model, opt, steps, rank=0, world=1, on_step=None):
     """Train ``steps`` (1-based step numbers); returns the global mean losses."""
     import torch.distributed as dist
@@ -108,14 +124,16 @@ def _entry_args(out_dir, name, *more):
 
 
 # ---------------------------------------------------------------------------- worker
-def _worker(rank, port, out_dir, run_fsdp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank, out_dir, run_fsdp):
+    torch.set_num_threads(WORKER_THREADS)
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
     import rso
     from rso import distributed as rd
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # rendezvous through a file in the test's own folder: no TCP port to pick (a free port found by
+    # bind-and-close can be taken by another process before the workers bind it)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            init_method="file://" + os.path.join(out_dir, "rendezvous"))
     res = {}
     try:
         # DDP + RSO: losses, P after every step (sync and value), bytes, checkpoint at CKPT_STEP
@@ -208,8 +226,9 @@ def _worker(rank, port, out_dir, run_fsdp):
             # bf16 compute, fp32 reduce
             mmodel = rd.fully_shard_model(build("rso"), mp_policy=rd.mixed_precision_policy())
             mopt = make_opt(mmodel)
-            res["mp_losses"] = train(mmodel, mopt, range(1, 5), rank, WORLD)
+            res["mp_losses"] = train(mmodel, mopt, range(1, MP_STEPS + 1), rank, WORLD)
             res["mp_synced"] = rd.check_projections_synchronized(mmodel)
+            res["mp_state"] = full_state(mmodel)
             # the torchrun entry point's loop, on this process group: FSDP2, 4 steps in one go, and
             # 2 steps then a checkpoint (--stop-after) that the test process resumes alone
             from train.distributed import run
@@ -224,12 +243,6 @@ def _worker(rank, port, out_dir, run_fsdp):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -239,23 +252,65 @@ def runs(tmp_path_factory):
         "num_hidden_layers": 1, "vocab_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False,
         "training": {"lr": 1e-3}}))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    mp.start_processes(_worker, args=(_free_port(), str(out), run_fsdp), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(str(out), run_fsdp), nprocs=WORLD, start_method="spawn")
     r0 = torch.load(out / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "rank1.pt", weights_only=False)
 
-    # single-process reference on the same global batches
+    # single-process reference on the same global batches, on the workers' thread count
     ref = {}
-    model = build("rso")
-    opt = make_opt(model)
-    p_hist = {}
-    ref["losses"] = train(model, opt, range(1, STEPS + 1),
-                          on_step=lambda s: p_hist.__setitem__(s, projections(model)))
-    ref["P"], ref["state"] = p_hist, full_state(model)
-    model = build("rso", projection="svd")
-    opt = make_opt(model)
-    ref["svd_losses"] = train(model, opt, range(1, STEPS + 1))
-    ref["svd_P"] = projections(model)
+    with threads(WORKER_THREADS):
+        model = build("rso")
+        opt = make_opt(model)
+        p_hist = {}
+        ref["losses"] = train(model, opt, range(1, STEPS + 1),
+                              on_step=lambda s: p_hist.__setitem__(s, projections(model)))
+        ref["P"], ref["state"] = p_hist, full_state(model)
+        model = build("rso", projection="svd")
+        opt = make_opt(model)
+        ref["svd_losses"] = train(model, opt, range(1, STEPS + 1))
+        ref["svd_P"] = projections(model)
     return {"r0": r0, "r1": r1, "ref": ref, "dir": out, "fsdp": run_fsdp}
+
+
+def mixed_precision_reference(steps, world=WORLD):
+    """(losses, state) of what FSDP2 with ``rso.distributed.mixed_precision_policy()`` computes, done in one
+    process without FSDP: fp32 master parameters; each step a bf16 copy of them (parameters only, as FSDP2
+    casts: buffers such as the rotary ``inv_freq`` stay fp32; P in bf16, as ``fully_shard_model`` stores it)
+    runs forward and backward on each rank's rows of the batch; the bf16 gradients are cast to fp32, averaged
+    over the ranks and applied by AdamW to the master, whose step hooks merge and resample as usual."""
+    import rso
+    master = build("rso")
+    for _, layer in rso.subspace_layers(master):
+        layer.P.data = layer.P.data.to(torch.bfloat16)
+    low = copy.deepcopy(master)
+    for p in low.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    low_params, low_buffers = dict(low.named_parameters()), dict(low.named_buffers())
+    opt = make_opt(master)
+    losses = []
+    for step in steps:
+        with torch.no_grad():
+            for n, p in master.named_parameters():
+                low_params[n].copy_(p)
+            for n, b in master.named_buffers():
+                low_buffers[n].copy_(b)
+        grads, rank_losses = {}, []
+        for rank in range(world):
+            ids = batch(step, rank, world)
+            loss = low(input_ids=ids, labels=ids).loss
+            loss.backward()
+            rank_losses.append(loss.detach().float())
+            for n, p in low.named_parameters():
+                if p.grad is not None:
+                    grads[n] = grads[n] + p.grad.float() if n in grads else p.grad.float()
+                    p.grad = None
+        for n, p in master.named_parameters():
+            if n in grads:
+                p.grad = grads[n] / world
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append((sum(rank_losses) / world).item())
+    return losses, full_state(master)
 
 
 def _assert_states_close(a, b, atol=ATOL, rtol=RTOL):
@@ -279,7 +334,7 @@ def test_projections_identical_on_ranks_after_each_resample(runs):
     for step in range(1, STEPS + 1):
         for name, P in r0["ddp_P"][step].items():
             assert torch.equal(P, r1["ddp_P"][step][name])
-            assert torch.equal(P, ref["P"][step][name])  # the very P a single process samples
+            assert torch.equal(P, ref["P"][step][name])  # the very P a single process samples (same threads)
     # and they did change at each merge
     name = next(iter(ref["P"][1]))
     assert not torch.equal(r0["ddp_P"][TAU - 1][name], r0["ddp_P"][TAU][name])
@@ -405,10 +460,24 @@ def test_fsdp2_communication_bytes(runs):
 
 
 def test_fsdp2_mixed_precision(runs):
+    """FSDP2 with bf16 compute and fp32 reduction: losses and the state after MP_STEPS steps (a merge and
+    resample at step TAU among them) are those of the same arithmetic done in one process
+    (:func:`mixed_precision_reference`)."""
     if not runs["fsdp"]:
         pytest.skip(fsdp2_available()[1])
     r0, ref = runs["r0"], runs["ref"]
     assert r0["mp_synced"]
+    assert MP_STEPS > TAU
+    with threads(WORKER_THREADS):
+        losses, state = mixed_precision_reference(range(1, MP_STEPS + 1))
+    eps32, eps_bf16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
     mp_losses = torch.tensor(r0["mp_losses"])
-    assert torch.isfinite(mp_losses).all()
-    torch.testing.assert_close(mp_losses, torch.tensor(ref["losses"][:4]), atol=5e-2, rtol=0)
+    # the same bf16 kernels on the same rows and threads: the losses (fp32, from bf16 logits) agree to a few
+    # fp32 ulps (measured: to the bit)
+    torch.testing.assert_close(mp_losses, torch.tensor(losses), rtol=4 * eps32, atol=0)
+    # parameters: room for one bf16 rounding of a gradient (e.g. another reduction order), which moves an Adam
+    # update lr·m/√v by about lr·eps_bf16, per step (measured: equal to the bit; a bf16 reduction instead of
+    # fp32 moves them by 1e-2, fp32 compute by 3.6e-2)
+    _assert_states_close(r0["mp_state"], state, atol=MP_STEPS * LR * eps_bf16, rtol=0)
+    # and bf16 compute really was in effect: not the fp32 run's losses
+    assert not torch.equal(mp_losses, torch.tensor(ref["losses"][:MP_STEPS]))
