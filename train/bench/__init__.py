@@ -7,5 +7,7 @@ step of every method side by side on a LLaMA config, byte by byte, with an optio
 breaks a step's time down by operator and model part with ``torch.profiler``; ``plots`` draws activation
 bytes against sequence length and batch from :func:`rso.memory.estimate` without building a model; and
 ``memory_frontier`` runs one measured step of a large LLaMA (1B, 7B) in a memory-capped process and compares
-it with the estimate term by term.
+it with the estimate term by term (on a GPU under a cap on the CUDA allocator); ``gpu_session`` runs the GPU
+measurements of issue 14 (the 7B step under a 24 GiB cap, 350M / 1B tokens/s eager and compiled, RSO's merge
+step) in one prepared call, each part under its own timeout, with a CPU dry run of the same plumbing.
 """

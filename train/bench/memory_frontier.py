@@ -3,6 +3,10 @@
     python -m train.bench.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
     python -m train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
         --out docs/memory_frontier_7b.json
+    python -m train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
+        --cases rso+ckpt+ce,rso+ckpt --rank 256 --batch 16 --seq 256 --timed-steps 2
+    python -m train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
+        --cases rso+ckpt+ce --rank 256 --batch max --seq 256
 
 Each case runs in its own process, which
 
@@ -20,6 +24,20 @@ Each case runs in its own process, which
 
 Cases are ``<method>[+ckpt][+ce][+8bit]`` with method ``rso`` (``rso-stiefel``), ``adamw``, ``lora`` or
 ``frozen``. The parent prints estimate against measurement term by term and writes JSON (``--out``).
+
+``--device cuda`` builds the model on the GPU (random init in bf16 there) and replaces the host checks
+by a cap on the CUDA caching allocator: ``--memory-limit-gb G`` sets
+``torch.cuda.set_per_process_memory_fraction(G GiB / the device's memory)`` before anything is
+allocated (after checking that G GiB are free), so the step sees the memory of a G GiB card; a step
+that needs more ends with CUDA's out-of-memory error, recorded as the case's result. The CUDA
+context itself is outside the cap (on a real 24 GB card it takes some of the 24 GiB: the estimator's
+2 GiB reserve covers it). The record holds the allocator's peaks (the measured step's allocated peak
+beside the estimate, and the reserved peak of every phase, checked against the cap). On CPU
+``--memory-limit-gb`` is only the budget ``--batch max`` plans against (the address-space limit
+stays derived from the estimate: torch's own mappings alone exceed a small one). ``--batch max``
+runs each case at the largest batch the estimator says fits in the limit less ``--reserve-gb`` (the
+planner's rule, 2 GiB by default). ``--timed-steps N`` times N ordinary steps after the measured one
+(tokens/s; on CUDA with their own peaks).
 """
 from __future__ import annotations
 
@@ -35,7 +53,7 @@ import time
 GiB = 2 ** 30
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-__all__ = ["main", "parse_case", "estimate_case", "run_case"]
+__all__ = ["main", "parse_case", "estimate_case", "run_case", "largest_batch", "memory_fraction"]
 
 _BASES = {"rso": ("rso-stiefel", "rso"), "adamw": ("adamw", "adamw"), "lora": ("lora", "lora"),
           "frozen": ("frozen", "frozen")}
@@ -63,14 +81,37 @@ def model_config(name: str, seq: int) -> dict:
                                                       "tie_word_embeddings", "max_position_embeddings", "head_dim")}
 
 
+def _estimate_options(c: dict, rank: int) -> dict:
+    options = {"lora_train_other": True} if c["method"] == "lora" else {}
+    return dict(rank=rank, dtype="bf16", activation_checkpointing=c["checkpointing"],
+                chunked_ce="recompute" if c["chunked_ce"] else False, optimizer_bits=8 if c["eight_bit"] else None,
+                **options)
+
+
 def estimate_case(spec: dict) -> dict:
     from rso.memory import estimate
     c = parse_case(spec["case"])
-    options = {"lora_train_other": True} if c["method"] == "lora" else {}
-    return estimate(spec["model"], method=_BASES[c["method"]][1], rank=spec["rank"], batch=spec["batch"],
-                    seq=spec["seq"], dtype="bf16", activation_checkpointing=c["checkpointing"],
-                    chunked_ce="recompute" if c["chunked_ce"] else False, optimizer_bits=8 if c["eight_bit"] else None,
-                    **options)
+    return estimate(spec["model"], method=_BASES[c["method"]][1], batch=spec["batch"], seq=spec["seq"],
+                    **_estimate_options(c, spec["rank"]))
+
+
+def largest_batch(case: str, model: dict, rank: int, seq: int, usable: int) -> int:
+    """The largest batch whose estimated step fits in ``usable`` bytes (0: not even batch 1), by the planner's rule."""
+    from rso.memory.planner import _largest_batch
+    c = parse_case(case)
+    batch, _ = _largest_batch(model, _BASES[c["method"]][1], _estimate_options(c, rank), seq, usable)
+    return batch
+
+
+def memory_fraction(limit: int, total: int, free: int) -> tuple[float | None, str | None]:
+    """(fraction for ``torch.cuda.set_per_process_memory_fraction``, None) or (None, why the cap cannot be set)."""
+    if limit <= 0:
+        return None, f"the memory limit must be positive, got {limit} bytes"
+    if limit > total:
+        return None, f"the cap {limit / GiB:.1f} GiB is above the device's {total / GiB:.1f} GiB"
+    if limit > free:
+        return None, f"the device has {free / GiB:.1f} GiB free, below the cap {limit / GiB:.1f} GiB; not started"
+    return limit / total, None
 
 
 def _mem_available() -> int:
@@ -81,8 +122,33 @@ def _mem_available() -> int:
     return 0
 
 
+def _cuda_cap(torch, limit):
+    """Cap the CUDA caching allocator at ``limit`` bytes (None: no cap); the device's facts for the record."""
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    info = {"name": props.name, "total_memory": total, "free_before": free, "limit": limit, "fraction": None,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cuda": torch.version.cuda}
+    if limit is not None:
+        fraction, error = memory_fraction(limit, total, free)
+        if error:
+            info["error"] = error
+            return info
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        info["fraction"] = fraction
+    return info
+
+
+def _phase_peaks(torch, info, phase):
+    """Record the allocator's peaks since the last reset under ``phase`` and reset them."""
+    torch.cuda.synchronize()
+    info.setdefault("peaks", {})[phase] = {"allocated": torch.cuda.max_memory_allocated(),
+                                           "reserved": torch.cuda.max_memory_reserved()}
+    torch.cuda.reset_peak_memory_stats()
+
+
 def run_case(spec: dict) -> dict:
-    """One case in this process (the worker): build, set up, one measured step."""
+    """One case in this process (the worker): build, set up, one measured step (and ``timed_steps`` more)."""
+    import statistics
     import warnings
 
     import torch
@@ -95,50 +161,110 @@ def run_case(spec: dict) -> dict:
     warnings.simplefilter("ignore")
     torch.set_num_threads(spec["threads"])
     c = parse_case(spec["case"])
-    out = {"case": spec["case"], "threads": spec["threads"]}
-    t0 = time.perf_counter()
-    config = LlamaConfig(**spec["model"], attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)  # random init in bf16, no fp32 copy
-    model.train()
-    out["build_s"] = round(time.perf_counter() - t0, 1)
-    out["rss_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-    method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
-    s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
-    model, opt = s.model, s.optimizer
-    if c["checkpointing"]:
-        enable_activation_checkpointing(model)
-    if c["eight_bit"]:
-        opt = resolve_optimizer("adamw8bit")([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
-    ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(1))
-    t0 = time.perf_counter()
-    report = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=True)
-    out["step_s"] = round(time.perf_counter() - t0, 1)
-    out["measured"] = report.as_dict()
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    out = {"case": spec["case"], "threads": spec["threads"], "device": device, "batch": spec["batch"],
+           "seq": spec["seq"]}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        out["cuda"] = info = _cuda_cap(torch, spec.get("memory_limit"))
+        if "error" in info:
+            out["error"] = info["error"]
+            return out
+    limit = spec.get("memory_limit")
+    phase = "build"
+    try:
+        t0 = time.perf_counter()
+        config = LlamaConfig(**spec["model"], attn_implementation="sdpa")
+        torch.manual_seed(0)
+        with torch.device(device):  # random init in bf16 where the model runs: no fp32 copy, no host copy
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.train()
+        out["build_s"] = round(time.perf_counter() - t0, 1)
+        out["rss_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+        out["parameter_devices"] = sorted({str(p.device) for p in model.parameters()})
+        method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
+        s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
+        model, opt = s.model, s.optimizer
+        if c["checkpointing"]:
+            enable_activation_checkpointing(model)
+        if c["eight_bit"]:
+            opt = resolve_optimizer("adamw8bit")([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        if cuda:
+            _phase_peaks(torch, info, "build")
+        phase = "measured step"
+        sync()
+        t0 = time.perf_counter()
+        report = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=True)
+        sync()
+        out["step_s"] = round(time.perf_counter() - t0, 3 if cuda else 1)
+        out["measured"] = report.as_dict()
+        if cuda:
+            _phase_peaks(torch, info, "measured step")
+        phase = "timed steps"
+        times = []
+        for _ in range(spec.get("timed_steps", 0)):
+            sync()
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - t0)
+        if times:
+            out["timed_steps_s"] = times
+            out["tokens_per_s"] = spec["batch"] * spec["seq"] / statistics.median(times)
+            if cuda:
+                _phase_peaks(torch, info, "timed steps")
+    except torch.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        cap = f"the {limit / GiB:.1f} GiB cap" if limit else "the device's memory"
+        out["error"] = f"out of memory under {cap} in the {phase}: {first[:300]}"
+        out["oom"] = True
+        if cuda:
+            _phase_peaks(torch, info, phase + " (out of memory)")
+    if cuda and limit:
+        info["cap_respected"] = all(p["reserved"] <= limit for p in info.get("peaks", {}).values())
     out["rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
+def _estimate_terms(est: dict) -> dict:
+    return {k: est[k] for k in ("weights", "gradients", "optimizer", "activations", "activations_kept",
+                                "activations_recompute", "total")}
+
+
 def _launch(spec: dict, timeout: int) -> dict:
     est = estimate_case(spec)
-    # the step's estimate, transients (1B measured: tracked peak 1.02× the estimate), Python / torch themselves
-    need = int(est["total"] * 1.1) + int(1.5 * GiB)
-    available = _mem_available()
-    record = {"case": spec["case"], "estimate": {k: est[k] for k in (
-        "weights", "gradients", "optimizer", "activations", "activations_kept", "activations_recompute", "total")},
-        "mem_available_before": available, "limit": None}
-    if need > available:
-        record["error"] = (f"does not fit here: the step needs about {need / GiB:.1f} GiB (estimate "
-                           f"{est['total'] / GiB:.1f} GiB + margin), {available / GiB:.1f} GiB available; not started")
-        return record
-    limit = min(available, max(need, int(est["total"] * 1.5) + 6 * GiB))  # virtual: torch reserves some
-    record["limit"] = limit
+    cuda = spec.get("device", "cpu").startswith("cuda")
+    record = {"case": spec["case"], "batch": spec["batch"], "seq": spec["seq"], "estimate": _estimate_terms(est),
+              "limit": spec.get("memory_limit")}
+    if not cuda:  # the host's memory: check it first, then cap the worker's address space
+        # the step's estimate, transients (1B measured: tracked peak 1.02× the estimate), Python / torch themselves
+        need = int(est["total"] * 1.1) + int(1.5 * GiB)
+        available = _mem_available()
+        record["mem_available_before"] = available
+        if need > available:
+            record["error"] = (f"does not fit here: the step needs about {need / GiB:.1f} GiB (estimate "
+                               f"{est['total'] / GiB:.1f} GiB + margin), {available / GiB:.1f} GiB available; not started")
+            return record
+        limit = min(available, max(need, int(est["total"] * 1.5) + 6 * GiB))
+        record["limit"] = limit  # virtual: torch reserves some
+        record["budget"] = spec.get("memory_limit")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    cmd = ["prlimit", f"--as={limit}", "--", sys.executable, "-m", "train.bench.memory_frontier",
-           "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "train.bench.memory_frontier", "--worker", json.dumps(spec)]
+    if not cuda:  # RLIMIT_AS would starve CUDA, which reserves address space far beyond the memory it uses
+        cmd = ["prlimit", f"--as={limit}", "--"] + cmd
     if spec.get("nice"):
         cmd = ["nice", "-n", str(spec["nice"])] + cmd
     t0 = time.perf_counter()
@@ -155,7 +281,8 @@ def _launch(spec: dict, timeout: int) -> dict:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     text = " | ".join(tail) or f"exit code {proc.returncode}"
     if "can't allocate memory" in text or "MemoryError" in text or "out of memory" in text.lower():
-        text = f"out of memory under the {limit / GiB:.1f} GiB limit: {text}"
+        cap = record["limit"] / GiB if record["limit"] else None
+        text = f"out of memory under the {cap:.1f} GiB limit: {text}" if cap else f"out of memory: {text}"
     record["error"] = text
     return record
 
@@ -168,33 +295,69 @@ def _measured_terms(m: dict) -> dict:
             + m.get("recomputed", 0)}
 
 
+def _cap_text(meta) -> str:
+    if meta.get("device", "cpu").startswith("cuda"):
+        cap = meta.get("memory_limit")
+        return (f"CUDA allocator capped at {cap / GiB:g} GiB (set_per_process_memory_fraction)" if cap
+                else "CUDA, no cap")
+    return f"{meta['threads']} threads · {meta['host']}"
+
+
 def format_table(records: list[dict], meta: dict) -> str:
+    cuda = meta.get("device", "cpu").startswith("cuda")
+    device_name = next((r["cuda"]["name"] for r in records if r.get("cuda", {}).get("name")), None)
     lines = [f"{meta['model']} · bf16 · batch {meta['batch']} × seq {meta['seq']} · rank {meta['rank']} · "
-             f"{meta['threads']} threads · {meta['host']}", "",
-             "| case | weights | gradients | optimizer | activations kept + recomputed | total | est. total | "
-             "meas./est. | peak live tensors | peak RSS | step s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             + (f"{device_name} · " if device_name else "") + _cap_text(meta), ""]
+    if cuda:
+        lines += ["| case | batch × seq | weights | gradients | optimizer | activations kept + recomputed | total | "
+                  "est. total | meas./est. | step peak allocated | peak reserved (all phases) | measured step s | "
+                  "steady step s | tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| case | batch × seq | weights | gradients | optimizer | activations kept + recomputed | total | "
+                  "est. total | meas./est. | peak live tensors | peak RSS | step s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         e = r["estimate"]
-        if "error" in r:
-            lines.append(f"| {r['case']} | — | — | — | — | — | {e['total'] / GiB:.2f} GiB | — | — | — | {r['error']} |")
+        bs = f"{r.get('batch', meta['batch'])} × {r.get('seq', meta['seq'])}"
+        if "error" in r or "measured" not in r:
+            lines.append(f"| {r['case']} | {bs} |" + " — |" * 5 + f" {e['total'] / GiB:.2f} GiB |"
+                         + f" {str(r.get('error', 'no result')).replace('|', '/')} |"
+                         + " |" * ((14 if cuda else 12) - 9))
             continue
         m = _measured_terms(r["measured"])
-        lines.append(
-            f"| {r['case']} | {m['weights'] / GiB:.3f} GiB | {m['gradients'] / GiB:.3f} GiB | "
-            f"{m['optimizer'] / GiB:.3f} GiB | {m['activations_kept'] / 2 ** 20:.1f} + "
-            f"{m['activations_recompute'] / 2 ** 20:.1f} MiB | {m['total'] / GiB:.3f} GiB | {e['total'] / GiB:.3f} GiB | "
-            f"{m['total'] / e['total']:.4f} | {r['measured']['peak'] / GiB:.2f} GiB | {r['rss_peak'] / GiB:.2f} GiB | "
-            f"{r['step_s']:.0f} |")
+        row = (f"| {r['case']} | {bs} | {m['weights'] / GiB:.3f} GiB | {m['gradients'] / GiB:.3f} GiB | "
+               f"{m['optimizer'] / GiB:.3f} GiB | {m['activations_kept'] / 2 ** 20:.1f} + "
+               f"{m['activations_recompute'] / 2 ** 20:.1f} MiB | {m['total'] / GiB:.3f} GiB | {e['total'] / GiB:.3f} GiB | "
+               f"{m['total'] / e['total']:.4f} | {r['measured']['peak'] / GiB:.2f} GiB | ")
+        if cuda:
+            peaks = r.get("cuda", {}).get("peaks", {})
+            reserved = max((p["reserved"] for p in peaks.values()), default=0)
+            steady = r.get("timed_steps_s")
+            row += (f"{reserved / GiB:.2f} GiB | {r['step_s']:.2f} | "
+                    + (f"{sorted(steady)[len(steady) // 2]:.2f} | {r['tokens_per_s']:,.0f} |" if steady else "— | — |"))
+        else:
+            row += f"{r['rss_peak'] / GiB:.2f} GiB | {r['step_s']:.0f} |"
+        lines.append(row)
     lines += ["", "Term by term, measured / estimated:"]
     for r in records:
-        if "error" in r:
+        if "error" in r or "measured" not in r:
             continue
         m, e = _measured_terms(r["measured"]), r["estimate"]
         lines.append(f"  {r['case']}: " + ", ".join(
             f"{k} {m[k] / e[k]:.4f}" for k in ("weights", "gradients", "optimizer", "activations_kept",
-                                               "activations_recompute", "total") if e[k]))
+                                               "activations_recompute", "total") if e[k])
+            + (f"; step peak allocated / estimated total {r['measured']['peak'] / e['total']:.3f}" if cuda else ""))
     return "\n".join(lines)
+
+
+def _parse_batch(text: str):
+    if text.strip().lower() == "max":
+        return "max"
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"--batch must be ≥ 1 or 'max', got {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -204,8 +367,17 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="rso,rso+ckpt,adamw",
                    help="comma-separated <method>[+ckpt][+ce][+8bit], method rso | adamw | lora | frozen")
     p.add_argument("--rank", type=int, default=None, help="default: the peers' rank for the preset")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="an int, or 'max': the largest batch the estimator fits in "
+                                                "--memory-limit-gb less --reserve-gb, per case")
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="cuda: cap the caching allocator at this many GiB (set_per_process_memory_fraction); "
+                        "both: the budget --batch max plans against")
+    p.add_argument("--reserve-gb", type=float, default=2.0,
+                   help="GiB of the limit left out when --batch max plans the batch (CUDA context, slack)")
+    p.add_argument("--timed-steps", type=int, default=None,
+                   help="ordinary steps timed after the measured one (default: 2 on cuda, 0 on cpu)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nice", type=int, default=10, help="run each case under nice -n N (0: not niced)")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per case")
@@ -219,24 +391,47 @@ def main(argv=None) -> int:
         cases = [parse_case(c)["case"] for c in args.cases.split(",") if c.strip()]
         _, preset = _load_config(args.config)
         model = model_config(args.config, args.seq)
+        batch = _parse_batch(args.batch)
+        if batch == "max" and not args.memory_limit_gb:
+            raise ValueError("--batch max plans against --memory-limit-gb: give it")
+        if args.memory_limit_gb is not None and args.memory_limit_gb <= 0:
+            raise ValueError(f"--memory-limit-gb must be positive, got {args.memory_limit_gb}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank = args.rank or PEER_RANKS.get(preset, model["hidden_size"] // 4)
-    import torch
-    import transformers
-    meta = {"model": preset or args.config, "config": model, "rank": rank, "batch": args.batch, "seq": args.seq,
-            "threads": args.threads, "host": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+    limit = int(args.memory_limit_gb * GiB) if args.memory_limit_gb else None
+    timed_steps = args.timed_steps if args.timed_steps is not None else (2 if args.device == "cuda" else 0)
+    from importlib.metadata import version
+    meta = {"model": preset or args.config, "config": model, "rank": rank, "batch": batch, "seq": args.seq,
+            "device": args.device, "memory_limit": limit, "reserve": int(args.reserve_gb * GiB),
+            "timed_steps": timed_steps, "threads": args.threads,
+            "host": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM",
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": version("torch"), "transformers": version("transformers"),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "command": "python -m train.bench.memory_frontier " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []
     for case in cases:
-        spec = {"case": case, "model": model, "rank": rank, "batch": args.batch, "seq": args.seq,
-                "threads": args.threads, "nice": args.nice}
+        spec = {"case": case, "model": model, "rank": rank, "batch": batch, "seq": args.seq,
+                "threads": args.threads, "nice": args.nice, "device": args.device, "memory_limit": limit,
+                "timed_steps": timed_steps}
         print(f"[{case}] ...", end=" ", flush=True)
-        rec = _launch(spec, args.timeout)
-        print(rec.get("error") or f"step {rec['step_s']} s, peak RSS {rec['rss_peak'] / GiB:.2f} GiB", flush=True)
+        if batch == "max":
+            spec["batch"] = largest_batch(case, model, rank, args.seq, limit - meta["reserve"])
+            print(f"batch {spec['batch']} (the largest the estimator fits in {(limit - meta['reserve']) / GiB:g} GiB)",
+                  end=" ", flush=True)
+        if spec["batch"] == 0:
+            spec["batch"] = 1
+            rec = {"case": case, "batch": 0, "seq": args.seq, "estimate": _estimate_terms(estimate_case(spec)),
+                   "limit": limit,
+                   "error": "does not fit at batch 1 by the estimate; not started"}
+        else:
+            rec = _launch(spec, args.timeout)
+        rec["planned_batch"] = batch == "max"
+        print(rec.get("error") or f"step {rec['step_s']} s, peak " + (
+            f"allocated {rec['measured']['peak'] / GiB:.2f} GiB (estimate {rec['estimate']['total'] / GiB:.2f} GiB)"
+            if args.device == "cuda" else f"RSS {rec['rss_peak'] / GiB:.2f} GiB"), flush=True)
         records.append(rec)
         if args.out:
             with open(args.out, "w") as f:

@@ -5,14 +5,20 @@ method up (see :mod:`train.bench.recipes`) and measures in one run:
 
 * exact bytes of one steady-state step with :func:`rso.memory.measure_step`: parameters, buffers,
   gradients, optimizer state (plus tensors a peer hides in Python objects, e.g. galore-torch's
-  projector), activations saved for backward, peak live bytes (CUDA allocator peak on GPU);
+  projector), activations saved for backward, peak live bytes (CUDA allocator peak on GPU; there
+  also ``timed_peak``, the allocator's peak over the timed steps, compiled ones under ``--compile``);
 * FLOPs of one forward + backward (``torch.utils.flop_counter``);
 * step time after warm-up (median, min, max of ``--steps``), the step that ends a cycle (RSO's
   merge + resample, GaLore's SVD, APOLLO's new projection) timed separately, and tokens/s;
+* with ``--merge-every K`` (rso-* methods): after the timed steps the outer loop's cycle is set to K
+  steps and ``--merge-cycles`` cycles are run, each step timed: the merge steps (merge + resample
+  after the optimizer step) against the ordinary ones and the first step after a merge (B's
+  optimizer state re-created), and the merge + resample alone (``rso.outer_step``) timed as well;
 * with ``--sweep``: activation and peak bytes against sequence length and batch (PNG plot).
 
 With ``--compile`` the timed steps run ``torch.compile(model)`` (inductor; the first step, which
-compiles, is reported as ``first_step_s``); memory and FLOPs are always those of the eager model.
+compiles, is reported as ``first_step_s``; ``--compile-backend`` picks another backend, e.g. ``eager``
+to try the plumbing in seconds); memory and FLOPs are always those of the eager model.
 ``--activation-checkpointing`` checkpoints every decoder block (activations are then what the step
 keeps plus one block's recomputation, shown as ``kept + recomputed``); ``--optimizer adamw8bit`` runs
 bitsandbytes' 8-bit AdamW for the methods that use ``torch.optim.AdamW`` (adamw, frozen, lora, rso-*).
@@ -27,6 +33,7 @@ Examples::
     python -m train.bench.step --configs 60m --methods adamw,frozen,rso-stiefel --sweep
     python -m train.bench.step --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
     python -m train.bench.step --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
+    python -m train.bench.step --configs 1b --methods rso-stiefel --device cuda --merge-every 4 --merge-cycles 3
 """
 from __future__ import annotations
 
@@ -149,6 +156,8 @@ def run_worker(spec: dict) -> dict:
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
            "batch": spec["batch"], "seq": spec["seq"], "rank": spec["rank"], "threads": spec["threads"],
            "cores": cores, "attn": spec["attn"], "torch": torch.__version__, "compile": bool(spec.get("compile"))}
+    if spec.get("compile"):
+        out["compile_backend"] = spec.get("compile_backend") or "inductor"
     model, config = _build_model(spec)
     out["n_parameters"] = sum(p.numel() for p in model.parameters())
     # Cycle-ending step placed right after the timed ones: first step, measured step, warm-up, timed.
@@ -168,7 +177,7 @@ def run_worker(spec: dict) -> dict:
     out["setup"] = s.info
     batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
     device = spec["device"]
-    stepper = torch.compile(model) if spec.get("compile") else model
+    stepper = torch.compile(model, backend=spec.get("compile_backend") or "inductor") if spec.get("compile") else model
 
     _sync(device)
     t0 = time.perf_counter()
@@ -192,6 +201,8 @@ def run_worker(spec: dict) -> dict:
             out["sweep"] = _sweep(spec, model, opt, config)
         return out
     times, cpu = [], []
+    if device.startswith("cuda"):  # the timed steps' own peak: that of the compiled model under --compile
+        torch.cuda.reset_peak_memory_stats()
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -204,9 +215,16 @@ def run_worker(spec: dict) -> dict:
     # CPU time of this process (all its threads): less sensitive than wall time to other processes
     out["step_cpu_s"] = {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
     out["tokens_per_s"] = spec["batch"] * spec["seq"] / out["step_s"]["median"]
+    if device.startswith("cuda"):
+        out["timed_peak"] = torch.cuda.max_memory_allocated()
 
     base = spec["method"].removesuffix("+ce")
-    if base not in ("adamw", "frozen", "lora"):
+    if spec.get("merge_every") and base.startswith("rso-"):
+        out["merge"] = _time_merges(stepper, model, opt, batch, device, spec["merge_every"],
+                                    spec.get("merge_cycles", 3), out["step_s"]["median"])
+        if out["merge"]["merge_step_s"]:
+            out["cycle_step_s"] = out["merge"]["merge_step_s"]["median"]
+    elif base not in ("adamw", "frozen", "lora") and not spec.get("no_cycle_step"):
         _sync(device)
         t0 = time.perf_counter()
         _train_step(stepper, opt, batch)  # ends a cycle: merge + resample / SVD / new random projection
@@ -217,7 +235,60 @@ def run_worker(spec: dict) -> dict:
             out["cycle_check"] = rso.state(model)["cycle"]  # 1: the merge happened in that step
     if spec.get("sweep"):
         out["sweep"] = _sweep(spec, model, opt, config)
+    if spec.get("compile"):  # graphs dynamo compiled over the whole run (more than one: a recompile)
+        from torch._dynamo.utils import counters
+        out["dynamo"] = dict(counters["stats"])
     return out
+
+
+def _stats(times):
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times} if times else None
+
+
+def _time_merges(stepper, model, opt, batch, device, every: int, cycles: int, step_median: float) -> dict:
+    """RSO's merge step against an ordinary step: ``cycles`` cycles of ``every`` steps, each step timed.
+
+    The outer loop's cycle length is set to ``every`` from here on (the timed steps before ran inside
+    one long cycle). A step that advances the cycle counter ran the merge + resample after its
+    optimizer step; the step after it re-creates B's optimizer state (``state_on_merge="reset"``).
+    Then the merge + resample alone (``rso.outer_step(model, optimizer)``) is timed ``cycles`` times. The
+    ordinary step the merge step is set against is the median of this phase's ordinary steps (cycles of
+    3 steps or more have some), else ``step_median``, the timed steps' median (``ordinary_from``)."""
+    import rso
+    from rso.wrapping import _loop
+    loop = _loop(model, "benchmark")
+    loop.tau = every
+    ordinary, merges, after = [], [], []
+    start = rso.state(model)["cycle"]
+    previous_merged = False
+    for _ in range(every * (cycles + 1)):
+        if rso.state(model)["cycle"] - start >= cycles:
+            break
+        cycle = rso.state(model)["cycle"]
+        _sync(device)
+        t0 = time.perf_counter()
+        _train_step(stepper, opt, batch)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        merged = rso.state(model)["cycle"] > cycle
+        (merges if merged else after if previous_merged else ordinary).append(dt)
+        previous_merged = merged
+    alone = []
+    for _ in range(cycles):
+        _sync(device)
+        t0 = time.perf_counter()
+        rso.outer_step(model, opt)
+        _sync(device)
+        alone.append(time.perf_counter() - t0)
+    res = {"every": every, "cycles": len(merges), "ordinary_s": _stats(ordinary), "merge_step_s": _stats(merges),
+           "after_merge_s": _stats(after), "outer_step_s": _stats(alone),
+           "state_on_merge": loop.state_policy}
+    reference = res["ordinary_s"]["median"] if ordinary else step_median
+    res["ordinary_from"] = "merge phase" if ordinary else "timed steps"
+    if merges:
+        res["merge_over_ordinary"] = res["merge_step_s"]["median"] / reference
+        res["merge_cost_s"] = res["merge_step_s"]["median"] - reference
+    return res
 
 
 def _sweep(spec, model, opt, config):
@@ -294,7 +365,8 @@ def _fmt_peak(memory):
 def format_markdown(results: list[dict], command: str, meta: dict) -> str:
     lines = [f"Command: `{command}`", "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
-             f"{meta['seq']}, {meta['attn']} attention" + (", torch.compile (inductor)" if meta.get("compile") else "")
+             f"{meta['seq']}, {meta['attn']} attention"
+             + (f", torch.compile ({meta.get('compile_backend') or 'inductor'})" if meta.get("compile") else "")
              + (", activation checkpointing" if meta.get("activation_checkpointing") else "")
              + (f", optimizer {meta['optimizer']}" if meta.get("optimizer", "adamw") != "adamw" else "")
              + (f", {meta['threads']} threads pinned per method (one process each)" if meta["device"] == "cpu" else ""),
@@ -337,6 +409,19 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
                 f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
                 f"{r['tokens_per_s']:,.0f} | {cyc} |")
         ref = ref if ref and "step_s" in ref else None
+        merged = [(name, r["merge"]) for name, r in ok.items() if r.get("merge")]
+
+        def r_step(name):
+            return ok[name]["step_s"]["median"]
+        for name, m in merged:
+            def _med(key, m=m):
+                return f"{m[key]['median']:.3f} s" if m.get(key) else "—"
+            ratio = f" ({m['merge_over_ordinary']:.2f}×)" if "merge_over_ordinary" in m else ""
+            ordinary = _med("ordinary_s") if m.get("ordinary_s") else f"{r_step(name):.3f} s (the timed steps)"
+            lines += ["", f"Merge step, {name} (cycle {m['every']} steps, {m['cycles']} merges, state on merge "
+                      f"{m['state_on_merge']}): ordinary step {ordinary}, merge step {_med('merge_step_s')}"
+                      f"{ratio}, step after a merge {_med('after_merge_s')}, merge + resample alone "
+                      f"(rso.outer_step) {_med('outer_step_s')}"]
         spread = [f"{name} {min(r['round_medians']):.3f}–{max(r['round_medians']):.3f}"
                   for name, r in ok.items() if len(r.get("round_medians", [])) > 1]
         if spread:
@@ -467,6 +552,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-batch-seq", type=int, default=256)
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile(model) (inductor); memory and FLOPs stay eager")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend with --compile (eager / aot_eager: the plumbing, no codegen)")
+    parser.add_argument("--merge-every", type=int, default=0, metavar="K",
+                        help="rso-* methods: after the timed steps, run --merge-cycles cycles of K steps and time the "
+                             "merge steps against the ordinary ones (and rso.outer_step alone)")
+    parser.add_argument("--merge-cycles", type=int, default=3, help="merges timed with --merge-every")
+    parser.add_argument("--no-cycle-step", action="store_true",
+                        help="do not time the step that ends a cycle (GaLore's SVD step: its first step has one)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="checkpoint every decoder block (non-reentrant): activations = kept + one block's "
                              "recomputation")
@@ -490,6 +583,8 @@ def main(argv=None) -> int:
     methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
     error = _check_memory_options(args, methods)
+    if error is None and (args.merge_every < 0 or args.merge_cycles < 1):
+        error = f"--merge-every must be ≥ 0 and --merge-cycles ≥ 1, got {args.merge_every} and {args.merge_cycles}"
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -500,7 +595,8 @@ def main(argv=None) -> int:
     import torch
     meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
             "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
-            "compile": args.compile, "command": command,
+            "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,
+            "merge_every": args.merge_every, "command": command,
             "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer}
     results = []
     for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
@@ -523,6 +619,8 @@ def main(argv=None) -> int:
                         "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                         "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
                         "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "compile": args.compile,
+                        "compile_backend": args.compile_backend, "merge_every": args.merge_every,
+                        "merge_cycles": args.merge_cycles, "no_cycle_step": args.no_cycle_step,
                         "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer,
                         "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
                         "sweep": method in sweep_methods and round_ == 0,
