@@ -39,7 +39,8 @@ def _reference_eval(model, examples, causal=False):
     model = model.double().eval()
     total, count, preds, margins = 0.0, 0, [], []
     for e in examples:
-        logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0].double()
+        segments = {"token_type_ids": torch.tensor([e["token_type_ids"]])} if "token_type_ids" in e else {}
+        logits = model(input_ids=torch.tensor([e["input_ids"]]), **segments).logits[0].double()
         if causal:  # token t predicts token t+1; the prompt's labels are -100
             labels = torch.tensor(e["labels"][1:])
             keep = labels != -100
@@ -132,6 +133,7 @@ def test_boolq_pairs(tmp_path):
         p = tok(r["passage"], add_special_tokens=False)["input_ids"]
         n_p = MAX_LENGTH - len(q) - 3
         assert e["input_ids"] == [tok.cls_token_id, *q, tok.sep_token_id, *p[:n_p], tok.sep_token_id]
+        assert e["token_type_ids"] == [0] * (len(q) + 2) + [1] * (len(p[:n_p]) + 1)  # BERT's segments: question 0, passage 1
 
 
 def test_causal_lm_rso_saves_plain_llama(tmp_path):

@@ -173,7 +173,8 @@ def encode(task: Task, tok, rows: list[dict], max_length: int) -> list[dict]:
         for r in rows:
             enc = tok(r["text"], r["text_pair"], truncation="only_second" if r["text_pair"] else True,
                       max_length=max_length) if r["text_pair"] else tok(r["text"], truncation=True, max_length=max_length)
-            out.append({"input_ids": enc["input_ids"], "label": r["label"]})
+            out.append({"input_ids": enc["input_ids"], "label": r["label"],
+                        **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
         return out
     # causal LM: "Article: <document>\nSummary: <summary><eos>", loss on the summary only
     eos = tok.eos_token_id
@@ -195,6 +196,11 @@ def collate(examples: list[dict], pad_id: int, kind: str) -> dict:
         ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in examples[0]:  # a pair's segment ids (BERT: 0 for the first text, 1 for the second)
+        segments = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            segments[i, : len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+        batch["token_type_ids"] = segments
     if kind == "causal_lm":
         labels = torch.full((len(examples), width), -100, dtype=torch.long)
         for i, e in enumerate(examples):
