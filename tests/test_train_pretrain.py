@@ -237,3 +237,17 @@ def test_resume_refuses_a_new_identity_and_keeps_saved_settings(env, tmp_path, c
     assert out.count("--resume: continuing at step 2 with the saved settings: config ") == 1
     assert "--resume: the saved settings win over --lr 0.1 (kept 0.003), --warmup 1 (kept 0)\n" in out
     assert "cosine" not in out and "after 2 steps" in out
+
+
+def test_tiny_default_lr_is_the_sweeps_best_per_method():
+    """``tiny``'s lr per method family (its ``training.lr`` mapping): AdamW 2e-3 and the subspace methods 3e-3,
+    the 300-step sweep's best (docs/training.md); ``--lr`` wins; a plain number applies to every method."""
+    from train.models import load_config
+    from train.pretrain import resolve_args
+
+    cfg = load_config("tiny")
+    for method, lr in (("adamw", 2e-3), ("rso", 3e-3), ("galore", 3e-3), ("golore@20", 3e-3), ("lora", 3e-3)):
+        assert resolve_args(build_parser().parse_args(["--method", method]), cfg).lr == lr, method
+    assert resolve_args(build_parser().parse_args(["--method", "adamw", "--lr", "5e-4"]), cfg).lr == 5e-4
+    flat = {**cfg, "training": {**cfg["training"], "lr": 1e-3}}
+    assert resolve_args(build_parser().parse_args(["--method", "adamw"]), flat).lr == 1e-3

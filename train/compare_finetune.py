@@ -107,7 +107,7 @@ def split_entries(text: str) -> list[str]:
     return [w.strip() for w in out + [word] if w.strip()]
 
 
-def parse_ft_entry(text: str, lr_factors: list[float]) -> dict:
+def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomatoes") -> dict:
     """An entry of ``--methods``: method, projection, options (rank/tau/scale), its LRs, a file-safe name."""
     m = _ENTRY.match(text)
     if not m:
@@ -130,7 +130,7 @@ def parse_ft_entry(text: str, lr_factors: list[float]) -> dict:
     if m["lrs"]:
         lrs = _floats(m["lrs"], f"--methods entry {text!r}")
     else:
-        default = finetune.DEFAULT_LR.get(name, finetune.DEFAULT_LR_SUBSPACE)
+        default = finetune.method_defaults(task, entry["method"])[0]
         lrs = [float(f"{default * f:.3g}") for f in lr_factors]
     lrs = sorted(set(lrs))
     label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")
@@ -185,7 +185,7 @@ def plan(args, extra: list[str]) -> list[dict]:
         raise UsageError(f"--{taken[0].replace('_', '-')}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
     finetune.build_parser().parse_args(extra)  # the arguments passed on to every run: unknown or bad values
     factors = _floats(args.lr_factors, "--lr-factors")
-    entries = [parse_ft_entry(e, factors) for e in split_entries(args.methods)]
+    entries = [parse_ft_entry(e, factors, args.task) for e in split_entries(args.methods)]
     if not entries:
         raise UsageError("--methods: no entries")
     names = [e["name"] for e in entries]

@@ -28,17 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_run, restore_run, save_run
-from .data import default_cache_dir, load_tokenizer
+from .data import DataError, default_cache_dir, load_tokenizer
 from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
                    fill_step_defaults, method_options, optimizer_step,
                    resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
-from .methods import describe, parse_method, setup_method, unwrap_for_saving
+from .methods import MethodError, describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2
 from .packages import minilm_dir
 from .schedule import cosine_schedule
-from .tasks import EpochSampler, Task, compute_metrics, load_task
+from .tasks import CAUSAL_LM_TASKS, EpochSampler, Task, compute_metrics, load_task, task_key
 
 #: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
 RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay",
@@ -49,9 +49,24 @@ RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau",
 IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "optimizer",
                  "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
 
-#: Default peak learning rates per method family (full fine-tuning needs a smaller one).
-DEFAULT_LR = {"adamw": 5e-5, "lora": 5e-4}
-DEFAULT_LR_SUBSPACE = 2e-4
+#: Default (peak LR, rank) per method family and task kind. Classification: what the Rotten Tomatoes sweep
+#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md); "*" (GaLore, GoLore) and
+#: every causal-LM default were not swept. A rank is unused by adamw.
+DEFAULTS = {
+    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "lora": (2e-3, 16), "*": (2e-4, 8)},
+    "causal_lm": {"adamw": (5e-5, 8), "lora": (5e-4, 8), "*": (2e-4, 8)},
+}
+
+
+def method_defaults(task: str, method: str) -> tuple[float, int]:
+    """(peak LR, rank) for ``method`` on ``task`` when ``--lr`` / ``--rank`` are not given (:data:`DEFAULTS`)."""
+    try:
+        kind = "causal_lm" if task_key(task) in CAUSAL_LM_TASKS else "classification"
+    except DataError:  # an unknown task is reported where the task is read
+        kind = "classification"
+    family = parse_method(method)[0]
+    table = DEFAULTS[kind]
+    return table.get(family, table["*"])
 
 
 class FinetuneParser(Parser):
@@ -60,6 +75,13 @@ class FinetuneParser(Parser):
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
         check_finetune_args(parsed)
+        if parsed.lr is None or parsed.rank is None:  # the method's defaults (given flags and --resume's win)
+            try:
+                lr, rank = method_defaults(parsed.task, parsed.method)
+            except MethodError as e:
+                raise UsageError(str(e)) from None
+            parsed.lr = lr if parsed.lr is None else parsed.lr
+            parsed.rank = rank if parsed.rank is None else parsed.rank
         return parsed, rest
 
 
@@ -81,12 +103,13 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=None,
+                   help="subspace / LoRA rank (default: 64 rso, 16 lora, 8 galore/golore; 8 for causal LM)")
     p.add_argument("--tau", type=int, default=100, help="optimizer steps per subspace")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None,
-                   help=f"peak LR (default: {DEFAULT_LR['adamw']:g} adamw, {DEFAULT_LR['lora']:g} lora, "
-                        f"{DEFAULT_LR_SUBSPACE:g} rso/galore/golore)")
+                   help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, 2e-3 lora, 2e-4 galore/golore; "
+                        "causal LM: 5e-5 adamw, 5e-4 lora, 2e-4 rso/galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -287,8 +310,6 @@ def run(args) -> dict:
         resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
     check_checkpointing(args, model_config(args.model))
     check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
-    if args.lr is None:
-        args.lr = DEFAULT_LR.get(parse_method(args.method)[0], DEFAULT_LR_SUBSPACE)
     device, use_bf16, autocast = setup_device(args)
     cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 

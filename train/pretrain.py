@@ -26,7 +26,7 @@ from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, a
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
                    fill_step_defaults, method_options, optimizer_step,
                    resume_args, resume_schedule, setup_device, stop_early)
-from .methods import describe, setup_method
+from .methods import describe, parse_method, setup_method
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import build_model, load_config
 from .schedule import cosine_schedule
@@ -80,7 +80,9 @@ def resolve_args(args, cfg: dict) -> argparse.Namespace:
     tr = cfg["training"]
     args.rank = args.rank if args.rank is not None else tr.get("rank", 128)
     args.tau = args.tau if args.tau is not None else tr.get("tau", 200)
-    args.lr = args.lr if args.lr is not None else tr.get("lr", 1e-3)
+    if args.lr is None:  # a number, or per method family: {"adamw": ..., "default": ...}
+        lr = tr.get("lr", 1e-3)
+        args.lr = lr.get(parse_method(args.method)[0], lr["default"]) if isinstance(lr, dict) else lr
     args.seq_len = args.seq_len or tr.get("seq_len", 256)
     args.tokenizer = args.tokenizer or tr.get("tokenizer", "llama2")
     args.max_steps = args.max_steps or tr.get("max_steps", 1000)

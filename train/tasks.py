@@ -32,7 +32,7 @@ import torch
 from .data import _read_jsonl
 from .packages import DataError, package_file
 
-__all__ = ["Task", "load_task", "task_key", "carve_validation", "TASKS", "GLUE", "EpochSampler", "compute_metrics",
+__all__ = ["Task", "load_task", "task_key", "CAUSAL_LM_TASKS", "carve_validation", "TASKS", "GLUE", "EpochSampler", "compute_metrics",
            "accuracy", "f1_binary", "matthews", "pearson", "spearman"]
 
 
@@ -192,6 +192,8 @@ def _glue(name: str) -> Task:
 
 
 TASKS = {"rotten_tomatoes": _rotten_tomatoes, "boolq": _boolq, "xsum": _xsum}
+#: The tasks of kind "causal_lm" (known before any data is read).
+CAUSAL_LM_TASKS = frozenset({"xsum"})
 
 
 #: Seed of the validation split's draw: fixed, so that the split does not depend on a run's --seed.
