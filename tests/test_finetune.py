@@ -251,3 +251,31 @@ def test_finetune_resume_with_more_epochs_extends(tmp_path, capsys):
     assert "--resume: the run extends from 2 to 4 steps; the cosine LR schedule is rebuilt" in capsys.readouterr().out
     assert main(["--resume", "--epochs", "1", *session]) == 2
     assert capsys.readouterr().err.startswith("error: --epochs 1 (2 steps) is below the saved run's step 4 (")
+
+
+def test_classification_defaults_are_the_sweeps_choice():
+    """A user who passes only ``--method`` gets the lr (and rank) the Rotten Tomatoes sweep chose on its
+    validation split, as recorded in docs/finetune_rotten_tomatoes.json; LoRA's rank: of 8 and 16, the one with
+    the better validation accuracy averaged over the seeds at its chosen lr (validation numbers only)."""
+    import pathlib
+    import statistics
+
+    record = json.loads((pathlib.Path(__file__).parents[1] / "docs" / "finetune_rotten_tomatoes.json").read_text())
+    rows = {r["name"]: r for r in record["methods"]}
+    runs = {r["name"]: r for r in record["runs"]}
+
+    def mean_val(row):
+        return statistics.mean(runs[name]["final_val_accuracy"] for name in row["runs"])
+
+    lora = max((rows["lora-rank8"], rows["lora-rank16"]), key=mean_val)
+    for method, row in (("adamw", rows["adamw"]), ("rso", rows["rso-stiefel-rank64"]), ("lora", lora)):
+        args = build_parser().parse_args(["--method", method])
+        assert args.lr == row["chosen_lr"], (method, args.lr, row["chosen_lr"])
+        assert method == "adamw" or args.rank == row["rank"], (method, args.rank, row["rank"])
+        assert not {"lr", "rank"} & set(args.given)  # defaults, not flags: --resume keeps a saved run's values
+    assert build_parser().parse_args(["--method", "rso"]).projection == rows["rso-stiefel-rank64"]["projection"]
+    # given flags win; the causal-LM task has its own (not swept) defaults
+    args = build_parser().parse_args(["--method", "rso", "--rank", "4", "--lr", "1e-3"])
+    assert (args.rank, args.lr) == (4, 1e-3)
+    args = build_parser().parse_args(["--method", "rso", "--task", "xsum"])
+    assert (args.lr, args.rank) == (2e-4, 8)
