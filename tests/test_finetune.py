@@ -268,7 +268,8 @@ def test_classification_defaults_are_the_sweeps_choice():
         return statistics.mean(runs[name]["final_val_accuracy"] for name in row["runs"])
 
     lora = max((rows["lora-rank8"], rows["lora-rank16"]), key=mean_val)
-    for method, row in (("adamw", rows["adamw"]), ("rso", rows["rso-stiefel-rank64"]), ("lora", lora)):
+    for method, row in (("adamw", rows["adamw"]), ("rso", rows["rso-stiefel-rank64"]), ("lora", lora),
+                        ("galore", rows["galore-rank64"])):
         args = build_parser().parse_args(["--method", method])
         assert args.lr == row["chosen_lr"], (method, args.lr, row["chosen_lr"])
         assert method == "adamw" or args.rank == row["rank"], (method, args.rank, row["rank"])

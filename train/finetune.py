@@ -50,10 +50,11 @@ IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "
                  "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
 
 #: Default (peak LR, rank) per method family and task kind. Classification: what the Rotten Tomatoes sweep
-#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md); "*" (GaLore, GoLore) and
+#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md); "*" (GoLore) and
 #: every causal-LM default were not swept. A rank is unused by adamw.
 DEFAULTS = {
-    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "lora": (1e-3, 8), "*": (2e-4, 8)},
+    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "lora": (1e-3, 8), "galore": (8e-4, 64),
+                       "*": (2e-4, 8)},
     "causal_lm": {"adamw": (5e-5, 8), "lora": (5e-4, 8), "*": (2e-4, 8)},
 }
 
@@ -104,11 +105,11 @@ def build_parser() -> Parser:
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
     p.add_argument("--rank", type=int, default=None,
-                   help="subspace / LoRA rank (default: 64 rso, 8 lora, 8 galore/golore; 8 for causal LM)")
+                   help="subspace / LoRA rank (default: 64 rso and galore, 8 lora and golore; 8 for causal LM)")
     p.add_argument("--tau", type=int, default=100, help="optimizer steps per subspace")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None,
-                   help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, 1e-3 lora, 2e-4 galore/golore; "
+                   help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso and galore, 1e-3 lora, 2e-4 golore; "
                         "causal LM: 5e-5 adamw, 5e-4 lora, 2e-4 rso/galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
