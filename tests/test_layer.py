@@ -222,3 +222,233 @@ def test_P_follows_the_compute_dtype(evaluation):
     assert layer.B.grad.dtype == torch.bfloat16
     assert_rounding_close(layer.B.grad, *ref["B"], torch.bfloat16, "B.grad")
     assert_rounding_close(x.grad, *ref["x"], torch.bfloat16, "x.grad")
+
+
+# --- found by mutation testing (docs/mutation.md) ------------------------------------------------------------------
+def test_constructor_defaults_and_init_match_nn_linear():
+    # Same seed, same draw: the frozen W₀ of a fresh layer is nn.Linear's kaiming_uniform_(a=√5) init.
+    torch.manual_seed(0)
+    ref = nn.Linear(12, 7)
+    torch.manual_seed(0)
+    layer = SubspaceLinear(12, 7, rank=3)
+    torch.testing.assert_close(layer.weight, ref.weight, rtol=0, atol=0)
+    assert layer.scale == 1.0 and layer.bias is not None and torch.equal(layer.bias, torch.zeros(7))
+    assert SubspaceLinear(12, 7, rank=3, bias=False).bias is None
+
+
+def test_state_dict_keep_vars_returns_the_parameters():
+    layer = SubspaceLinear(6, 4, rank=2)
+    sd = layer.state_dict(keep_vars=True)
+    assert sd["B"] is layer.B and sd["weight"] is layer.weight
+    assert not isinstance(layer.state_dict()["B"], nn.Parameter)
+
+
+def test_gradient_capture_accumulates_low_precision_in_fp32():
+    from layers import GradientCapture
+    g = torch.Generator().manual_seed(0)
+    G, X = torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    cap = GradientCapture()
+    for _ in range(2):
+        cap.add(G.to(torch.bfloat16), X.to(torch.bfloat16))
+    assert cap.grad.dtype == torch.float32
+    ref = 2 * G.to(torch.bfloat16).double().reshape(-1, 4).T @ X.to(torch.bfloat16).double().reshape(-1, 6)
+    torch.testing.assert_close(cap.grad.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_effective_weight_and_merge_are_w0_plus_scaled_BP_rounded_once():
+    g = torch.Generator().manual_seed(3)
+    layer = make_layer(in_f=32, out_f=16, rank=4, scale=0.75)
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(16, 4, generator=g, dtype=torch.float64))
+    W0, B, P = layer.weight.clone(), layer.B.clone(), layer.P.clone()
+    torch.testing.assert_close(layer.effective_weight(), W0 + 0.75 * B @ P, rtol=1e-14, atol=1e-14)
+    layer.merge_()
+    torch.testing.assert_close(layer.weight, W0 + 0.75 * B @ P, rtol=1e-14, atol=1e-14)
+    assert torch.count_nonzero(layer.B) == 0
+    # bf16 weights: the sum is formed in fp32 and rounded to bf16 once (not in bf16, term by term).
+    low = make_layer(in_f=32, out_f=16, rank=4, scale=0.75, dtype=torch.bfloat16)
+    with torch.no_grad():
+        low.B.copy_(torch.randn(16, 4, generator=g))
+    ref = (low.weight.float() + 0.75 * (low.B.float() @ low.P.float())).to(torch.bfloat16)
+    eff = low.effective_weight()
+    assert eff.dtype == torch.bfloat16 and torch.equal(eff, ref)
+
+
+def _group(n=2, dtype=torch.float64):
+    from layers import ProjectionGroup
+    members = [make_layer(in_f=12, out_f=6, rank=3, dtype=dtype, seed=i) for i in range(n)]
+    return ProjectionGroup(members), members
+
+
+def test_group_shares_one_P_stored_once_and_ties_again_after_conversion():
+    group, (a, b, c) = _group(3)
+    assert a.P is b.P and b.P is c.P
+    assert [k for k in nn.ModuleList([a, b, c]).state_dict() if k.endswith(".P")] == ["0.P"]
+    nn.ModuleList([a, b, c]).float()
+    assert a.P.dtype == torch.float32 and a.P is b.P and b.P is c.P
+    a.double()  # one member alone: the others keep their dtype and their own (shared) P
+    assert b.P.dtype == torch.float32 and c.P is b.P and a.P is not b.P
+
+
+def test_is_conv1d_and_from_module_of_a_conv1d():
+    from transformers.pytorch_utils import Conv1D
+    from layers import is_conv1d
+    torch.manual_seed(0)
+    conv = Conv1D(6, 8)  # nf=6 outputs, nx=8 inputs, weight stored 8×6
+    assert is_conv1d(conv) and not is_conv1d(nn.Linear(8, 6))
+
+    class Conv1D(nn.Module):  # the name alone is not enough
+        def __init__(self, nf=None, weight=None):
+            super().__init__()
+            if nf is not None:
+                self.nf = nf
+            self.weight = weight
+    assert not is_conv1d(Conv1D(weight=nn.Parameter(torch.ones(2, 2))))
+    assert not is_conv1d(Conv1D(nf=2))
+    layer = SubspaceLinear.from_module(conv, rank=2)
+    assert layer.layout == "conv1d" and (layer.out_features, layer.in_features) == (6, 8)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), conv(x))
+
+
+def test_from_module_of_a_linear_keeps_bias_and_requires_grad_and_refuses_others():
+    lin = nn.Linear(8, 5)
+    lin.weight.requires_grad_(False)
+    layer = SubspaceLinear.from_module(lin, rank=2)
+    assert layer.layout == "linear" and layer.scale == 1.0 and layer.bias is lin.bias
+    assert layer.weight_requires_grad is False
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()  # storage reused, not copied
+    with pytest.raises(TypeError, match="got Embedding"):
+        SubspaceLinear.from_module(nn.Embedding(4, 4), rank=2)
+
+
+def test_group_cache_is_keyed_on_the_input_and_dropped_after_every_member_read_it():
+    group, members = _group(3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in members:
+            m.B.copy_(torch.randn(m.B.shape, generator=g, dtype=torch.float64))
+    x1, x2 = (torch.randn(4, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    plain = lambda m, x: x @ m.effective_weight().T + m.bias  # noqa: E731
+    a, b, c = members
+    for m in members:
+        torch.testing.assert_close(m(x1), plain(m, x1))
+    assert group._z is None and group._key is None  # every member read it: dropped
+    a(x1)
+    torch.testing.assert_close(b(x2), plain(b, x2))  # another tensor: b projects its own input
+    x2.mul_(2)  # same tensor, new version
+    torch.testing.assert_close(c(x2), plain(c, x2))
+    a(x1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another compute dtype: no reuse of a's fp64 z
+        yb = b(x1)
+    assert yb.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(x1)
+    torch.testing.assert_close(c(x1), plain(c, x1))
+
+
+@pytest.mark.parametrize("evaluation", ["split", "merged"])
+def test_armed_capture_accumulates_the_full_weight_gradient_over_micro_batches(evaluation):
+    layer = make_layer(in_f=12, out_f=10, rank=4)
+    layer.evaluation = evaluation
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 3, 12, generator=g, dtype=torch.float64) for _ in range(2)]
+    Gs = [torch.randn(2, 3, 10, generator=g, dtype=torch.float64) for _ in range(2)]
+    assert layer.take_captured_gradient() is None
+    layer.arm_capture()
+    for x, G in zip(xs, Gs):
+        (layer(x) * G).sum().backward()
+    ref = sum(G.reshape(-1, 10).T @ x.reshape(-1, 12) for x, G in zip(xs, Gs))
+    grad = layer.take_captured_gradient()
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-12)
+    assert layer.take_captured_gradient() is None  # taken once; the next step saves no x
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 0.25])
+def test_B_grad_is_scale_times_gT_z(scale):
+    layer = make_layer(in_f=12, out_f=10, rank=4, scale=scale)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    G = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    (layer(x) * G).sum().backward()
+    torch.testing.assert_close(layer.B.grad, scale * G.T @ (x @ layer.P.T), rtol=1e-12, atol=1e-12)
+
+
+def test_use_merged_is_the_flop_rule_at_its_threshold():
+    from layers import use_merged
+    # merged iff 4·m·n·r < t·(2n + 4m)·r, i.e. t > 4mn / (2n + 4m): t > 4 for m = n = 6, t > 10 for m=10, n=20.
+    for rank in (1, 3, 6):
+        assert not use_merged(4, 6, 6, rank) and use_merged(5, 6, 6, rank)
+        assert not use_merged(10, 10, 20, rank) and use_merged(11, 10, 20, rank)
+    assert not use_merged(1, 64, 64, 8) and use_merged(4096, 64, 64, 8)
+
+
+def _coordinate_P(rows, dim):
+    P = torch.zeros(len(rows), dim, dtype=torch.float64)
+    P[torch.arange(len(rows)), torch.tensor(rows)] = 1
+    return P
+
+
+def test_coordinate_index_follows_an_in_place_change_of_P(monkeypatch):
+    layer = make_layer(in_f=8, out_f=5, rank=3)
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    layer.set_projection_(_coordinate_P([1, 4, 6], 8), coordinate=True)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ layer.effective_weight().T + layer.bias)
+    with torch.no_grad():
+        layer.P.copy_(_coordinate_P([0, 2, 7], 8))  # as a load_state_dict does: same tensor, new version
+    assert layer._coordinate_index().tolist() == [0, 2, 7]
+    torch.testing.assert_close(layer(x), x @ layer.effective_weight().T + layer.bias)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced path: argmax of each row
+    assert layer._coordinate_index().tolist() == [0, 2, 7]
+
+
+def test_autocast_without_bias():
+    layer = make_layer(in_f=16, out_f=8, rank=4, bias=False, dtype=torch.float32)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.bias is None
+    ref = x.double() @ layer.effective_weight().double().T
+    torch.testing.assert_close(y.double(), ref, rtol=0.02, atol=0.05)
+
+
+def test_build_defaults_buffers_and_rank_validation():
+    layer = SubspaceLinear(8, 4, rank=2)
+    assert (layer.layout, layer.weight_requires_grad, layer.coordinate, layer.evaluation) == ("linear", True, False, "auto")
+    for name in ("step", "cycle", "seed"):
+        buf = layer.get_buffer(name)
+        assert buf.dtype == torch.long and buf.shape == () and buf.item() == 0
+    assert layer.identity.dtype == torch.uint8 and layer.identity.numel() == 0
+    meta = SubspaceLinear(8, 4, rank=2, device="meta")  # every tensor follows W₀'s device
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ValueError, match=r"rank must be an int in \[1, 4\], got"):
+            SubspaceLinear(8, 4, rank=bad)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_group_of_two_or_more_projects_each_input_once(monkeypatch, n):
+    import layers.subspace_linear as sl
+    calls = []
+    real = sl.project
+    monkeypatch.setattr(sl, "project", lambda *a: calls.append(1) or real(*a))
+    _, members = _group(n)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    for m in members:
+        m(x)
+    assert len(calls) == 1
+
+
+def test_evaluation_order_chosen_per_call(monkeypatch):
+    import layers.subspace_linear as sl
+    seen = []
+    real = sl.SubspaceLinearFunction.apply
+    monkeypatch.setattr(sl.SubspaceLinearFunction, "apply", lambda *a: seen.append(a[8]) or real(*a))
+    layer = make_layer(in_f=6, out_f=6, rank=2)  # merged iff tokens > 4 (see the FLOP rule test)
+    for evaluation, tokens in [("auto", 4), ("auto", 5), ("merged", 1), ("split", 64)]:
+        layer.evaluation = evaluation
+        layer(torch.randn(tokens, 6, dtype=torch.float64))
+    assert seen == [False, True, True, False]
