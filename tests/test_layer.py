@@ -302,7 +302,8 @@ def test_is_conv1d_and_from_module_of_a_conv1d():
             super().__init__()
             if nf is not None:
                 self.nf = nf
-            self.weight = weight
+            if weight is not None:
+                self.weight = weight
     assert not is_conv1d(Conv1D(weight=nn.Parameter(torch.ones(2, 2))))
     assert not is_conv1d(Conv1D(nf=2))
     layer = SubspaceLinear.from_module(conv, rank=2)
