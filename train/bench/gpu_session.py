@@ -321,16 +321,12 @@ def format_summary(meta: dict, records: dict, summary: dict) -> str:
                              f"{str(f.get('error') or 'no result').replace('|', '/')} |" + " |" * 7)
                 continue
             steady = f.get("timed_steps_s")
+            timed = f"{sorted(steady)[len(steady) // 2]:.3f} | {f['tokens_per_s']:,.0f}" if steady else "— | —"
             lines.append(
                 f"| {f['part']} | {f['case']} | {f['batch']} × {f['seq']} | {_gib(f['estimate_total'])} | "
                 f"{_gib(f['measured_total'])} | {f['measured_over_estimate']:.4f} | {_gib(f['step_peak'])} "
                 f"({f['peak_source']}) | {_gib(f.get('peak_reserved'))} | {_yes(f.get('cap_respected'))} | "
-                f"{f['step_s']} | {sorted(steady)[len(steady) // 2]:.3f} | {f['tokens_per_s']:,.0f} |"
-                if steady else
-                f"| {f['part']} | {f['case']} | {f['batch']} × {f['seq']} | {_gib(f['estimate_total'])} | "
-                f"{_gib(f['measured_total'])} | {f['measured_over_estimate']:.4f} | {_gib(f['step_peak'])} "
-                f"({f['peak_source']}) | {_gib(f.get('peak_reserved'))} | {_yes(f.get('cap_respected'))} | "
-                f"{f['step_s']} | — | — |")
+                f"{f['step_s']} | {timed} |")
     if summary["steps"]:
         lines += ["", "## Tokens/s and peak memory", "",
                   "| config | method | mode | batch × seq | tokens/s | step median | first step | peak (measured eager "
