@@ -89,39 +89,41 @@ class OuterLoop:
         ids = {id(p) for pg in optimizer.param_groups for p in pg["params"]}
         return [g for g in self.groups if any(id(m.B) in ids for m in g.members)]
 
-    @torch.no_grad()
     def add_proximal_gradient(self, optimizer):
-        for g in self._groups_in(optimizer):
-            for m in g.members:
-                if m.B.grad is not None:
-                    m.B.grad.add_(m.B, alpha=1.0 / self.proximal)
+        with torch.no_grad():
+            for g in self._groups_in(optimizer):
+                for m in g.members:
+                    if m.B.grad is not None:
+                        m.B.grad.add_(m.B, alpha=1.0 / self.proximal)
 
-    @torch.no_grad()
     def start_first_cycle(self, optimizer):
         """Before the first step, give a gradient-based sampler ("svd", "hybrid") the gradient it lacked
         at wrap time, as GaLore does: P ← sampler(G₁) from the step's full gradient G₁ (captured), and
         B's gradient becomes that of the new subspace, ∂B = c·s·G₁ P_newᵀ, where c = ‖B.grad‖ /
         ‖s·G₁ P_oldᵀ‖ carries over whatever scaled B.grad since backward (clipping, GradScaler's unscale)."""
-        groups = [g for g in self._groups_in(optimizer) if int(g.members[0].step) == 0 and int(g.members[0].cycle) == 0
-                  and all(m._capture is not None and m._capture.grad is not None for m in g.members)]
-        if not groups:
-            return
-        due_now = self.tau == 1  # the merge after this step needs the same gradient: leave it captured
-        gradients = [[m._capture.grad if due_now else m.take_captured_gradient() for m in g.members] for g in groups]
-        if any(type(m.B.grad).__name__ == "DTensor" for g in groups for m in g.members):
-            return  # FSDP2-sharded B: the first cycle stays random (its captures are dropped above)
-        new = self.draw(groups, [0] * len(groups), [torch.cat(grads, 0) for grads in gradients])
-        coordinate = isinstance(self.sampler, CoordinateSampler)
-        for g, grads, P in zip(groups, gradients, new):
-            old_P = g.members[0].P.to(grads[0].dtype, copy=True)  # the buffer is overwritten in place next
-            g.set_projection_(P, coordinate=coordinate)
-            new_P = g.members[0].P.to(grads[0].dtype)
-            for m, G in zip(g.members, grads):
-                if m.B.grad is None:
-                    continue
-                before = (m.scale * G @ old_P.T).norm()
-                c = m.B.grad.to(G.dtype).norm() / before if before > 0 else 1.0
-                m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
+        with torch.no_grad():
+            groups = [g for g in self._groups_in(optimizer)
+                      if int(g.members[0].step) == 0 and int(g.members[0].cycle) == 0
+                      and all(m._capture is not None and m._capture.grad is not None for m in g.members)]
+            if not groups:
+                return
+            due_now = self.tau == 1  # the merge after this step needs the same gradient: leave it captured
+            gradients = [[m._capture.grad if due_now else m.take_captured_gradient() for m in g.members]
+                         for g in groups]
+            if any(type(m.B.grad).__name__ == "DTensor" for g in groups for m in g.members):
+                return  # FSDP2-sharded B: the first cycle stays random (its captures are dropped above)
+            new = self.draw(groups, [0] * len(groups), [torch.cat(grads, 0) for grads in gradients])
+            coordinate = isinstance(self.sampler, CoordinateSampler)
+            for g, grads, P in zip(groups, gradients, new):
+                old_P = g.members[0].P.to(grads[0].dtype, copy=True)  # the buffer is overwritten in place next
+                g.set_projection_(P, coordinate=coordinate)
+                new_P = g.members[0].P.to(grads[0].dtype)
+                for m, G in zip(g.members, grads):
+                    if m.B.grad is None:
+                        continue
+                    before = (m.scale * G @ old_P.T).norm()
+                    c = m.B.grad.to(G.dtype).norm() / before if before > 0 else 1.0
+                    m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
 
     def after_step(self, optimizer):
         due = []
@@ -140,24 +142,24 @@ class OuterLoop:
         self.resample(self.groups, optimizer)
         self._arm_captures()
 
-    @torch.no_grad()
     def resample(self, groups: list[ProjectionGroup], optimizer=None):
         """Merge each group's B into W₀, then move every group to its next cycle's P."""
-        gradients = []
-        for g in groups:
-            for m in g.members:
-                m.merge_()
-            grads = [m.take_captured_gradient() for m in g.members]
-            gradients.append(torch.cat(grads, 0) if all(x is not None for x in grads) else None)
-        old = [g.members[0].P.detach().clone() for g in groups] if self.state_policy == "project" else None
-        new = self.draw(groups, [int(g.members[0].cycle) + 1 for g in groups], gradients)
-        coordinate = isinstance(self.sampler, CoordinateSampler)
-        for i, (g, P) in enumerate(zip(groups, new)):
-            g.set_projection_(P, coordinate=coordinate)
-            for m in g.members:
-                m.cycle += 1
-                if optimizer is not None:
-                    self._update_optimizer_state(optimizer, m.B, old[i] if old else None, P)
+        with torch.no_grad():
+            gradients = []
+            for g in groups:
+                for m in g.members:
+                    m.merge_()
+                grads = [m.take_captured_gradient() for m in g.members]
+                gradients.append(torch.cat(grads, 0) if all(x is not None for x in grads) else None)
+            old = [g.members[0].P.detach().clone() for g in groups] if self.state_policy == "project" else None
+            new = self.draw(groups, [int(g.members[0].cycle) + 1 for g in groups], gradients)
+            coordinate = isinstance(self.sampler, CoordinateSampler)
+            for i, (g, P) in enumerate(zip(groups, new)):
+                g.set_projection_(P, coordinate=coordinate)
+                for m in g.members:
+                    m.cycle += 1
+                    if optimizer is not None:
+                        self._update_optimizer_state(optimizer, m.B, old[i] if old else None, P)
 
     def draw(self, groups: list[ProjectionGroup], cycles: list[int], gradients=None) -> list[torch.Tensor]:
         """P for ``cycles[i]`` of ``groups[i]``: a pure function of (seed, cycle[, gradient]).
@@ -240,30 +242,30 @@ def check_state_policy(optimizer, state_policy: str) -> None:
                                                     "Adam's first and second moments"))
 
 
-@torch.no_grad()
 def _project_bitsandbytes_state(optimizer, state, R):
     """``state1`` ← state1·R, ``state2`` ← state2·(R∘R) for bitsandbytes' Adam family: fp32 states in place;
     8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
     dequantized, mapped in fp32 and quantized again with the same map and block size."""
-    check_state_policy(optimizer, "project")
-    if "state1" not in state or "state2" not in state:
-        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
-    for key, mat in (("state1", R), ("state2", R * R)):
-        value = state[key]
-        if value.dtype == torch.float32:
-            value.copy_(value @ mat)
-            continue
-        index = key[-1]
-        absmax, code = state.get(f"absmax{index}"), state.get(f"qmap{index}")
-        if value.dtype != torch.uint8 or absmax is None or code is None:
-            raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
-                                                        f"(keys {sorted(state)})"))
-        import bitsandbytes.functional as F
-        blocksize = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
-        if absmax.numel() != -(-value.numel() // blocksize):
-            raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
-                                                        f"are not blocks of {blocksize}"))
-        moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=blocksize).float()
-        codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=blocksize)
-        value.copy_(codes)
-        absmax.copy_(quant_state.absmax)
+    with torch.no_grad():
+        check_state_policy(optimizer, "project")
+        if "state1" not in state or "state2" not in state:
+            raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
+        for key, mat in (("state1", R), ("state2", R * R)):
+            value = state[key]
+            if value.dtype == torch.float32:
+                value.copy_(value @ mat)
+                continue
+            index = key[-1]
+            absmax, code = state.get(f"absmax{index}"), state.get(f"qmap{index}")
+            if value.dtype != torch.uint8 or absmax is None or code is None:
+                raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
+                                                            f"(keys {sorted(state)})"))
+            import bitsandbytes.functional as F
+            blocksize = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
+            if absmax.numel() != -(-value.numel() // blocksize):
+                raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
+                                                            f"are not blocks of {blocksize}"))
+            moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=blocksize).float()
+            codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=blocksize)
+            value.copy_(codes)
+            absmax.copy_(quant_state.absmax)

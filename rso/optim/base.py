@@ -265,6 +265,11 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update_params()
+        return loss
+
+    def _update_params(self) -> None:
+        """The update of every parameter with a gradient (called by :meth:`step`, under no_grad)."""
         index = -1
         for group in self.param_groups:
             projected = self.is_projected(group)
@@ -289,7 +294,6 @@ class SubspaceOptimizer(Optimizer):
                     scale = 1
                 self._update(group, p, direction, step_size, scale)
                 state["step"] += 1
-        return loss
 
     def _update(self, group, p, direction, step_size, scale) -> None:
         """``torch``: ``X ← decay(X) − step_size·scale·D``. ``galore-torch``: ``X ← X − step_size·(scale·D)``,
