@@ -143,7 +143,10 @@ class OuterLoop:
         self._arm_captures()
 
     def resample(self, groups: list[ProjectionGroup], optimizer=None):
-        """Merge each group's B into W₀, then move every group to its next cycle's P."""
+        """Merge each group's B into W₀, then move every group to its next cycle's P (an optimizer whose state
+        'project' cannot map is refused first, before anything changes)."""
+        if optimizer is not None and self.state_policy == "project":
+            check_state_policy(optimizer, "project")
         with torch.no_grad():
             gradients = []
             for g in groups:
@@ -245,27 +248,38 @@ def check_state_policy(optimizer, state_policy: str) -> None:
 def _project_bitsandbytes_state(optimizer, state, R):
     """``state1`` ← state1·R, ``state2`` ← state2·(R∘R) for bitsandbytes' Adam family: fp32 states in place;
     8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
-    dequantized, mapped in fp32 and quantized again with the same map and block size."""
+    dequantized, mapped in fp32 and quantized again with the same map and block size. Both layouts are
+    checked before either state changes."""
+    if "state1" not in state or "state2" not in state:
+        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
+    for key in ("state1", "state2"):
+        _check_bitsandbytes_layout(optimizer, state, key)
+    import bitsandbytes.functional as F
     with torch.no_grad():
-        check_state_policy(optimizer, "project")
-        if "state1" not in state or "state2" not in state:
-            raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
         for key, mat in (("state1", R), ("state2", R * R)):
             value = state[key]
             if value.dtype == torch.float32:
                 value.copy_(value @ mat)
                 continue
-            index = key[-1]
-            absmax, code = state.get(f"absmax{index}"), state.get(f"qmap{index}")
-            if value.dtype != torch.uint8 or absmax is None or code is None:
-                raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
-                                                            f"(keys {sorted(state)})"))
-            import bitsandbytes.functional as F
-            blocksize = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
-            if absmax.numel() != -(-value.numel() // blocksize):
-                raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
-                                                            f"are not blocks of {blocksize}"))
-            moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=blocksize).float()
-            codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=blocksize)
+            absmax, code = state[f"absmax{key[-1]}"], state[f"qmap{key[-1]}"]
+            moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=BNB_BLOCKSIZE).float()
+            codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=BNB_BLOCKSIZE)
             value.copy_(codes)
             absmax.copy_(quant_state.absmax)
+
+
+BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
+
+
+def _check_bitsandbytes_layout(optimizer, state, key: str) -> None:
+    """ValueError unless ``state[key]`` is fp32, or uint8 codes with a quantization map and one scale per block."""
+    value = state[key]
+    if value.dtype == torch.float32:
+        return
+    absmax, code = state.get(f"absmax{key[-1]}"), state.get(f"qmap{key[-1]}")
+    if value.dtype != torch.uint8 or absmax is None or code is None:
+        raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
+                                                    f"(keys {sorted(state)})"))
+    if absmax.numel() != -(-value.numel() // BNB_BLOCKSIZE):
+        raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
+                                                    f"are not blocks of {BNB_BLOCKSIZE}"))

@@ -96,3 +96,82 @@ def test_project_refused_for_bitsandbytes_states_it_cannot_map():
         check_state_policy(opt, "project")
     check_state_policy(opt, "keep")
     check_state_policy(bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(2))]), "project")
+
+
+# ---------------------------------------------------------------- found by mutation testing (docs/mutation.md)
+PROJECT_HINT = ("use state_on_merge='reset' or 'keep' with it (allowed policies: reset, keep, project; 'project' works "
+                "with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or 32-bit)")
+
+
+def adam8bit_state(shape=(130, 32)):
+    """A real AdamW8bit state for one tensor of ``shape`` (≥ 4096 elements: 8-bit blockwise) after one step."""
+    p = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    return opt, opt.state[p]
+
+
+def test_project_refuses_a_bitsandbytes_optimizer_that_is_not_adam_with_the_full_message():
+    """AdEMAMix8bit keeps state1 and state2 like Adam, but state1 holds two EMAs: 'project' must refuse it (at
+    check time and at the merge), naming the optimizer, its kind and the policies that work."""
+    from rso.outer_loop import check_state_policy
+    model, opt, ids = wrapped("project", bnb.optim.AdEMAMix8bit)
+    train(model, opt, ids, 1)
+    want = ("rso: state_on_merge='project' cannot map the optimizer state of AdEMAMix8bit: its states (ademamix) are "
+            "not Adam's first and second moments; " + PROJECT_HINT)
+    with pytest.raises(ValueError) as err:
+        check_state_policy(opt, "project")
+    assert str(err.value) == want
+    layers = [layer for _, layer in rso.subspace_layers(model)]
+    before = [(layer.weight.clone(), layer.B.detach().clone(), layer.P.clone()) for layer in layers]
+    with pytest.raises(ValueError) as err:
+        rso.outer_step(model, opt)
+    assert str(err.value) == want
+    for layer, (W, B, P) in zip(layers, before):  # refused before anything changed
+        assert torch.equal(layer.weight, W) and torch.equal(layer.B, B) and torch.equal(layer.P, P)
+    assert rso.state(model)["cycle"] == 0
+    check_state_policy(opt, "reset")
+
+    class Stand_in:  # a bitsandbytes-module optimizer without optimizer_name
+        __module__ = "bitsandbytes.optim.custom"
+    with pytest.raises(ValueError, match=r"of Stand_in: its states \(\?\) are not Adam's"):
+        check_state_policy(Stand_in(), "project")
+
+
+@pytest.mark.parametrize("corrupt, why", [
+    (lambda s: s.pop("state2"), "its state has no state1/state2 (keys ['absmax1', 'absmax2', 'qmap1', 'qmap2', "
+                                "'state1', 'step'])"),
+    (lambda s: s.pop("state1"), "its state has no state1/state2 (keys ['absmax1', 'absmax2', 'qmap1', 'qmap2', "
+                                "'state2', 'step'])"),
+    (lambda s: s.update(state1=s["state1"].half()), "its state1 is torch.float16 without blockwise scales (keys "
+                                                   "['absmax1', 'absmax2', 'qmap1', 'qmap2', 'state1', 'state2', 'step'])"),
+    (lambda s: s.pop("absmax1"), "its state1 is torch.uint8 without blockwise scales (keys ['absmax2', 'qmap1', "
+                                 "'qmap2', 'state1', 'state2', 'step'])"),
+    (lambda s: s.pop("qmap2"), "its state2 is torch.uint8 without blockwise scales (keys ['absmax1', 'absmax2', "
+                               "'qmap1', 'state1', 'state2', 'step'])"),
+    (lambda s: s.update(absmax1=s["absmax1"][:-1]), "16 scales for 4160 elements are not blocks of 256"),
+], ids=["no_state2", "no_state1", "fp16_state1", "no_absmax1", "no_qmap2", "wrong_block_count"])
+def test_project_refuses_a_state_layout_it_does_not_know(corrupt, why):
+    from rso.outer_loop import _project_bitsandbytes_state
+    opt, state = adam8bit_state()
+    corrupt(state)
+    before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+    R, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError) as err:
+        _project_bitsandbytes_state(opt, state, R)
+    assert str(err.value) == ("rso: state_on_merge='project' cannot map the optimizer state of AdamW8bit: "
+                              f"{why}; {PROJECT_HINT}")
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # refused before either state changed
+
+
+def test_project_maps_8bit_states_whose_size_is_not_a_whole_number_of_blocks():
+    """4160 = 16¼ blocks of 256: 17 scales (the last block partial), mapped like any other."""
+    from rso.outer_loop import _project_bitsandbytes_state
+    opt, state = adam8bit_state()
+    assert state["state1"].dtype == torch.uint8 and state["absmax1"].numel() == 17
+    m1, m2 = moments(state, 1), moments(state, 2)
+    R, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
+    _project_bitsandbytes_state(opt, state, R)
+    assert (moments(state, 1) - m1 @ R).abs().max() <= 0.01 * (m1 @ R).abs().max()
+    assert (moments(state, 2) - m2 @ (R * R)).abs().max() <= 0.01 * (m2 @ (R * R)).abs().max()
