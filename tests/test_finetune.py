@@ -269,12 +269,17 @@ def test_classification_defaults_are_the_sweeps_choice():
 
     lora = max((rows["lora-rank8"], rows["lora-rank16"]), key=mean_val)
     for method, row in (("adamw", rows["adamw"]), ("rso", rows["rso-stiefel-rank64"]), ("lora", lora),
-                        ("galore", rows["galore-rank64"])):
+                        ("galore", rows["galore-rank64"]), ("golore@20", rows["goloreat20-rank64"]),
+                        ("golore", rows["goloreat20-rank64"])):
         args = build_parser().parse_args(["--method", method])
         assert args.lr == row["chosen_lr"], (method, args.lr, row["chosen_lr"])
         assert method == "adamw" or args.rank == row["rank"], (method, args.rank, row["rank"])
         assert not {"lr", "rank"} & set(args.given)  # defaults, not flags: --resume keeps a saved run's values
     assert build_parser().parse_args(["--method", "rso"]).projection == rows["rso-stiefel-rank64"]["projection"]
+    args = build_parser().parse_args(["--method", "rso", "--projection", "hybrid"])  # the hybrid sweep's own choice
+    assert (args.lr, args.rank) == (rows["rso-hybrid-rank64"]["chosen_lr"], rows["rso-hybrid-rank64"]["rank"])
+    args = build_parser().parse_args(["--method", "rso", "--projection", "svd"])  # not swept: Stiefel's
+    assert (args.lr, args.rank) == (rows["rso-stiefel-rank64"]["chosen_lr"], 64)
     # given flags win; the causal-LM task has its own (not swept) defaults
     args = build_parser().parse_args(["--method", "rso", "--rank", "4", "--lr", "1e-3"])
     assert (args.rank, args.lr) == (4, 1e-3)

@@ -50,24 +50,29 @@ IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "
                  "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
 
 #: Default (peak LR, rank) per method family and task kind. Classification: what the Rotten Tomatoes sweep
-#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md); "*" (GoLore) and
-#: every causal-LM default were not swept. A rank is unused by adamw.
+#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20%
+#: sweep at rank 64, for every golore@X); no causal-LM default was swept ("*": RSO, GaLore and GoLore).
+#: "rso:hybrid" is RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank is
+#: unused by adamw.
 DEFAULTS = {
-    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "lora": (1e-3, 8), "galore": (8e-4, 64),
-                       "*": (2e-4, 8)},
+    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "rso:hybrid": (4e-4, 64), "lora": (1e-3, 8),
+                       "galore": (8e-4, 64), "golore": (8e-4, 64)},
     "causal_lm": {"adamw": (5e-5, 8), "lora": (5e-4, 8), "*": (2e-4, 8)},
 }
 
 
-def method_defaults(task: str, method: str) -> tuple[float, int]:
-    """(peak LR, rank) for ``method`` on ``task`` when ``--lr`` / ``--rank`` are not given (:data:`DEFAULTS`)."""
+def method_defaults(task: str, method: str, projection: str | None = None) -> tuple[float, int]:
+    """(peak LR, rank) for ``method`` (RSO: with ``projection``) on ``task`` when ``--lr`` / ``--rank`` are not
+    given (:data:`DEFAULTS`)."""
     try:
         kind = "causal_lm" if task_key(task) in CAUSAL_LM_TASKS else "classification"
     except DataError:  # an unknown task is reported where the task is read
         kind = "classification"
-    family = parse_method(method)[0]
+    family = parse_method(method)[0].rstrip("@")  # golore@X is golore
     table = DEFAULTS[kind]
-    return table.get(family, table["*"])
+    for key in (f"{family}:{projection}", family, "*"):
+        if key in table:
+            return table[key]
 
 
 class FinetuneParser(Parser):
@@ -78,7 +83,7 @@ class FinetuneParser(Parser):
         check_finetune_args(parsed)
         if parsed.lr is None or parsed.rank is None:  # the method's defaults (given flags and --resume's win)
             try:
-                lr, rank = method_defaults(parsed.task, parsed.method)
+                lr, rank = method_defaults(parsed.task, parsed.method, parsed.projection)
             except MethodError as e:
                 raise UsageError(str(e)) from None
             parsed.lr = lr if parsed.lr is None else parsed.lr
@@ -105,11 +110,11 @@ def build_parser() -> Parser:
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
     p.add_argument("--rank", type=int, default=None,
-                   help="subspace / LoRA rank (default: 64 rso and galore, 8 lora and golore; 8 for causal LM)")
+                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; 8 for causal LM)")
     p.add_argument("--tau", type=int, default=100, help="optimizer steps per subspace")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None,
-                   help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso and galore, 1e-3 lora, 2e-4 golore; "
+                   help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
                         "causal LM: 5e-5 adamw, 5e-4 lora, 2e-4 rso/galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
