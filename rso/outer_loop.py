@@ -146,7 +146,7 @@ class OuterLoop:
         """Merge each group's B into W₀, then move every group to its next cycle's P (an optimizer whose state
         'project' cannot map is refused first, before anything changes)."""
         if optimizer is not None and self.state_policy == "project":
-            check_state_policy(optimizer, "project")
+            self._check_projectable(optimizer, groups)
         with torch.no_grad():
             gradients = []
             for g in groups:
@@ -184,6 +184,24 @@ class OuterLoop:
                 out[i] = P
         return out
 
+    @staticmethod
+    def _check_projectable(optimizer, groups: list[ProjectionGroup]) -> None:
+        """ValueError, before any merge, if 'project' cannot map the optimizer state of a B in ``groups``:
+        an optimizer it does not know, or a state tensor of B's shape that is not a floating-point moment."""
+        check_state_policy(optimizer, "project")
+        for g in groups:
+            for m in g.members:
+                state = optimizer.state.get(m.B)  # .get: the state is a defaultdict, do not add entries
+                if not state:
+                    continue
+                if _is_bitsandbytes(optimizer):
+                    _check_bitsandbytes_state(optimizer, state)
+                    continue
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == m.B.shape and not value.is_floating_point():
+                        raise ValueError(_cannot_project(optimizer, f"its state {key!r} is {value.dtype}, not a "
+                                                                    "floating-point moment"))
+
     def _update_optimizer_state(self, optimizer, B, old_P, new_P):
         if self.state_policy == "reset":
             optimizer.state.pop(B, None)
@@ -196,10 +214,7 @@ class OuterLoop:
                 _project_bitsandbytes_state(optimizer, state, R)
                 return
             for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == B.shape:
-                    if not value.is_floating_point():
-                        raise ValueError(_cannot_project(optimizer, f"its state {key!r} is {value.dtype}, not a "
-                                                                    "floating-point moment"))
+                if torch.is_tensor(value) and value.shape == B.shape:  # floating point (_check_projectable)
                     # Second moments stay non-negative: map them with R∘R.
                     mat = R * R if "sq" in key else R
                     value.copy_((value.to(mat.dtype) @ mat).to(value.dtype))
@@ -250,10 +265,7 @@ def _project_bitsandbytes_state(optimizer, state, R):
     8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
     dequantized, mapped in fp32 and quantized again with the same map and block size. Both layouts are
     checked before either state changes."""
-    if "state1" not in state or "state2" not in state:
-        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
-    for key in ("state1", "state2"):
-        _check_bitsandbytes_layout(optimizer, state, key)
+    _check_bitsandbytes_state(optimizer, state)
     import bitsandbytes.functional as F
     with torch.no_grad():
         for key, mat in (("state1", R), ("state2", R * R)):
@@ -271,15 +283,19 @@ def _project_bitsandbytes_state(optimizer, state, R):
 BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
 
 
-def _check_bitsandbytes_layout(optimizer, state, key: str) -> None:
-    """ValueError unless ``state[key]`` is fp32, or uint8 codes with a quantization map and one scale per block."""
-    value = state[key]
-    if value.dtype == torch.float32:
-        return
-    absmax, code = state.get(f"absmax{key[-1]}"), state.get(f"qmap{key[-1]}")
-    if value.dtype != torch.uint8 or absmax is None or code is None:
-        raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
-                                                    f"(keys {sorted(state)})"))
-    if absmax.numel() != -(-value.numel() // BNB_BLOCKSIZE):
-        raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
-                                                    f"are not blocks of {BNB_BLOCKSIZE}"))
+def _check_bitsandbytes_state(optimizer, state) -> None:
+    """ValueError unless ``state1`` and ``state2`` are each fp32, or uint8 codes with a quantization map and one
+    scale per block."""
+    if "state1" not in state or "state2" not in state:
+        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
+    for key in ("state1", "state2"):
+        value = state[key]
+        if value.dtype == torch.float32:
+            continue
+        absmax, code = state.get(f"absmax{key[-1]}"), state.get(f"qmap{key[-1]}")
+        if value.dtype != torch.uint8 or absmax is None or code is None:
+            raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
+                                                        f"(keys {sorted(state)})"))
+        if absmax.numel() != -(-value.numel() // BNB_BLOCKSIZE):
+            raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
+                                                        f"are not blocks of {BNB_BLOCKSIZE}"))

@@ -277,3 +277,108 @@ def test_hf_model_loop_runs_and_deleted_model_leaves_inert_hooks():
     del model, opt
     gc.collect()
     assert len(optim_module._global_optimizer_post_hooks) < before
+
+
+# ---------------------------------------------------------------- found by mutation testing (docs/mutation.md)
+def full_weight_gradient(model, x, y):
+    """∂loss/∂W of model[0] at W = W₀ + s·B·P, by autograd on the unwrapped layer (model's grads left zero)."""
+    layer = model[0]
+    W = layer.effective_weight().requires_grad_(True)
+    h = torch.tanh(nn.functional.linear(x, W, layer.bias))
+    (model[2](h) - y).pow(2).mean().backward()
+    model.zero_grad()
+    return W.grad
+
+
+def row_space(P):
+    return P.T @ P
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_svd_merges_use_the_gradient_of_their_own_step_at_short_cycles(tau):
+    """τ = 1: step 1's gradient picks cycle 0's P and, left captured, cycle 1's too; τ = 2: cycle 1's P comes
+    from step 2's gradient alone (step 1's capture was taken, not accumulated into step 2's)."""
+    model, x, y = regression(dtype=torch.float64)
+    rso.wrap(model, rank=4, tau=tau, projection="svd")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    grads = []
+    for _ in range(2 * tau):
+        grads.append(full_weight_gradient(model, x, y))
+        step(model, opt, x, y)
+        if rso.state(model)["step"] % tau == 0:  # right after a merge: P is the SVD of this step's gradient
+            _, _, vh = torch.linalg.svd(grads[-1])
+            torch.testing.assert_close(row_space(model[0].P), row_space(vh[:4]))
+    assert rso.state(model)["cycle"] == 2
+
+
+def test_first_cycle_with_a_zero_gradient_keeps_B_zero_and_finite():
+    """‖s·G₁ P_oldᵀ‖ = 0: B's gradient is rescaled by 1, not 0/0."""
+    model, x, y = regression(dtype=torch.float64)
+    rso.wrap(model, rank=4, tau=3, projection="svd")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    (0.0 * model(x).sum()).backward()
+    opt.step()
+    for i in (0, 2):
+        assert torch.equal(model[i].B.grad, torch.zeros_like(model[i].B)) and torch.count_nonzero(model[i].B) == 0
+
+
+def test_first_cycle_of_a_bf16_model_from_its_fp32_captured_gradient():
+    """bf16 weights and P, the captured full gradient in fp32: cycle 0's P is that gradient's SVD (in bf16) and
+    B's gradient its projection, within bf16 rounding."""
+    from rso.projections import SVDSampler, generator_for
+    model, x, y = regression(dtype=torch.bfloat16)
+    rso.wrap(model, rank=4, tau=3, projection="svd")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    (model(x) - y).pow(2).mean().backward()
+    G = model[0]._capture.grad.clone()
+    assert G.dtype == torch.float32 and model[0].P.dtype == torch.bfloat16
+    opt.step()
+    P = SVDSampler().sample(4, G.shape[1], generator_for(0), gradient=G, dtype=torch.float32)
+    u = torch.finfo(torch.bfloat16).eps
+    assert (model[0].P.float() - P).abs().max() <= 2 * u
+    want = model[0].scale * G @ model[0].P.float().T
+    assert (model[0].B.grad.float() - want).abs().max() <= 8 * u * want.abs().max()
+
+
+def test_project_policy_maps_bf16_state_in_fp32():
+    """A bf16 model's Adam moments (bf16) are mapped as fp32 products: (m.float() @ R).to(bf16), R = P_old P_newᵀ
+    in fp32, bit for bit."""
+    model, x, y = regression(dtype=torch.bfloat16)
+    rso.wrap(model, rank=4, tau=None, state_on_merge="project")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        step(model, opt, x, y)
+    layer = model[0]
+    before = {k: opt.state[layer.B][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    assert before["exp_avg"].dtype == torch.bfloat16
+    P_old = layer.P.clone()
+    rso.outer_step(model, opt)
+    R = P_old.float() @ layer.P.float().T
+    for key, mat in (("exp_avg", R), ("exp_avg_sq", R * R)):
+        assert torch.equal(opt.state[layer.B][key], (before[key].float() @ mat).to(torch.bfloat16)), key
+
+
+def test_project_policy_refuses_integer_state_before_anything_changes():
+    class CountingSGD(torch.optim.SGD):  # keeps a per-element integer count beside the parameters
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.state[p].setdefault("visits", torch.zeros_like(p, dtype=torch.int32)).add_(1)
+            return super().step(closure)
+
+    model, x, y = regression()
+    rso.wrap(model, rank=4, tau=None, state_on_merge="project")
+    opt = CountingSGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    step(model, opt, x, y)
+    before = [(model[i].weight.clone(), model[i].B.detach().clone(), model[i].P.clone()) for i in (0, 2)]
+    with pytest.raises(ValueError) as err:
+        rso.outer_step(model, opt)
+    assert str(err.value) == (
+        "rso: state_on_merge='project' cannot map the optimizer state of CountingSGD: its state 'visits' is "
+        "torch.int32, not a floating-point moment; use state_on_merge='reset' or 'keep' with it (allowed policies: "
+        "reset, keep, project; 'project' works with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or "
+        "32-bit)")
+    for i, (W, B, P) in zip((0, 2), before):
+        assert torch.equal(model[i].weight, W) and torch.equal(model[i].B, B) and torch.equal(model[i].P, P)
+    assert rso.state(model)["cycle"] == 0
