@@ -212,16 +212,22 @@ def test_svd_capture_memory_is_only_on_the_first_step_and_the_last_inner_steps()
     assert rso.state(model)["cycle"] == 1
 
 
-def test_hybrid_is_svd_then_stiefel():
+@pytest.mark.parametrize("total_steps, random_fraction, armed_steps", [
+    (8, 0.5, [0, 1]),  # switch at step 4: cycles starting at 0 and 2 use SVD, captured on steps 1 and 2
+    (6, 0.5, [0, 1]),  # switch at 3: the cycle starting at 2 still uses SVD
+    (5, 0.8, [0]),     # switch at 1: only cycle 0 (its P from step 1's gradient)
+    (8, 1.0, []),      # GoLore@100%: never SVD, nothing captured
+])
+def test_hybrid_is_svd_then_stiefel(total_steps, random_fraction, armed_steps):
     model, x, y = regression(dtype=torch.float64)
-    rso.wrap(model, rank=4, tau=2, projection="hybrid", total_steps=8, random_fraction=0.5)
+    rso.wrap(model, rank=4, tau=2, projection="hybrid", total_steps=total_steps, random_fraction=random_fraction)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     armed = []
-    for _ in range(8):
-        armed.append(model[0]._capture is not None)
+    for i in range(8):
+        if model[0]._capture is not None:  # armed for the coming step i + 1 (0-based: i)
+            armed.append(i)
         step(model, opt, x, y)
-    # Cycles starting at steps 0 and 2 (< 4) use SVD: capture on steps 1 and 2; cycles at 4, 6, 8 are Stiefel.
-    assert armed == [True, True, False, False, False, False, False, False]
+    assert armed == armed_steps
 
 
 @pytest.mark.parametrize("projection", ["svd", "hybrid"])
