@@ -1,4 +1,6 @@
 """Projection samplers: shapes, orthonormality, Monte Carlo moments, reproducibility, SVD fallback."""
+import warnings
+
 import pytest
 import torch
 
@@ -96,3 +98,72 @@ def test_make_sampler_errors():
         make_sampler("hybrid", total_steps=10, random_fraction=1.5)
     with pytest.raises(ValueError, match="rank"):
         StiefelSampler().sample(0, 5, generator_for(0))
+
+
+# ---------------------------------------------------------------- found by mutation testing (docs/mutation.md)
+def test_hybrid_arguments_at_their_bounds_and_the_errors_beyond():
+    assert HybridSampler(total_steps=1).switch_step == 1          # one step: the smallest valid plan
+    assert HybridSampler(total_steps=10).switch_step == 8         # default random_fraction 0.2: GoLore@20%
+    assert HybridSampler(10, random_fraction=0.0).switch_step == 10 and HybridSampler(10, 1.0).switch_step == 0
+    assert repr(HybridSampler(10, 0.5)) == "HybridSampler(total_steps=10, random_fraction=0.5)"
+    for bad in (0, -3, True, 2.0, "10"):
+        with pytest.raises(ValueError) as err:
+            HybridSampler(total_steps=bad)
+        assert str(err.value) == f"projection='hybrid' needs total_steps, a positive int; got {bad!r}"
+    for bad in (-0.1, 1.2):
+        with pytest.raises(ValueError) as err:
+            HybridSampler(10, random_fraction=bad)
+        assert str(err.value) == f"random_fraction must be in [0, 1], got {bad!r}"
+
+
+def test_hybrid_sample_without_a_step_is_the_first_cycle():
+    h, G = HybridSampler(total_steps=5, random_fraction=0.8), torch.randn(6, 9, dtype=torch.float64)  # switch at 1
+    want = SVDSampler().sample(3, 9, generator_for(1), gradient=G, dtype=torch.float64)
+    torch.testing.assert_close(h.sample(3, 9, generator_for(1), gradient=G, dtype=torch.float64), want)
+    torch.testing.assert_close(h.sample_many(3, 9, [generator_for(1)], gradients=[G], dtype=torch.float64)[0], want)
+
+
+def test_svd_refuses_a_gradient_of_the_wrong_shape():
+    s = SVDSampler()
+    for shape in ((8, 6), (3, 8)):  # last dimension ≠ dim; fewer rows than the rank
+        with pytest.raises(ValueError) as err:
+            s.sample(4, 8, generator_for(0), gradient=torch.ones(shape))
+        assert str(err.value) == f"SVD sampler: gradient of shape {shape} cannot give 4 singular vectors of dimension 8"
+
+
+def test_svd_of_a_bf16_gradient_is_computed_in_fp32_and_returned_in_bf16():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 6, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(9, 6, generator=g))
+    G = (U @ torch.diag(torch.tensor([10.0, 8, 6, 1, 0.5, 0.1])) @ V.T).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to a Stiefel sample would warn
+        P = SVDSampler().sample(3, 9, generator_for(0), gradient=G, dtype=torch.bfloat16)
+    assert P.dtype == torch.bfloat16
+    want = SVDSampler().sample(3, 9, generator_for(0), gradient=G.float(), dtype=torch.float32)
+    assert (P.float() - want).abs().max() <= torch.finfo(torch.bfloat16).eps
+
+
+def test_fallbacks_keep_the_requested_dtype_and_say_why():
+    s = SVDSampler()
+    assert s.sample(3, 9, generator_for(5), dtype=torch.float64).dtype == torch.float64          # no gradient
+    with pytest.warns(RuntimeWarning) as record:
+        P = s.sample(3, 9, generator_for(5), gradient=torch.full((6, 9), float("inf")), dtype=torch.float64)
+    assert P.dtype == torch.float64
+    assert str(record[0].message) == ("SVD projection failed (gradient has non-finite entries); using a Stiefel "
+                                      "sample for this cycle")
+    torch.testing.assert_close(P, StiefelSampler().sample(3, 9, generator_for(5), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sampler", [GaussianSampler(), CoordinateSampler(), StiefelSampler(), SVDSampler()],
+                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_each_sampler_returns_the_requested_dtype_and_batches_like_single_draws(sampler, dtype):
+    gens = [generator_for(3, c) for c in range(3)]
+    many = sampler.sample_many(2, 7, gens, dtype=dtype)                      # gradients default to None
+    single = [sampler.sample(2, 7, generator_for(3, c), dtype=dtype) for c in range(3)]
+    assert all(P.dtype == dtype and P.shape == (2, 7) for P in many)
+    for a, b in zip(many, single):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert repr(sampler) == f"{type(sampler).__name__}()"
+
