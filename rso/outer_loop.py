@@ -100,7 +100,8 @@ class OuterLoop:
         """Before the first step, give a gradient-based sampler ("svd", "hybrid") the gradient it lacked
         at wrap time, as GaLore does: P ← sampler(G₁) from the step's full gradient G₁ (captured), and
         B's gradient becomes that of the new subspace, ∂B = c·s·G₁ P_newᵀ, where c = ‖B.grad‖ /
-        ‖s·G₁ P_oldᵀ‖ carries over whatever scaled B.grad since backward (clipping, GradScaler's unscale)."""
+        ‖s·G₁ P_oldᵀ‖ carries over whatever scaled B.grad since backward (clipping, GradScaler's unscale);
+        c = 1 when ‖s·G₁ P_oldᵀ‖ is at rounding level (≤ 64 ulps of ‖s·G₁‖: nothing to carry over)."""
         with torch.no_grad():
             groups = [g for g in self._groups_in(optimizer)
                       if int(g.members[0].step) == 0 and int(g.members[0].cycle) == 0
@@ -122,7 +123,9 @@ class OuterLoop:
                     if m.B.grad is None:
                         continue
                     before = (m.scale * G @ old_P.T).norm()
-                    c = m.B.grad.to(G.dtype).norm() / before if before > 0 else 1.0
+                    # A gradient (all but) orthogonal to the old subspace leaves only rounding in both norms: c = 1.
+                    floor = 64 * torch.finfo(G.dtype).eps * (m.scale * G).norm()
+                    c = m.B.grad.to(G.dtype).norm() / before if before > floor else 1.0
                     m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
 
     def after_step(self, optimizer):

@@ -388,3 +388,26 @@ def test_project_policy_refuses_integer_state_before_anything_changes():
     for i, (W, B, P) in zip((0, 2), before):
         assert torch.equal(model[i].weight, W) and torch.equal(model[i].B, B) and torch.equal(model[i].P, P)
     assert rso.state(model)["cycle"] == 0
+
+
+def test_first_cycle_when_the_gradient_misses_the_random_subspace():
+    """A one-example batch: G = g xᵀ has row space span(x). With the wrap-time P orthogonal to x, B's gradient
+    is 0 (nothing to carry over, c = 1) and, after the SVD moves P onto x, B's gradient is s·G P_newᵀ."""
+    from rso.projections import SVDSampler, generator_for
+    model, x, y = regression(dtype=torch.float64)
+    x, y = x[:1], y[:1]
+    rso.wrap(model, rank=4, tau=3, projection="svd", scale=0.5)
+    basis, _ = torch.linalg.qr(torch.cat([x.T, torch.randn(12, 4, dtype=torch.float64,
+                                                           generator=torch.Generator().manual_seed(3))], 1))
+    with torch.no_grad():
+        model[0].P.copy_(basis[:, 1:5].T)  # four orthonormal rows orthogonal to x
+    G = full_weight_gradient(model, x, y)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    (model(x) - y).pow(2).mean().backward()
+    assert model[0].B.grad.abs().max() < 1e-12
+    opt.step()
+    P = SVDSampler().sample(4, 12, generator_for(0), gradient=G, dtype=torch.float64)
+    torch.testing.assert_close(model[0].P, P, rtol=0, atol=1e-12)
+    want = 0.5 * G @ P.T
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(model[0].B.grad, want, rtol=1e-10, atol=1e-14)
