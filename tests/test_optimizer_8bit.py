@@ -151,7 +151,10 @@ def test_project_refuses_a_bitsandbytes_optimizer_that_is_not_adam_with_the_full
     (lambda s: s.pop("qmap2"), "its state2 is torch.uint8 without blockwise scales (keys ['absmax1', 'absmax2', "
                                "'qmap1', 'state1', 'state2', 'step'])"),
     (lambda s: s.update(absmax1=s["absmax1"][:-1]), "16 scales for 4160 elements are not blocks of 256"),
-], ids=["no_state2", "no_state1", "fp16_state1", "no_absmax1", "no_qmap2", "wrong_block_count"])
+    (lambda s: s.update(state1=torch.zeros(130, 32), state2=s["state2"].half()),  # state1 fine (fp32), state2 not
+     "its state2 is torch.float16 without blockwise scales (keys ['absmax1', 'absmax2', 'qmap1', 'qmap2', 'state1', "
+     "'state2', 'step'])"),
+], ids=["no_state2", "no_state1", "fp16_state1", "no_absmax1", "no_qmap2", "wrong_block_count", "fp16_state2"])
 def test_project_refuses_a_state_layout_it_does_not_know(corrupt, why):
     from rso.outer_loop import _project_bitsandbytes_state
     opt, state = adam8bit_state()

@@ -364,19 +364,23 @@ def test_project_policy_maps_bf16_state_in_fp32():
         assert torch.equal(opt.state[layer.B][key], (before[key].float() @ mat).to(torch.bfloat16)), key
 
 
-def test_project_policy_refuses_integer_state_before_anything_changes():
-    class CountingSGD(torch.optim.SGD):  # keeps a per-element integer count beside the parameters
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self.state[p].setdefault("visits", torch.zeros_like(p, dtype=torch.int32)).add_(1)
-            return super().step(closure)
+class CountingSGD(torch.optim.SGD):
+    """SGD that keeps a per-element integer count beside the parameters (a state 'project' cannot map)."""
 
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p].setdefault("visits", torch.zeros_like(p, dtype=torch.int32)).add_(1)
+        return super().step(closure)
+
+
+def test_project_policy_refuses_integer_state_before_anything_changes():
     model, x, y = regression()
     rso.wrap(model, rank=4, tau=None, state_on_merge="project")
     opt = CountingSGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     step(model, opt, x, y)
+    del opt.state[model[0].B]  # the first layer's B has no state: the second one's is still checked
     before = [(model[i].weight.clone(), model[i].B.detach().clone(), model[i].P.clone()) for i in (0, 2)]
     with pytest.raises(ValueError) as err:
         rso.outer_step(model, opt)
@@ -411,3 +415,32 @@ def test_first_cycle_when_the_gradient_misses_the_random_subspace():
     want = 0.5 * G @ P.T
     assert want.abs().max() > 1e-3
     torch.testing.assert_close(model[0].B.grad, want, rtol=1e-10, atol=1e-14)
+
+
+def test_explicit_outer_step_without_an_optimizer_under_project():
+    """No optimizer, so no state to map: the merge and resample run, nothing is checked."""
+    model, x, y = regression()
+    rso.wrap(model, rank=4, tau=None, state_on_merge="project")
+    before = model(x).detach()
+    rso.outer_step(model)
+    assert rso.state(model)["cycle"] == 1
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-5)
+
+
+def test_project_policy_checks_every_member_of_a_shared_group():
+    """q, k and v share one P: with only k's B holding (integer) state, q's stateless B before it in the group
+    does not end the check."""
+    model = tiny_llama()
+    rso.wrap(model, rank=8, tau=None, state_on_merge="project")
+    opt = CountingSGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**lm_batch()).loss.backward()
+    opt.step()
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.P is attn.k_proj.P
+    for _, layer in rso.subspace_layers(model):
+        if layer is not attn.k_proj:
+            del opt.state[layer.B]
+    P = attn.q_proj.P.clone()
+    with pytest.raises(ValueError, match="CountingSGD: its state 'visits' is torch.int32"):
+        rso.outer_step(model, opt)
+    assert torch.equal(attn.q_proj.P, P) and rso.state(model)["cycle"] == 0
