@@ -167,3 +167,14 @@ def test_each_sampler_returns_the_requested_dtype_and_batches_like_single_draws(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert repr(sampler) == f"{type(sampler).__name__}()"
 
+
+
+def test_hybrid_batched_draws_switch_too_and_make_sampler_defaults():
+    h, G = HybridSampler(total_steps=10, random_fraction=0.5), torch.randn(6, 9, dtype=torch.float64)
+    late = h.sample_many(3, 9, [generator_for(1)], gradients=[G], step=5, dtype=torch.float64)[0]
+    torch.testing.assert_close(late, StiefelSampler().sample(3, 9, generator_for(1), dtype=torch.float64))
+    assert make_sampler("hybrid", total_steps=10).switch_step == 8  # GoLore@20% unless told otherwise
+    with pytest.raises(ValueError) as err:
+        make_sampler("hybrid")
+    assert str(err.value) == ("projection='hybrid' (GoLore@x%) needs total_steps=N, the planned number of optimizer "
+                              "steps")
