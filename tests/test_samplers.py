@@ -178,3 +178,14 @@ def test_hybrid_batched_draws_switch_too_and_make_sampler_defaults():
         make_sampler("hybrid")
     assert str(err.value) == ("projection='hybrid' (GoLore@x%) needs total_steps=N, the planned number of optimizer "
                               "steps")
+
+
+def test_seed_hash_is_frozen():
+    """A run resumed from an older checkpoint redraws its random P from (seed, parameter, cycle) with this hash
+    (rso.optim keeps no generator state), so its values may never change between versions (recorded from the
+    implementation on 1 December 2026)."""
+    from rso.projections import mix_seed
+    assert [mix_seed(0), mix_seed(0, 0), mix_seed(7, 1), mix_seed(1234, 3, 2), mix_seed(2 ** 40, 5)] == [
+        6367277893379345895, 1970727333155262614, 2821166504716910302, 6755110533305875683, 2865345117464540770]
+    assert mix_seed(-1) == mix_seed(2 ** 64 - 1) and all(0 <= mix_seed(s) < 2 ** 63 for s in range(100))
+    assert generator_for(7, 1).initial_seed() == mix_seed(7, 1)
