@@ -266,9 +266,8 @@ def check_state_policy(optimizer, state_policy: str) -> None:
 def _project_bitsandbytes_state(optimizer, state, R):
     """``state1`` ← state1·R, ``state2`` ← state2·(R∘R) for bitsandbytes' Adam family: fp32 states in place;
     8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
-    dequantized, mapped in fp32 and quantized again with the same map and block size. Both layouts are
-    checked before either state changes."""
-    _check_bitsandbytes_state(optimizer, state)
+    dequantized, mapped in fp32 and quantized again with the same map and block size (the layout checked
+    before the merge: :func:`_check_bitsandbytes_state`)."""
     import bitsandbytes.functional as F
     with torch.no_grad():
         for key, mat in (("state1", R), ("state2", R * R)):

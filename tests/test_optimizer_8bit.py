@@ -156,16 +156,27 @@ def test_project_refuses_a_bitsandbytes_optimizer_that_is_not_adam_with_the_full
      "'state2', 'step'])"),
 ], ids=["no_state2", "no_state1", "fp16_state1", "no_absmax1", "no_qmap2", "wrong_block_count", "fp16_state2"])
 def test_project_refuses_a_state_layout_it_does_not_know(corrupt, why):
-    from rso.outer_loop import _project_bitsandbytes_state
+    from rso.outer_loop import _check_bitsandbytes_state
     opt, state = adam8bit_state()
     corrupt(state)
-    before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
-    R, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
     with pytest.raises(ValueError) as err:
-        _project_bitsandbytes_state(opt, state, R)
+        _check_bitsandbytes_state(opt, state)
     assert str(err.value) == ("rso: state_on_merge='project' cannot map the optimizer state of AdamW8bit: "
                               f"{why}; {PROJECT_HINT}")
-    assert all(torch.equal(state[k], v) for k, v in before.items())  # refused before either state changed
+
+
+def test_a_merge_with_an_unknown_state_layout_is_refused_before_anything_changes():
+    model, opt, ids = wrapped("project")
+    train(model, opt, ids, 1)
+    layers = [layer for _, layer in rso.subspace_layers(model)]
+    del opt.state[layers[-1].B]["state2"]  # the last layer's: every earlier one would be merged first otherwise
+    before = [(layer.weight.clone(), layer.B.detach().clone(), layer.P.clone(),
+               {k: v.clone() for k, v in opt.state[layer.B].items() if torch.is_tensor(v)}) for layer in layers]
+    with pytest.raises(ValueError, match="AdamW8bit: its state has no state1/state2"):
+        rso.outer_step(model, opt)
+    for layer, (W, B, P, state) in zip(layers, before):
+        assert torch.equal(layer.weight, W) and torch.equal(layer.B, B) and torch.equal(layer.P, P)
+        assert all(torch.equal(opt.state[layer.B][k], v) for k, v in state.items())
 
 
 def test_project_maps_8bit_states_whose_size_is_not_a_whole_number_of_blocks():
