@@ -24,6 +24,10 @@ from layers.subspace_linear import ProjectionGroup
 from .projections import CoordinateSampler, ProjectionSampler, generator_for
 
 STATE_POLICIES = ("reset", "keep", "project")
+#: Hook handles of collected loops (inert: their loop is gone). A collection can run while torch iterates the
+#: global hook dicts inside ``Optimizer.step``, so removing them there would mutate the dict being iterated;
+#: the next ``attach`` removes them instead.
+_RETIRED_HANDLES = []
 
 __all__ = ["OuterLoop", "STATE_POLICIES", "check_state_policy"]
 
@@ -44,7 +48,8 @@ class OuterLoop:
 
     # --------------------------------------------------------------- hooks
     def attach(self):
-        """Register the global optimizer hooks (held weakly: a deleted model leaves inert hooks)."""
+        """Register the global optimizer hooks (held weakly: a deleted model leaves inert hooks, removed at the
+        next attach)."""
         ref = weakref.ref(self)
 
         def post(optimizer, args, kwargs):
@@ -61,9 +66,10 @@ class OuterLoop:
             if not loop.defer_first_cycle:
                 loop.start_first_cycle(optimizer)
 
+        while _RETIRED_HANDLES:  # hooks of collected loops, removed here rather than by the collector
+            _RETIRED_HANDLES.pop().remove()
         self._handles = [register_optimizer_step_post_hook(post), register_optimizer_step_pre_hook(pre)]
-        for h in self._handles:
-            weakref.finalize(self, h.remove)
+        weakref.finalize(self, _RETIRED_HANDLES.extend, list(self._handles))
         self.rearm()
         return self
 

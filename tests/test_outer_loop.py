@@ -281,8 +281,35 @@ def test_hf_model_loop_runs_and_deleted_model_leaves_inert_hooks():
     assert rso.state(model)["cycle"] == 2
     before = len(optim_module._global_optimizer_post_hooks)
     del model, opt
-    gc.collect()
-    assert len(optim_module._global_optimizer_post_hooks) < before
+    gc.collect()  # the collected loop's hooks are inert and retired, not removed by the collector ...
+    assert len(optim_module._global_optimizer_post_hooks) == before
+    other = rso.wrap(nn.Sequential(nn.Linear(4, 4)), rank=2, tau=2)  # ... but by the next attach
+    assert len(optim_module._global_optimizer_post_hooks) == before  # two retired, one added
+    del other
+
+
+def test_a_collection_during_an_optimizer_step_does_not_break_the_hook_iteration():
+    """A wrapped model collected while torch iterates the global optimizer hooks (here: from a hook that runs
+    first) must not mutate the dict being iterated."""
+    import gc
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    doomed = rso.wrap(nn.Sequential(nn.Linear(4, 4)), rank=2, tau=2)
+    ref = [doomed]
+    del doomed
+
+    def collect(optimizer, args, kwargs):
+        ref.clear()
+        gc.collect()
+    handle = register_optimizer_step_pre_hook(collect)
+    try:
+        model, x, y = regression()
+        rso.wrap(model, rank=4, tau=2)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        step(model, opt, x, y)
+    finally:
+        handle.remove()
+    assert rso.state(model)["step"] == 1
 
 
 # ---------------------------------------------------------------- found by mutation testing (docs/mutation.md)
