@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .functional import gemm_lhs
+
 __all__ = ["chunked_linear_cross_entropy", "ChunkedLinearCrossEntropy", "MODES"]
 
 MODES = ("recompute", "fused")
@@ -41,10 +43,11 @@ def _chunk_grad(h, weight, bias, targets, lse, ignore_index):
 
 
 def _accumulate(probs, h, weight, grad_h, grad_w, grad_b):
-    """Add one chunk's contribution to the gradients of h (its rows, written), W (fp32 sum) and b."""
+    """Add one chunk's contribution to the gradients of h (its rows, written; ``g`` column-major for a
+    bf16/fp16 CPU GEMM, see :func:`gemm_lhs`), W (fp32 sum) and b."""
     g = probs.to(h.dtype)
     if grad_h is not None:
-        torch.matmul(g, weight, out=grad_h)
+        torch.matmul(gemm_lhs(g), weight, out=grad_h)
     if grad_w is not None:
         if g.dtype == torch.float32:
             grad_w.addmm_(g.T, h)

@@ -453,3 +453,53 @@ def test_evaluation_order_chosen_per_call(monkeypatch):
         layer.evaluation = evaluation
         layer(torch.randn(tokens, 6, dtype=torch.float64))
     assert seen == [False, True, True, False]
+
+
+# --- the CPU low-precision GEMM layout (layers/functional.py) ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gemm_lhs_is_column_major_only_for_low_precision_cpu_tensors(dtype):
+    from layers.functional import gemm_lhs
+    t = torch.randn(2, 3, 5).to(dtype)
+    out = gemm_lhs(t)
+    assert out.shape == (6, 5) and torch.equal(out, t.reshape(6, 5))
+    if dtype in (torch.bfloat16, torch.float16):
+        assert out.stride() == (1, 6)  # column-major: the fast layout against a row-major W on the CPU
+    else:
+        assert out.is_contiguous() and out.data_ptr() == t.data_ptr()  # no copy
+
+
+@pytest.mark.parametrize("evaluation", ["split", "merged", "coordinate"])
+def test_bf16_backward_hands_column_major_left_operands_and_keeps_the_values(evaluation, monkeypatch):
+    import layers.functional as functional
+    layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
+    if evaluation == "coordinate":
+        P = torch.zeros(8, 32, dtype=torch.bfloat16)
+        P[torch.arange(8), torch.arange(0, 32, 4)] = 1
+        layer.set_projection_(P, coordinate=True)
+    else:
+        layer.evaluation = evaluation
+    seen = []
+    real = functional.gemm_lhs
+
+    def spy(t):
+        out = real(t)
+        seen.append((tuple(out.shape), out.stride()))
+        return out
+
+    monkeypatch.setattr(functional, "gemm_lhs", spy)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    G = torch.randn(2, 3, 16, generator=g).to(torch.bfloat16)
+    ref = float64_reference(layer, x, G)
+    y = layer(x)
+    (y * G).sum().backward()
+    assert ((6, 16), (1, 6)) in seen  # g, column-major, for g W₀ (and g B)
+    if evaluation == "split":
+        assert ((6, 8), (1, 6)) in seen  # g B, column-major, for (g B) P
+    if evaluation == "merged":
+        assert ((16, 8), (1, 16)) in seen  # B, column-major, for W₀ + s·B P
+    assert x.grad.shape == x.shape and x.grad.is_contiguous()
+    assert_rounding_close(y, *ref["y"], torch.bfloat16, "output")
+    assert_rounding_close(x.grad, *ref["x"], torch.bfloat16, "x.grad")
+    assert_rounding_close(layer.B.grad, *ref["B"], torch.bfloat16, "B.grad")
