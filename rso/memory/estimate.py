@@ -33,7 +33,8 @@ LoRA on top of the floor          the linear inputs plus ``A x`` (width r) for e
 
 and for the model: the token ids (8 bytes per token), RoPE's cos and sin (2·s·e·d, batch-independent),
 the final norm, the head's input dh (when the head trains), the fp32 log-softmax 4V per token (or, with
-``chunked_ce``, only a fp32 log-sum-exp per token), the int64 targets and a 4-byte scalar.
+``chunked_ce``, only a fp32 log-sum-exp per token), the int64 targets (at batch 1 one more: the shifted
+labels are a view of their padded storage) and a 4-byte scalar.
 
 ``dtype="bf16"`` means weights, gradients and optimizer states in bf16, as in the textbook table
 (LLaMA-7B, Adam, batch 1: weights 14 GB, gradients 14 GB, states 28 GB); ``master_weights=True`` adds an
@@ -349,6 +350,10 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         head_loss, fixed = wb * h + 4 + 8, 0
     else:  # the head's input (if it trains), fp32 log-softmax, int64 target, a scalar
         head_loss, fixed = (wb * h if others_train else 0) + 4 * V + 8, 4
+    if chunked_ce != "fused" and batch == 1:
+        # Hugging Face shifts the labels by padding one ignore_index and slicing [..., 1:]: at batch 1 the slice
+        # is contiguous, so the saved targets keep the padded storage, one int64 more than the tokens.
+        fixed += 8
     rope = 2 * seq * e * wb  # cos and sin, saved by every layer's rotary embedding (one storage each)
     if not activation_checkpointing:
         per_token = ids + L * layer + first_norm + final_norm + head_loss
