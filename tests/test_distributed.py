@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import warnings
@@ -128,6 +129,7 @@ def _worker(rank, out_dir, run_fsdp):
     torch.set_num_threads(WORKER_THREADS)
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
     import rso
     from rso import distributed as rd
     # rendezvous through a file in the test's own folder: no TCP port to pick (a free port found by
@@ -223,6 +225,20 @@ def _worker(rank, out_dir, run_fsdp):
             res["fsdp_state"] = full_state(fmodel)
             res["fsdp_local_rows"] = {n: (tuple(m.weight.to_local().shape), tuple(m.B.to_local().shape))
                                       for n, m in rso.subspace_layers(fmodel)}
+            # FSDP2 + SVD: B's gradient is a DTensor shard, so the first cycle keeps the wrap-time P
+            # (start_first_cycle leaves it); the merges after steps 3 and 6 resample, in sync on the ranks
+            svd_model = build("rso", projection="svd")
+            res["fsdp_svd_P_wrap"] = projections(svd_model)
+            sfmodel = rd.fully_shard_model(svd_model)
+            sf_P, sf_synced = {}, []
+
+            def on_sfstep(step):
+                sf_synced.append(rd.check_projections_synchronized(sfmodel))
+                sf_P[step] = {n: (P.full_tensor() if isinstance(P, DTensor) else P)
+                              for n, P in projections(sfmodel).items()}
+
+            res["fsdp_svd_losses"] = train(sfmodel, make_opt(sfmodel), range(1, STEPS + 1), rank, WORLD, on_sfstep)
+            res["fsdp_svd_P"], res["fsdp_svd_synced"] = sf_P, sf_synced
             # bf16 compute, fp32 reduce
             mmodel = rd.fully_shard_model(build("rso"), mp_policy=rd.mixed_precision_policy())
             mopt = make_opt(mmodel)
@@ -442,6 +458,26 @@ def test_fsdp2_equals_single_process(runs):
     # W₀ and B really were sharded by rows (hidden 32 / 2 ranks = 16 rows each for q_proj)
     rows = r0["fsdp_local_rows"]["model.layers.0.self_attn.q_proj"]
     assert rows == ((16, 32), (16, RANK))
+
+
+def test_fsdp2_with_svd_keeps_the_random_first_cycle_then_resamples_in_sync(runs):
+    """Under FSDP2 the first cycle stays the wrap-time draw (B's sharded gradient cannot be re-projected);
+    the merges at steps 3 and 6 draw new P from the captured gradients, identical on both ranks."""
+    if not runs["fsdp"]:
+        pytest.skip(fsdp2_available()[1])
+    r0 = runs["r0"]
+    wrap, P = r0["fsdp_svd_P_wrap"], r0["fsdp_svd_P"]
+    assert all(r0["fsdp_svd_synced"]) and len(r0["fsdp_svd_synced"]) == STEPS
+    for name, P0 in wrap.items():
+        for step in (1, 2):
+            assert torch.equal(P[step][name], P0), (name, step)  # first cycle: the wrap-time Stiefel draw
+        assert not torch.equal(P[TAU][name], P0), name  # resampled at the first merge
+        assert torch.equal(P[TAU + 1][name], P[TAU][name])
+        assert not torch.equal(P[2 * TAU][name], P[TAU][name]), name
+        # orthonormal rows, as the SVD sampler returns them
+        torch.testing.assert_close(P[TAU][name] @ P[TAU][name].T, torch.eye(RANK), atol=1e-5, rtol=0)
+    losses = r0["fsdp_svd_losses"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
 
 def test_fsdp2_communication_bytes(runs):
