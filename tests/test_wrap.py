@@ -276,3 +276,41 @@ def test_shared_projection_is_one_tensor_through_conversions_loads_and_cycles():
     assert rso.state(model)["cycle"] == 1
     assert_one_P_per_group(model)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.P, before)
+
+
+# --- found by mutation testing (docs/mutation.md) ------------------------------------------------------------------
+
+def tied_toy():
+    torch.manual_seed(0)
+    m = nn.ModuleDict(dict(emb=nn.Embedding(10, 4), lin1=nn.Linear(4, 8), lin2=nn.Linear(8, 4),
+                           head=nn.Linear(4, 10, bias=False)))
+    m.head.weight = m.emb.weight  # tied: counted once
+    return m
+
+
+def test_summary_counts_each_parameter_once_and_names_ranks_and_position(capsys):
+    m = tied_toy()
+    # emb 40 (= head), lin1 32 + 8, lin2 32 + 4
+    assert rso.summary(m) == "trainable params: 116 || all params: 116 || trainable%: 100.0000"
+    rso.wrap(m, rank=0.5, target_modules=["lin1", "lin2"], tau=5)  # rank 0.5 of in = 4, 8: ranks 2 and 4
+    # + B: 8×2 and 4×4; W₀ of lin1 / lin2 (32 each) frozen: trainable 40 + 8 + 16 + 4 + 16 = 84 of 148
+    rso.print_trainable_parameters(m)
+    assert capsys.readouterr().out == (
+        "trainable params: 84 || all params: 148 || trainable%: 56.7568\n"
+        "rso: 2 subspace layers in 2 projection groups, rank 2..4, projection stiefel, tau 5, step 0, cycle 0\n")
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(6):
+        m.lin2(m.lin1(m.emb(torch.tensor([1, 2])))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    one = nn.Sequential(nn.Linear(6, 6))
+    rso.wrap(one, rank=3, tau=None, projection="gaussian")
+    assert rso.summary(m).splitlines()[1].endswith("rank 2..4, projection stiefel, tau 5, step 6, cycle 1")
+    assert rso.summary(one).splitlines()[1] == (
+        "rso: 1 subspace layers in 1 projection groups, rank 3, projection gaussian, tau None, step 0, cycle 0")
+
+
+@pytest.mark.parametrize("caller", ["unwrap", "outer_step", "state"])
+def test_functions_of_a_wrapped_model_name_themselves_when_it_is_not(caller):
+    with pytest.raises(ValueError, match=rf"^rso\.{caller}: Linear is not wrapped by rso\.wrap$"):
+        getattr(rso, caller)(nn.Linear(2, 2))
