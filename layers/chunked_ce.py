@@ -91,7 +91,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if fused:
             ctx.save_for_backward(*(t for t in (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                                                 grad_b.to(bias.dtype) if grad_b is not None else None)))
-            ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return total / div
@@ -100,8 +99,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         scale = grad_out / ctx.div
         if ctx.fused:
-            saved = iter(ctx.saved_tensors)
-            gh, gw, gb = (next(saved) * scale if present else None for present in ctx.present)
+            # saved_tensors keeps the None of a gradient not wanted in its place
+            gh, gw, gb = (t * scale if t is not None else None for t in ctx.saved_tensors)
             return gh, gw, gb, None, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

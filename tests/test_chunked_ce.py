@@ -34,3 +34,32 @@ def test_bf16_loss_and_gradients_match_float64_and_hand_a_column_major_g(mode, m
     for got, want, what in ((h.grad, ref_h, "h"), (W.grad, ref_W, "W")):
         rel = float((got.double() - want).norm() / want.norm()) / u
         assert rel <= 4, f"{what}.grad: norm-wise error {rel:.2f}u"
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_with_bias_ignored_targets_and_several_chunks_equals_float64_autograd(mode):
+    # fp32 (logits are reduced in fp32, as Hugging Face's loss upcasts them); hidden width 8 ≤ chunk 16 < 40
+    # tokens: the single-chunk test must count tokens, not features
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 8, generator=g, requires_grad=True)
+    W = torch.randn(12, 8, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    t = torch.randint(0, 12, (40,), generator=g)
+    t[::7] = -100
+    leaves = [x.detach().double().requires_grad_(True) for x in (h, W, b)]
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), t, ignore_index=-100)
+    want = torch.autograd.grad(ref, leaves)
+    u = torch.finfo(torch.float32).eps / 2
+
+    def close(got, exp, what):  # norm-wise, a few fp32 roundings per entry
+        rel = float((got.double() - exp).norm() / exp.norm())
+        assert rel <= 16 * u, f"{what}: relative error {rel / u:.1f}u"
+
+    loss = chunked_linear_cross_entropy(h, W, t, b, chunk_size=16, mode=mode)
+    close(loss.detach(), ref.detach(), "loss")
+    for got, exp, what in zip(torch.autograd.grad(loss, (h, W, b)), want, "hWb"):
+        close(got, exp, what + ".grad")
+    # only the weight and bias train (a frozen input): the same W and b gradients
+    loss = chunked_linear_cross_entropy(h.detach(), W, t, b, chunk_size=16, mode=mode)
+    for got, exp, what in zip(torch.autograd.grad(loss, (W, b)), want[1:], "Wb"):
+        close(got, exp, what + ".grad (frozen input)")
