@@ -503,3 +503,36 @@ def test_bf16_backward_hands_column_major_left_operands_and_keeps_the_values(eva
     assert_rounding_close(y, *ref["y"], torch.bfloat16, "output")
     assert_rounding_close(x.grad, *ref["x"], torch.bfloat16, "x.grad")
     assert_rounding_close(layer.B.grad, *ref["B"], torch.bfloat16, "B.grad")
+
+
+def test_load_state_dict_reports_unexpected_keys_and_size_mismatches():
+    layer = make_layer()
+    sd = layer.state_dict()
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bogus"'):
+        layer.load_state_dict({**sd, "bogus": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for bias: copying a param with shape torch\.Size\(\[3\]\)"):
+        layer.load_state_dict({**sd, "bias": torch.zeros(3, dtype=torch.float64)})
+    layer.load_state_dict({k: v for k, v in sd.items() if k != "_extra_state"})  # older checkpoints have none
+
+
+def test_deep_copy_between_group_members_forwards_carries_no_activation():
+    import copy
+    block = nn.ModuleDict({n: nn.Linear(8, 6, dtype=torch.float64) for n in ("q_proj", "k_proj", "v_proj")})
+    rso.wrap(block, rank=3, tau=None, share_projections=True)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    block["q_proj"](x)  # z is cached for k and v now
+    group = block["q_proj"]._group
+    assert group._z is not None
+    twin = copy.deepcopy(block)
+    tg = twin["q_proj"]._group
+    assert tg._z is None and tg._key is None and tg._consumed == set()
+    for n in ("q_proj", "k_proj", "v_proj"):  # the copy runs on its own and matches the original
+        torch.testing.assert_close(twin[n](x), block[n](x))
+
+
+def test_extra_repr_names_the_shapes_rank_scale_bias_and_sharing():
+    block = nn.ModuleDict({"q_proj": nn.Linear(8, 6), "k_proj": nn.Linear(8, 4, bias=False), "o_proj": nn.Linear(6, 8)})
+    rso.wrap(block, rank=3, tau=None, scale=0.5, share_projections=True)
+    assert block["q_proj"].extra_repr() == "in_features=8, out_features=6, rank=3, scale=0.5, bias=True, shared_with=1"
+    assert block["k_proj"].extra_repr() == "in_features=8, out_features=4, rank=3, scale=0.5, bias=False, shared_with=1"
+    assert block["o_proj"].extra_repr() == "in_features=6, out_features=8, rank=3, scale=0.5, bias=True"
