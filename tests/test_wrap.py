@@ -306,6 +306,8 @@ def test_summary_counts_each_parameter_once_and_names_ranks_and_position(capsys)
     one = nn.Sequential(nn.Linear(6, 6))
     rso.wrap(one, rank=3, tau=None, projection="gaussian")
     assert rso.summary(m).splitlines()[1].endswith("rank 2..4, projection stiefel, tau 5, step 6, cycle 1")
+    assert rso.state(m) == {"step": 6, "cycle": 1, "tau": 5, "steps_to_merge": 4, "projection": "stiefel",
+                            "layers": 2, "projection_groups": 2, "state_on_merge": "reset"}
     assert rso.summary(one).splitlines()[1] == (
         "rso: 1 subspace layers in 1 projection groups, rank 3, projection gaussian, tau None, step 0, cycle 0")
 
