@@ -63,3 +63,31 @@ def test_with_bias_ignored_targets_and_several_chunks_equals_float64_autograd(mo
     loss = chunked_linear_cross_entropy(h.detach(), W, t, b, chunk_size=16, mode=mode)
     for got, exp, what in zip(torch.autograd.grad(loss, (W, b)), want[1:], "Wb"):
         close(got, exp, what + ".grad (frozen input)")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_weight_only_gradient_without_bias(mode):
+    # a frozen input and no bias: the fused pass must still form the weight's gradient
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 12, (30,), generator=g)
+    got, = torch.autograd.grad(chunked_linear_cross_entropy(h, W, t, chunk_size=7, mode=mode), (W,))
+    want, = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ W.T, t), (W,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # logits reduced in fp32
+
+
+def test_what_each_mode_saves_for_backward():
+    """recompute: h, W, the int64 targets and one fp32 log-sum-exp per token; fused: the gradients only."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(20, 8, generator=g, requires_grad=True)
+    W = torch.randn(12, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 12, (20,), generator=g)
+    for mode, want in (("recompute", [((20, 8), torch.float32), ((12, 8), torch.float32), ((20,), torch.int64),
+                                      ((20,), torch.float32)]),
+                       ("fused", [((20, 8), torch.float32), ((12, 8), torch.float32)])):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append((tuple(x.shape), x.dtype)) or x,
+                                                      lambda x: x):
+            chunked_linear_cross_entropy(h, W, t, chunk_size=8, mode=mode)
+        assert saved == want, mode
