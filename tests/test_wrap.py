@@ -316,3 +316,23 @@ def test_summary_counts_each_parameter_once_and_names_ranks_and_position(capsys)
 def test_functions_of_a_wrapped_model_name_themselves_when_it_is_not(caller):
     with pytest.raises(ValueError, match=rf"^rso\.{caller}: Linear is not wrapped by rso\.wrap$"):
         getattr(rso, caller)(nn.Linear(2, 2))
+
+
+def test_custom_shared_input_sets_replace_the_defaults():
+    def block():
+        torch.manual_seed(0)
+        return nn.ModuleDict({n: nn.Linear(8, 6) for n in ("a", "b", "q_proj", "k_proj")})
+
+    custom = rso.wrap(block(), rank=2, tau=None, share_projections=[("a", "b")])
+    assert custom["a"].P is custom["b"].P and custom["q_proj"].P is not custom["k_proj"].P
+    assert rso.state(custom)["projection_groups"] == 3
+    default = rso.wrap(block(), rank=2, tau=None)  # q/k/v share by default, a and b are not in any set
+    assert default["q_proj"].P is default["k_proj"].P and default["a"].P is not default["b"].P
+    assert rso.state(default)["projection_groups"] == 3
+
+
+def test_fractional_rank_of_a_conv1d_counts_its_input_side():
+    from transformers.pytorch_utils import Conv1D
+    model = nn.Sequential(Conv1D(12, 4))  # GPT-2 layout: weight (in=4, out=12)
+    rso.wrap(model, rank=0.5, tau=None, target_modules=["0"])
+    assert model[0].rank == 2 and (model[0].in_features, model[0].out_features) == (4, 12)
