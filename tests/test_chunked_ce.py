@@ -91,3 +91,24 @@ def test_what_each_mode_saves_for_backward():
                                                       lambda x: x):
             chunked_linear_cross_entropy(h, W, t, chunk_size=8, mode=mode)
         assert saved == want, mode
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_sum_reduction_a_given_divisor_and_a_single_valid_target(mode):
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 5, (10,), generator=g)
+    logits = h @ W.T
+    summed = torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+    for kw, want in ((dict(reduction="sum"), summed), (dict(reduction="sum", divisor=7), summed / 7),
+                     (dict(divisor=7), summed / 7)):
+        got = chunked_linear_cross_entropy(h, W, t, chunk_size=4, mode=mode, **kw)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, msg=str(kw))
+        gh, = torch.autograd.grad(got, h)
+        wh, = torch.autograd.grad(want, h, retain_graph=True)
+        torch.testing.assert_close(gh, wh, rtol=1e-5, atol=1e-8, msg=str(kw))
+    one = torch.full_like(t, -100)
+    one[3] = t[3]  # a single valid target: the mean divides by 1
+    got = chunked_linear_cross_entropy(h, W, one, chunk_size=4, mode=mode)
+    torch.testing.assert_close(got.double(), torch.nn.functional.cross_entropy(logits, one), rtol=1e-6, atol=0)
