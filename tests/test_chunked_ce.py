@@ -1,4 +1,5 @@
-"""layers/chunked_ce.py in bf16 on the CPU: the loss and gradients against a float64 reference."""
+"""layers/chunked_ce.py: loss and gradients against float64 (bf16 on the CPU, bias, ignored targets, frozen input,
+reductions and divisors), what each mode saves, and the column-major g of its CPU GEMM."""
 import pytest
 import torch
 
