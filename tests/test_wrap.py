@@ -336,3 +336,41 @@ def test_fractional_rank_of_a_conv1d_counts_its_input_side():
     model = nn.Sequential(Conv1D(12, 4))  # GPT-2 layout: weight (in=4, out=12)
     rso.wrap(model, rank=0.5, tau=None, target_modules=["0"])
     assert model[0].rank == 2 and (model[0].in_features, model[0].out_features) == (4, 12)
+
+
+def test_default_targets_skip_tied_heads_and_everything_under_an_excluded_name():
+    torch.manual_seed(0)
+    m = nn.ModuleDict(dict(emb=nn.Embedding(10, 4), out=nn.Linear(4, 10, bias=False), lin=nn.Linear(4, 4),
+                           classifier=nn.ModuleDict(dict(dense=nn.Linear(4, 4))),
+                           score=nn.Sequential(nn.Linear(4, 2))))
+    m.out.weight = m.emb.weight  # a tied output layer, before another linear and not named like a head
+    rso.wrap(m, rank=2, tau=None)
+    assert [n for n, _ in rso.subspace_layers(m)] == ["lin"]
+    assert type(m.out) is nn.Linear and type(m.classifier.dense) is nn.Linear and type(m.score[0]) is nn.Linear
+
+
+def test_target_errors_name_the_model_class_and_the_modules():
+    with pytest.raises(ValueError, match=r"^rso\.wrap: ModuleDict has no nn\.Linear / Conv1D layers to wrap "
+                                         r"\(output heads \('lm_head', 'score', 'classifier'\) are left out by "
+                                         r"default\)$"):
+        rso.wrap(nn.ModuleDict(dict(lm_head=nn.Linear(2, 2), e=nn.Embedding(3, 2))), rank=1)
+    for bad in ([1], 5):
+        with pytest.raises(TypeError, match=r"^rso\.wrap: target_modules must be a regex string or a list of "
+                                            rf"names/suffixes, got {bad!r}$".replace("[", r"\[").replace("]", r"\]")):
+            rso.wrap(nn.Sequential(nn.Linear(2, 2)), rank=1, target_modules=bad)
+    with pytest.raises(ValueError, match=r"^rso\.wrap: target_modules=\['x'\] matches no module of Sequential$"):
+        rso.wrap(nn.Sequential(nn.Linear(2, 2)), rank=1, target_modules=["x"])
+    with pytest.raises(TypeError, match=r"not nn\.Linear / Conv1D: 1 \(ReLU\)$"):
+        rso.wrap(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), rank=1, target_modules=["0", "1"])
+
+
+def test_rank_one_and_a_fraction_that_rounds_to_zero_give_rank_one():
+    model = nn.Sequential(nn.Linear(8, 8))
+    rso.wrap(model, rank=1, tau=None)
+    assert model[0].rank == 1
+    other = nn.Sequential(nn.Linear(8, 8))
+    rso.wrap(other, rank=0.01, tau=None)  # round(0.08) = 0, raised to 1
+    assert other[0].rank == 1 and tuple(other[0].P.shape) == (1, 8)
+    assert rso.state(other) == {"step": 0, "cycle": 0, "tau": None, "steps_to_merge": None,
+                                "projection": "stiefel", "layers": 1, "projection_groups": 1,
+                                "state_on_merge": "reset"}
