@@ -273,13 +273,9 @@ def state(model: nn.Module) -> dict:
 
 def summary(model: nn.Module) -> str:
     """PEFT-style one-liner plus the RSO settings: trainable / all parameters, layers, rank, cycle."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+    params = list(model.parameters())  # each shared (tied) parameter once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
     if getattr(model, _LOOP_ATTR, None) is None:
         return line

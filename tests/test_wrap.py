@@ -310,6 +310,10 @@ def test_summary_counts_each_parameter_once_and_names_ranks_and_position(capsys)
                             "layers": 2, "projection_groups": 2, "state_on_merge": "reset"}
     assert rso.summary(one).splitlines()[1] == (
         "rso: 1 subspace layers in 1 projection groups, rank 3, projection gaussian, tau None, step 0, cycle 0")
+    three = nn.Sequential(nn.Linear(4, 12), nn.Linear(12, 8), nn.Linear(8, 8))
+    rso.wrap(three, rank=0.5, tau=None)  # ranks 2, 6, 4: the range is smallest..largest
+    assert ", rank 2..6, " in rso.summary(three)
+    assert rso.summary(nn.Linear(1, 1, bias=False)) == "trainable params: 1 || all params: 1 || trainable%: 100.0000"
 
 
 @pytest.mark.parametrize("caller", ["unwrap", "outer_step", "state"])
