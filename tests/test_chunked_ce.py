@@ -2,6 +2,8 @@
 reductions and divisors), what each mode saves, and the column-major g of its CPU GEMM."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import layers.chunked_ce as chunked_ce
 from layers.chunked_ce import chunked_linear_cross_entropy
@@ -37,6 +39,7 @@ def test_bf16_loss_and_gradients_match_float64_and_hand_a_column_major_g(mode, m
         assert rel <= 4, f"{what}.grad: norm-wise error {rel:.2f}u"
 
 
+@pytest.mark.filterwarnings("error")  # e.g. torch resizing a wrongly sliced out= buffer (values may still be right)
 @pytest.mark.parametrize("mode", ["recompute", "fused"])
 def test_with_bias_ignored_targets_and_several_chunks_equals_float64_autograd(mode):
     # fp32 (logits are reduced in fp32, as Hugging Face's loss upcasts them); hidden width 8 ≤ chunk 16 < 40
@@ -113,3 +116,38 @@ def test_sum_reduction_a_given_divisor_and_a_single_valid_target(mode):
     one[3] = t[3]  # a single valid target: the mean divides by 1
     got = chunked_linear_cross_entropy(h, W, one, chunk_size=4, mode=mode)
     torch.testing.assert_close(got.double(), torch.nn.functional.cross_entropy(logits, one), rtol=1e-6, atol=0)
+
+
+class _Allocations(TorchDispatchMode):
+    """(shape, dtype) of every tensor an op returns in new storage (not a view or an in-place/out= result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.made += [(tuple(t.shape), t.dtype) for t in tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_recompute_backward_allocates_only_the_gradients_it_returns():
+    """A single chunk writes W's gradient in its own dtype (no fp32 W-sized buffer); a frozen hidden or bias gets
+    no gradient buffer."""
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 6, 16, 48  # distinct sizes: a shape names its tensor
+    h = torch.randn(N, H, generator=g).to(torch.bfloat16)
+    W = torch.randn(V, H, generator=g).to(torch.bfloat16).requires_grad_(True)
+    b = torch.randn(V, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=g)
+    for h_grad in (True, False):
+        x = h.clone().requires_grad_(h_grad)
+        loss = chunked_linear_cross_entropy(x, W, t, b, chunk_size=8)  # N ≤ chunk: one chunk
+        with _Allocations() as seen:
+            loss.backward()
+        assert ((V, H), torch.float32) not in seen.made and ((V,), torch.float32) not in seen.made
+        assert (((N, H), torch.bfloat16) in seen.made) == h_grad
+        assert W.grad.dtype == torch.bfloat16 and (x.grad is not None) == h_grad
+        W.grad = None
