@@ -133,9 +133,11 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def test_recompute_backward_allocates_only_the_gradients_it_returns():
-    """A single chunk writes W's gradient in its own dtype (no fp32 W-sized buffer); a frozen hidden or bias gets
-    no gradient buffer."""
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_each_pass_allocates_only_the_gradients_it_returns(mode):
+    """Recompute: the forward makes no gradient buffer and a single chunk's backward writes W's gradient in its
+    own dtype (no fp32 W-sized buffer). Fused: the forward makes a buffer only for what trains. A frozen hidden
+    or bias gets none in either pass."""
     g = torch.Generator().manual_seed(5)
     N, H, V = 6, 16, 48  # distinct sizes: a shape names its tensor
     h = torch.randn(N, H, generator=g).to(torch.bfloat16)
@@ -144,10 +146,33 @@ def test_recompute_backward_allocates_only_the_gradients_it_returns():
     t = torch.randint(0, V, (N,), generator=g)
     for h_grad in (True, False):
         x = h.clone().requires_grad_(h_grad)
-        loss = chunked_linear_cross_entropy(x, W, t, b, chunk_size=8)  # N ≤ chunk: one chunk
-        with _Allocations() as seen:
+        with _Allocations() as fwd:
+            loss = chunked_linear_cross_entropy(x, W, t, b, chunk_size=8, mode=mode)  # N ≤ chunk: one chunk
+        with _Allocations() as bwd:
             loss.backward()
-        assert ((V, H), torch.float32) not in seen.made and ((V,), torch.float32) not in seen.made
-        assert (((N, H), torch.bfloat16) in seen.made) == h_grad
+        fused = mode == "fused"
+        assert (((N, H), torch.bfloat16) in fwd.made) == (fused and h_grad)
+        assert (((V, H), torch.float32) in fwd.made) == fused and ((V,), torch.float32) not in fwd.made
+        assert ((V, H), torch.float32) not in bwd.made and ((V,), torch.float32) not in bwd.made
+        assert (((N, H), torch.bfloat16) in bwd.made) == h_grad  # the gradient itself (fused: scaled in backward)
         assert W.grad.dtype == torch.bfloat16 and (x.grad is not None) == h_grad
         W.grad = None
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_fp32_buffers_stay_fp32_under_a_float64_default_dtype(mode):
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(20, 8, generator=g, requires_grad=True)
+    W = torch.randn(12, 8, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    t = torch.randint(0, 12, (20,), generator=g)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with _Allocations() as seen:
+            loss = chunked_linear_cross_entropy(h, W, t, b, chunk_size=8, mode=mode)
+            loss.backward()
+    finally:
+        torch.set_default_dtype(old)
+    assert loss.dtype == torch.float32 and not [m for m in seen.made if m[1] == torch.float64]
+    assert all(x.grad.dtype == torch.float32 for x in (h, W, b))
