@@ -106,7 +106,7 @@ def test_sum_reduction_a_given_divisor_and_a_single_valid_target(mode):
     logits = h @ W.T
     summed = torch.nn.functional.cross_entropy(logits, t, reduction="sum")
     for kw, want in ((dict(reduction="sum"), summed), (dict(reduction="sum", divisor=7), summed / 7),
-                     (dict(divisor=7), summed / 7)):
+                     (dict(divisor=7), summed / 7), (dict(divisor=torch.tensor(7)), summed / 7)):
         got = chunked_linear_cross_entropy(h, W, t, chunk_size=4, mode=mode, **kw)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, msg=str(kw))
         gh, = torch.autograd.grad(got, h)
@@ -176,3 +176,24 @@ def test_fp32_buffers_stay_fp32_under_a_float64_default_dtype(mode):
         torch.set_default_dtype(old)
     assert loss.dtype == torch.float32 and not [m for m in seen.made if m[1] == torch.float64]
     assert all(x.grad.dtype == torch.float32 for x in (h, W, b))
+
+
+def test_arguments_defaults_and_their_errors():
+    import inspect
+    params = inspect.signature(chunked_linear_cross_entropy).parameters
+    assert (params["chunk_size"].default, params["mode"].default, params["reduction"].default) == \
+        (1024, "recompute", "mean")
+    h, W, t = torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(6, dtype=torch.long)
+    assert float(chunked_linear_cross_entropy(h, W, t, chunk_size=1)) == pytest.approx(float(torch.log(torch.tensor(3.))))
+    pre = r"^chunked_linear_cross_entropy: "
+    for kw, msg in ((dict(mode="fast"), r"mode must be one of \('recompute', 'fused'\), got 'fast'$"),
+                    (dict(reduction="none"), r"reduction must be 'mean' or 'sum', got 'none'$"),
+                    (dict(chunk_size=0), r"chunk_size must be a positive int, got 0$"),
+                    (dict(chunk_size=True), r"chunk_size must be a positive int, got True$"),
+                    (dict(chunk_size=2.0), r"chunk_size must be a positive int, got 2\.0$")):
+        with pytest.raises(ValueError, match=pre + msg):
+            chunked_linear_cross_entropy(h, W, t, **kw)
+    with pytest.raises(ValueError, match=pre + r"6 tokens of hidden but 5 targets$"):
+        chunked_linear_cross_entropy(h, W, t[:5])
+    with pytest.raises(ValueError, match=pre + r"weight \(3, 5\) does not take hidden size 4$"):
+        chunked_linear_cross_entropy(h, torch.zeros(3, 5), t)
