@@ -87,7 +87,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         else:
             div = float(divisor) if divisor is not None else 1.0
         ctx.div, ctx.chunk, ctx.ignore_index, ctx.fused = div, chunk, ignore_index, fused
-        ctx.has_bias = bias is not None
         if fused:
             ctx.save_for_backward(*(t for t in (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                                                 grad_b.to(bias.dtype) if grad_b is not None else None)))

@@ -148,9 +148,11 @@ def test_each_pass_allocates_only_the_gradients_it_returns(mode):
         x = h.clone().requires_grad_(h_grad)
         with _Allocations() as fwd:
             loss = chunked_linear_cross_entropy(x, W, t, b, chunk_size=8, mode=mode)  # N ≤ chunk: one chunk
+        fused = mode == "fused"
+        if fused:  # the gradients are kept in their parameters' dtype between the passes, not in fp32
+            assert [x.dtype for x in loss.grad_fn.saved_tensors if x is not None] == [torch.bfloat16] * (1 + h_grad)
         with _Allocations() as bwd:
             loss.backward()
-        fused = mode == "fused"
         assert (((N, H), torch.bfloat16) in fwd.made) == (fused and h_grad)
         assert (((V, H), torch.float32) in fwd.made) == fused and ((V,), torch.float32) not in fwd.made
         assert ((V, H), torch.float32) not in bwd.made and ((V,), torch.float32) not in bwd.made
