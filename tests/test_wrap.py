@@ -1,5 +1,6 @@
 """rso.wrap / rso.unwrap on HF models and a plain MLP: targets, equal outputs, merges, errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -378,3 +379,20 @@ def test_rank_one_and_a_fraction_that_rounds_to_zero_give_rank_one():
     assert rso.state(other) == {"step": 0, "cycle": 0, "tau": None, "steps_to_merge": None,
                                 "projection": "stiefel", "layers": 1, "projection_groups": 1,
                                 "state_on_merge": "reset"}
+
+
+def test_wrap_errors_list_at_most_five_modules_and_name_a_non_module():
+    listed = ", ".join(f"{i} (ReLU)" for i in range(5))
+    for n, tail in ((5, ""), (6, " ..."), (7, " ...")):
+        with pytest.raises(TypeError, match=rf"not nn\.Linear / Conv1D: {re.escape(listed + tail)}$"):
+            rso.wrap(nn.Sequential(*[nn.ReLU() for _ in range(n)]), rank=1, target_modules="[0-9]")
+    with pytest.raises(TypeError, match=r"^rso\.wrap: model must be a torch\.nn\.Module, got int$"):
+        rso.wrap(5, rank=1)
+
+
+def test_a_model_holding_a_subspace_layer_counts_as_wrapped():
+    from layers import SubspaceLinear
+    hand_built = nn.Sequential(SubspaceLinear(4, 4, rank=2))
+    assert rso.is_wrapped(hand_built)
+    with pytest.raises(ValueError, match="already wrapped"):
+        rso.wrap(hand_built, rank=2)
