@@ -152,6 +152,14 @@ BAD = [
     (dict(scale=float("nan")), ValueError, "scale"),
     (dict(state_on_merge="drop"), ValueError, "reset"),
     (dict(proximal=-1.0), ValueError, "proximal"),
+    # found by mutation testing: each bound and type check at its edge
+    (dict(rank=0.0), ValueError, r"must be in \(0, 1\), got 0\.0$"),
+    (dict(rank=1.0), ValueError, r"must be in \(0, 1\), got 1\.0$"),
+    (dict(scale=True), ValueError, r"^rso\.wrap: scale must be a finite non-zero number, got True$"),
+    (dict(seed=True), TypeError, r"^rso\.wrap: seed must be an int, got True$"),
+    (dict(proximal=True), ValueError, r"proximal .* must be a positive number or None, got True$"),
+    (dict(proximal=0), ValueError, r"proximal .* must be a positive number or None, got 0$"),
+    (dict(share_projections={("q_proj", "k_proj")}), TypeError, r"share_projections must be a bool or a list"),
 ]
 
 
