@@ -17,6 +17,15 @@ def float64_reference(h, W, t):
     return loss, d @ W, d.T @ h
 
 
+def fp32_head(seed, tokens, hidden=8, vocab=12):
+    """Trainable fp32 hidden, head weight and bias, and targets (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    W = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    b = torch.randn(vocab, generator=g, requires_grad=True)
+    return h, W, b, torch.randint(0, vocab, (tokens,), generator=g)
+
+
 @pytest.mark.parametrize("mode", ["recompute", "fused"])
 def test_bf16_loss_and_gradients_match_float64_and_hand_a_column_major_g(mode, monkeypatch):
     g = torch.Generator().manual_seed(0)
@@ -44,11 +53,7 @@ def test_bf16_loss_and_gradients_match_float64_and_hand_a_column_major_g(mode, m
 def test_with_bias_ignored_targets_and_several_chunks_equals_float64_autograd(mode):
     # fp32 (logits are reduced in fp32, as Hugging Face's loss upcasts them); hidden width 8 ≤ chunk 16 < 40
     # tokens: the single-chunk test must count tokens, not features
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(40, 8, generator=g, requires_grad=True)
-    W = torch.randn(12, 8, generator=g, requires_grad=True)
-    b = torch.randn(12, generator=g, requires_grad=True)
-    t = torch.randint(0, 12, (40,), generator=g)
+    h, W, b, t = fp32_head(seed=3, tokens=40)
     t[::7] = -100
     leaves = [x.detach().double().requires_grad_(True) for x in (h, W, b)]
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), t, ignore_index=-100)
@@ -163,11 +168,7 @@ def test_each_pass_allocates_only_the_gradients_it_returns(mode):
 
 @pytest.mark.parametrize("mode", ["recompute", "fused"])
 def test_fp32_buffers_stay_fp32_under_a_float64_default_dtype(mode):
-    g = torch.Generator().manual_seed(6)
-    h = torch.randn(20, 8, generator=g, requires_grad=True)
-    W = torch.randn(12, 8, generator=g, requires_grad=True)
-    b = torch.randn(12, generator=g, requires_grad=True)
-    t = torch.randint(0, 12, (20,), generator=g)
+    h, W, b, t = fp32_head(seed=6, tokens=20)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
