@@ -404,3 +404,20 @@ def test_a_model_holding_a_subspace_layer_counts_as_wrapped():
     assert rso.is_wrapped(hand_built)
     with pytest.raises(ValueError, match="already wrapped"):
         rso.wrap(hand_built, rank=2)
+
+
+def test_defaults_are_the_documented_ones():
+    """rso.wrap(model) is rank 128, τ = 200, Stiefel, scale 1, seed 0, shared projections, state reset."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+    default = rso.wrap(build())
+    explicit = rso.wrap(build(), rank=128, tau=200, projection="stiefel", scale=1.0, seed=0, share_projections=True,
+                        state_on_merge="reset")
+    assert [default[i].rank for i in (0, 2)] == [128, 128]
+    assert rso.state(default) == rso.state(explicit) == {
+        "step": 0, "cycle": 0, "tau": 200, "steps_to_merge": 200, "projection": "stiefel", "layers": 2,
+        "projection_groups": 2, "state_on_merge": "reset"}
+    for i in (0, 2):
+        assert default[i].scale == 1.0
+        assert torch.equal(default[i].P, explicit[i].P)
