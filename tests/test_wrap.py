@@ -160,6 +160,13 @@ BAD = [
     (dict(proximal=True), ValueError, r"proximal .* must be a positive number or None, got True$"),
     (dict(proximal=0), ValueError, r"proximal .* must be a positive number or None, got 0$"),
     (dict(share_projections={("q_proj", "k_proj")}), TypeError, r"share_projections must be a bool or a list"),
+    (dict(share_projections=["q_proj"]), TypeError, r"^rso\.wrap: share_projections must be a bool or a list of "
+     r"tuples of sibling layer names, e\.g\. \[\('q_proj', 'k_proj', 'v_proj'\)\]; got \['q_proj'\]$"),
+    (dict(share_projections=[(1, 2)]), TypeError, r"share_projections must be a bool .* got \[\(1, 2\)\]$"),
+    (dict(chunked_head=0), ValueError, r"^rso\.wrap: chunked_head must be None or a positive int \(tokens per "
+     r"chunk\), got 0$"),
+    (dict(chunked_head=True), ValueError, r"chunked_head must be None or a positive int .* got True$"),
+    (dict(chunked_head=1.5), ValueError, r"chunked_head must be None or a positive int .* got 1\.5$"),
 ]
 
 
@@ -177,7 +184,7 @@ def test_bad_arguments_leave_model_untouched(kwargs, exc, match):
 
 def test_wrap_twice_and_unwrap_plain_model():
     model = rso.wrap(tiny_llama(), rank=8)
-    with pytest.raises(ValueError, match="already wrapped"):
+    with pytest.raises(ValueError, match=r"^rso\.wrap: LlamaForCausalLM is already wrapped \(call rso\.unwrap first\)$"):
         rso.wrap(model, rank=8)
     with pytest.raises(ValueError, match="not wrapped"):
         rso.unwrap(tiny_llama())
@@ -232,8 +239,8 @@ def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
     assert_close_hf(out.loss, ref)
     rso.unwrap(model)
     assert model(**batch).logits is not None
-    with pytest.raises(ValueError, match="chunked_head"):
-        rso.wrap(tiny_llama(), rank=8, chunked_head=0)
+    one_token = rso.wrap(tiny_llama(dtype=torch.float64), rank=8, chunked_head=1)  # the smallest chunk
+    assert_close_hf(one_token(**batch).loss, ref)
     with pytest.raises(TypeError, match="causal LM"):
         rso.wrap(mlp(), rank=3, chunked_head=16)
 
