@@ -398,9 +398,12 @@ def test_coordinate_index_follows_an_in_place_change_of_P(monkeypatch):
     layer.set_projection_(_coordinate_P([1, 4, 6], 8), coordinate=True)
     x = torch.randn(2, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ layer.effective_weight().T + layer.bias)
+    cached = layer._coordinate_index()
+    assert layer._coordinate_index() is cached  # one argmax per version of P, not one per forward
     with torch.no_grad():
         layer.P.copy_(_coordinate_P([0, 2, 7], 8))  # as a load_state_dict does: same tensor, new version
     assert layer._coordinate_index().tolist() == [0, 2, 7]
+    assert layer._coordinate_index() is not cached and layer._coordinate_index() is layer._coordinate_index()
     torch.testing.assert_close(layer(x), x @ layer.effective_weight().T + layer.bias)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced path: argmax of each row
     assert layer._coordinate_index().tolist() == [0, 2, 7]
