@@ -86,6 +86,17 @@ def test_rso_from_pretrained_restores_the_wrapped_model_exactly(tmp_path, projec
         assert back.config.rso == model.config.rso
 
 
+def test_rso_from_pretrained_wraps_the_saved_target_modules_only(tmp_path):
+    model, _ = trained(target_modules=["q_proj", "v_proj"])
+    assert model.config.rso["target_modules"] == ["q_proj", "v_proj"]
+    model.save_pretrained(tmp_path)
+    back = rso.from_pretrained(LlamaForCausalLM, tmp_path)
+    assert [n for n, _ in rso.subspace_layers(back)] == [n for n, _ in rso.subspace_layers(model)] == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_older_checkpoints_with_a_P_per_member_and_no_settings_still_load():
     model, _ = trained()
     state = model.state_dict()
