@@ -97,6 +97,16 @@ def test_rso_from_pretrained_wraps_the_saved_target_modules_only(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_the_saved_settings_are_the_wrap_arguments():
+    model = rso.wrap(tiny_llama(), rank=4, tau=7, projection="hybrid", target_modules=["q_proj", "v_proj"],
+                     scale=2.0, seed=3, share_projections=[("q_proj", "v_proj")], total_steps=50,
+                     random_fraction=0.3, state_on_merge="keep", proximal=0.5, chunked_head=9)
+    assert model.config.rso == {
+        "rank": 4, "tau": 7, "projection": "hybrid", "custom_projection": False, "target_modules": ["q_proj", "v_proj"],
+        "scale": 2.0, "seed": 3, "share_projections": [["q_proj", "v_proj"]], "total_steps": 50,
+        "random_fraction": 0.3, "state_on_merge": "keep", "proximal": 0.5, "chunked_head": 9}
+
+
 def test_older_checkpoints_with_a_P_per_member_and_no_settings_still_load():
     model, _ = trained()
     state = model.state_dict()

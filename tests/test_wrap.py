@@ -428,3 +428,12 @@ def test_defaults_are_the_documented_ones():
     for i in (0, 2):
         assert default[i].scale == 1.0
         assert torch.equal(default[i].P, explicit[i].P)
+
+
+def test_the_seed_sets_every_projection_and_coordinate_mode_starts_at_wrap():
+    P = lambda model: [m.P for _, m in rso.subspace_layers(model)]  # noqa: E731
+    three, again, four = (rso.wrap(mlp(), rank=3, tau=None, seed=s) for s in (3, 3, 4))
+    assert all(torch.equal(a, b) for a, b in zip(P(three), P(again)))
+    assert not any(torch.equal(a, b) for a, b in zip(P(three), P(four)))
+    coordinate = rso.wrap(mlp(), rank=3, tau=None, projection="coordinate")
+    assert [m.coordinate for _, m in rso.subspace_layers(coordinate)] == [True, True, True]
