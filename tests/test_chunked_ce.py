@@ -181,11 +181,26 @@ def test_fp32_buffers_stay_fp32_under_a_float64_default_dtype(mode):
     assert all(x.grad.dtype == torch.float32 for x in (h, W, b))
 
 
+def test_fused_keeps_a_trainable_bias_gradient_in_its_dtype():
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(6, 16, generator=g).to(torch.bfloat16).requires_grad_(True)
+    W = torch.randn(48, 16, generator=g).to(torch.bfloat16).requires_grad_(True)
+    b = torch.randn(48, generator=g).to(torch.bfloat16).requires_grad_(True)
+    t = torch.randint(0, 48, (6,), generator=g)
+    loss = chunked_linear_cross_entropy(h, W, t, b, chunk_size=4, mode="fused")
+    assert [x.dtype for x in loss.grad_fn.saved_tensors if x is not None] == [torch.bfloat16] * 3
+    loss.backward()
+    assert b.grad.dtype == torch.bfloat16
+
+
 def test_arguments_defaults_and_their_errors():
     import inspect
     params = inspect.signature(chunked_linear_cross_entropy).parameters
     assert (params["chunk_size"].default, params["mode"].default, params["reduction"].default) == \
         (1024, "recompute", "mean")
+    with _Allocations() as seen:  # the default chunk, seen in the logits' shapes: 1025 tokens are 1024 + 1
+        chunked_linear_cross_entropy(torch.zeros(1025, 4), torch.zeros(3, 4), torch.zeros(1025, dtype=torch.long))
+    assert ((1024, 3), torch.float32) in seen.made and ((1, 3), torch.float32) in seen.made
     h, W, t = torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(6, dtype=torch.long)
     assert float(chunked_linear_cross_entropy(h, W, t, chunk_size=1)) == pytest.approx(float(torch.log(torch.tensor(3.))))
     pre = r"^chunked_linear_cross_entropy: "

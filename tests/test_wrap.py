@@ -229,12 +229,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert_close_hf(a, b)
 
 
-def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits():
+def test_chunked_head_option_keeps_the_loss_and_unwrap_restores_logits(monkeypatch):
     model = tiny_llama(dtype=torch.float64)
     batch = lm_batch(batch=2, seq=12)
     ref = model(**batch).loss
     rso.wrap(model, rank=8, chunked_head=5)
+    chunks = []
+    loss_of = rso.heads.causal_lm_loss
+    monkeypatch.setattr(rso.heads, "causal_lm_loss", lambda *a, **kw: chunks.append(kw["chunk_size"]) or loss_of(*a, **kw))
     out = model(**batch)
+    assert chunks == [5]
+    monkeypatch.undo()
     assert out.logits is None
     assert_close_hf(out.loss, ref)
     rso.unwrap(model)
