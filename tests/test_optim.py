@@ -1,6 +1,8 @@
 """rso.optim: projected updates against hand computation, state policies, resume, galore-torch groups, memory."""
+import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -113,6 +115,10 @@ def test_plain_groups_match_torch_optimizers():
          lambda p: torch.optim.AdamW(p, lr=0.03, betas=(0.85, 0.99), weight_decay=0.05, foreach=False)),
         (lambda p: SubspaceSGD(p, lr=0.01, momentum=0.9, weight_decay=0.1, nesterov=True),
          lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=0.1, nesterov=True, foreach=False)),
+        # weight decay 1 exactly (the decay is applied for every non-zero value)
+        (lambda p: SubspaceAdamW(p, lr=0.03, weight_decay=1.0),
+         lambda p: torch.optim.AdamW(p, lr=0.03, weight_decay=1.0, foreach=False)),
+        (lambda p: SubspaceSGD(p, lr=0.01, weight_decay=1.0), lambda p: torch.optim.SGD(p, lr=0.01, weight_decay=1.0)),
     ]:
         A, Y, X1 = least_squares(5, 3, seed=2)
         _, _, X2 = least_squares(5, 3, seed=2)
@@ -172,11 +178,16 @@ def test_adamw_state_on_switch(policy, side):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("policy", ["keep", "reset", "project"])
-def test_sgd_state_on_switch(policy, side):
-    opt, X, before, x_before, G = _run_to_switch(SubspaceSGD, policy, side, momentum=0.9)
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_state_on_switch(policy, side, momentum):
+    opt, X, before, x_before, G = _run_to_switch(SubspaceSGD, policy, side, momentum=momentum)
     st = opt.state[X]
     P_old, P_new = before["proj"], st["proj"]
     R = low(G, P_new, side)
+    if momentum == 0:  # plain SGD: no buffer to keep, reset or project
+        assert "momentum_buffer" not in before and "momentum_buffer" not in st
+        torch.testing.assert_close(X.detach(), x_before - 0.05 * back(R, P_new, side), atol=1e-12, rtol=0)
+        return
     b_old = before["momentum_buffer"]
     if policy == "keep":
         buf = 0.9 * b_old + R
@@ -187,6 +198,44 @@ def test_sgd_state_on_switch(policy, side):
         buf = 0.9 * (Q @ b_old if side == "left" else b_old @ Q.T) + R
     torch.testing.assert_close(st["momentum_buffer"], buf, atol=1e-14, rtol=0)
     torch.testing.assert_close(X.detach(), x_before - 0.05 * back(buf, P_new, side), atol=1e-12, rtol=0)
+
+
+def test_sgd_defaults_options_and_errors():
+    X = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    assert {k: SubspaceSGD([X]).defaults[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")} \
+        == {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+    group = SubspaceSGD([{"params": [X], "rank": 2}], projection="stiefel", proj_side="right").param_groups[0]
+    assert (group["projection"], group["proj_side"]) == ("stiefel", "right")
+    SubspaceSGD([X], lr=0.0)
+    SubspaceSGD([X], lr=torch.tensor(0.1))
+    for kw, message in ((dict(lr=-1.0), r"lr must be >= 0, got -1\.0"),
+                        (dict(lr=torch.tensor(-1.0)), r"lr must be >= 0, got tensor\(-1\.\)"),
+                        (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1\.0"),
+                        (dict(momentum=-0.5), r"momentum must be in \[0, 1\), got -0\.5"),
+                        (dict(weight_decay=-0.5), r"weight_decay must be >= 0, got -0\.5"),
+                        (dict(nesterov=True), r"nesterov=True needs momentum > 0 and dampening = 0")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            SubspaceSGD([X], **kw)
+
+
+@pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
+def test_copied_and_pickled_optimizers_step_like_the_original_and_keep_their_proj_side(make):
+    A, Y, X = least_squares(4, 7, seed=3)
+    opt = make([{"params": [X], "rank": 2, "update_proj_gap": 2, "projection": "stiefel", "seed": 11}], lr=0.05,
+               proj_side="right")
+    backward(A, Y, X)
+    opt.step()
+    twins = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for o in [opt, *twins]:
+        x = o.param_groups[0]["params"][0]
+        for _ in range(3):  # through a new cycle: a copy draws with samplers of its own
+            backward(A, Y, x)
+            o.step()
+    for twin in twins:
+        X2 = twin.param_groups[0]["params"][0]
+        assert X2 is not X and torch.equal(X2, X)
+        twin.add_param_group({"params": [nn.Parameter(torch.zeros(5, 3, dtype=torch.float64))], "rank": 2})
+        assert twin.param_groups[1]["proj_side"] == "right"
 
 
 def test_project_policy_is_exact_for_the_first_moment_in_full_space():

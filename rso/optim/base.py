@@ -196,10 +196,15 @@ class SubspaceOptimizer(Optimizer):
     #: keys that groups saved before they existed get on load (those runs used these values).
     legacy_group_defaults = {"compat": "torch"}
 
+    def __getstate__(self):  # pickles and deep copies keep the proj_side later add_param_group calls use
+        return {**super().__getstate__(), "_default_proj_side": self._default_proj_side}
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        if not hasattr(self, "_samplers"):
+        if not hasattr(self, "_samplers"):  # a cache of samplers: rebuilt on use
             self._samplers = {}
+        if not hasattr(self, "_default_proj_side"):  # pickled before it was saved
+            self._default_proj_side = "auto"
         for group in self.param_groups:
             for key, value in self.legacy_group_defaults.items():
                 group.setdefault(key, value)
