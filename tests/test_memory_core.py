@@ -75,3 +75,11 @@ def test_peak_tracker_sees_a_large_temporary():
     assert report.peak >= 4_000_000
     assert report.activations == 16 * 64 * 4  # x, saved for the weight gradient; sum saves nothing
     print(report.table())
+
+
+def test_format_bytes_picks_the_unit_at_each_power_of_1024():
+    from rso.memory.measure import format_bytes
+    cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",
+             1024 ** 3 - 1: "1,024.00 MiB", 3 * 1024 ** 3: "3.00 GiB", 1024 ** 4: "1.00 TiB",
+             5000 * 1024 ** 4: "5,000.00 TiB"}
+    assert {n: format_bytes(n) for n in cases} == cases
