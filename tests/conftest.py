@@ -7,6 +7,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -115,3 +117,25 @@ def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float
         s = setup(method, model, rank=rank)
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
     return measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False), s
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run inside the mode: ``calls`` holds (op name, operand shapes), ``made`` the (shape, dtype)
+    of each tensor an op returns in new storage (not a view or an in-place/out= result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.made = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, [tuple(t.shape) for t in inputs]))
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        self.made += [(tuple(t.shape), t.dtype) for t in tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages]
+        return out
+
+    def ops_reading(self, shape):
+        """Names of the ops that took a tensor of ``shape``."""
+        return {name for name, shapes in self.calls if shape in shapes}

@@ -2,10 +2,9 @@
 reductions and divisors), what each mode saves, and the column-major g of its CPU GEMM."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import layers.chunked_ce as chunked_ce
+from conftest import OpRecorder
 from layers.chunked_ce import chunked_linear_cross_entropy
 
 
@@ -123,21 +122,6 @@ def test_sum_reduction_a_given_divisor_and_a_single_valid_target(mode):
     torch.testing.assert_close(got.double(), torch.nn.functional.cross_entropy(logits, one), rtol=1e-6, atol=0)
 
 
-class _Allocations(TorchDispatchMode):
-    """(shape, dtype) of every tensor an op returns in new storage (not a view or an in-place/out= result)."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        self.made += [(tuple(t.shape), t.dtype) for t in tree_leaves(out)
-                      if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
-        return out
-
-
 @pytest.mark.parametrize("mode", ["recompute", "fused"])
 def test_each_pass_allocates_only_the_gradients_it_returns(mode):
     """Recompute: the forward makes no gradient buffer and a single chunk's backward writes W's gradient in its
@@ -151,12 +135,12 @@ def test_each_pass_allocates_only_the_gradients_it_returns(mode):
     t = torch.randint(0, V, (N,), generator=g)
     for h_grad in (True, False):
         x = h.clone().requires_grad_(h_grad)
-        with _Allocations() as fwd:
+        with OpRecorder() as fwd:
             loss = chunked_linear_cross_entropy(x, W, t, b, chunk_size=8, mode=mode)  # N ≤ chunk: one chunk
         fused = mode == "fused"
         if fused:  # the gradients are kept in their parameters' dtype between the passes, not in fp32
             assert [x.dtype for x in loss.grad_fn.saved_tensors if x is not None] == [torch.bfloat16] * (1 + h_grad)
-        with _Allocations() as bwd:
+        with OpRecorder() as bwd:
             loss.backward()
         assert (((N, H), torch.bfloat16) in fwd.made) == (fused and h_grad)
         assert (((V, H), torch.float32) in fwd.made) == fused and ((V,), torch.float32) not in fwd.made
@@ -172,7 +156,7 @@ def test_fp32_buffers_stay_fp32_under_a_float64_default_dtype(mode):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        with _Allocations() as seen:
+        with OpRecorder() as seen:
             loss = chunked_linear_cross_entropy(h, W, t, b, chunk_size=8, mode=mode)
             loss.backward()
     finally:
@@ -198,7 +182,7 @@ def test_arguments_defaults_and_their_errors():
     params = inspect.signature(chunked_linear_cross_entropy).parameters
     assert (params["chunk_size"].default, params["mode"].default, params["reduction"].default) == \
         (1024, "recompute", "mean")
-    with _Allocations() as seen:  # the default chunk, seen in the logits' shapes: 1025 tokens are 1024 + 1
+    with OpRecorder() as seen:  # the default chunk, seen in the logits' shapes: 1025 tokens are 1024 + 1
         chunked_linear_cross_entropy(torch.zeros(1025, 4), torch.zeros(3, 4), torch.zeros(1025, dtype=torch.long))
     assert ((1024, 3), torch.float32) in seen.made and ((1, 3), torch.float32) in seen.made
     h, W, t = torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(6, dtype=torch.long)

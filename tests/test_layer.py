@@ -2,10 +2,9 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import rso
+from conftest import OpRecorder
 from layers import SubspaceLinear, SubspaceLinearFunction, project
 from rso.projections import StiefelSampler, generator_for
 
@@ -87,22 +86,6 @@ def test_saves_only_the_projection():
     assert saved == [(3, 7, 8)]  # z = x Pᵀ, never the 64-wide x
 
 
-class _Ops(TorchDispatchMode):
-    """(op name, operand shapes) of every aten op run inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.calls.append((func.overloadpacket.__name__, shapes))
-        return func(*args, **(kwargs or {}))
-
-    def ops_reading(self, shape):
-        return {name for name, shapes in self.calls if shape in shapes}
-
-
 @pytest.mark.parametrize("evaluation", ["split", "merged"])
 def test_coordinate_projection_indexes_instead_of_matmul(evaluation):
     layer = make_layer(in_f=12, out_f=10, rank=4)
@@ -112,11 +95,11 @@ def test_coordinate_projection_indexes_instead_of_matmul(evaluation):
     P[torch.arange(4), idx] = 1
     layer.set_projection_(P, coordinate=True)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    with _Ops() as forward:
+    with OpRecorder() as forward:
         y = layer(x)
     assert layer._coordinate_index().tolist() == idx.tolist()
     torch.testing.assert_close(y, nn.functional.linear(x, layer.weight + layer.scale * layer.B @ P, layer.bias))
-    with _Ops() as backward:
+    with OpRecorder() as backward:
         y.sum().backward()
     # P (4 × 12) is read once, for its index; z = x[:, index] and x's gradient is scattered back by index
     assert forward.ops_reading((4, 12)) == {"argmax"} and backward.ops_reading((4, 12)) == set()
