@@ -218,6 +218,22 @@ def test_sgd_defaults_options_and_errors():
             SubspaceSGD([X], **kw)
 
 
+def test_adamw_edge_options_and_errors():
+    X = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    for kw in (dict(lr=0.0), dict(lr=torch.tensor(0.1)), dict(betas=(0.0, 0.0)), dict(eps=0.0)):
+        SubspaceAdamW([X], **kw)
+    for kw, message in ((dict(lr=-1.0), r"lr must be >= 0, got -1\.0"),
+                        (dict(lr=torch.tensor(-1.0)), r"lr must be >= 0, got tensor\(-1\.\)"),
+                        (dict(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\), got \(0\.9, 1\.0\)"),
+                        (dict(betas=(-0.1, 0.9)), r"betas must be two numbers in \[0, 1\), got \(-0\.1, 0\.9\)"),
+                        (dict(betas=(0.9, 0.99, 0.9)), r"betas must be two numbers in \[0, 1\), got \(0\.9, 0\.99, 0\.9\)"),
+                        (dict(eps=-1.0), r"eps must be >= 0, got -1\.0"),
+                        (dict(weight_decay=-1.0), r"weight_decay must be >= 0, got -1\.0"),
+                        (dict(correct_bias="yes"), r"correct_bias must be a bool, got 'yes'")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            SubspaceAdamW([X], **kw)
+
+
 @pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
 def test_copied_and_pickled_optimizers_step_like_the_original_and_keep_their_proj_side(make):
     A, Y, X = least_squares(4, 7, seed=3)
