@@ -411,7 +411,6 @@ def test_wrap_errors_list_at_most_five_modules_and_name_a_non_module():
 
 
 def test_a_model_holding_a_subspace_layer_counts_as_wrapped():
-    from layers import SubspaceLinear
     hand_built = nn.Sequential(SubspaceLinear(4, 4, rank=2))
     assert rso.is_wrapped(hand_built)
     with pytest.raises(ValueError, match="already wrapped"):
