@@ -254,6 +254,18 @@ def test_copied_and_pickled_optimizers_step_like_the_original_and_keep_their_pro
         assert twin.param_groups[1]["proj_side"] == "right"
 
 
+@pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
+def test_optimizer_pickled_before_proj_side_was_saved_adds_groups_on_the_auto_side(make):
+    """A pickle from before ``_default_proj_side`` was part of the state loads with the old default, ``auto``."""
+    _, _, X = least_squares(4, 7, seed=3)
+    opt = make([{"params": [X], "rank": 2}], lr=0.05, proj_side="left")
+    old_state = {k: v for k, v in opt.__getstate__().items() if k != "_default_proj_side"}
+    old = make.__new__(make)
+    old.__setstate__(old_state)
+    old.add_param_group({"params": [nn.Parameter(torch.zeros(5, 3, dtype=F64))], "rank": 2})
+    assert [g["proj_side"] for g in old.param_groups] == ["left", "auto"]
+
+
 def test_project_policy_is_exact_for_the_first_moment_in_full_space():
     """With orthonormal rows, the carried momentum is the old full-space momentum seen through P_new."""
     opt, X, before, _, G = _run_to_switch(SubspaceSGD, "project", "left", momentum=0.5)

@@ -46,8 +46,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default 1; with --fit: the batch to fit")
     parser.add_argument("--seq", type=_ints, default=None,
                         help="default 2048; with --fit a comma-separated list (default 256,2048)")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="dtype of the weights, gradients, activations and optimizer moments (default bf16)")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                        help="attention implementation: what it saves for backward differs (default sdpa)")
     parser.add_argument("--master-weights", action="store_true", help="add fp32 master weights")
     parser.add_argument("--fp32-states", action="store_true", help="optimizer moments in fp32")
     parser.add_argument("--chunked-ce", action="store_true", help="chunked linear + cross-entropy head")

@@ -1,0 +1,192 @@
+"""``python -m rso.memory``: the documented transcripts, JSON equal to the library's numbers, every error's
+exact message, and the text reports (``format_fit``, ``MemoryReport.table``)."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from rso.memory import MemoryReport, estimate, fit, format_fit, main
+from rso.memory.estimate import GPU_RESERVE, METHODS
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+PROMPT = "$ python -m rso.memory "
+
+
+def transcripts():
+    """(command, expected output) of each prompt line in docs/benchmarks.md's fenced blocks: the output runs to
+    the next ``$`` line or the end of the block."""
+    pairs = []
+    for block in re.findall(r"^```\n(.*?)^```$", DOCS.read_text(), flags=re.S | re.M):
+        for part in re.split(r"^(?=\$ )", block, flags=re.M):
+            if part.startswith(PROMPT):
+                command, _, output = part.partition("\n")
+                pairs.append((command, output))
+    return pairs
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_docs_hold_the_transcripts():
+    commands = [c for c, _ in transcripts()]
+    assert len(commands) == 7 and f"{PROMPT}--help" in commands
+
+
+@pytest.mark.parametrize("command,expected", transcripts(), ids=lambda v: v[len(PROMPT):][:60] if v.startswith(PROMPT) else "")
+def test_docs_transcript_is_what_the_command_prints(command, expected, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps --help to the terminal's width
+    argv = shlex.split(command[len(PROMPT):])
+    if argv == ["--help"]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+    else:
+        code, out, err = run(capsys, *argv)
+        assert (code, err) == (0, "")
+    assert out.rstrip("\n").split("\n") == expected.rstrip("\n").split("\n")
+
+
+def test_defaults_are_rso_batch_1_seq_2048_bf16_sdpa(capsys):
+    code, out, _ = run(capsys, "--model", "llama-60m", "--json")
+    assert code == 0
+    assert json.loads(out) == estimate("llama-60m", method="rso", rank=None, batch=1, seq=2048, dtype="bf16",
+                                       attn="sdpa", master_weights=False, fp32_states=False, chunked_ce=False,
+                                       activation_checkpointing=False, optimizer_bits=None, per_layer_updates=False)
+
+
+def test_json_is_the_estimate_with_every_option_passed(capsys):
+    code, out, _ = run(capsys, "--model", "llama-130m", "--method", "galore", "--rank", "0.25", "--batch", "3",
+                       "--seq", "96", "--dtype", "fp16", "--attn", "eager", "--master-weights", "--fp32-states",
+                       "--chunked-ce", "--activation-checkpointing", "--optimizer-bits", "8", "--per-layer-updates",
+                       "--json")
+    assert code == 0
+    assert json.loads(out) == estimate("llama-130m", method="galore", rank=0.25, batch=3, seq=96, dtype="fp16",
+                                       attn="eager", master_weights=True, fp32_states=True, chunked_ce=True,
+                                       activation_checkpointing=True, optimizer_bits=8, per_layer_updates=True)
+
+
+def test_method_all_is_every_method_in_order(capsys):
+    code, out, _ = run(capsys, "--model", "llama-60m", "--method", "all", "--rank", "64.0", "--seq", "128",
+                       "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["method"] for r in rows] == list(METHODS)
+    assert rows == [estimate("llama-60m", method=m, rank=64, batch=1, seq=128) for m in METHODS]
+    assert isinstance(rows[1]["rank"], int)  # "64.0" is the int rank 64, not a fraction
+
+
+def test_largest_batch_lines_follow_the_estimate(capsys):
+    """The per-GPU batch lines: (capacity − reserve − fixed) // per-sample activations, 0 when nothing fits."""
+    from rso.memory.estimate import GPU_SIZES
+    code, out, _ = run(capsys, "--model", "llama-1b", "--method", "rso", "--rank", "256", "--batch", "3", "--seq",
+                       "512")
+    assert code == 0
+    one, two = (estimate("llama-1b", method="rso", rank=256, batch=b, seq=512) for b in (1, 2))
+    per_sample = two["activations"] - one["activations"]
+    fixed = estimate("llama-1b", method="rso", rank=256, batch=3, seq=512)["total"] - 3 * per_sample
+    expected = [f"largest batch at seq 512 on a {gpu}: {max(0, (cap - GPU_RESERVE - fixed) // per_sample)}"
+                for gpu, cap in GPU_SIZES.items()]
+    assert [line for line in out.split("\n") if line.startswith("largest batch")] == expected
+    assert out.endswith("\n\n")  # a blank line after each method
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--reserve", "1GB"], "--reserve goes with --fit"),
+    (["--method", "sgd"], "--method must be one of adamw, galore, rso, lora, frozen or 'all', got 'sgd'"),
+    (["--rank", "64,32"], "--rank takes one value without --fit"),
+    (["--seq", "128,256"], "--seq takes one value without --fit"),
+    (["--fit", "24GB", "--chunked-ce", "--optimizer-bits", "8", "--fp32-states"],
+     "--fit chooses the recipe itself; leave out --chunked-ce, --optimizer-bits, --fp32-states"),
+    (["--fit", "24GB", "--activation-checkpointing", "--per-layer-updates", "--master-weights"],
+     "--fit chooses the recipe itself; leave out --activation-checkpointing, --per-layer-updates, --master-weights"),
+    (["--fit", "24GB", "--optimizer-bits", "32"], "--fit chooses the recipe itself; leave out --optimizer-bits"),
+])
+def test_errors_are_one_line_with_status_2(argv, message, capsys):
+    assert run(capsys, "--model", "llama-60m", *argv) == (2, "", f"error: {message}\n")
+
+
+def test_fit_json_is_the_planner_rows_without_the_estimate(capsys):
+    code, out, _ = run(capsys, "--model", "llama-60m", "--fit", "8GiB", "--method", " rso , adamw,", "--rank",
+                       "32,64", "--seq", "64,", "--batch", "2", "--reserve", "512MiB", "--json")
+    assert code == 0
+    rows = fit("llama-60m", "8GiB", methods=["rso", "adamw"], seqs=(64,), batch=2, rank=[32, 64],
+               reserve=2 ** 29)
+    assert json.loads(out) == [{k: v for k, v in r.items() if k != "estimate"} for r in rows]
+    assert [(r["method"], r["rank"]) for r in json.loads(out)] == [("rso", 32), ("rso", 64), ("adamw", None)]
+
+
+@pytest.mark.parametrize("reserve,usable", [(None, 8 * 2 ** 30 - GPU_RESERVE), ("0", 8 * 2 ** 30),
+                                            ("0.0", 8 * 2 ** 30), ("1GiB", 7 * 2 ** 30)])
+def test_fit_reserve_and_default_seqs(reserve, usable, capsys):
+    argv = ["--model", "llama-60m", "--fit", "8GB", "--method", "rso", "--json"]
+    code, out, _ = run(capsys, *argv, *([] if reserve is None else ["--reserve", reserve]))
+    rows = json.loads(out)
+    assert code == 0 and {r["usable"] for r in rows} == {usable}
+    assert [r["seq"] for r in rows] == [256, 2048]
+
+
+# ----------------------------------------------------------------------------- the text reports
+def _row(**kw):
+    row = dict(method="rso", seq=256, batch=3, tokens=768, rank=64, fits=True, target_batch=None,
+               total=3 * 2 ** 30, model_state=2 ** 30, activations=2 * 2 ** 30, usable=6 * 2 ** 30,
+               capacity=8 * 2 ** 30,
+               recipe={"activation_checkpointing": True, "optimizer_bits": 8, "chunked_ce": True,
+                       "per_layer_updates": False})
+    row.update(kw)
+    return row
+
+
+def test_format_fit_default_title_and_rows():
+    assert format_fit([]) == ""
+    text = format_fit([_row(), _row(method="adamw", rank=None, batch=0, tokens=0, recipe=None, total=2 ** 31,
+                                    model_state=3 * 2 ** 29),
+                       _row(recipe={"activation_checkpointing": False, "optimizer_bits": None, "chunked_ce": False,
+                                    "per_layer_updates": True})])
+    assert text.split("\n") == [
+        "fits in 8 GiB (6 GiB usable)", "",
+        "| method | rank | largest batch × seq | tokens | recipe | model state | activations | total |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| rso | 64 | 3 × 256 | 768 | checkpointing, 8-bit states, chunked head | 1.0 GiB | 2.0 GiB | 3.0 GiB |",
+        "| adamw | — | does not fit at seq 256 | 0 | — | 1.5 GiB | — | 2.0 GiB at batch 1 |",
+        "| rso | 64 | 3 × 256 | 768 | per-layer updates | 1.0 GiB | 2.0 GiB | 3.0 GiB |"]
+
+
+def test_format_fit_with_a_target_batch():
+    text = format_fit([_row(target_batch=4, fits=False), _row(target_batch=4, batch=5, tokens=1280)], title="T")
+    assert text.split("\n")[:3] == ["T", "", "| method | rank | largest batch × seq | tokens | cheapest recipe that "
+                                    "fits batch 4 | model state | activations | total |"]
+    assert text.split("\n")[4:] == [
+        "| rso | 64 | 3 × 256 | 768 | batch 4 does not fit; checkpointing, 8-bit states, chunked head "
+        "| 1.0 GiB | 2.0 GiB | 3.0 GiB |",
+        "| rso | 64 | 5 × 256 | 1,280 | checkpointing, 8-bit states, chunked head | 1.0 GiB | 2.0 GiB | 3.0 GiB |"]
+
+
+def test_memory_report_table():
+    report = MemoryReport(parameters=3 * 2 ** 20, trainable_parameters=2 ** 20, buffers=512, gradients=2 ** 20,
+                          optimizer_state=2 * 2 ** 20, activations=5 * 2 ** 30, peak=6 * 2 ** 30,
+                          peak_source="tracked tensors")
+    assert str(report) == report.table() == "\n".join([
+        "memory of one training step",
+        "-" * 52,
+        "parameters                                3.00 MiB",
+        "  trainable                               1.00 MiB",
+        "buffers                                      512 B",
+        "gradients                                 1.00 MiB",
+        "optimizer state                           2.00 MiB",
+        "activations (saved for backward)          5.00 GiB",
+        "peak live (tracked tensors)               6.00 GiB"])
+    report.recomputed = 2 ** 10
+    lines = report.table("T").split("\n")
+    assert lines[:2] == ["T", "-" * 52]
+    assert lines[7:] == ["activations (saved for backward)          5.00 GiB",
+                         "  + one block's recomputation             1.00 KiB",
+                         "peak live (tracked tensors)               6.00 GiB"]
+    assert report.activation_peak == 5 * 2 ** 30 + 2 ** 10
+    assert report.as_dict() == dict(parameters=3 * 2 ** 20, trainable_parameters=2 ** 20, buffers=512,
+                                    gradients=2 ** 20, optimizer_state=2 * 2 ** 20, activations=5 * 2 ** 30,
+                                    peak=6 * 2 ** 30, peak_source="tracked tensors", recomputed=2 ** 10)
