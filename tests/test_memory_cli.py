@@ -156,6 +156,12 @@ def test_format_fit_default_title_and_rows():
         "| rso | 64 | 3 × 256 | 768 | per-layer updates | 1.0 GiB | 2.0 GiB | 3.0 GiB |"]
 
 
+def test_format_fit_of_one_row():
+    assert format_fit([_row(capacity=12 * 2 ** 30, usable=11 * 2 ** 30)]).split("\n")[0] == \
+        "fits in 12 GiB (11 GiB usable)"
+    assert format_fit([_row(target_batch=2)]).split("\n")[2].split(" | ")[4] == "cheapest recipe that fits batch 2"
+
+
 def test_format_fit_with_a_target_batch():
     text = format_fit([_row(target_batch=4, fits=False), _row(target_batch=4, batch=5, tokens=1280)], title="T")
     assert text.split("\n")[:3] == ["T", "", "| method | rank | largest batch × seq | tokens | cheapest recipe that "
