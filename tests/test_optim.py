@@ -492,3 +492,141 @@ def test_llama_optimizer_state_bytes_match_the_shapes_and_beat_adamw():
     saved = sum(4 * 2 * p.numel() for p in proj) - (predicted - sum(4 * 2 * p.numel() for p in rest))
     assert _state_bytes(opt) < adamw_bytes and saved > 0
     assert math.isclose(adamw_bytes - _state_bytes(opt), saved + 4 * len(list(model.parameters())))
+
+
+# ---------------------------------------------------------------------------- found by mutation testing
+def test_adamw_defaults_and_constructor_options_reach_every_group():
+    X = nn.Parameter(torch.randn(4, 3, dtype=F64))
+    keys = ("lr", "betas", "eps", "weight_decay", "correct_bias", "compat", "projection", "proj_side",
+            "update_proj_gap", "scale", "state_on_switch", "seed", "random_fraction", "total_steps")
+    group = SubspaceAdamW([X]).param_groups[0]
+    assert {k: group[k] for k in keys} == {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "correct_bias": True,
+        "compat": "torch", "projection": "svd", "proj_side": "auto", "update_proj_gap": 200, "scale": 1.0,
+        "state_on_switch": "keep", "seed": 0, "random_fraction": 0.2, "total_steps": None}
+    options = dict(projection="hybrid", proj_side="left", compat="galore-torch", update_proj_gap=7, scale=0.25,
+                   state_on_switch="project", seed=5, random_fraction=0.5, total_steps=40)
+    group = SubspaceAdamW([{"params": [X], "rank": 2}], no_deprecation_warning=True, **options).param_groups[0]
+    assert {k: group[k] for k in options} == options and group["eps"] == 1e-6  # galore-torch's eps
+    with pytest.raises(TypeError, match=r"^unexpected keyword arguments: \['proj_type', 'tau'\]$"):
+        SubspaceAdamW([X], tau=3, proj_type="std")
+
+
+class RecordingSampler(StiefelSampler):
+    """A custom sampler that records what the optimizer passes it (the ProjectionSampler interface)."""
+
+    def __init__(self, gradient_steps=()):
+        self.gradient_steps, self.calls = set(gradient_steps), []
+
+    def uses_gradient(self, step):
+        return step in self.gradient_steps
+
+    def sample(self, rank, dim, generator, *, gradient=None, step=0, dtype=torch.float32, device=None):
+        self.calls.append(dict(rank=rank, dim=dim, gradient=None if gradient is None else gradient.clone(),
+                               step=step, dtype=dtype, device=device))
+        return super().sample(rank, dim, generator, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
+def test_a_custom_sampler_gets_the_step_the_gradient_dtype_and_device(make):
+    A, Y, X = least_squares(6, 4, seed=7)  # m ≥ n: right side, dim n = 4
+    sampler = RecordingSampler(gradient_steps={2})
+    opt = make([{"params": [X], "rank": 2, "update_proj_gap": 2, "projection": sampler}], lr=0.01)
+    grads = []
+    for _ in range(4):
+        grads.append(backward(A, Y, X))
+        opt.step()
+    # cycles at 0, at the gap (2), and at 3, where uses_gradient changes back
+    assert [(c["step"], c["rank"], c["dim"], c["dtype"], c["device"]) for c in sampler.calls] == \
+        [(step, 2, 4, F64, torch.device("cpu")) for step in (0, 2, 3)]
+    assert sampler.calls[0]["gradient"] is None and sampler.calls[2]["gradient"] is None
+    assert torch.equal(sampler.calls[1]["gradient"], grads[2])       # right side: G itself (k × dim)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (7, 3)])
+def test_a_rank_above_the_smaller_side_is_capped_to_it(shape):
+    """rank 5 on a 3 × 7 (left) or 7 × 3 (right) matrix: a square orthogonal P, so SGD's step is the plain one."""
+    A, Y, X = least_squares(*shape, seed=8)
+    X_ref = nn.Parameter(X.detach().clone())
+    opt = SubspaceSGD([{"params": [X], "rank": 5, "projection": "stiefel"}], lr=0.01, momentum=0.9)
+    ref = torch.optim.SGD([X_ref], lr=0.01, momentum=0.9)
+    for _ in range(3):
+        backward(A, Y, X), backward(A, Y, X_ref)
+        opt.step(), ref.step()
+    assert opt.state[X]["proj"].shape == (3, 3)
+    torch.testing.assert_close(X, X_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("total,fraction,switch", [(4, 0.75, 1), (10, 0.25, 8)])
+def test_the_hybrid_switch_starts_one_new_cycle_between_gaps(total, fraction, switch):
+    A, Y, X = least_squares(8, 5, seed=4)
+    opt = SubspaceSGD([{"params": [X], "rank": 2, "update_proj_gap": 100, "projection": "hybrid",
+                        "total_steps": total, "random_fraction": fraction}], lr=0.01)
+    cycles = []
+    for _ in range(total):
+        backward(A, Y, X)
+        opt.step()
+        cycles.append(opt.state[X]["cycle"])
+    assert cycles == [0] * switch + [1] * (total - switch)
+
+
+def test_groups_with_different_samplers_each_draw_from_their_own():
+    """Samplers are cached per (projection, total_steps, random_fraction): no group borrows another's."""
+    A, Y, X1 = least_squares(6, 4, seed=9)
+    X2, X3 = (nn.Parameter(X1.detach().clone()) for _ in range(2))
+    opt = SubspaceSGD([{"params": [X1], "rank": 2, "projection": "svd"},
+                       {"params": [X2], "rank": 2, "projection": "stiefel", "seed": 3},
+                       {"params": [X3], "rank": 2, "projection": "hybrid", "total_steps": 100,
+                        "random_fraction": 1.0, "seed": 3}], lr=0.01, update_proj_gap=100)
+    G = backward(A, Y, X1)
+    X2.grad, X3.grad = G.clone(), G.clone()
+    opt.step()
+    _, _, Vh = torch.linalg.svd(G)
+    torch.testing.assert_close(opt.state[X1]["proj"].T @ opt.state[X1]["proj"], Vh[:2].T @ Vh[:2],
+                               atol=1e-12, rtol=0)
+    for X, index in ((X2, 1), (X3, 2)):  # hybrid with random_fraction 1 is Stiefel from step 0
+        assert torch.equal(opt.state[X]["proj"], StiefelSampler().sample(2, 4, generator_for(3, index, 0), dtype=F64))
+    # two hybrid groups that differ only in total_steps switch at their own step
+    A, Y, Xa = least_squares(6, 4, seed=10)
+    Xb = nn.Parameter(Xa.detach().clone())
+    opt = SubspaceSGD([{"params": [Xa], "rank": 2, "total_steps": 4}, {"params": [Xb], "rank": 2, "total_steps": 40}],
+                      lr=0.01, projection="hybrid", random_fraction=0.5, update_proj_gap=100)
+    for _ in range(4):
+        G = backward(A, Y, Xa)
+        Xb.grad = G.clone()
+        opt.step()
+    assert (opt.state[Xa]["cycle"], opt.state[Xb]["cycle"]) == (1, 0)  # Xa switched at step 2, Xb at 20
+
+
+def test_torch_compat_takes_the_svd_in_the_gradient_dtype():
+    """compat="torch": the SVD sampler's float64 SVD (galore-torch's factor would be float32)."""
+    for shape in ((6, 4), (4, 6)):
+        A, Y, X = least_squares(*shape, seed=11)
+        opt = SubspaceAdamW([{"params": [X], "rank": 2}], lr=0.01)
+        G = backward(A, Y, X)
+        opt.step()
+        U, _, Vh = torch.linalg.svd(G)
+        span = Vh[:2].T @ Vh[:2] if shape[0] >= shape[1] else U[:, :2] @ U[:, :2].T
+        P = opt.state[X]["proj"]
+        torch.testing.assert_close(P.T @ P, span, atol=1e-13, rtol=0)
+
+
+def test_galore_torch_compat_falls_back_to_a_stiefel_draw_for_a_non_finite_gradient():
+    X = nn.Parameter(torch.zeros(6, 4, dtype=F64))
+    opt = GaLoreAdamW([{"params": [X], "rank": 2, "seed": 4}], lr=0.01)
+    X.grad = torch.full_like(X, float("nan"))
+    with pytest.warns(RuntimeWarning, match="using a Stiefel sample"):
+        opt.step()
+    assert torch.equal(opt.state[X]["proj"], StiefelSampler().sample(2, 4, generator_for(4, 0, 0), dtype=F64))
+
+
+def test_galore_torch_compat_takes_the_samplers_draw_when_its_factor_is_not_finite(monkeypatch):
+    """Some SVD backends return NaN without raising: such a factor is dropped for the sampler's own draw."""
+    import rso.optim.base as base
+    A, Y, X = least_squares(6, 4, seed=12)
+    monkeypatch.setattr(base, "galore_svd_factor", lambda grad, rank, side: torch.full((rank, 4), float("nan")))
+    opt = GaLoreAdamW([{"params": [X], "rank": 2}], lr=0.01)
+    G = backward(A, Y, X)
+    opt.step()
+    _, _, Vh = torch.linalg.svd(G)
+    torch.testing.assert_close(opt.state[X]["proj"], Vh[:2], atol=1e-13, rtol=0)
