@@ -586,16 +586,18 @@ def test_groups_with_different_samplers_each_draw_from_their_own():
                                atol=1e-12, rtol=0)
     for X, index in ((X2, 1), (X3, 2)):  # hybrid with random_fraction 1 is Stiefel from step 0
         assert torch.equal(opt.state[X]["proj"], StiefelSampler().sample(2, 4, generator_for(3, index, 0), dtype=F64))
-    # two hybrid groups that differ only in total_steps switch at their own step
+    # hybrid groups that differ only in total_steps or random_fraction switch at their own step
     A, Y, Xa = least_squares(6, 4, seed=10)
-    Xb = nn.Parameter(Xa.detach().clone())
-    opt = SubspaceSGD([{"params": [Xa], "rank": 2, "total_steps": 4}, {"params": [Xb], "rank": 2, "total_steps": 40}],
+    Xb, Xc = (nn.Parameter(Xa.detach().clone()) for _ in range(2))
+    opt = SubspaceSGD([{"params": [Xa], "rank": 2, "total_steps": 4},                           # switch at 2
+                       {"params": [Xb], "rank": 2, "total_steps": 40},                          # at 20
+                       {"params": [Xc], "rank": 2, "total_steps": 4, "random_fraction": 0.25}],  # at 3
                       lr=0.01, projection="hybrid", random_fraction=0.5, update_proj_gap=100)
-    for _ in range(4):
+    for _ in range(3):
         G = backward(A, Y, Xa)
-        Xb.grad = G.clone()
+        Xb.grad, Xc.grad = G.clone(), G.clone()
         opt.step()
-    assert (opt.state[Xa]["cycle"], opt.state[Xb]["cycle"]) == (1, 0)  # Xa switched at step 2, Xb at 20
+    assert [opt.state[X]["cycle"] for X in (Xa, Xb, Xc)] == [1, 0, 0]
 
 
 def test_torch_compat_takes_the_svd_in_the_gradient_dtype():
