@@ -60,15 +60,19 @@ def test_defaults_are_rso_batch_1_seq_2048_bf16_sdpa(capsys):
                                        activation_checkpointing=False, optimizer_bits=None, per_layer_updates=False)
 
 
-def test_json_is_the_estimate_with_every_option_passed(capsys):
-    code, out, _ = run(capsys, "--model", "llama-130m", "--method", "galore", "--rank", "0.25", "--batch", "3",
-                       "--seq", "96", "--dtype", "fp16", "--attn", "eager", "--master-weights", "--fp32-states",
-                       "--chunked-ce", "--activation-checkpointing", "--optimizer-bits", "8", "--per-layer-updates",
-                       "--json")
+@pytest.mark.parametrize("flags,options", [
+    (["--method", "galore", "--rank", "0.25", "--batch", "3", "--seq", "96", "--dtype", "fp16", "--attn", "eager",
+      "--master-weights", "--fp32-states", "--chunked-ce", "--activation-checkpointing", "--optimizer-bits", "8",
+      "--per-layer-updates"],
+     dict(method="galore", rank=0.25, batch=3, seq=96, dtype="fp16", attn="eager", master_weights=True,
+          fp32_states=True, chunked_ce=True, activation_checkpointing=True, optimizer_bits=8, per_layer_updates=True)),
+    (["--rank", "1", "--fp32-states"], dict(method="rso", rank=1, batch=1, seq=2048, fp32_states=True)),
+    (["--method", "adamw", "--optimizer-bits", "32"], dict(method="adamw", batch=1, seq=2048, optimizer_bits=32)),
+])
+def test_json_is_the_estimate_with_the_options_passed(flags, options, capsys):
+    code, out, _ = run(capsys, "--model", "llama-130m", *flags, "--json")
     assert code == 0
-    assert json.loads(out) == estimate("llama-130m", method="galore", rank=0.25, batch=3, seq=96, dtype="fp16",
-                                       attn="eager", master_weights=True, fp32_states=True, chunked_ce=True,
-                                       activation_checkpointing=True, optimizer_bits=8, per_layer_updates=True)
+    assert json.loads(out) == estimate("llama-130m", **options)
 
 
 def test_method_all_is_every_method_in_order(capsys):
@@ -196,3 +200,29 @@ def test_memory_report_table():
     assert report.as_dict() == dict(parameters=3 * 2 ** 20, trainable_parameters=2 ** 20, buffers=512,
                                     gradients=2 ** 20, optimizer_state=2 * 2 ** 20, activations=5 * 2 ** 30,
                                     peak=6 * 2 ** 30, peak_source="tracked tensors", recomputed=2 ** 10)
+
+
+def test_fits_is_total_within_capacity_less_reserve():
+    from rso.memory.estimate import fits
+    assert fits({"total": 90}, 100, reserve=10) and not fits({"total": 91}, 100, reserve=10)
+    assert fits({"total": 100}, 100, reserve=0) and fits({"total": 2 ** 30}, 3 * 2 ** 30)  # default reserve 2 GiB
+    assert not fits({"total": 2 ** 30 + 1}, 3 * 2 ** 30)
+
+
+def test_format_estimate_default_title_and_decimal_gigabytes():
+    """GB are 10⁹ bytes (GiB 2³⁰): 1,005,000,001 bytes round up to 1.01 GB."""
+    from rso.memory.estimate import format_estimate
+    n = 1_005_000_001
+    result = dict(method="rso", rank=64, batch=2, seq=128, dtype="bf16", attn="sdpa", weights=n, gradients=n,
+                  optimizer=n, activations=n, total=4 * n, master_weights=n)
+    assert format_estimate(result).split("\n") == [
+        "rso: rank 64, batch 2 × seq 128, bf16, sdpa attention",
+        "-" * 53,
+        "weights                1.01 GB  (    0.94 GiB)",
+        "gradients              1.01 GB  (    0.94 GiB)",
+        "optimizer states       1.01 GB  (    0.94 GiB)",
+        "activations            1.01 GB  (    0.94 GiB)",
+        "total                  4.02 GB  (    3.74 GiB)",
+        "  (weights include 1.01 GB of fp32 master weights)",
+        "fits on 24 GB GPU (3.7 GiB needed, 22 GiB usable)",
+        "fits on 80 GB GPU (3.7 GiB needed, 78 GiB usable)"]
