@@ -72,7 +72,7 @@ def test_defaults_are_rso_batch_1_seq_2048_bf16_sdpa(capsys):
 def test_json_is_the_estimate_with_the_options_passed(flags, options, capsys):
     code, out, _ = run(capsys, "--model", "llama-130m", *flags, "--json")
     assert code == 0
-    assert json.loads(out) == estimate("llama-130m", **options)
+    assert out == json.dumps(estimate("llama-130m", **options), indent=2) + "\n"
 
 
 def test_method_all_is_every_method_in_order(capsys):
@@ -120,7 +120,7 @@ def test_fit_json_is_the_planner_rows_without_the_estimate(capsys):
     assert code == 0
     rows = fit("llama-60m", "8GiB", methods=["rso", "adamw"], seqs=(64,), batch=2, rank=[32, 64],
                reserve=2 ** 29)
-    assert json.loads(out) == [{k: v for k, v in r.items() if k != "estimate"} for r in rows]
+    assert out == json.dumps([{k: v for k, v in r.items() if k != "estimate"} for r in rows], indent=2) + "\n"
     assert [(r["method"], r["rank"]) for r in json.loads(out)] == [("rso", 32), ("rso", 64), ("adamw", None)]
 
 
@@ -226,3 +226,15 @@ def test_format_estimate_default_title_and_decimal_gigabytes():
         "  (weights include 1.01 GB of fp32 master weights)",
         "fits on 24 GB GPU (3.7 GiB needed, 22 GiB usable)",
         "fits on 80 GB GPU (3.7 GiB needed, 78 GiB usable)"]
+
+
+def test_fit_all_methods_one_row_and_the_dtype_and_attention_passed(capsys):
+    from rso.memory.planner import FIT_METHODS
+    code, out, _ = run(capsys, "--model", "llama-60m", "--fit", "8GB", "--method", "all", "--seq", "64", "--json")
+    assert code == 0 and [r["method"] for r in json.loads(out)] == list(FIT_METHODS)
+    code, out, _ = run(capsys, "--model", "llama-60m", "--fit", "8GB", "--method", "rso", "--seq", "64", "--dtype",
+                       "fp32", "--attn", "eager", "--json")
+    expected = fit("llama-60m", "8GB", methods=["rso"], seqs=(64,), dtype="fp32", attn="eager")
+    assert code == 0 and json.loads(out) == [{k: v for k, v in r.items() if k != "estimate"} for r in expected]
+    code, out, _ = run(capsys, "--model", "llama-60m", "--fit", "8GB", "--method", "rso", "--seq", "64")
+    assert code == 0 and out.startswith("llama-60m · bf16 · fits in 8 GiB (6 GiB usable, 2 GiB reserved)\n")

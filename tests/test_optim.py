@@ -632,3 +632,23 @@ def test_galore_torch_compat_takes_the_samplers_draw_when_its_factor_is_not_fini
     opt.step()
     _, _, Vh = torch.linalg.svd(G)
     torch.testing.assert_close(opt.state[X]["proj"], Vh[:2], atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
+def test_a_parameter_without_a_gradient_is_skipped_not_the_rest_of_its_group(make):
+    A, Y, X = least_squares(5, 3, seed=13)
+    frozen = nn.Parameter(torch.ones(5, 3, dtype=F64))
+    opt = make([{"params": [frozen, X], "rank": 2}], lr=0.1)
+    before = X.detach().clone()
+    backward(A, Y, X)
+    opt.step()
+    assert torch.equal(frozen, torch.ones(5, 3, dtype=F64)) and frozen not in opt.state
+    assert not torch.equal(X, before) and opt.state[X]["step"] == 1
+
+
+@pytest.mark.parametrize("make", [SubspaceAdamW, SubspaceSGD])
+def test_sparse_gradients_are_refused_by_name(make):
+    X = nn.Parameter(torch.zeros(4, 3, dtype=F64))
+    X.grad = torch.eye(4, 3, dtype=F64).to_sparse()
+    with pytest.raises(RuntimeError, match=f"^{make.__name__} does not support sparse gradients$"):
+        make([X], lr=0.1).step()
