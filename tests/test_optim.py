@@ -652,3 +652,28 @@ def test_sparse_gradients_are_refused_by_name(make):
     X.grad = torch.eye(4, 3, dtype=F64).to_sparse()
     with pytest.raises(RuntimeError, match=f"^{make.__name__} does not support sparse gradients$"):
         make([X], lr=0.1).step()
+
+
+def test_projection_rank_and_gap_at_their_edges():
+    X = nn.Parameter(torch.randn(4, 3, dtype=F64))
+    group = SubspaceSGD([{"params": [X], "rank": 1, "update_proj_gap": 1}]).param_groups[0]
+    assert (group["rank"], group["update_proj_gap"]) == (1, 1)
+    for projection in (["svd"], {"svd": 1}, None.__class__):  # unhashable or not a name: the same clear error
+        with pytest.raises(ValueError, match=r"^projection must be one of \['coordinate', 'gaussian', 'hybrid', "
+                                             r"'stiefel', 'svd'\] or a ProjectionSampler, got "):
+            SubspaceSGD([{"params": [X], "rank": 1, "projection": projection}])
+
+
+@pytest.mark.parametrize("compat", ["torch", "galore-torch"])
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_scale_multiplies_the_projected_step(compat, scale):
+    """Adam's first step is ±lr per coordinate of the low-rank update: ``scale`` multiplies the whole step."""
+    steps = []
+    for s in (1.0, scale):
+        A, Y, X = least_squares(6, 4, seed=14)
+        before = X.detach().clone()
+        opt = SubspaceAdamW([{"params": [X], "rank": 2, "scale": s}], lr=0.01, compat=compat)
+        backward(A, Y, X)
+        opt.step()
+        steps.append(X.detach() - before)
+    torch.testing.assert_close(steps[1], scale * steps[0], atol=1e-15, rtol=1e-12)

@@ -162,7 +162,7 @@ class SubspaceOptimizer(Optimizer):
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
         projection = group["projection"]
-        if not isinstance(projection, ProjectionSampler) and projection not in SAMPLERS:
+        if not isinstance(projection, ProjectionSampler) and not (isinstance(projection, str) and projection in SAMPLERS):
             raise ValueError(f"projection must be one of {sorted(SAMPLERS)} or a ProjectionSampler, "
                              f"got {projection!r}")
         self._sampler(group)  # raises ValueError for bad hybrid options (total_steps, random_fraction)
