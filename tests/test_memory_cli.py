@@ -37,7 +37,8 @@ def test_docs_hold_the_transcripts():
     assert len(commands) == 7 and f"{PROMPT}--help" in commands
 
 
-@pytest.mark.parametrize("command,expected", transcripts(), ids=lambda v: v[len(PROMPT):][:60] if v.startswith(PROMPT) else "")
+@pytest.mark.parametrize("command,expected", transcripts(),
+                         ids=lambda v: v[len(PROMPT):][:60] if v.startswith(PROMPT) else "")
 def test_docs_transcript_is_what_the_command_prints(command, expected, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # argparse wraps --help to the terminal's width
     argv = shlex.split(command[len(PROMPT):])

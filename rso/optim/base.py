@@ -162,7 +162,8 @@ class SubspaceOptimizer(Optimizer):
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
         projection = group["projection"]
-        if not isinstance(projection, ProjectionSampler) and not (isinstance(projection, str) and projection in SAMPLERS):
+        named = isinstance(projection, str) and projection in SAMPLERS
+        if not named and not isinstance(projection, ProjectionSampler):
             raise ValueError(f"projection must be one of {sorted(SAMPLERS)} or a ProjectionSampler, "
                              f"got {projection!r}")
         self._sampler(group)  # raises ValueError for bad hybrid options (total_steps, random_fraction)
