@@ -53,10 +53,10 @@ def test_docs_transcript_is_what_the_command_prints(command, expected, capsys, m
     assert out.rstrip("\n").split("\n") == expected.rstrip("\n").split("\n")
 
 
-def test_defaults_are_rso_batch_1_seq_2048_bf16_sdpa(capsys):
-    code, out, _ = run(capsys, "--model", "llama-60m", "--json")
+def test_defaults_are_llama_7b_rso_batch_1_seq_2048_bf16_sdpa(capsys):
+    code, out, _ = run(capsys, "--json")
     assert code == 0
-    assert json.loads(out) == estimate("llama-60m", method="rso", rank=None, batch=1, seq=2048, dtype="bf16",
+    assert json.loads(out) == estimate("llama-7b", method="rso", rank=None, batch=1, seq=2048, dtype="bf16",
                                        attn="sdpa", master_weights=False, fp32_states=False, chunked_ce=False,
                                        activation_checkpointing=False, optimizer_bits=None, per_layer_updates=False)
 
@@ -239,3 +239,45 @@ def test_fit_all_methods_one_row_and_the_dtype_and_attention_passed(capsys):
     assert code == 0 and json.loads(out) == [{k: v for k, v in r.items() if k != "estimate"} for r in expected]
     code, out, _ = run(capsys, "--model", "llama-60m", "--fit", "8GB", "--method", "rso", "--seq", "64")
     assert code == 0 and out.startswith("llama-60m · bf16 · fits in 8 GiB (6 GiB usable, 2 GiB reserved)\n")
+
+
+def test_titles_name_the_rank_of_the_low_rank_methods_only(capsys):
+    code, out, _ = run(capsys, "--model", "llama-60m", "--method", "all", "--rank", "32", "--seq", "64")
+    titles = [line for line in out.split("\n") if line.startswith("llama-60m · ")]
+    assert code == 0 and titles == [
+        "llama-60m · adamw · batch 1 × seq 64 · bf16", "llama-60m · galore · rank 32 · batch 1 × seq 64 · bf16",
+        "llama-60m · rso · rank 32 · batch 1 × seq 64 · bf16", "llama-60m · lora · rank 32 · batch 1 × seq 64 · bf16",
+        "llama-60m · frozen · batch 1 × seq 64 · bf16"]
+
+
+def test_parse_size_numbers_units_and_errors():
+    from rso.memory import parse_size
+    assert parse_size(1) == 1 and parse_size(2.5) == 2 and parse_size("1e3") == 1000 and parse_size(" 2 kib ") == 2048
+    for bad, message in ((0, "the budget must be positive, got 0"), (-5, "the budget must be positive, got -5"),
+                         ("0GB", "cannot read the budget '0GB'; write e.g. 24GB, 22.5GiB, 80G or 512MiB"),
+                         (True, "cannot read the budget True; write e.g. 24GB, 22.5GiB, 80G or 512MiB"),
+                         ("24XB", "cannot read the budget '24XB'; write e.g. 24GB, 22.5GiB, 80G or 512MiB")):
+        with pytest.raises(ValueError, match=f"^rso\\.memory\\.fit: {re.escape(message)}$"):
+            parse_size(bad)
+
+
+def test_recipes_are_tried_cheapest_first():
+    from rso.memory.planner import _recipes
+    assert _recipes(("activation_checkpointing", "optimizer_bits", "chunked_ce")) == [
+        set(), {"chunked_ce"}, {"optimizer_bits"}, {"activation_checkpointing"}, {"optimizer_bits", "chunked_ce"},
+        {"activation_checkpointing", "chunked_ce"}, {"activation_checkpointing", "optimizer_bits"},
+        {"activation_checkpointing", "optimizer_bits", "chunked_ce"}]
+
+
+def test_a_batch_that_fills_the_budget_exactly_fits():
+    from rso.memory.planner import _largest_batch
+    one = estimate("llama-60m", method="rso", batch=1, seq=64)["total"]
+    assert _largest_batch("llama-60m", "rso", {}, 64, one)[0] == 1
+    assert _largest_batch("llama-60m", "rso", {}, 64, one - 1)[0] == 0
+
+
+def test_savers_left_off_are_false_or_none_in_the_estimate():
+    row, = fit("llama-60m", "80GB", methods=["rso"], seqs=(64,), batch=1)
+    assert row["recipe"] == {"activation_checkpointing": False, "optimizer_bits": None, "chunked_ce": False,
+                             "per_layer_updates": False}
+    assert (row["estimate"]["chunked_ce"], row["estimate"]["optimizer_bits"]) == (False, None)
