@@ -10,8 +10,9 @@ savers it needs —
 * ``8-bit states`` (bitsandbytes ``AdamW8bit``),
 * ``chunked head`` (the chunked linear + cross-entropy head: no vocab-wide logits kept).
 
-The largest batch comes from every saver the method allows; the recipe shown is the cheapest subset of
-them that reaches the same batch (checkpointing is dropped first, then 8-bit states, then the chunked
+The largest batch is the most any subset of the savers the method allows reaches (on large models, all of
+them; on a small one a saver can cost more than it saves, e.g. checkpointing at batch 1); the recipe shown is
+the cheapest subset that reaches it (checkpointing is dropped first, then 8-bit states, then the chunked
 head). With ``batch=`` the question is instead "does batch × seq fit, and with what?": the cheapest recipe
 that fits it (None if none does), with the largest batch that recipe reaches.
 
@@ -136,27 +137,21 @@ def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int |
         method, fixed, savers = FIT_METHODS[label]
         base = dict(rank=rank, dtype=dtype, attn=attn, **fixed)
         for seq in seqs:
-            recipes = _recipes(savers)
-            if batch is None:  # the largest batch (all savers on), with the cheapest recipe that reaches it
-                most, _ = _largest_batch(config, method, {**base, **_options(savers, set(savers))}, seq, usable)
-                target, fits_target = max(most, 1), most >= 1
-            else:
-                target = batch
-            chosen = None
-            for on in recipes:
-                options = {**base, **_options(savers, on)}
-                n, res = _largest_batch(config, method, options, seq, usable)
-                if n >= target:
-                    chosen = (on, options, n, res)
-                    break
-            if chosen is None:  # nothing fits the target: report the all-savers recipe's reach
-                options = {**base, **_options(savers, set(savers))}
-                n, res = _largest_batch(config, method, options, seq, usable)
-                on = set(savers) if n else None
+            # every recipe's reach: (savers on, largest batch, its estimate), cheapest first
+            reach = [(on, *_largest_batch(config, method, {**base, **_options(savers, on)}, seq, usable))
+                     for on in _recipes(savers)]
+            most = max(n for _, n, _ in reach)
+            target = max(most, 1) if batch is None else batch
+            chosen = next(((on, n, res) for on, n, res in reach if n >= target), None)
+            if chosen is None:  # nothing reaches the target: the cheapest recipe with the most, or if not even
+                # batch 1 fits, the recipe with the smallest batch-1 step
                 fits_target = False
+                on, n, res = (next(r for r in reach if r[1] == most) if most
+                              else min(reach, key=lambda r: r[2]["total"]))
+                on = on if n else None
             else:
-                on, options, n, res = chosen
-                fits_target = True if batch is not None else fits_target
+                on, n, res = chosen
+                fits_target = True
             recipe = None if on is None else {
                 "activation_checkpointing": "activation_checkpointing" in on,
                 "optimizer_bits": 8 if ("optimizer_bits" in on or fixed.get("optimizer_bits") == 8) else None,
