@@ -77,6 +77,19 @@ def test_peak_tracker_sees_a_large_temporary():
     print(report.table())
 
 
+def test_live_tensor_tracker_counts_each_baseline_storage_once_then_what_ops_make():
+    from rso.memory import LiveTensorTracker
+    a, b = torch.zeros(10), torch.zeros(3, dtype=torch.float64)
+    tracker = LiveTensorTracker([a, a[2:], b])            # a view shares a's storage
+    assert (tracker.live, tracker.peak) == (40 + 24, 40 + 24)
+    with tracker:
+        c = a + 1                                         # 40 new bytes
+        del c
+        d = b * 2                                         # 24 new bytes, after c was freed
+    assert tracker.peak == 40 + 24 + 40 and tracker.live == 40 + 24 + 24
+    del d
+
+
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():
     from rso.memory.measure import format_bytes
     cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",
