@@ -53,6 +53,19 @@ def test_estimate_agrees_with_measure_step(method, dtype, attn):
     assert {k: est[k] for k in meas} == meas
 
 
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+@pytest.mark.parametrize("method", ["adamw", "rso-stiefel"])
+def test_attention_and_mlp_biases_are_counted_as_measured(method, bias):
+    cfg = dict(CFG, **{bias: True})
+    r, _ = measure_method(method, cfg, RANK, BATCH, SEQ, "sdpa", torch.float32, seed=1)
+    name, options = AS_ESTIMATED[method]
+    est = estimate(cfg, method=name, rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32", **options)
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
+        (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
+    assert est["weights"] > estimate(CFG, method=name, rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32",
+                                     **options)["weights"]
+
+
 def test_textbook_llama_7b_bf16_adam():
     est = estimate("llama-7b", method="adamw", batch=1, seq=2048, dtype="bf16")
     # The textbook rounds 6.74e9 parameters to 7e9: 14 GB weights and gradients, 28 GB of Adam states.
