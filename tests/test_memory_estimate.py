@@ -105,6 +105,20 @@ def test_hf_config_object_and_preset_aliases():
     assert estimate("60m", seq=256)["total"] == estimate("llama-60m", seq=256)["total"]
 
 
+def test_config_json_file_directory_and_an_object_with_unset_fields(tmp_path):
+    """A config.json, the directory holding it, and an object whose optional fields are None (their defaults)."""
+    import json
+    import types
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    expected = estimate(dict(CFG), rank=8, batch=1, seq=16)
+    assert estimate(str(tmp_path), rank=8, batch=1, seq=16) == expected
+    assert estimate(str(tmp_path / "config.json"), rank=8, batch=1, seq=16) == expected
+    unset = types.SimpleNamespace(**CFG, head_dim=None, tie_word_embeddings=None, attention_bias=None)
+    assert estimate(unset, rank=8, batch=1, seq=16) == expected
+    no_vocab = types.SimpleNamespace(**{**CFG, "vocab_size": None})
+    assert estimate(no_vocab, rank=8, batch=1, seq=16) == estimate(dict(CFG, vocab_size=32000), rank=8, batch=1, seq=16)
+
+
 def test_cli_prints_breakdown_and_fit(capsys):
     from rso.memory import main
     assert main(["--model", "llama-7b", "--method", "rso", "--rank", "1024", "--batch", "16", "--seq", "2048",
