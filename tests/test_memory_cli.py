@@ -355,3 +355,34 @@ def test_fit_defaults_and_errors():
             (dict(batch=1.5), "batch must be a positive int, got 1.5")):
         with pytest.raises(ValueError, match=f"^rso\\.memory\\.fit: {re.escape(message)}$"):
             fit(TINY, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the estimator's argument errors
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="sgd"), "method must be one of ('adamw', 'galore', 'rso', 'lora', 'frozen'), got 'sgd'"),
+    (dict(attn="flash"), "attn must be 'sdpa' or 'eager', got 'flash'"),
+    (dict(galore_projector="full"), "galore_projector must be 'peer' or 'rank', got 'full'"),
+    (dict(batch=0), "batch must be a positive int, got 0"), (dict(batch=True), "batch must be a positive int, got True"),
+    (dict(seq=2.0), "seq must be a positive int, got 2.0"),
+    (dict(rank=0), "rank must be an int ≥ 1 or a float in (0, 1), got 0"),
+    (dict(rank=1.0), "rank must be an int ≥ 1 or a float in (0, 1), got 1.0"),
+    (dict(rank=True), "rank must be an int ≥ 1 or a float in (0, 1), got True"),
+    (dict(rank="8"), "rank must be an int ≥ 1 or a float in (0, 1), got '8'"),
+    (dict(optimizer_bits=4), "optimizer_bits must be 8, 16, 32 or None, got 4"),
+    (dict(chunked_ce="yes"), "chunked_ce must be False, True, 'recompute' or 'fused', got 'yes'"),
+    (dict(dtype="int8"), "dtype must be one of fp32, bf16, fp16; got 'int8'"),
+])
+def test_estimate_errors_name_the_argument_and_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=f"^rso\\.memory\\.estimate: {re.escape(message)}$"):
+        estimate(TINY, **{"rank": 8, **kwargs})
+
+
+def test_estimate_refuses_a_config_that_is_not_a_llama_decoder():
+    with pytest.raises(ValueError, match=re.escape(
+            "rso.memory.estimate handles LLaMA-family decoders (hidden_size, intermediate_size, num_attention_heads, "
+            "num_hidden_layers); this config lacks ['intermediate_size', 'num_hidden_layers']")):
+        estimate({"hidden_size": 8, "num_attention_heads": 2})
+    with pytest.raises(ValueError, match=r"(?s)^rso\.memory\.estimate: unknown config 'no-such-model': not a preset "
+                                         r"\(llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b\), a "
+                                         r"config\.json or a loadable HF config \(.+\)$"):
+        estimate("no-such-model")
