@@ -335,3 +335,32 @@ def test_cli_fit_table(capsys):
     assert main(["--model", "llama-7b", "--method", "rso", "--rank", "256", "--batch", "16", "--seq", "256",
                  "--activation-checkpointing", "--optimizer-bits", "8", "--chunked-ce"]) == 0
     assert "one block's recomputation" in capsys.readouterr().out
+
+
+def _measured_rso(cfg, **wrap_options):
+    """One AdamW step of a LLaMA from ``cfg`` wrapped by ``rso.wrap(rank=RANK, **wrap_options)``, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import rso
+    from rso.memory import measure_step
+    torch.manual_seed(0)
+    model = rso.wrap(LlamaForCausalLM(LlamaConfig(**cfg)), rank=RANK, **wrap_options)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, cfg["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
+    return r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations
+
+
+@pytest.mark.parametrize("share,tied", [(False, False), (True, True), (False, True)])
+def test_unshared_projections_and_tied_embeddings_are_estimated_as_measured(share, tied):
+    cfg = dict(CFG, tie_word_embeddings=tied)
+    est = estimate(cfg, method="rso", rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32", share_projections=share)
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
+        _measured_rso(cfg, share_projections=share)
+
+
+def test_fp16_is_counted_as_bf16():
+    for method in ("adamw", "galore", "rso", "lora", "frozen"):
+        for extra in ({}, {"optimizer_bits": 8, "activation_checkpointing": True}, {"master_weights": True}):
+            fp16, bf16 = (estimate(CFG, method=method, rank=8, batch=2, seq=16, dtype=d, **extra)
+                          for d in ("fp16", "bf16"))
+            assert {k: v for k, v in fp16.items() if k != "dtype"} == {k: v for k, v in bf16.items() if k != "dtype"}
