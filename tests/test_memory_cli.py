@@ -335,7 +335,9 @@ def test_fit_batch_of_exactly_one_and_nothing_fits():
     row, = fit(TINY, ones[smallest] - 1, methods=["rso"], seqs=(16,), rank=16, reserve=0)
     assert (row["batch"], row["fits"], row["recipe"], row["total"]) == (0, False, None, ones[smallest])
     row, = fit(TINY, 100 * ones[smallest], methods=["rso"], seqs=(16,), rank=16, reserve=0, batch=10 ** 6)
-    assert row["fits"] is False and 0 < row["batch"] < 10 ** 6
+    largest, = fit(TINY, 100 * ones[smallest], methods=["rso"], seqs=(16,), rank=16, reserve=0)
+    assert row["fits"] is False and 0 < row["batch"] == largest["batch"] < 10 ** 6  # the most any recipe reaches
+    assert row["recipe"] == largest["recipe"] and row["total"] == largest["total"]
 
 
 def test_fit_defaults_and_errors():

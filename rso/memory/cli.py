@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from .estimate import GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, estimate, format_estimate
+from .estimate import GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, estimate, format_estimate, gigabytes
 from .planner import FIT_METHODS, fit, format_fit, parse_size
 
 __all__ = ["main"]
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
                                          f"{' · 8-bit states' if args.optimizer_bits == 8 else ''}"
                                          f"{' · per-layer updates' if args.per_layer_updates else ''}"))
         if args.activation_checkpointing:
-            print(f"  (activations: {res['activations_kept'] / 1e9:.2f} GB kept + "
-                  f"{res['activations_recompute'] / 1e9:.2f} GB for one block's recomputation)")
+            print(f"  (activations: {gigabytes(res['activations_kept'])} kept + "
+                  f"{gigabytes(res['activations_recompute'])} for one block's recomputation)")
         per_sample = estimate(args.model, method=res["method"], rank=args.rank, batch=2, seq=args.seq,
                               **_options(args))["activations"] \
             - estimate(args.model, method=res["method"], rank=args.rank, batch=1, seq=args.seq,

@@ -384,8 +384,13 @@ def fits(result: dict, capacity: int, reserve: int = GPU_RESERVE) -> bool:
     return result["total"] <= capacity - reserve
 
 
+def gigabytes(n, width: int = 0) -> str:
+    """Decimal gigabytes (10⁹ bytes), as the textbook tables count them: ``1.01 GB``."""
+    return f"{n / 1e9:{width}.2f} GB"
+
+
 def _gb(n):
-    return f"{n / 1e9:9.2f} GB  ({n / 2 ** 30:8.2f} GiB)"
+    return f"{gigabytes(n, 9)}  ({n / 2 ** 30:8.2f} GiB)"
 
 
 def format_estimate(result: dict, title: str | None = None) -> str:
@@ -397,7 +402,7 @@ def format_estimate(result: dict, title: str | None = None) -> str:
     lines = [title, "-" * len(title)]
     lines += [f"{name:<18}{_gb(v)}" for name, v in rows]
     if result.get("master_weights"):
-        lines.append(f"  (weights include {result['master_weights'] / 1e9:.2f} GB of fp32 master weights)")
+        lines.append(f"  (weights include {gigabytes(result['master_weights'])} of fp32 master weights)")
     for gpu, cap in GPU_SIZES.items():
         ok = fits(result, cap)
         lines.append(f"{'fits on ' + gpu if ok else 'does NOT fit on ' + gpu} "
