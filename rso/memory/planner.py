@@ -90,7 +90,9 @@ def _largest_batch(config, method, options, seq, usable, limit=1 << 20):
     per_sample = estimate(config, method=method, batch=2, seq=seq, **options)["total"] - one["total"]
     batch = limit if per_sample <= 0 else min(limit, 1 + int((usable - one["total"]) // per_sample))
     best = estimate(config, method=method, batch=batch, seq=seq, **options)
-    while batch > 1 and best["total"] > usable:  # the estimate is affine in the batch; guard rounding
+    # the estimate is affine in the batch from batch 2 on; batch 1 keeps 8 bytes more (its shifted labels), so
+    # per_sample is 8 bytes short and the first guess can overshoot at large batches: walk it back
+    while batch > 1 and best["total"] > usable:
         batch -= 1
         best = estimate(config, method=method, batch=batch, seq=seq, **options)
     return batch, best
