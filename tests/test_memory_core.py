@@ -1,4 +1,5 @@
 """Exact byte counts: stored projections, whole-model activation savings, optimizer state of B."""
+import pytest
 import torch
 from torch import nn
 
@@ -88,6 +89,14 @@ def test_live_tensor_tracker_counts_each_baseline_storage_once_then_what_ops_mak
         d = b * 2                                         # 24 new bytes, after c was freed
     assert tracker.peak == 40 + 24 + 40 and tracker.live == 40 + 24 + 24
     del d
+
+
+@pytest.mark.parametrize("track_peak", [True, False])
+def test_measure_step_lets_the_loss_functions_error_through(track_peak):
+    def broken(model, batch):
+        raise KeyError("no such input")
+    with pytest.raises(KeyError, match="no such input"):
+        measure_step(nn.Linear(4, 4), torch.randn(2, 4), None, loss_fn=broken, track_peak=track_peak)
 
 
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():

@@ -337,13 +337,13 @@ def test_cli_fit_table(capsys):
     assert "one block's recomputation" in capsys.readouterr().out
 
 
-def _measured_rso(cfg, **wrap_options):
-    """One AdamW step of a LLaMA from ``cfg`` wrapped by ``rso.wrap(rank=RANK, **wrap_options)``, fp32."""
+def _measured_rso(cfg, rank=RANK, **wrap_options):
+    """One AdamW step of a LLaMA from ``cfg`` wrapped by ``rso.wrap(rank=rank, **wrap_options)``, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
     import rso
     from rso.memory import measure_step
     torch.manual_seed(0)
-    model = rso.wrap(LlamaForCausalLM(LlamaConfig(**cfg)), rank=RANK, **wrap_options)
+    model = rso.wrap(LlamaForCausalLM(LlamaConfig(**cfg)), rank=rank, **wrap_options)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, cfg["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
@@ -364,3 +364,9 @@ def test_fp16_is_counted_as_bf16():
             fp16, bf16 = (estimate(CFG, method=method, rank=8, batch=2, seq=16, dtype=d, **extra)
                           for d in ("fp16", "bf16"))
             assert {k: v for k, v in fp16.items() if k != "dtype"} == {k: v for k, v in bf16.items() if k != "dtype"}
+
+
+def test_a_fractional_rank_is_estimated_per_layer_as_measured():
+    """rank 0.5: half of each layer's in_features (32 for the hidden-wide inputs, 56 for down_proj's)."""
+    est = estimate(CFG, method="rso", rank=0.5, batch=BATCH, seq=SEQ, dtype="fp32")
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.5)
