@@ -370,3 +370,20 @@ def test_a_fractional_rank_is_estimated_per_layer_as_measured():
     """rank 0.5: half of each layer's in_features (32 for the hidden-wide inputs, 56 for down_proj's)."""
     est = estimate(CFG, method="rso", rank=0.5, batch=BATCH, seq=SEQ, dtype="fp32")
     assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.5)
+
+
+def test_ranks_capped_by_the_layer_and_rounded_up_to_one_are_estimated_as_measured():
+    """GaLore's rank 40 exceeds k/v's 32 outputs (capped there, as the optimizer does); RSO's 0.01 of 64 inputs
+    rounds to 0 and is taken as 1, as rso.wrap does."""
+    r, _ = measure_method("galore", CFG, 40, BATCH, SEQ, "sdpa", torch.float32, seed=1)
+    est = estimate(CFG, method="galore", rank=40, batch=BATCH, seq=SEQ, dtype="fp32", galore_projector="rank")
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
+        (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
+    est = estimate(CFG, method="rso", rank=0.01, batch=BATCH, seq=SEQ, dtype="fp32")
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.01)
+
+
+def test_torch_dtypes_are_read_as_their_names():
+    assert estimate(CFG, method="lora", rank=8, dtype=torch.bfloat16, lora_dtype=torch.float32)["total"] == \
+        estimate(CFG, method="lora", rank=8, dtype="bf16", lora_dtype="fp32")["total"]
+    assert estimate(CFG, rank=8, dtype=torch.float16)["total"] == estimate(CFG, rank=8, dtype="FP16")["total"]
