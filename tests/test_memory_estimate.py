@@ -387,3 +387,16 @@ def test_torch_dtypes_are_read_as_their_names():
     assert estimate(CFG, method="lora", rank=8, dtype=torch.bfloat16, lora_dtype=torch.float32)["total"] == \
         estimate(CFG, method="lora", rank=8, dtype="bf16", lora_dtype="fp32")["total"]
     assert estimate(CFG, rank=8, dtype=torch.float16)["total"] == estimate(CFG, rank=8, dtype="FP16")["total"]
+
+
+def test_default_rank_is_the_peers_for_a_preset_else_a_quarter_of_hidden():
+    assert estimate("llama-130m")["rank"] == 256                  # the GaLore paper's, not 768 // 4 = 192
+    assert estimate(CFG)["rank"] == 16 and isinstance(estimate(CFG)["rank"], int)
+
+
+def test_a_head_dim_other_than_hidden_over_heads_is_estimated_as_measured():
+    cfg = dict(CFG, head_dim=32)                                 # 4 heads of 32 on a hidden size of 64
+    r, _ = measure_method("adamw", cfg, RANK, BATCH, SEQ, "sdpa", torch.float32, seed=1)
+    est = estimate(cfg, method="adamw", rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32")
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
+        (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
