@@ -400,3 +400,18 @@ def test_a_head_dim_other_than_hidden_over_heads_is_estimated_as_measured():
     est = estimate(cfg, method="adamw", rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32")
     assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
         (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
+
+
+def test_step_tensor_and_state_dtype_defaults():
+    """torch.optim.AdamW keeps a 4-byte step tensor per parameter, galore-torch and bitsandbytes an int; 32-bit
+    states are fp32 moments."""
+    for method, default in (("adamw", True), ("rso", True), ("lora", True), ("frozen", True), ("galore", False)):
+        assert estimate(CFG, method=method, rank=8) == estimate(CFG, method=method, rank=8, step_tensors=default)
+        assert estimate(CFG, method=method, rank=8, optimizer_bits=8) == \
+            estimate(CFG, method=method, rank=8, optimizer_bits=8, step_tensors=False)
+        bits32 = estimate(CFG, method=method, rank=8, optimizer_bits=32)
+        fp32 = estimate(CFG, method=method, rank=8, fp32_states=True)
+        assert {k: v for k, v in bits32.items() if k != "optimizer_bits"} == \
+            {k: v for k, v in fp32.items() if k != "optimizer_bits"}
+        if method not in ("frozen", "lora"):  # frozen's few states and LoRA's fp32 adapters' are fp32 already
+            assert bits32["optimizer"] > estimate(CFG, method=method, rank=8)["optimizer"]
