@@ -197,9 +197,11 @@ def test_checkpointed_rso_estimate_is_exact_at_other_token_counts(batch, seq):
     assert (est["activations_kept"], est["activations_recompute"]) == (r.activations, r.recomputed)
 
 
-def test_checkpointed_lora_with_frozen_embeddings():
-    """peft LoRA as for fine-tuning (only adapters train): under checkpointing the embedding's output requires
-    grad (HF enables it), so layer 0 is no special case; the estimate is exact."""
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_lora_with_frozen_embeddings(checkpointing):
+    """peft LoRA as for fine-tuning (only adapters train). Under checkpointing the embedding's output requires
+    grad (HF enables it), so layer 0 is no special case; without it layer 0's input norm saves no gradient
+    inputs. The estimate is exact either way."""
     import warnings
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -208,15 +210,18 @@ def test_checkpointed_lora_with_frozen_embeddings():
     model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa")).to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
-    est = estimate(CFG, method="lora", rank=RANK, batch=BATCH, seq=SEQ, dtype="bf16", activation_checkpointing=True)
+    est = estimate(CFG, method="lora", rank=RANK, batch=BATCH, seq=SEQ, dtype="bf16",
+                   activation_checkpointing=checkpointing)
     assert (est["activations_kept"], est["activations_recompute"]) == (r.activations, r.recomputed)
-    assert est["optimizer"] == r.optimizer_state
+    assert (est["weights"], est["gradients"], est["optimizer"]) == (r.parameters + r.buffers, r.gradients,
+                                                                    r.optimizer_state)
 
 
 def test_checkpointing_terms_scale_with_the_model():
@@ -268,6 +273,26 @@ def test_8bit_states_match_the_estimate(method, dtype):
         assert any(opt.state[b]["state1"].dtype == torch.float32 for b in Bs)
         B_states = storage_bytes([t for b in Bs for t in tensors_in(opt.state[b])], exclude=maps)
         assert B_states == est["optimizer_subspace"]
+
+
+@pytest.mark.parametrize("vocab", [256, 255])
+def test_8bit_quantization_maps_only_with_a_tensor_of_4096_elements(vocab):
+    """The embedding (vocab × 16) is the largest tensor: 4,096 elements are quantized (two shared maps), 4,080 are
+    not (fp32 moments, no maps)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rso.memory import measure_step
+    cfg = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=vocab)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    opt = bnb.optim.AdamW8bit(model.parameters())
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)  # creates the states
+    r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
+    est = estimate(cfg, "adamw", batch=BATCH, seq=SEQ, dtype="fp32", optimizer_bits=8)
+    assert est["optimizer"] == r.optimizer_state
+    assert est["optimizer"] == (estimate(cfg, "adamw", batch=BATCH, seq=SEQ, dtype="fp32", fp32_states=True,
+                                         step_tensors=False)["optimizer"] if vocab == 255 else est["optimizer"])
 
 
 def test_8bit_and_per_layer_options():
