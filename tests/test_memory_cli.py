@@ -245,8 +245,10 @@ def test_titles_name_the_rank_of_the_low_rank_methods_only(capsys):
     code, out, _ = run(capsys, "--model", "llama-60m", "--method", "all", "--rank", "32", "--seq", "64")
     titles = [line for line in out.split("\n") if line.startswith("llama-60m · ")]
     assert code == 0 and titles == [
-        "llama-60m · adamw · batch 1 × seq 64 · bf16", "llama-60m · galore · rank 32 · batch 1 × seq 64 · bf16",
-        "llama-60m · rso · rank 32 · batch 1 × seq 64 · bf16", "llama-60m · lora · rank 32 · batch 1 × seq 64 · bf16",
+        "llama-60m · adamw · batch 1 × seq 64 · bf16",
+        "llama-60m · galore · rank 32 · batch 1 × seq 64 · bf16",
+        "llama-60m · rso · rank 32 · batch 1 × seq 64 · bf16",
+        "llama-60m · lora · rank 32 · batch 1 × seq 64 · bf16",
         "llama-60m · frozen · batch 1 × seq 64 · bf16"]
 
 
@@ -317,7 +319,8 @@ def test_fit_rows_are_the_largest_batch_with_the_cheapest_recipe_that_reaches_it
         assert {k for k in ("activation_checkpointing", "chunked_ce") if row["recipe"][k]} | \
             ({"optimizer_bits"} if row["recipe"]["optimizer_bits"] and "optimizer_bits" in savers else set()) \
             == cheapest
-        assert row["estimate"] == estimate(TINY, method=method, batch=most, seq=16, **base, **_options(savers, cheapest))
+        assert row["estimate"] == estimate(TINY, method=method, batch=most, seq=16, **base,
+                                           **_options(savers, cheapest))
         assert row["total"] == row["estimate"]["total"] <= usable
     assert rows[0]["batch"] >= 7  # the budget was made for adamw with every saver at batch 7
 
@@ -364,7 +367,8 @@ def test_fit_defaults_and_errors():
     (dict(method="sgd"), "method must be one of ('adamw', 'galore', 'rso', 'lora', 'frozen'), got 'sgd'"),
     (dict(attn="flash"), "attn must be 'sdpa' or 'eager', got 'flash'"),
     (dict(galore_projector="full"), "galore_projector must be 'peer' or 'rank', got 'full'"),
-    (dict(batch=0), "batch must be a positive int, got 0"), (dict(batch=True), "batch must be a positive int, got True"),
+    (dict(batch=0), "batch must be a positive int, got 0"),
+    (dict(batch=True), "batch must be a positive int, got True"),
     (dict(seq=2.0), "seq must be a positive int, got 2.0"),
     (dict(rank=0), "rank must be an int ≥ 1 or a float in (0, 1), got 0"),
     (dict(rank=1.0), "rank must be an int ≥ 1 or a float in (0, 1), got 1.0"),

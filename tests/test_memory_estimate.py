@@ -372,15 +372,15 @@ def _measured_rso(cfg, rank=RANK, **wrap_options):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, cfg["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
-    return r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations
+    return r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations, r.parameters, r.trainable_parameters
 
 
 @pytest.mark.parametrize("share,tied", [(False, False), (True, True), (False, True)])
 def test_unshared_projections_and_tied_embeddings_are_estimated_as_measured(share, tied):
     cfg = dict(CFG, tie_word_embeddings=tied)
     est = estimate(cfg, method="rso", rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32", share_projections=share)
-    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
-        _measured_rso(cfg, share_projections=share)
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"], est["parameters"],
+            est["trainable_parameters"]) == _measured_rso(cfg, share_projections=share)
 
 
 def test_fp16_is_counted_as_bf16():
@@ -394,7 +394,7 @@ def test_fp16_is_counted_as_bf16():
 def test_a_fractional_rank_is_estimated_per_layer_as_measured():
     """rank 0.5: half of each layer's in_features (32 for the hidden-wide inputs, 56 for down_proj's)."""
     est = estimate(CFG, method="rso", rank=0.5, batch=BATCH, seq=SEQ, dtype="fp32")
-    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.5)
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.5)[:4]
 
 
 def test_ranks_capped_by_the_layer_and_rounded_up_to_one_are_estimated_as_measured():
@@ -405,7 +405,7 @@ def test_ranks_capped_by_the_layer_and_rounded_up_to_one_are_estimated_as_measur
     assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
         (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
     est = estimate(CFG, method="rso", rank=0.01, batch=BATCH, seq=SEQ, dtype="fp32")
-    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.01)
+    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.01)[:4]
 
 
 def test_torch_dtypes_are_read_as_their_names():
