@@ -99,6 +99,30 @@ def test_measure_step_lets_the_loss_functions_error_through(track_peak):
         measure_step(nn.Linear(4, 4), torch.randn(2, 4), None, loss_fn=broken, track_peak=track_peak)
 
 
+def test_default_loss_is_the_models_loss_or_the_mean_square_of_its_output():
+    from rso.memory.measure import _default_loss
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3), torch.randn(2, 4)
+    assert torch.equal(_default_loss(model, x), model(x).float().pow(2).mean())
+    report = measure_step(model, x)                       # a tensor batch, no loss_fn: the mean square
+    assert report.gradients == 4 * (4 * 3 + 3)
+    with pytest.raises(TypeError, match=r"^rso\.memory\.measure_step: pass loss_fn=\(model, batch\) -> scalar loss; "
+                                        r"the model's output tuple has no \.loss$"):
+        _default_loss(lambda t: (t, t), x)
+
+
+def test_tensors_in_walks_containers_and_three_levels_of_objects():
+    from types import SimpleNamespace as NS
+    from rso.memory.measure import tensors_in
+    t = [torch.zeros(1) for _ in range(5)]
+    deep = NS(a=NS(b=NS(c=t[3], d=NS(e=t[4]))))           # t[4] is one level too deep
+    found = list(tensors_in({"x": [t[0], (t[1],)], "obj": NS(p=t[2]), "deep": deep}))
+    assert [id(x) for x in found] == [id(t[0]), id(t[1]), id(t[2]), id(t[3])]
+    loop = NS(t=t[0])
+    loop.me = loop                                        # a cycle ends at the depth limit
+    assert [id(x) for x in tensors_in(loop)] == [id(t[0])] * 3   # the object and two levels below it
+
+
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():
     from rso.memory.measure import format_bytes
     cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",

@@ -417,6 +417,12 @@ def test_torch_dtypes_are_read_as_their_names():
 def test_default_rank_is_the_peers_for_a_preset_else_a_quarter_of_hidden():
     assert estimate("llama-130m")["rank"] == 256                  # the GaLore paper's, not 768 // 4 = 192
     assert estimate(CFG)["rank"] == 16 and isinstance(estimate(CFG)["rank"], int)
+    echo = estimate(CFG, method="lora", rank=4, batch=3, seq=5, dtype="fp16", attn="eager", chunked_ce="fused",
+                    activation_checkpointing=True, optimizer_bits=16, per_layer_updates=True)
+    assert {k: echo[k] for k in ("method", "rank", "batch", "seq", "dtype", "attn", "activation_checkpointing",
+                                 "chunked_ce", "optimizer_bits", "per_layer_updates")} == dict(
+        method="lora", rank=4, batch=3, seq=5, dtype="fp16", attn="eager", activation_checkpointing=True,
+        chunked_ce="fused", optimizer_bits=16, per_layer_updates=True)
 
 
 def test_a_head_dim_other_than_hidden_over_heads_is_estimated_as_measured():
