@@ -398,12 +398,13 @@ def test_a_fractional_rank_is_estimated_per_layer_as_measured():
 
 
 def test_ranks_capped_by_the_layer_and_rounded_up_to_one_are_estimated_as_measured():
-    """GaLore's rank 40 exceeds k/v's 32 outputs (capped there, as the optimizer does); RSO's 0.01 of 64 inputs
-    rounds to 0 and is taken as 1, as rso.wrap does."""
-    r, _ = measure_method("galore", CFG, 40, BATCH, SEQ, "sdpa", torch.float32, seed=1)
-    est = estimate(CFG, method="galore", rank=40, batch=BATCH, seq=SEQ, dtype="fp32", galore_projector="rank")
-    assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
-        (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
+    """GaLore's rank 40 exceeds k/v's 32 outputs, 80 the 64 inputs too (capped, as the optimizer does); RSO's
+    0.01 of 64 inputs rounds to 0 and is taken as 1, as rso.wrap does."""
+    for rank in (40, 80):  # 80 also exceeds the 64 inputs of q/k/v/o/gate/up (capped there)
+        r, _ = measure_method("galore", CFG, rank, BATCH, SEQ, "sdpa", torch.float32, seed=1)
+        est = estimate(CFG, method="galore", rank=rank, batch=BATCH, seq=SEQ, dtype="fp32", galore_projector="rank")
+        assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == \
+            (r.parameters + r.buffers, r.gradients, r.optimizer_state, r.activations)
     est = estimate(CFG, method="rso", rank=0.01, batch=BATCH, seq=SEQ, dtype="fp32")
     assert (est["weights"], est["gradients"], est["optimizer"], est["activations"]) == _measured_rso(CFG, rank=0.01)[:4]
 
