@@ -123,6 +123,21 @@ def test_tensors_in_walks_containers_and_three_levels_of_objects():
     assert [id(x) for x in tensors_in(loop)] == [id(t[0])] * 3   # the object and two levels below it
 
 
+def test_measure_step_lets_an_error_in_backward_through():
+    class Fails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise ArithmeticError("backward failed")
+
+    model = nn.Linear(4, 4)
+    with pytest.raises(ArithmeticError, match="backward failed"):
+        measure_step(model, torch.randn(2, 4), None, loss_fn=lambda m, x: Fails.apply(m(x)).sum())
+
+
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():
     from rso.memory.measure import format_bytes
     cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",
