@@ -138,6 +138,24 @@ def test_measure_step_lets_an_error_in_backward_through():
         measure_step(model, torch.randn(2, 4), None, loss_fn=lambda m, x: Fails.apply(m(x)).sum())
 
 
+def test_peak_counts_the_optimizer_state_held_before_the_step():
+    """State that exists before the step (here 1 MB that step() leaves alone) is part of the peak from the start."""
+    class Holding(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["held"] = torch.zeros(2 ** 18)
+
+        def step(self, closure=None):
+            return None
+
+    model = nn.Linear(16, 16)
+    report = measure_step(model, torch.randn(2, 16), Holding(model.parameters()))
+    assert report.optimizer_state == 2 * 2 ** 20
+    assert report.peak >= report.parameters + report.optimizer_state
+
+
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():
     from rso.memory.measure import format_bytes
     cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",
