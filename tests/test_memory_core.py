@@ -105,7 +105,9 @@ def test_default_loss_is_the_models_loss_or_the_mean_square_of_its_output():
     model, x = nn.Linear(4, 3), torch.randn(2, 4)
     assert torch.equal(_default_loss(model, x), model(x).float().pow(2).mean())
     report = measure_step(model, x)                       # a tensor batch, no loss_fn: the mean square
-    assert report.gradients == 4 * (4 * 3 + 3)
+    assert report.gradients == 4 * (4 * 3 + 3) and report.peak_source == "tracked tensors" and report.peak > 0
+    report = measure_step(model, x, track_peak=False)
+    assert (report.peak, report.peak_source) == (0, "not tracked")
     with pytest.raises(TypeError, match=r"^rso\.memory\.measure_step: pass loss_fn=\(model, batch\) -> scalar loss; "
                                         r"the model's output tuple has no \.loss$"):
         _default_loss(lambda t: (t, t), x)
