@@ -158,6 +158,16 @@ def test_peak_counts_the_optimizer_state_held_before_the_step():
     assert report.peak >= report.parameters + report.optimizer_state
 
 
+def test_storage_bytes_skips_meta_and_sparse_tensors_and_buffers_that_view_a_parameter():
+    from rso.memory import storage_bytes
+    dense = torch.zeros(8)
+    assert storage_bytes([dense, dense[2:], torch.zeros(8, device="meta"), torch.eye(3).to_sparse()]) == 32
+    model = nn.Linear(4, 4, bias=False)
+    model.register_buffer("row", model.weight.data[0])      # a buffer sharing the weight's storage
+    report = measure_step(model, torch.randn(2, 4), track_peak=False)
+    assert (report.parameters, report.buffers) == (64, 0)
+
+
 def test_format_bytes_picks_the_unit_at_each_power_of_1024():
     from rso.memory.measure import format_bytes
     cases = {0: "0 B", 1023: "1,023 B", 1024: "1.00 KiB", -2048: "-2.00 KiB", 1536 * 1024: "1.50 MiB",
