@@ -86,18 +86,24 @@ def test_method_all_is_every_method_in_order(capsys):
 
 
 def test_largest_batch_lines_follow_the_estimate(capsys):
-    """The per-GPU batch lines: (capacity − reserve − fixed) // per-sample activations, 0 when nothing fits."""
+    """The per-GPU batch lines: the batch b whose step fits in the capacity less the reserve while b + 1's does not,
+    with the options given (here checkpointing); 0 when batch 1 does not fit."""
     from rso.memory.estimate import GPU_SIZES
     code, out, _ = run(capsys, "--model", "llama-1b", "--method", "rso", "--rank", "256", "--batch", "3", "--seq",
-                       "512")
+                       "512", "--activation-checkpointing")
     assert code == 0
-    one, two = (estimate("llama-1b", method="rso", rank=256, batch=b, seq=512) for b in (1, 2))
-    per_sample = two["activations"] - one["activations"]
-    fixed = estimate("llama-1b", method="rso", rank=256, batch=3, seq=512)["total"] - 3 * per_sample
-    expected = [f"largest batch at seq 512 on a {gpu}: {max(0, (cap - GPU_RESERVE - fixed) // per_sample)}"
-                for gpu, cap in GPU_SIZES.items()]
-    assert [line for line in out.split("\n") if line.startswith("largest batch")] == expected
+
+    def total(batch):
+        return estimate("llama-1b", method="rso", rank=256, batch=batch, seq=512,
+                        activation_checkpointing=True)["total"]
+    lines = [line for line in out.split("\n") if line.startswith("largest batch")]
+    assert [line.rsplit(": ", 1)[0] for line in lines] == [f"largest batch at seq 512 on a {gpu}" for gpu in GPU_SIZES]
+    for line, cap in zip(lines, GPU_SIZES.values()):
+        most = int(line.rsplit(": ", 1)[1])
+        assert most > 1 and total(most) <= cap - GPU_RESERVE < total(most + 1)
     assert out.endswith("\n\n")  # a blank line after each method
+    code, out, _ = run(capsys, "--model", "llama-7b", "--method", "adamw", "--seq", "512")
+    assert "largest batch at seq 512 on a 24 GB GPU: 0 (the model state alone does not fit)\n" in out
 
 
 @pytest.mark.parametrize("argv,message", [

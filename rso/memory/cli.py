@@ -12,7 +12,7 @@ import json
 import sys
 
 from .estimate import GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, estimate, format_estimate, gigabytes
-from .planner import FIT_METHODS, fit, format_fit, parse_size
+from .planner import FIT_METHODS, _largest_batch, fit, format_fit, parse_size
 
 __all__ = ["main"]
 
@@ -104,14 +104,9 @@ def main(argv=None) -> int:
         if args.activation_checkpointing:
             print(f"  (activations: {gigabytes(res['activations_kept'])} kept + "
                   f"{gigabytes(res['activations_recompute'])} for one block's recomputation)")
-        per_sample = estimate(args.model, method=res["method"], rank=args.rank, batch=2, seq=args.seq,
-                              **_options(args))["activations"] \
-            - estimate(args.model, method=res["method"], rank=args.rank, batch=1, seq=args.seq,
-                       **_options(args))["activations"]
-        fixed = res["total"] - args.batch * per_sample
         for gpu, cap in GPU_SIZES.items():
-            room = cap - GPU_RESERVE - fixed
-            most = max(0, int(room // per_sample)) if per_sample else 0
+            most, _ = _largest_batch(args.model, res["method"], dict(rank=args.rank, **_options(args)), args.seq,
+                                     cap - GPU_RESERVE)
             print(f"largest batch at seq {args.seq} on a {gpu}: {most}"
                   f"{'' if most else ' (the model state alone does not fit)'}")
         print()
