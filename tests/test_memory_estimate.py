@@ -126,6 +126,22 @@ def test_config_json_file_directory_and_an_object_with_unset_fields(tmp_path):
     assert estimate(no_vocab, rank=8, batch=1, seq=16) == estimate(dict(CFG, vocab_size=32000), rank=8, batch=1, seq=16)
 
 
+def test_a_hub_name_cached_locally_is_read_offline(tmp_path, monkeypatch):
+    """A name that is neither a preset nor a path is looked up in the local HF cache (no download)."""
+    import json
+    import huggingface_hub.constants as hub
+    snapshot = tmp_path / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({**CFG, "model_type": "llama"}))
+    (tmp_path / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert estimate("acme/tiny-llama", rank=8, batch=1, seq=16) == estimate(dict(CFG), rank=8, batch=1, seq=16)
+    with pytest.raises(ValueError, match="unknown config 'acme/absent'"):
+        estimate("acme/absent")
+
+
 def test_cli_prints_breakdown_and_fit(capsys):
     from rso.memory import main
     assert main(["--model", "llama-7b", "--method", "rso", "--rank", "1024", "--batch", "16", "--seq", "2048",
