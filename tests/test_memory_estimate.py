@@ -442,6 +442,15 @@ def test_torch_dtypes_are_read_as_their_names():
 def test_default_rank_is_the_peers_for_a_preset_else_a_quarter_of_hidden():
     assert estimate("llama-130m")["rank"] == 256                  # the GaLore paper's, not 768 // 4 = 192
     assert estimate(CFG)["rank"] == 16 and isinstance(estimate(CFG)["rank"], int)
+    narrow = dict(CFG, hidden_size=4, num_attention_heads=1, num_key_value_heads=1)
+    assert estimate(narrow)["rank"] == 1                            # 4 // 4, and never below 1
+    assert estimate(dict(narrow, hidden_size=3))["rank"] == 1
+    default = estimate(CFG)
+    assert (default["method"], default["batch"], default["seq"], default["dtype"]) == ("adamw", 1, 2048, "bf16")
+    assert default == estimate(CFG, method="adamw", rank=16, batch=1, seq=2048, dtype="bf16")
+    # byte counts are exact integers, never floats that happen to be whole
+    for res in (default, estimate(CFG, dtype="fp32"), estimate(CFG, method="rso", dtype="fp16")):
+        assert all(type(res[k]) is int for k in ("weights", "gradients", "optimizer", "activations", "total"))
     echo = estimate(CFG, method="lora", rank=4, batch=3, seq=5, dtype="fp16", attn="eager", chunked_ce="fused",
                     activation_checkpointing=True, optimizer_bits=16, per_layer_updates=True)
     assert {k: echo[k] for k in ("method", "rank", "batch", "seq", "dtype", "attn", "activation_checkpointing",
