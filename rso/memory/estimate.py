@@ -238,9 +238,7 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     n_params = embed + head + h + L * (lin_weights + lin_biases + layer_norms)
     # tensors: per layer 7 weights + biases + 2 norms; embed, final norm, head
     n_tensors_other = 2 + (0 if d.tied else 1) + L * (2 + sum(1 for name, *_ in lin if d.bias(name)))
-    buffers = 2 * (d.head_dim // 2) * 4  # RoPE inv_freq and original_inv_freq, fp32
-    if dtype not in ("fp32", "float32"):
-        buffers = 2 * (d.head_dim // 2) * wb  # cast with the model by .to(dtype)
+    buffers = 2 * (d.head_dim // 2) * wb  # RoPE inv_freq and original_inv_freq, cast with the model by .to(dtype)
 
     ranks = {name: _rank_for(rank, o, n) for name, o, n, _ in lin}
     # RSO's projection groups: (rank, in_features) of each; q/k/v share one P and one stored z, gate/up one
