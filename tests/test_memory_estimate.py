@@ -469,6 +469,11 @@ def test_a_head_dim_other_than_hidden_over_heads_is_estimated_as_measured():
 def test_step_tensor_and_state_dtype_defaults():
     """torch.optim.AdamW keeps a 4-byte step tensor per parameter, galore-torch and bitsandbytes an int; 32-bit
     states are fp32 moments."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    n_tensors = len(list(LlamaForCausalLM(LlamaConfig(**CFG)).parameters()))
+    for method in ("adamw", "galore"):  # both keep moments for every tensor: a step tensor each when asked
+        with_steps, without = (estimate(CFG, method=method, rank=8, step_tensors=s)["optimizer"] for s in (True, False))
+        assert with_steps - without == 4 * n_tensors
     for method, default in (("adamw", True), ("rso", True), ("lora", True), ("frozen", True), ("galore", False)):
         assert estimate(CFG, method=method, rank=8) == estimate(CFG, method=method, rank=8, step_tensors=default)
         assert estimate(CFG, method=method, rank=8, optimizer_bits=8) == \

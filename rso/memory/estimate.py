@@ -245,9 +245,7 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     projection_groups = {(grp, ranks[name]) if share_projections else name: (ranks[name], n)
                          for name, _, n, grp in lin}
     extra_weights = 0
-    if method == "adamw":
-        trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
-    elif method == "galore":
+    if method in ("adamw", "galore"):
         trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
     elif method == "frozen":
         trainable, n_trainable_tensors = n_params - L * lin_weights, n_tensors_other
