@@ -92,6 +92,9 @@ def test_methods_order_and_options():
     assert lora["gradients"] < adamw["gradients"]
     master = estimate("llama-7b", method="adamw", master_weights=True, fp32_states=True, **kw)
     assert master["weights"] - adamw["weights"] == 4 * adamw["n_trainable"]
+    fp32 = estimate("llama-7b", method="adamw", **{**kw, "dtype": "fp32"})  # fp32 weights are their own master
+    assert estimate("llama-7b", method="adamw", master_weights=True, **{**kw, "dtype": "fp32"})["weights"] == \
+        fp32["weights"]
     assert master["optimizer"] == pytest.approx(2 * adamw["optimizer"], rel=1e-6)
     ce = estimate("llama-7b", method="rso", chunked_ce=True, **kw)
     assert rso_["activations"] - ce["activations"] == 16 * 2048 * (4 * 32000 - 4) + 4
@@ -328,6 +331,10 @@ def test_8bit_and_per_layer_options():
     assert eight["optimizer"] < full["optimizer"]
     assert layer["gradients"] == 32000 * 4096 * 2  # the largest single gradient: the embedding's
     assert layer["optimizer"] == eight["optimizer"]
+    # with a small vocabulary the largest gradient is a weight matrix (gate/up: 112 × 64), for GaLore as for AdamW
+    for method in ("galore", "adamw"):
+        small_vocab = dict(CFG, vocab_size=64)
+        assert estimate(small_vocab, method, rank=8, per_layer_updates=True)["gradients"] == 112 * 64 * 2
     with pytest.raises(ValueError, match="optimizer_bits"):
         estimate("llama-7b", "rso", optimizer_bits=4)
 
