@@ -456,6 +456,9 @@ def test_default_rank_is_the_peers_for_a_preset_else_a_quarter_of_hidden():
     assert (default["method"], default["batch"], default["seq"], default["dtype"]) == ("adamw", 1, 2048, "bf16")
     assert default == estimate(CFG, method="adamw", rank=16, batch=1, seq=2048, dtype="bf16")
     # byte counts are exact integers, never floats that happen to be whole
+    for method in ("adamw", "galore", "rso", "frozen"):  # only LoRA reads the adapters' dtype
+        assert estimate(CFG, method, rank=8, lora_dtype=None) == estimate(CFG, method, rank=8, lora_dtype="bf16") == \
+            estimate(CFG, method, rank=8)
     for res in (default, estimate(CFG, dtype="fp32"), estimate(CFG, method="rso", dtype="fp16")):
         assert all(type(res[k]) is int for k in ("weights", "gradients", "optimizer", "activations", "total"))
     echo = estimate(CFG, method="lora", rank=4, batch=3, seq=5, dtype="fp16", attn="eager", chunked_ce="fused",
