@@ -335,6 +335,10 @@ def test_8bit_and_per_layer_options():
     for method in ("galore", "adamw"):
         small_vocab = dict(CFG, vocab_size=64)
         assert estimate(small_vocab, method, rank=8, per_layer_updates=True)["gradients"] == 112 * 64 * 2
+    # LoRA's largest gradient is an adapter's (gate/up's B: 112 × 8), in the adapters' dtype
+    for lora_dtype, size in (("fp32", 4), (None, 2)):
+        assert estimate(CFG, "lora", rank=8, per_layer_updates=True, lora_dtype=lora_dtype)["gradients"] == \
+            112 * 8 * size
     with pytest.raises(ValueError, match="optimizer_bits"):
         estimate("llama-7b", "rso", optimizer_bits=4)
 

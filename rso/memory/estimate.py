@@ -306,7 +306,7 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
 
     # ---------------------------------------------------------------- activations (per token)
     e, a, g = d.head_dim, d.heads, d.kv_heads
-    norm = (8 * h + 4) if wb == 4 else (4 * h + 4 + wb * h)
+    norm = 4 * h + 4 + wb * h  # RMSNorm: its input in fp32 (4h), rstd (4), the normalized output (wb·h)
     if attn == "sdpa":
         attention = wb * (2 * a * e + 2 * g * e) + 4 * a
         o_input = 0  # the SDPA output, saved by SDPA itself
