@@ -250,6 +250,38 @@ def test_lora_with_frozen_embeddings(checkpointing):
                                                                     r.optimizer_state)
 
 
+@pytest.mark.parametrize("method,dtype", [("adamw", torch.bfloat16), ("rso-stiefel", torch.float32),
+                                          ("lora-adapters-only", torch.bfloat16)])
+def test_fused_chunked_head_is_estimated_as_measured(method, dtype):
+    """rso.heads' fused mode keeps d loss/d h per token and the head's weight gradient (when the head trains),
+    not the logits: the estimate equals the measured step, also for LoRA whose head is frozen."""
+    import warnings
+    import rso.heads
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rso.memory import measure_step
+    from train.bench.recipes import setup
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa")).to(dtype)
+    if method == "lora-adapters-only":
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        rso.heads.use_chunked_head(model, chunk_size=16, mode="fused")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        name, options = "lora", {}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = setup(method + "+ce", model, rank=RANK, chunk_size=16, ce_mode="fused")
+        model, opt = s.model, s.optimizer
+        name, options = AS_ESTIMATED[method]
+    ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
+    est = estimate(CFG, method=name, rank=RANK, batch=BATCH, seq=SEQ, chunked_ce="fused",
+                   dtype="fp32" if dtype == torch.float32 else "bf16", **options)
+    assert estimated_parts(est) == parts(r)
+
+
 def test_checkpointing_terms_scale_with_the_model():
     kw = dict(method="rso", rank=256, batch=16, seq=256, dtype="bf16")
     plain, ckpt = estimate("llama-7b", **kw), estimate("llama-7b", activation_checkpointing=True, **kw)
