@@ -282,6 +282,25 @@ def test_fused_chunked_head_is_estimated_as_measured(method, dtype):
     assert estimated_parts(est) == parts(r)
 
 
+@pytest.mark.parametrize("ce_mode", [None, "recompute", "fused"])
+def test_batch_of_one_as_measured_with_each_head(ce_mode):
+    """At batch 1 Hugging Face's shifted labels keep their padded storage (one int64 more than the tokens); the
+    chunked heads shift the labels themselves."""
+    import warnings
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rso.memory import measure_step
+    from train.bench.recipes import setup
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = setup("adamw" + ("+ce" if ce_mode else ""), model, chunk_size=16, ce_mode=ce_mode or "recompute")
+    ids = torch.randint(0, CFG["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
+    r = measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False)
+    est = estimate(CFG, method="adamw", batch=1, seq=SEQ, dtype="fp32", chunked_ce=ce_mode or False)
+    assert estimated_parts(est) == parts(r)
+
+
 def test_checkpointing_terms_scale_with_the_model():
     kw = dict(method="rso", rank=256, batch=16, seq=256, dtype="bf16")
     plain, ckpt = estimate("llama-7b", **kw), estimate("llama-7b", activation_checkpointing=True, **kw)
