@@ -61,6 +61,20 @@ def test_estimate_agrees_with_measure_step(method, dtype, attn):
     assert {k: est[k] for k in meas} == meas
 
 
+@pytest.mark.parametrize("method", ["adamw", "rso-stiefel", "lora"])
+def test_parameter_counts_and_buffers_as_in_the_model(method):
+    """The detail keys: parameters (B and the adapters included) and trainable ones counted on the model itself,
+    buffers (RoPE's, RSO's P and counters) and parameter bytes as measured."""
+    r, s = measure_method(method, CFG, RANK, BATCH, SEQ, "sdpa", torch.float32, seed=1)
+    name, options = AS_ESTIMATED[method]
+    est = estimate(CFG, method=name, rank=RANK, batch=BATCH, seq=SEQ, dtype="fp32", **options)
+    params = list(s.model.parameters())
+    assert est["n_parameters"] == sum(p.numel() for p in params)
+    assert est["n_trainable"] == sum(p.numel() for p in params if p.requires_grad)
+    assert (est["parameters"], est["buffers"]) == (r.parameters, r.buffers)
+    assert est["trainable_parameters"] == 4 * est["n_trainable"]
+
+
 @pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
 @pytest.mark.parametrize("method", ["adamw", "rso-stiefel"])
 def test_attention_and_mlp_biases_are_counted_as_measured(method, bias):
