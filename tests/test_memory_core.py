@@ -123,6 +123,11 @@ def test_tensors_in_walks_containers_and_three_levels_of_objects():
     loop = NS(t=t[0])
     loop.me = loop                                        # a cycle ends at the depth limit
     assert [id(x) for x in tensors_in(loop)] == [id(t[0])] * 3   # the object and two levels below it
+    # containers between the objects keep the depth: only objects count as levels
+    nested = NS(a={"k": NS(b=[NS(c=t[1], d=NS(e=t[4]))])})
+    assert [id(x) for x in tensors_in(nested)] == [id(t[1])]
+    nested = NS(a=[NS(b={"k": NS(c=t[1], d=NS(e=t[4]))})])
+    assert [id(x) for x in tensors_in(nested)] == [id(t[1])]
 
 
 def test_measure_step_lets_an_error_in_backward_through():
