@@ -163,6 +163,40 @@ def test_peak_counts_the_optimizer_state_held_before_the_step():
     assert report.peak >= report.parameters + report.optimizer_state
 
 
+def test_peak_counts_gradients_held_before_the_step():
+    """Without an optimizer the gradients stay; they are live from the next step's start, so a large temporary in
+    its forward (before backward touches them) peaks on top of them."""
+    model = nn.Linear(512, 512, bias=False)
+    size = 512 * 512 * 4
+
+    def loss_with_a_temporary(model, x):
+        big = torch.ones(4 * 512 * 512)      # 4 MiB, freed before backward
+        return (model(x) * big[:512].sum()).square().mean()
+
+    first = measure_step(model, torch.randn(1, 512), loss_fn=loss_with_a_temporary)
+    assert first.gradients == size and model.weight.grad is not None
+    second = measure_step(model, torch.randn(1, 512), loss_fn=loss_with_a_temporary)
+    assert second.peak >= first.parameters + first.gradients + 4 * size
+
+
+def test_recomputation_counting_restores_torchs_hook_and_tolerates_its_absence(monkeypatch):
+    """measure_step wraps torch.utils.checkpoint's _recomputation_hook for the step only; under a torch without
+    that class it measures the step and counts nothing as recomputed."""
+    import torch.utils.checkpoint as tuc
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+
+    def checkpointed(model, x):
+        return tuc.checkpoint(model, x, use_reentrant=False).square().mean()
+
+    original = tuc._recomputation_hook
+    report = measure_step(model, torch.randn(8, 64), loss_fn=checkpointed)
+    assert report.recomputed > 0 and tuc._recomputation_hook is original
+    monkeypatch.delattr(tuc, "_recomputation_hook")  # (torch's own checkpoint needs it: the step runs without)
+    report = measure_step(model, torch.randn(8, 64), loss_fn=lambda m, x: m(x).square().mean(), track_peak=False)
+    assert report.recomputed == 0 and report.gradients > 0
+    assert not hasattr(tuc, "_recomputation_hook")
+
+
 def test_storage_bytes_skips_meta_and_sparse_tensors_and_buffers_that_view_a_parameter():
     from rso.memory import storage_bytes
     dense = torch.zeros(8)
