@@ -160,6 +160,7 @@ def test_peak_counts_the_optimizer_state_held_before_the_step():
     model = nn.Linear(16, 16)
     report = measure_step(model, torch.randn(2, 16), Holding(model.parameters()))
     assert report.optimizer_state == 2 * 2 ** 20
+    assert report.gradients > 0 and all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none)
     assert report.peak >= report.parameters + report.optimizer_state
 
 
