@@ -202,6 +202,7 @@ def test_storage_bytes_skips_meta_and_sparse_tensors_and_buffers_that_view_a_par
     from rso.memory import storage_bytes
     dense = torch.zeros(8)
     assert storage_bytes([dense, dense[2:], torch.zeros(8, device="meta"), torch.eye(3).to_sparse()]) == 32
+    assert storage_bytes([torch.zeros(1, dtype=torch.uint8), torch.tensor(True), torch.zeros(0)]) == 2  # 1 byte each
     model = nn.Linear(4, 4, bias=False)
     model.register_buffer("row", model.weight.data[0])      # a buffer sharing the weight's storage
     report = measure_step(model, torch.randn(2, 4), track_peak=False)
