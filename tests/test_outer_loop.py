@@ -475,3 +475,25 @@ def test_project_policy_checks_every_member_of_a_shared_group():
     with pytest.raises(ValueError, match="CountingSGD: its state 'visits' is torch.int32"):
         rso.outer_step(model, opt)
     assert torch.equal(attn.q_proj.P, P) and rso.state(model)["cycle"] == 0
+
+
+def test_first_cycle_moves_every_member_of_a_shared_group_past_one_with_a_frozen_B():
+    """q, k and v share one P. With q's B frozen (no B.grad), k's and v's B gradients still move to the new
+    subspace, exactly as when q trains."""
+    grads = []
+    for freeze_q in (False, True):
+        model = tiny_llama(dtype=torch.float64)
+        rso.wrap(model, rank=4, tau=3, projection="svd", seed=0)
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.P is attn.k_proj.P is attn.v_proj.P
+        attn.q_proj.B.requires_grad_(not freeze_q)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        model(**lm_batch()).loss.backward()
+        before = attn.k_proj.B.grad.clone()
+        opt.step()  # the first cycle: P from the step's gradient, B's gradients rewritten into it
+        assert (attn.q_proj.B.grad is None) == freeze_q
+        grads.append((before, attn.k_proj.B.grad.clone(), attn.v_proj.B.grad.clone()))
+    (before, k, v), (_, k_frozen, v_frozen) = grads
+    assert not torch.allclose(k, before)
+    torch.testing.assert_close(k_frozen, k, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(v_frozen, v, rtol=1e-12, atol=1e-15)
