@@ -165,11 +165,16 @@ def test_project_refuses_a_state_layout_it_does_not_know(corrupt, why):
                               f"{why}; {PROJECT_HINT}")
 
 
-def test_a_merge_with_an_unknown_state_layout_is_refused_before_anything_changes():
+@pytest.mark.parametrize("where", ["last layer", "second member of a shared group"])
+def test_a_merge_with_an_unknown_state_layout_is_refused_before_anything_changes(where):
+    """The last layer's (every earlier one would be merged first otherwise), or layer 0's k_proj, which shares
+    one P with q_proj and v_proj (every member of a group is checked, not only its first)."""
     model, opt, ids = wrapped("project")
     train(model, opt, ids, 1)
     layers = [layer for _, layer in rso.subspace_layers(model)]
-    del opt.state[layers[-1].B]["state2"]  # the last layer's: every earlier one would be merged first otherwise
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.P is attn.k_proj.P
+    del opt.state[(layers[-1] if where == "last layer" else attn.k_proj).B]["state2"]
     before = [(layer.weight.clone(), layer.B.detach().clone(), layer.P.clone(),
                {k: v.clone() for k, v in opt.state[layer.B].items() if torch.is_tensor(v)}) for layer in layers]
     with pytest.raises(ValueError, match="AdamW8bit: its state has no state1/state2"):
