@@ -155,6 +155,24 @@ def test_fallbacks_keep_the_requested_dtype_and_say_why():
     torch.testing.assert_close(P, StiefelSampler().sample(3, 9, generator_for(5), dtype=torch.float64))
 
 
+def test_an_svd_that_returns_non_finite_vectors_falls_back_and_says_so(monkeypatch):
+    """A finite gradient whose SVD comes back non-finite (a LAPACK failure, forced here) gets the Stiefel sample
+    and a warning that names the cause."""
+    real_svd = torch.linalg.svd
+
+    def failing_svd(g, full_matrices=True):
+        u, s, vh = real_svd(g, full_matrices=full_matrices)
+        return u, s, vh * float("nan")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    G = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning) as record:
+        P = SVDSampler().sample(3, 9, generator_for(5), gradient=G)
+    assert [str(w.message) for w in record] == [
+        "SVD projection failed (SVD returned non-finite vectors); using a Stiefel sample for this cycle"]
+    torch.testing.assert_close(P, StiefelSampler().sample(3, 9, generator_for(5)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sampler", [GaussianSampler(), CoordinateSampler(), StiefelSampler(), SVDSampler()],
                          ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
