@@ -103,8 +103,8 @@ def llama():
     return tiny_llama()
 
 
-def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float32, seed=1):
-    """One steady training step of ``train.bench.recipes.setup(method)`` on a LLaMA built from
+def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float32, seed=1, **setup_options):
+    """One steady training step of ``train.bench.recipes.setup(method, **setup_options)`` on a LLaMA built from
     ``cfg``, measured with ``rso.memory.measure_step`` (no peak tracking); returns (report, setup)."""
     import warnings
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,7 +114,7 @@ def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float
     model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn)).to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = setup(method, model, rank=rank)
+        s = setup(method, model, rank=rank, **setup_options)
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
     return measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False), s
 

@@ -269,28 +269,24 @@ def test_lora_with_frozen_embeddings(checkpointing):
 def test_fused_chunked_head_is_estimated_as_measured(method, dtype):
     """rso.heads' fused mode keeps d loss/d h per token and the head's weight gradient (when the head trains),
     not the logits: the estimate equals the measured step, also for LoRA whose head is frozen."""
-    import warnings
-    import rso.heads
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from rso.memory import measure_step
-    from train.bench.recipes import setup
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa")).to(dtype)
     if method == "lora-adapters-only":
+        import rso.heads
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from rso.memory import measure_step
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa")).to(dtype)
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         rso.heads.use_chunked_head(model, chunk_size=16, mode="fused")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+        r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
         name, options = "lora", {}
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            s = setup(method + "+ce", model, rank=RANK, chunk_size=16, ce_mode="fused")
-        model, opt = s.model, s.optimizer
+        r, _ = measure_method(method + "+ce", CFG, RANK, BATCH, SEQ, "sdpa", dtype, seed=1, chunk_size=16,
+                              ce_mode="fused")
         name, options = AS_ESTIMATED[method]
-    ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    r = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=False)
     est = estimate(CFG, method=name, rank=RANK, batch=BATCH, seq=SEQ, chunked_ce="fused",
                    dtype="fp32" if dtype == torch.float32 else "bf16", **options)
     assert estimated_parts(est) == parts(r)
@@ -300,17 +296,8 @@ def test_fused_chunked_head_is_estimated_as_measured(method, dtype):
 def test_batch_of_one_as_measured_with_each_head(ce_mode):
     """At batch 1 Hugging Face's shifted labels keep their padded storage (one int64 more than the tokens); the
     chunked heads shift the labels themselves."""
-    import warnings
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from rso.memory import measure_step
-    from train.bench.recipes import setup
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="sdpa"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = setup("adamw" + ("+ce" if ce_mode else ""), model, chunk_size=16, ce_mode=ce_mode or "recompute")
-    ids = torch.randint(0, CFG["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
-    r = measure_step(s.model, {"input_ids": ids, "labels": ids}, s.optimizer, track_peak=False)
+    r, _ = measure_method("adamw" + ("+ce" if ce_mode else ""), CFG, RANK, 1, SEQ, "sdpa", torch.float32, seed=1,
+                          chunk_size=16, ce_mode=ce_mode or "recompute")
     est = estimate(CFG, method="adamw", batch=1, seq=SEQ, dtype="fp32", chunked_ce=ce_mode or False)
     assert estimated_parts(est) == parts(r)
 
