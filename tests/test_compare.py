@@ -1,5 +1,6 @@
-"""The comparison runners: the shared job runner (pinned processes, failures, follow-up jobs), and the
-fine-tuning runner (methods × LRs × seeds; the LR chosen on the validation split, never the held-out set)."""
+"""The comparison runners: the shared job runner (pinned processes, failures, follow-up jobs), the
+fine-tuning runner (methods × LRs × seeds; the LR chosen on the validation split, never the held-out set), and
+the pre-training runner (methods × seeds, mean ± std; an interrupted comparison resumed from its checkpoints)."""
 import contextlib
 import importlib
 import json
@@ -193,3 +194,92 @@ def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, 
     text = (out / "table.md").read_text()
     assert "| rso (stiefel), rank 4, tau 2 | 4 |" in text and "| adamw | — | 0.001 (not swept) |" in text
     assert "python -m train.compare_finetune --model tiny-bert" in text
+
+
+# ----------------------------------------------------------------------------- pre-training: train.compare
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from conftest import write_micro_llama_config
+    root = tmp_path_factory.mktemp("compare")
+    return {"config": write_micro_llama_config(root / "micro.json"), "cache": str(root / "cache")}
+
+
+def _pretrain_argv(micro, out, *extra):
+    return ["--config", micro["config"], "--max-steps", "4", "--jobs", "2", "--threads-per-job", "1",
+            "--output-dir", str(out), *extra, "--max-docs", "200", "--cache-dir", micro["cache"],
+            "--eval-batches", "2"]
+
+
+def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tmp_path, capsys, restore_threads):
+    from train import compare
+    out = tmp_path / "cmp"
+    rc = compare.main(_pretrain_argv(micro, out, "--methods", "adamw=2e-3,rso:svd=3e-3", "--seeds", "0,1",
+                                     "--rank", "4", "--tau", "2"), spawn=InProcess)
+    assert rc == 0, capsys.readouterr().out
+    data = json.loads((out / "table.json").read_text())
+    assert data["seeds"] == [0, 1] and len(data["runs"]) == 4
+    rows = {r["name"]: r for r in data["methods"]}
+    adamw, rso = rows["adamw_lr2e-3"], rows["rso-svd_lr3e-3"]
+    for row, method in ((adamw, "adamw"), (rso, "rso")):
+        runs = [r for r in data["runs"] if r["entry_name"] == row["name"]]
+        assert sorted(r["run_seed"] for r in runs) == [0, 1] and all(r["method"] == method for r in runs)
+        by_seed = {r["run_seed"]: r["final_eval_loss"] for r in runs}
+        assert row["seeds"] == [0, 1] and row["eval_losses"] == [by_seed[0], by_seed[1]]
+        assert by_seed[0] != by_seed[1]  # the seed reaches the run: other initial weights and data order
+        assert row["mean"] == pytest.approx((by_seed[0] + by_seed[1]) / 2, rel=1e-12)
+        assert row["std"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2 ** 0.5, rel=1e-9)  # n − 1
+        assert (out / f"{row['name']}_s1" / "results.json").exists()
+    assert rso["trainable_params"] < adamw["trainable_params"] and rso["projection"] == "svd"
+    text = (out / "table.md").read_text()
+    delta = 100 * (rso["mean"] / adamw["mean"] - 1)
+    assert (f"| rso (svd) | 0.003 | {rso['eval_losses'][0]:.4f} | {rso['eval_losses'][1]:.4f} | "
+            f"{rso['mean']:.4f} ± {rso['std']:.4f} | {delta:+.2f}% | — |") in text
+    assert "| seed 0 | seed 1 | mean ± std | vs best AdamW | vs best GaLore |" in text
+    assert "--seeds 0,1" in data["command"] and "--seed 1 " in text
+
+
+def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_path, capsys, restore_threads):
+    """An interrupted comparison: --resume reads what finished, continues a run from its checkpoint
+    (``train.pretrain --resume``) to the loss an uninterrupted run reaches, and runs a changed command anew."""
+    from train import compare
+    whole, out = tmp_path / "whole", tmp_path / "cmp"
+    methods = ("--methods", "adamw=2e-3,rso:stiefel=3e-3", "--rank", "4", "--tau", "2")
+    assert compare.main(_pretrain_argv(micro, whole, *methods), spawn=InProcess) == 0
+    # the first session ends (as if killed) after 2 of the 4 steps, each run checkpointed at step 2
+    argv = _pretrain_argv(micro, out, *methods, "--save-every", "2", "--stop-after", "2")
+    assert compare.main(argv, spawn=InProcess) == 1  # no run finished
+    assert all((out / n / "checkpoint.pt").exists() and not (out / n / "results.json").exists()
+               for n in ("adamw_lr2e-3_s0", "rso-stiefel_lr3e-3_s0"))
+    (out / "rso-stiefel_lr3e-3_s0.cmd").write_text("python -m train.pretrain --other-args")  # not this command
+    calls = []
+
+    def spawn(cmd, stdout, stderr):
+        calls.append(cmd[cmd.index("--output-dir") + 1:])
+        return InProcess(cmd, stdout, stderr)
+
+    capsys.readouterr()
+    assert compare.main(["--resume", *argv], spawn=spawn) == 1  # the run started anew stops at step 2 again
+    printed = capsys.readouterr().out
+    assert "continue adamw_lr2e-3_s0: " in printed and "start rso-stiefel_lr3e-3_s0: " in printed
+    resumed, fresh = sorted(calls, key=lambda c: "rso" in c[0])
+    assert resumed[-1] == "--resume" and "--resume" not in fresh
+    log = (out / "adamw_lr2e-3_s0.log").read_text()
+    assert "stopped after 2 steps at step 2" in log and "--resume: continuing at step 2" in log  # appended
+    calls.clear()
+    assert compare.main(["--resume", *argv], spawn=spawn) == 0  # adamw read, rso continued
+    assert len(calls) == 1 and "rso" in calls[0][0] and calls[0][-1] == "--resume"
+    done = {r["name"]: r for r in json.loads((out / "table.json").read_text())["methods"]}
+    ref = {r["name"]: r for r in json.loads((whole / "table.json").read_text())["methods"]}
+    for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):  # resumed: the same runs as uninterrupted ones
+        assert done[name]["eval_losses"] == ref[name]["eval_losses"], name
+    calls.clear()
+    assert compare.main(["--resume", *argv], spawn=spawn) == 0 and calls == []  # all finished: none run
+
+
+def test_pretrain_comparison_refuses_bad_seeds_before_any_run(tmp_path, capsys):
+    from train import compare
+    for seeds in ("1,1", "a", ","):
+        with pytest.raises(SystemExit) as e:
+            compare.main(["--seeds", seeds, "--output-dir", str(tmp_path / "x")])
+        assert e.value.code == 2 and "--seeds: give distinct integer seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

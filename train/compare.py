@@ -1,12 +1,15 @@
-"""Run several pre-training methods under equal steps and tokens and tabulate their final eval loss.
+"""Run several pre-training methods under equal steps and tokens, over seeds, and tabulate their final eval loss.
 
-    python -m train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --output-dir runs/compare
+    python -m train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --seeds 0,1,2 --output-dir runs/compare
 
 Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``, ``rso:svd``,
-``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (same seed, data
-order, schedule and token count); ``--jobs N`` runs N at once, each pinned to its own
-``--threads-per-job`` CPU cores when ``taskset`` is there. Writes ``table.md`` and ``table.json``.
-Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
+``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (for a seed: the same
+data order, schedule and token count for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N
+at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes
+``table.md`` and ``table.json``: per entry, the eval loss of each seed and their mean ± std (sample std).
+``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
+runs are read, a run stopped part-way continues from its last checkpoint (``train.pretrain --resume``), the
+rest run. Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -15,9 +18,12 @@ import json
 import pathlib
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+
+from .checkpoint import CHECKPOINT_NAME
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
 
@@ -29,9 +35,9 @@ def parse_entry(entry: str) -> dict:
             "name": (spec.replace(":", "-").replace("@", "at") + (f"_lr{lr}" if lr else ""))}
 
 
-def command(entry: dict, args, extra: list[str], out: pathlib.Path) -> list[str]:
+def command(entry: dict, seed: int, args, extra: list[str], out: pathlib.Path) -> list[str]:
     cmd = [sys.executable, "-m", "train.pretrain", "--config", args.config, "--method", entry["method"],
-           "--max-steps", str(args.max_steps), "--output-dir", str(out), "--no-progress", "--seed", str(args.seed)]
+           "--max-steps", str(args.max_steps), "--output-dir", str(out), "--no-progress", "--seed", str(seed)]
     if args.rank:
         cmd += ["--rank", str(args.rank)]
     if args.tau:
@@ -50,22 +56,57 @@ def display(cmd: list[str]) -> str:
     return "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c != "--no-progress")
 
 
-def table(rows: list[dict], baseline: str = "adamw") -> str:
-    bases = [r for r in rows if r["method"] == baseline and r.get("final_eval_loss") is not None]
-    base = min(bases, key=lambda r: r["final_eval_loss"]) if bases else None  # the best AdamW row
-    lines = ["| method | lr | eval loss | eval ppl | Δ loss vs best AdamW | trainable params | tokens/s | peak memory (MB) | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1; None for fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(entry: dict, runs: list[dict]) -> dict:
+    """One entry's row: its runs' final eval losses by seed, their mean ± std, and its size and speed."""
+    mine = sorted((r for r in runs if r["entry_name"] == entry["name"]), key=lambda r: r["run_seed"])
+    ok = [r for r in mine if r.get("final_eval_loss") is not None]
+    mean, std = mean_std([r["final_eval_loss"] for r in ok])
+    mem = [v for r in ok for k, v in r.items() if k.startswith("peak_") and v is not None]
+    speeds = sorted(r["median_tokens_per_s"] for r in ok if r.get("median_tokens_per_s") is not None)
+    return {"name": entry["name"], "method": entry["method"], "projection": entry["projection"],
+            "lr": ok[0]["lr"] if ok else entry["lr"], "seeds": [r["run_seed"] for r in ok],
+            "eval_losses": [r["final_eval_loss"] for r in ok], "mean": mean, "std": std,
+            "failed": {r["run_seed"]: r["error"] for r in mine if r.get("error")},
+            "trainable_params": ok[0]["trainable_params"] if ok else None,
+            "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
+            "peak_memory_mb": max(mem) if mem else None,
+            "mean_wall_s": statistics.mean(r["wall_s_this_session"] for r in ok) if ok else None}
+
+
+def table(rows: list[dict], seeds: list[int]) -> str:
+    """Markdown: a row per entry, a column per seed, mean ± std and the change against the best AdamW and
+    the best GaLore row (by mean; lower is better)."""
+    def best(method):
+        rows_of = [r for r in rows if r["method"] == method and r["mean"] is not None]
+        return min(rows_of, key=lambda r: r["mean"]) if rows_of else None
+
+    def vs(r, base):
+        return "—" if base is None or base is r else f"{100 * (r['mean'] / base['mean'] - 1):+.2f}%"
+
+    adamw, galore = best("adamw"), best("galore")
+    lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | vs best AdamW | "
+             "vs best GaLore | trainable params | tokens/s | peak memory (MB) | wall (s) |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["method"] + (f" ({r['projection']})" if r.get("projection") else "")
-        if r.get("final_eval_loss") is None:
-            lines.append(f"| {label} | {r.get('lr')} | failed: {r.get('error', '?')} | | | | | | |")
+        by_seed = dict(zip(r["seeds"], r["eval_losses"]))
+        cells = [f"{by_seed[s]:.4f}" if s in by_seed else ("failed" if s in r["failed"] else "—") for s in seeds]
+        if r["mean"] is None:
+            lines.append(f"| {label} | {r['lr']} | " + " | ".join(cells) + " | failed | | | | | | |")
             continue
-        delta = "" if base is None else f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%"
-        mem = next((v for k, v in r.items() if k.startswith("peak_")), None)
-        lines.append(f"| {label} | {r['lr']:g} | {r['final_eval_loss']:.4f} | {r['final_eval_ppl']:.2f} | {delta} | "
-                     f"{r['trainable_params'] / 1e6:.2f}M | {r['median_tokens_per_s']:,.0f} | "
-                     f"{mem:,.0f} | {r['wall_s_this_session']:.0f} |")
-    return "\n".join(lines)
+        spread = f" ± {r['std']:.4f}" if r["std"] is not None else ""
+        lines.append(f"| {label} | {r['lr']:g} | " + " | ".join(cells) + f" | {r['mean']:.4f}{spread} | "
+                     f"{vs(r, adamw)} | {vs(r, galore)} | {r['trainable_params'] / 1e6:.2f}M | "
+                     f"{r['median_tokens_per_s']:,.0f} | {r['peak_memory_mb']:,.0f} | {r['mean_wall_s']:.0f} |")
+    failed = [f"{r['name']} seed {s}: {e}" for r in rows for s, e in r["failed"].items()]
+    return "\n".join(lines + ([""] + [f"Failed: {f}" for f in failed] if failed else []))
 
 
 def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_job: int | None = None,
@@ -81,7 +122,8 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
     ``summary(job)`` words a finished job's line. ``spawn`` starts a process (``subprocess.Popen``'s
     signature, its ``poll()`` and ``returncode``). Each started job's command goes to ``<out>/<name>.cmd``;
     with ``reuse``, a job whose ``.cmd`` holds the same command and whose ``results.json`` exists (a run
-    finished by an earlier, interrupted invocation) is not run again: its results are read.
+    finished by an earlier, interrupted invocation) is not run again: its results are read; one whose
+    folder holds only a checkpoint (stopped part-way) runs with ``--resume`` added, continuing from it.
     """
     pin = shutil.which("taskset") and n_jobs > 1 and threads_per_job
     pending, running, done = list(jobs), [], []
@@ -92,19 +134,24 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
             cmd = job["cmd"]
             job.setdefault("command", display(cmd))
             cmd_file, res_path = out / f"{job['name']}.cmd", pathlib.Path(job["output"]) / "results.json"
-            if reuse and res_path.exists() and cmd_file.exists() and cmd_file.read_text() == job["command"]:
+            same = reuse and cmd_file.exists() and cmd_file.read_text() == job["command"]
+            if same and res_path.exists():
                 job.update(json.loads(res_path.read_text()), reused=True)
                 print(f"reuse {job['name']}: {summary(job) if summary else 'ok'} (finished earlier)", flush=True)
                 done.append(job)
                 pending += (on_done(job) if on_done else None) or []
                 continue
+            resume = same and (pathlib.Path(job["output"]) / CHECKPOINT_NAME).exists()
             cmd_file.write_text(job["command"])
             slot = slots.pop(0)
+            if resume:
+                cmd = cmd + ["--resume"]
             if pin:
                 cores = ",".join(str(slot * threads_per_job + i) for i in range(threads_per_job))
                 cmd = ["taskset", "-c", cores] + cmd
-            log = open(out / f"{job['name']}.log", "w")
-            print(f"start {job['name']}: {job['command']}", flush=True)
+            log = open(out / f"{job['name']}.log", "a" if resume else "w")
+            print(f"{'continue' if resume else 'start'} {job['name']}: {job['command']}"
+                  + (" --resume (from its checkpoint)" if resume else ""), flush=True)
             running.append((job, slot, spawn(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
         if running and all(proc.poll() is None for _, _, proc, _, _ in running):
             time.sleep(poll_s)
@@ -129,7 +176,7 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
     return done
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, spawn=subprocess.Popen) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
@@ -137,28 +184,43 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--tau", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="LR for entries without their own")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each entry runs once per seed")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads-per-job", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="reuse the runs an interrupted comparison finished")
+    p.add_argument("--resume", action="store_true",
+                   help="read the runs an interrupted comparison finished, continue those it left part-way")
     p.add_argument("--output-dir", default="runs/compare")
     args, extra = p.parse_known_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds: give distinct integer seeds separated by commas, got {args.seeds!r}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be ≥ 1, got {args.jobs}")
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = [parse_entry(e) for e in args.methods.split(",") if e]
-    for entry in entries:
-        entry["cmd"], entry["output"] = command(entry, args, extra, out / entry["name"]), out / entry["name"]
-    done = run_jobs(entries, out, args.jobs, args.threads_per_job, reuse=args.resume,
-                    summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
-    order = {e["name"]: i for i, e in enumerate(entries)}
-    done.sort(key=lambda e: order[e["name"]])
-    text = table(done)
-    (out / "table.md").write_text(text + "\n\nCommands:\n\n" + "\n".join(f"    {e['command']}" for e in done) + "\n")
-    (out / "table.json").write_text(json.dumps([{k: v for k, v in e.items() if k not in ("cmd", "output")}
-                                                for e in done], indent=2, default=str))
+    jobs = []
+    for seed in seeds:  # seed-major: every method has a first seed before any has a second
+        for entry in entries:
+            name = f"{entry['name']}_s{seed}"
+            jobs.append({"name": name, "entry_name": entry["name"], "run_seed": seed, "output": out / name,
+                         "cmd": command(entry, seed, args, extra, out / name)})
+    run_jobs(jobs, out, args.jobs, args.threads_per_job, reuse=args.resume, spawn=spawn, poll_s=0.5,
+             summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
+    rows = [summarize(e, jobs) for e in entries]
+    text = table(rows, seeds)
+    command_line = display([sys.executable, "-m", "train.compare", *(sys.argv[1:] if argv is None else argv)])
+    (out / "table.md").write_text(text + f"\n\nCommand:\n\n    {command_line}\n\nRuns:\n\n"
+                                  + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
+    (out / "table.json").write_text(json.dumps(
+        {"command": command_line, "seeds": seeds, "methods": rows,
+         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output")} for j in jobs]}, indent=2, default=str))
     print(text)
     print(f"table: {out / 'table.md'}")
-    return 0 if all("error" not in e for e in done) else 1
+    return 0 if all("error" not in j for j in jobs) else 1
 
 
 if __name__ == "__main__":

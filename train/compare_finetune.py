@@ -33,7 +33,7 @@ import sys
 
 from . import finetune
 from .checkpoint import CHECKPOINT_NAME
-from .compare import display, parse_entry, run_jobs
+from .compare import display, mean_std, parse_entry, run_jobs
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
 from .methods import MethodError, parse_method
@@ -226,12 +226,6 @@ def choose_lr(runs: list[dict]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- the table
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def _fmt(value, metric: str, spread=None) -> str:
     if value is None:
         return "—"
@@ -268,10 +262,10 @@ def summarize(entry: dict, jobs: list[dict]) -> dict:
     second = "final_eval_ppl" if head["metric"] == "loss" else "final_eval_loss"
     memory_key = next((k for k in ok[0] if k.startswith("peak_")), None)
     row.update({"metric": head["metric"], "higher_is_better": head["higher_is_better"], "seeds": [j["run_seed"] for j in ok],
-                "n": len(ok), "values": eval_values, "mean": _mean_std(eval_values)[0], "std": _mean_std(eval_values)[1],
+                "n": len(ok), "values": eval_values, "mean": mean_std(eval_values)[0], "std": mean_std(eval_values)[1],
                 "secondary": second.removeprefix("final_"),
-                "secondary_mean": _mean_std([j[second] for j in ok])[0],
-                "secondary_std": _mean_std([j[second] for j in ok])[1],
+                "secondary_mean": mean_std([j[second] for j in ok])[0],
+                "secondary_std": mean_std([j[second] for j in ok])[1],
                 "val_at_chosen": val_metric(seeds[0]) if seeds[0]["run_seed"] == entry["seed0"] else None,
                 "rank": ok[0].get("rank") if parse_method(entry["method"])[0] != "adamw" else None,
                 "trainable_params": ok[0].get("trainable_params"),
