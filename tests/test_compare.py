@@ -77,13 +77,15 @@ class FakeFinetune:
     """A ``train.finetune`` run that only writes its results: validation accuracy peaks at lr 3e-4,
     held-out accuracy at 1e-3 (and differs by seed)."""
 
-    calls = []
+    calls, resumed = [], []
 
     def __init__(self, cmd, stdout, stderr):
         args = cmd[cmd.index("-m") + 2:]
         value = {k: args[args.index(k) + 1] for k in ("--lr", "--seed", "--output-dir", "--method")}
         lr, seed = float(value["--lr"]), int(value["--seed"])
         FakeFinetune.calls.append((value["--method"], lr, seed))
+        if "--resume" in args:
+            FakeFinetune.resumed.append((value["--method"], lr, seed))
         out = os.path.join(value["--output-dir"])
         os.makedirs(out, exist_ok=True)
         results = {"model": "fake", "eval_split": "held-out", "train_examples": 40, "val_examples": 8,
@@ -129,14 +131,17 @@ def test_resume_reads_the_finished_runs_and_runs_the_rest(tmp_path):
     FakeFinetune.calls = []
     assert cf.main(argv, spawn=FakeFinetune) == 0
     first = json.loads((out / "table.json").read_text())["methods"][0]
-    # an interrupted comparison: the seed-1 run and one sweep run never finished
-    for name in ("rso_lr0.0003_s1", "rso_lr0.001_s0"):
-        (out / name / "results.json").unlink()
-        (out / name).rmdir()
+    # an interrupted comparison: one sweep run never started, the seed-1 run stopped after a checkpoint
+    (out / "rso_lr0.001_s0" / "results.json").unlink()
+    (out / "rso_lr0.001_s0").rmdir()
+    (out / "rso_lr0.0003_s1" / "results.json").unlink()
+    (out / "rso_lr0.0003_s1" / "checkpoint.pt").write_bytes(b"")
     (out / "rso_lr0.0001_s0.cmd").write_text("python -m train.finetune --other-args")  # other arguments: rerun
-    FakeFinetune.calls = []
+    (out / "rso_lr0.0001_s0" / "checkpoint.pt").write_bytes(b"")  # ... from the start, though it has a checkpoint
+    FakeFinetune.calls, FakeFinetune.resumed = [], []
     assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0
     assert sorted(FakeFinetune.calls) == [("rso", 1e-4, 0), ("rso", 3e-4, 1), ("rso", 1e-3, 0)]
+    assert FakeFinetune.resumed == [("rso", 3e-4, 1)]  # continued from its checkpoint
     again = json.loads((out / "table.json").read_text())["methods"][0]
     assert again["chosen_lr"] == first["chosen_lr"] == 3e-4 and again["values"] == first["values"]
     assert [s["val_metric"] for s in again["sweep"]] == [0.6, 0.8, 0.5]

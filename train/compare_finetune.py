@@ -18,7 +18,8 @@ the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
 runner of ``train.compare``). Writes ``table.md`` and ``table.json`` in ``--output-dir``. ``--resume`` in the same
-``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read, the rest run.
+``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read, a run
+stopped part-way continues from its checkpoint (``train.finetune --resume``), the rest run.
 """
 from __future__ import annotations
 
