@@ -241,6 +241,7 @@ def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tm
             f"{rso['mean']:.4f} ± {rso['std']:.4f} | {delta:+.2f}% | — |") in text
     assert "| seed 0 | seed 1 | mean ± std | vs best AdamW | vs best GaLore |" in text
     assert "--seeds 0,1" in data["command"] and "--seed 1 " in text
+    assert f"Loss curves: {out / 'curves.png'}" in text and (out / "curves.png").stat().st_size > 20_000
 
 
 def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_path, capsys, restore_threads):
@@ -279,6 +280,27 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
         assert done[name]["eval_losses"] == ref[name]["eval_losses"], name
     calls.clear()
     assert compare.main(["--resume", *argv], spawn=spawn) == 0 and calls == []  # all finished: none run
+
+
+def test_comparison_plot_averages_the_seeds_over_the_steps_each_reached(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from train.metrics import plot_comparison
+    drawn, bands = [], []
+    plot, fill = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k:
+                        drawn.append((list(x), list(y))) or plot(self, x, y, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", lambda self, x, lo, hi, **k:
+                        bands.append((list(x), list(lo), list(hi))) or fill(self, x, lo, hi, **k))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5},
+                                                    {"step": 3, "loss": 1.0}]))
+    b.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0, "eval_loss": 3.5}]))
+    assert plot_comparison({"m": [a, b]}, tmp_path / "c.png") == tmp_path / "c.png"
+    assert drawn[0] == ([1, 2], [4.0, 3.0]) and drawn[1] == ([2], [3.0])  # step 3: one seed only, left out
+    assert bands[-1] == ([2], [2.5], [3.5])
+    (tmp_path / "empty.jsonl").write_text("")
+    assert plot_comparison({"m": [tmp_path / "empty.jsonl"], "n": []}, tmp_path / "d.png") is None
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_pretrain_comparison_refuses_bad_seeds_before_any_run(tmp_path, capsys):

@@ -6,7 +6,8 @@ Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``
 ``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (for a seed: the same
 data order, schedule and token count for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N
 at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes
-``table.md`` and ``table.json``: per entry, the eval loss of each seed and their mean ± std (sample std).
+``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std)
+and ``curves.png`` (train and eval loss against step, averaged over the seeds).
 ``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
 runs are read, a run stopped part-way continues from its last checkpoint (``train.pretrain --resume``), the
 rest run. Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
@@ -24,6 +25,7 @@ import sys
 import time
 
 from .checkpoint import CHECKPOINT_NAME
+from .metrics import plot_comparison
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
 
@@ -80,6 +82,10 @@ def summarize(entry: dict, runs: list[dict]) -> dict:
             "mean_wall_s": statistics.mean(r["wall_s_this_session"] for r in ok) if ok else None}
 
 
+def row_label(row: dict) -> str:
+    return row["method"] + (f" ({row['projection']})" if row.get("projection") else "")
+
+
 def table(rows: list[dict], seeds: list[int]) -> str:
     """Markdown: a row per entry, a column per seed, mean ± std and the change against the best AdamW and
     the best GaLore row (by mean; lower is better)."""
@@ -95,7 +101,7 @@ def table(rows: list[dict], seeds: list[int]) -> str:
              "vs best GaLore | trainable params | tokens/s | peak memory (MB) | wall (s) |",
              "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|---|"]
     for r in rows:
-        label = r["method"] + (f" ({r['projection']})" if r.get("projection") else "")
+        label = row_label(r)
         by_seed = dict(zip(r["seeds"], r["eval_losses"]))
         cells = [f"{by_seed[s]:.4f}" if s in by_seed else ("failed" if s in r["failed"] else "—") for s in seeds]
         if r["mean"] is None:
@@ -212,6 +218,11 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
              summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
     rows = [summarize(e, jobs) for e in entries]
     text = table(rows, seeds)
+    finished = [j for j in jobs if "metrics" in j and not j.get("error")]
+    png = plot_comparison({r["name"]: [j["metrics"] for j in finished if j["entry_name"] == r["name"]] for r in rows},
+                          out / "curves.png", f"{args.config}, {args.max_steps} steps, seeds {args.seeds}")
+    if png:
+        text += f"\n\nLoss curves: {png}"
     command_line = display([sys.executable, "-m", "train.compare", *(sys.argv[1:] if argv is None else argv)])
     (out / "table.md").write_text(text + f"\n\nCommand:\n\n    {command_line}\n\nRuns:\n\n"
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")

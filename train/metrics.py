@@ -9,7 +9,7 @@ import time
 
 import torch
 
-__all__ = ["MetricsLog", "memory_mb", "memory_label", "plot_curves", "Throughput", "IntervalLoss", "perplexity"]
+__all__ = ["MetricsLog", "memory_mb", "memory_label", "plot_curves", "plot_comparison", "Throughput", "IntervalLoss", "perplexity"]
 
 
 def perplexity(loss: float) -> float:
@@ -98,6 +98,18 @@ class MetricsLog:
         return out
 
 
+def _save(fig, png_path) -> pathlib.Path:
+    """Write ``fig`` to ``png_path`` through a temporary file (a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    png_path = pathlib.Path(png_path)
+    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
 def plot_curves(metrics_path, png_path, title: str = "") -> pathlib.Path | None:
     """Train loss (and eval loss where present) against step, saved as a PNG."""
     import matplotlib
@@ -121,9 +133,48 @@ def plot_curves(metrics_path, png_path, title: str = "") -> pathlib.Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = pathlib.Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return _save(fig, png_path)
+
+
+def plot_comparison(runs: dict[str, list], png_path, title: str = "") -> pathlib.Path | None:
+    """Several methods over seeds: ``runs`` maps a label to its runs' ``metrics.jsonl`` paths. Left, the
+    train loss averaged over the seeds at each logged step; right, the eval loss's mean over the seeds with
+    a band from the lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for label, paths in runs.items():
+        records = [MetricsLog.read(path) for path in paths]
+        for ax, key in ((ax_train, "loss"), (ax_eval, "eval_loss")):
+            by_step: dict[int, list[float]] = {}
+            for run in records:
+                for r in run:
+                    if key in r:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            steps = sorted(s for s, v in by_step.items() if len(v) == len(records))  # steps every seed reached
+            if not steps:
+                continue
+            drawn = True
+            mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            if key == "loss":
+                ax.plot(steps, mean, lw=1, label=label)
+            else:
+                line, = ax.plot(steps, mean, "o-", lw=1.5, ms=3, label=label)
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=line.get_color(), alpha=0.2)
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, what in ((ax_train, "train loss (mean over seeds)"), (ax_eval, "eval loss (mean; band: min–max over seeds)")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, png_path)
