@@ -88,7 +88,9 @@ def row_label(row: dict) -> str:
 
 def table(rows: list[dict], seeds: list[int]) -> str:
     """Markdown: a row per entry, a column per seed, mean ± std and the change against the best AdamW and
-    the best GaLore row (by mean; lower is better)."""
+    the best GaLore row (by mean; lower is better). Tokens/s is the median run's, peak memory the largest, wall
+    time the mean over the seeds of each run's last session (a run continued with ``--resume`` counts from
+    there)."""
     def best(method):
         rows_of = [r for r in rows if r["method"] == method and r["mean"] is not None]
         return min(rows_of, key=lambda r: r["mean"]) if rows_of else None
@@ -98,7 +100,7 @@ def table(rows: list[dict], seeds: list[int]) -> str:
 
     adamw, galore = best("adamw"), best("galore")
     lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | vs best AdamW | "
-             "vs best GaLore | trainable params | tokens/s | peak memory (MB) | wall (s) |",
+             "vs best GaLore | trainable params | tokens/s | peak memory (MB) | wall, last session (s) |",
              "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|---|"]
     for r in rows:
         label = row_label(r)
