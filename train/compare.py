@@ -58,6 +58,17 @@ def display(cmd: list[str]) -> str:
     return "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c != "--no-progress")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated distinct integers (a ValueError that names the flag otherwise)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: give distinct integer seeds: {text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: give distinct integer seeds, got {text!r}")
+    return seeds
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (n − 1; None for fewer than two values)."""
     if not values:
@@ -200,11 +211,9 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     p.add_argument("--output-dir", default="runs/compare")
     args, extra = p.parse_known_args(argv)
     try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        p.error(f"--seeds: give distinct integer seeds separated by commas, got {args.seeds!r}")
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     if args.jobs < 1:
         p.error(f"--jobs must be ≥ 1, got {args.jobs}")
     out = pathlib.Path(args.output_dir)

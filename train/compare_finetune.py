@@ -34,7 +34,7 @@ import sys
 
 from . import finetune
 from .checkpoint import CHECKPOINT_NAME
-from .compare import display, mean_std, parse_entry, run_jobs
+from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
 from .methods import MethodError, parse_method
@@ -175,11 +175,9 @@ def plan(args, extra: list[str]) -> list[dict]:
         if value is not None and value < low:
             raise UsageError(f"--{dest.replace('_', '-')} must be ≥ {low}, got {value}")
     try:
-        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
-    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
-        raise UsageError(f"--seeds: give distinct integer seeds, got {args.seeds!r}")
+        args.seed_list = parse_seeds(args.seeds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     extra[:] = [a for a in extra if a != "--"]
     taken = [d for d in given_options(finetune.build_parser(), extra) if d in RUNNER_SETS]
     if taken:
@@ -261,12 +259,12 @@ def summarize(entry: dict, jobs: list[dict]) -> dict:
         row["label"] = row["label"].replace(entry["method"], f"{entry['method']} ({ok[0]['projection']})", 1)
     eval_values = [j[head["eval_key"]] for j in ok]
     second = "final_eval_ppl" if head["metric"] == "loss" else "final_eval_loss"
+    mean, std = mean_std(eval_values)
+    second_mean, second_std = mean_std([j[second] for j in ok])
     memory_key = next((k for k in ok[0] if k.startswith("peak_")), None)
     row.update({"metric": head["metric"], "higher_is_better": head["higher_is_better"], "seeds": [j["run_seed"] for j in ok],
-                "n": len(ok), "values": eval_values, "mean": mean_std(eval_values)[0], "std": mean_std(eval_values)[1],
-                "secondary": second.removeprefix("final_"),
-                "secondary_mean": mean_std([j[second] for j in ok])[0],
-                "secondary_std": mean_std([j[second] for j in ok])[1],
+                "n": len(ok), "values": eval_values, "mean": mean, "std": std,
+                "secondary": second.removeprefix("final_"), "secondary_mean": second_mean, "secondary_std": second_std,
                 "val_at_chosen": val_metric(seeds[0]) if seeds[0]["run_seed"] == entry["seed0"] else None,
                 "rank": ok[0].get("rank") if parse_method(entry["method"])[0] != "adamw" else None,
                 "trainable_params": ok[0].get("trainable_params"),
