@@ -122,6 +122,22 @@ def test_runner_sweeps_with_the_first_seed_then_runs_the_others_at_the_validatio
     assert "| rso | 4 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 80.00 ± 10.00% |" in text
     sweep_table = text[text.index("LR sweep"):text.index("Command:")]
     assert "**0.0003**" in sweep_table and "90.00" not in sweep_table  # the sweep shows validation numbers only
+    assert f"LR sweep plot: {out / 'sweep.png'}" in text and (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_sweep_plot_draws_validation_metric_against_lr_and_rings_the_choice(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from train.metrics import plot_sweep
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k:
+                        drawn.append((list(x), list(y))) or plot(self, x, y, *a, **k))
+    rows = [{"label": "rso", "chosen_lr": 3e-4, "sweep": [{"lr": 1e-4, "val_metric": 0.6}, {"lr": 3e-4, "val_metric": 0.8},
+                                                          {"lr": 1e-3, "val_metric": None, "error": "crashed"}]},
+            {"label": "adamw", "chosen_lr": 1e-4, "sweep": []}]
+    assert plot_sweep(rows, tmp_path / "s.png", "accuracy") == tmp_path / "s.png"
+    assert drawn == [([1e-4, 3e-4], [0.6, 0.8]), ([3e-4], [0.8])]  # the failed lr left out; one ring, on the choice
+    assert plot_sweep(rows[1:], tmp_path / "none.png", "accuracy") is None and not (tmp_path / "none.png").exists()
 
 
 def test_resume_reads_the_finished_runs_and_runs_the_rest(tmp_path):

@@ -37,6 +37,7 @@ from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
+from .metrics import plot_sweep
 from .methods import MethodError, parse_method
 from .models import ConfigError
 from .tasks import task_key
@@ -360,6 +361,11 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                           f"draw, the same for every run, not trained on); the held-out set is only reported"),
             "command": display([sys.executable, "-m", "train.compare_finetune", *args.argv]), "extra_args": extra}
     text = table(rows, info)
+    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
+    png = plot_sweep(rows, out / "sweep.png", metric, f"{info['task']}, {info['model']}: lr sweep, seed {seed0} "
+                     "(ringed: the chosen lr)")
+    if png:
+        text += f"\n\nLR sweep plot: {png}"
     header = (f"Task {info['task']}, model {info['model']}: {info['train_examples']} training examples, "
               f"{info['val_examples']} validation (carved from train), {info['eval_examples']} {info['eval_split']}. "
               f"{info['selection'][0].upper() + info['selection'][1:]}. Mean ± std over seeds "

@@ -178,3 +178,34 @@ def plot_comparison(runs: dict[str, list], png_path, title: str = "") -> pathlib
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, png_path)
+
+
+def plot_sweep(rows: list[dict], png_path, metric: str, title: str = "") -> pathlib.Path | None:
+    """The learning-rate sweeps of a fine-tuning comparison: each swept row's validation ``metric`` against
+    its lr (log scale), the chosen lr ringed. ``rows`` are ``train.compare_finetune`` rows (``sweep``: lr,
+    val_metric; ``chosen_lr``). None, and no file, when no row has two swept values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [(r, [s for s in r.get("sweep", []) if s.get("val_metric") is not None]) for r in rows]
+    swept = [(r, points) for r, points in swept if len(points) > 1]
+    if not swept:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, points in swept:
+        line, = ax.plot([s["lr"] for s in points], [s["val_metric"] for s in points], "o-", lw=1.5, ms=4,
+                        label=row["label"])
+        chosen = [s for s in points if s["lr"] == row.get("chosen_lr")]
+        if chosen:
+            ax.plot([chosen[0]["lr"]], [chosen[0]["val_metric"]], "o", ms=11, mfc="none", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"validation {metric} (first seed)")
+    ax.set_title(title or "learning-rate sweep (ringed: the chosen lr)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, png_path)
+
