@@ -280,8 +280,23 @@ def test_classification_defaults_are_the_sweeps_choice():
     assert (args.lr, args.rank) == (rows["rso-hybrid-rank64"]["chosen_lr"], rows["rso-hybrid-rank64"]["rank"])
     args = build_parser().parse_args(["--method", "rso", "--projection", "svd"])  # not swept: Stiefel's
     assert (args.lr, args.rank) == (rows["rso-stiefel-rank64"]["chosen_lr"], 64)
-    # given flags win; the causal-LM task has its own (not swept) defaults
+    # given flags win
     args = build_parser().parse_args(["--method", "rso", "--rank", "4", "--lr", "1e-3"])
     assert (args.rank, args.lr) == (4, 1e-3)
-    args = build_parser().parse_args(["--method", "rso", "--task", "xsum"])
-    assert (args.lr, args.rank) == (2e-4, 8)
+
+
+def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
+    """``--task xsum`` with only ``--method``: the lr the SmolLM2 XSum sweep chose on its validation split (the
+    lowest validation loss of the seed-0 sweep, docs/finetune_xsum.json), at the sweep's rank; GaLore and
+    GoLore, not swept there, keep 2e-4."""
+    import pathlib
+
+    record = json.loads((pathlib.Path(__file__).parents[1] / "docs" / "finetune_xsum.json").read_text())
+    rows = {r["name"]: r for r in record["methods"]}
+    for method, row in (("adamw", rows["adamw"]), ("lora", rows["lora"]), ("rso", rows["rso-stiefel"])):
+        best = min((s for s in row["sweep"] if s["val_metric"] is not None), key=lambda s: s["val_metric"])
+        args = build_parser().parse_args(["--task", "xsum", "--method", method])
+        assert args.lr == best["lr"] == row["chosen_lr"], (method, args.lr, best["lr"])
+        assert method == "adamw" or args.rank == row["rank"] == 8, (method, args.rank, row["rank"])
+    for method in ("galore", "golore@20"):
+        assert (lambda a: (a.lr, a.rank))(build_parser().parse_args(["--task", "xsum", "--method", method])) == (2e-4, 8)

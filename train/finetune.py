@@ -51,13 +51,14 @@ IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "
 
 #: Default (peak LR, rank) per method family and task kind. Classification: what the Rotten Tomatoes sweep
 #: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20%
-#: sweep at rank 64, for every golore@X); no causal-LM default was swept ("*": RSO, GaLore and GoLore).
+#: sweep at rank 64, for every golore@X). Causal LM: what the XSum sweep chose for SmolLM2-135M, 32 steps of
+#: batch 8 (docs/finetune_xsum.md; LoRA's 4e-3 is the top of its grid); GaLore and GoLore ("*") were not swept.
 #: "rso:hybrid" is RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank is
 #: unused by adamw.
 DEFAULTS = {
     "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "rso:hybrid": (4e-4, 64), "lora": (1e-3, 8),
                        "galore": (8e-4, 64), "golore": (8e-4, 64)},
-    "causal_lm": {"adamw": (5e-5, 8), "lora": (5e-4, 8), "*": (2e-4, 8)},
+    "causal_lm": {"adamw": (1e-4, 8), "lora": (4e-3, 8), "rso": (4e-4, 8), "*": (2e-4, 8)},
 }
 
 
@@ -115,7 +116,7 @@ def build_parser() -> Parser:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
-                        "causal LM: 5e-5 adamw, 5e-4 lora, 2e-4 rso/galore/golore)")
+                        "causal LM: 1e-4 adamw, 4e-3 lora, 4e-4 rso, 2e-4 galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
