@@ -17,7 +17,7 @@ held-out set (``task.eval``) is what the table reports, mean ± std over the see
 the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
-runner of ``train.compare``). Writes ``table.md`` and ``table.json`` in ``--output-dir``. ``--resume`` in the same
+runner of ``train.compare``). Writes ``table.md``, ``table.json`` and ``sweep.png`` (validation metric against lr) in ``--output-dir``. ``--resume`` in the same
 ``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read, a run
 stopped part-way continues from its checkpoint (``train.finetune --resume``), the rest run.
 """
