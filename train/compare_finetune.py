@@ -37,8 +37,8 @@ from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
-from .metrics import plot_sweep
 from .methods import MethodError, parse_method
+from .metrics import plot_sweep
 from .models import ConfigError
 from .tasks import task_key
 
