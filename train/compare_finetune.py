@@ -275,8 +275,13 @@ def summarize(entry: dict, jobs: list[dict]) -> dict:
     return row
 
 
+def headline_metric(rows: list[dict]) -> str:
+    """The name of the metric the rows report (the first row that finished has it)."""
+    return next((r["metric"] for r in rows if "metric" in r), "metric")
+
+
 def table(rows: list[dict], info: dict) -> str:
-    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
+    metric = headline_metric(rows)
     second = next((r["secondary"] for r in rows if "secondary" in r), "eval loss")
     mem = next((r["memory_key"] for r in rows if r.get("memory_key")), "rss_mb")
     mem_label = "peak GPU memory (MB)" if "gpu" in mem else "peak RSS (MB)"
@@ -361,8 +366,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                           f"draw, the same for every run, not trained on); the held-out set is only reported"),
             "command": display([sys.executable, "-m", "train.compare_finetune", *args.argv]), "extra_args": extra}
     text = table(rows, info)
-    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
-    png = plot_sweep(rows, out / "sweep.png", metric, f"{info['task']}, {info['model']}: lr sweep, seed {seed0} "
+    png = plot_sweep(rows, out / "sweep.png", headline_metric(rows), f"{info['task']}, {info['model']}: lr sweep, seed {seed0} "
                      "(ringed: the chosen lr)")
     if png:
         text += f"\n\nLR sweep plot: {png}"
