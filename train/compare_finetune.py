@@ -132,7 +132,7 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
     if m["lrs"]:
         lrs = _floats(m["lrs"], f"--methods entry {text!r}")
     else:
-        default = finetune.method_defaults(task, entry["method"], entry["projection"])[0]
+        default = finetune.method_defaults(task, entry["method"], entry["projection"]).lr
         lrs = [float(f"{default * f:.3g}") for f in lr_factors]
     lrs = sorted(set(lrs))
     label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")

@@ -23,6 +23,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -49,22 +50,31 @@ RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau",
 IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "optimizer",
                  "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
 
-#: Default (peak LR, rank) per method family and task kind. Classification: what the Rotten Tomatoes sweep
-#: chose for MiniLM, one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20%
-#: sweep at rank 64, for every golore@X). Causal LM: what the XSum sweep chose for SmolLM2-135M, 32 steps of
-#: batch 8 (docs/finetune_xsum.md; LoRA's 4e-3 is the top of its grid); GaLore and GoLore ("*") were not swept.
-#: "rso:hybrid" is RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank is
-#: unused by adamw.
+class MethodDefaults(NamedTuple):
+    """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` are not given."""
+    lr: float
+    rank: int
+    tau: int = 100
+
+
+#: Defaults per method family and task kind. Classification: what the Rotten Tomatoes sweep chose for MiniLM,
+#: one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20% sweep at rank 64,
+#: for every golore@X). Causal LM: what the XSum sweeps chose for SmolLM2-135M, 32 steps of batch 8
+#: (docs/finetune_xsum.md; LoRA's 4e-3 is the top of its grid; RSO's rank 32 at τ = 8 beat rank 8 on the
+#: validation split); GaLore and GoLore ("*") were not swept. "rso:hybrid" is RSO with --projection hybrid
+#: (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
 DEFAULTS = {
-    "classification": {"adamw": (2e-4, 8), "rso": (8e-4, 64), "rso:hybrid": (4e-4, 64), "lora": (1e-3, 8),
-                       "galore": (8e-4, 64), "golore": (8e-4, 64)},
-    "causal_lm": {"adamw": (1e-4, 8), "lora": (4e-3, 8), "rso": (4e-4, 8), "*": (2e-4, 8)},
+    "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
+                       "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
+                       "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
+    "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
+                  "rso": MethodDefaults(4e-4, 32, tau=8), "*": MethodDefaults(2e-4, 8)},
 }
 
 
-def method_defaults(task: str, method: str, projection: str | None = None) -> tuple[float, int]:
-    """(peak LR, rank) for ``method`` (RSO: with ``projection``) on ``task`` when ``--lr`` / ``--rank`` are not
-    given (:data:`DEFAULTS`)."""
+def method_defaults(task: str, method: str, projection: str | None = None) -> MethodDefaults:
+    """LR, rank and τ for ``method`` (RSO: with ``projection``) on ``task`` when ``--lr`` / ``--rank`` /
+    ``--tau`` are not given (:data:`DEFAULTS`)."""
     try:
         kind = "causal_lm" if task_key(task) in CAUSAL_LM_TASKS else "classification"
     except DataError:  # an unknown task is reported where the task is read
@@ -82,13 +92,14 @@ class FinetuneParser(Parser):
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
         check_finetune_args(parsed)
-        if parsed.lr is None or parsed.rank is None:  # the method's defaults (given flags and --resume's win)
+        if None in (parsed.lr, parsed.rank, parsed.tau):  # the method's defaults (given flags and --resume's win)
             try:
-                lr, rank = method_defaults(parsed.task, parsed.method, parsed.projection)
+                defaults = method_defaults(parsed.task, parsed.method, parsed.projection)
             except MethodError as e:
                 raise UsageError(str(e)) from None
-            parsed.lr = lr if parsed.lr is None else parsed.lr
-            parsed.rank = rank if parsed.rank is None else parsed.rank
+            for name in MethodDefaults._fields:
+                if getattr(parsed, name) is None:
+                    setattr(parsed, name, getattr(defaults, name))
         return parsed, rest
 
 
@@ -111,8 +122,9 @@ def build_parser() -> Parser:
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
     p.add_argument("--rank", type=int, default=None,
-                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; 8 for causal LM)")
-    p.add_argument("--tau", type=int, default=100, help="optimizer steps per subspace")
+                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; causal LM: 32 rso, 8 others)")
+    p.add_argument("--tau", type=int, default=None,
+                   help="optimizer steps per subspace (default: 100; causal LM: 8 for rso)")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
