@@ -60,7 +60,7 @@ class MethodDefaults(NamedTuple):
 #: Defaults per method family and task kind. Classification: what the Rotten Tomatoes sweep chose for MiniLM,
 #: one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20% sweep at rank 64,
 #: for every golore@X). Causal LM: what the XSum sweeps chose for SmolLM2-135M, 32 steps of batch 8
-#: (docs/finetune_xsum.md; LoRA's 4e-3 is the top of its grid; RSO's rank 32 at τ = 8 beat rank 8 on the
+#: (docs/finetune_xsum.md; LoRA's lr grid runs to 8e-3; RSO's rank 32 at τ = 8 beat rank 8 on the
 #: validation split); GaLore and GoLore ("*") were not swept. "rso:hybrid" is RSO with --projection hybrid
 #: (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
 DEFAULTS = {
