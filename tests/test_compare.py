@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from train import compare_finetune as cf  # noqa: E402
+from train import finetune  # noqa: E402
 from train.compare import run_jobs  # noqa: E402
+from train.finetune import command_settings  # noqa: E402
 
 
 class InProcess:
@@ -74,10 +76,11 @@ def test_lr_choice_reads_only_the_validation_split():
 
 
 class FakeFinetune:
-    """A ``train.finetune`` run that only writes its results: validation accuracy peaks at lr 3e-4,
-    held-out accuracy at 1e-3 (and differs by seed)."""
+    """A ``train.finetune`` run that only writes its results (with the settings its command means, as the real
+    one does, or ``ran_with``'s): validation accuracy peaks at lr 3e-4, held-out accuracy at 1e-3 (and differs
+    by seed)."""
 
-    calls, resumed = [], []
+    calls, resumed, ran_with = [], [], {}
 
     def __init__(self, cmd, stdout, stderr):
         args = cmd[cmd.index("-m") + 2:]
@@ -89,7 +92,7 @@ class FakeFinetune:
         out = os.path.join(value["--output-dir"])
         os.makedirs(out, exist_ok=True)
         results = {"model": "fake", "eval_split": "held-out", "train_examples": 40, "val_examples": 8,
-                   "eval_examples": 24, "projection": None, "rank": 4, "trainable_params": 1000,
+                   "eval_examples": 24, **command_settings(args), **FakeFinetune.ran_with, "trainable_params": 1000,
                    "peak_rss_mb": 100.0 + seed, "median_step_s": 0.1, "final_eval_loss": 0.5,
                    "headline": {"metric": "accuracy", "higher_is_better": True, "eval_key": "final_accuracy",
                                 "val_key": "final_val_accuracy"},
@@ -119,7 +122,7 @@ def test_runner_sweeps_with_the_first_seed_then_runs_the_others_at_the_validatio
     assert [s["val_metric"] for s in rso["sweep"]] == [0.6, 0.8, 0.5]
     assert rows["adamw"]["chosen_lr"] == 1e-4 and not rows["adamw"]["swept"] and rows["adamw"]["sweep"] == []
     text = (out / "table.md").read_text()
-    assert "| rso | 4 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 80.00 ± 10.00% |" in text
+    assert "| rso (stiefel) | 64 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 80.00 ± 10.00% |" in text
     sweep_table = text[text.index("LR sweep"):text.index("Command:")]
     assert "**0.0003**" in sweep_table and "90.00" not in sweep_table  # the sweep shows validation numbers only
     assert f"LR sweep plot: {out / 'sweep.png'}" in text and (out / "sweep.png").stat().st_size > 10_000
@@ -163,6 +166,34 @@ def test_resume_reads_the_finished_runs_and_runs_the_rest(tmp_path):
     assert [s["val_metric"] for s in again["sweep"]] == [0.6, 0.8, 0.5]
     FakeFinetune.calls = []
     assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0 and FakeFinetune.calls == []  # all finished: none run
+
+
+def test_resume_reruns_a_finished_run_whose_settings_the_command_no_longer_means(tmp_path, monkeypatch):
+    """The same command text under a changed default (here RSO's rank) means another run: --resume runs it
+    again rather than reading its results; one continued from a checkpoint of other settings is a failure."""
+    out = tmp_path / "cmp"
+    argv = ["--methods", "rso=3e-4,adamw=1e-4", "--seeds", "0", "--val-from-train", "8", "--model", "tiny-bert",
+            "--output-dir", str(out), "--", "--max-steps", "2"]
+    FakeFinetune.calls = []
+    assert cf.main(argv, spawn=FakeFinetune) == 0
+    rank = json.loads((out / "rso_lr0.0003_s0" / "results.json").read_text())["rank"]
+    assert rank == finetune.method_defaults("rotten_tomatoes", "rso").rank  # the real settings were written
+    old = dict(finetune.DEFAULTS["classification"])
+    monkeypatch.setitem(finetune.DEFAULTS, "classification", {**old, "rso": old["rso"]._replace(rank=rank // 2)})
+    FakeFinetune.calls = []
+    assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0
+    assert FakeFinetune.calls == [("rso", 3e-4, 0)]  # adamw's settings are unchanged: read, not run
+    rows = {r["name"]: r for r in json.loads((out / "table.json").read_text())["methods"]}
+    assert rows["rso"]["rank"] == rank // 2 and "error" not in rows["rso"]
+    # stopped part-way under the old default: continued from its checkpoint, it ends with the saved rank
+    (out / "rso_lr0.0003_s0" / "results.json").unlink()
+    (out / "rso_lr0.0003_s0" / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(FakeFinetune, "ran_with", {"rank": rank})
+    FakeFinetune.calls, FakeFinetune.resumed = [], []
+    assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 1
+    assert FakeFinetune.resumed == [("rso", 3e-4, 0)]
+    text = (out / "table.md").read_text()
+    assert f"it ran with rank {rank} where the command now means {rank // 2}, continued from a checkpoint" in text
 
 
 def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
@@ -326,3 +357,31 @@ def test_pretrain_comparison_refuses_bad_seeds_before_any_run(tmp_path, capsys):
             compare.main(["--seeds", seeds, "--output-dir", str(tmp_path / "x")])
         assert e.value.code == 2 and "--seeds: give distinct integer seeds" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pretrain_comparison_resume_reruns_a_run_the_config_now_sets_otherwise(tmp_path, capsys, restore_threads):
+    """Rank, τ and lr left to the config: a finished run is read under --resume while the config says what it
+    ran with, and run again once the config's default changes (the command text is the same)."""
+    from conftest import micro_llama_config, write_micro_llama_config
+    from train import compare
+    config = tmp_path / "micro.json"
+    write_micro_llama_config(config)
+    argv = ["--config", str(config), "--max-steps", "2", "--methods", "rso:stiefel", "--output-dir", str(tmp_path / "cmp"),
+            "--resume", "--max-docs", "200", "--cache-dir", str(tmp_path / "cache"), "--eval-batches", "1"]
+    calls = []
+
+    def spawn(cmd, stdout, stderr):
+        calls.append(cmd)
+        return InProcess(cmd, stdout, stderr)
+
+    assert compare.main(argv, spawn=spawn) == 0 and len(calls) == 1
+    first = json.loads((tmp_path / "cmp" / "table.json").read_text())["runs"][0]
+    assert first["rank"] == micro_llama_config()["training"]["rank"] and first["tau"] == 2
+    assert compare.main(argv, spawn=spawn) == 0 and len(calls) == 1  # the same settings: read, not run
+    write_micro_llama_config(config, training={**micro_llama_config()["training"], "rank": 4})
+    capsys.readouterr()
+    assert compare.main(argv, spawn=spawn) == 0 and len(calls) == 2 and calls[0] == calls[1]
+    assert f"rerun rso-stiefel_s0: its results.json has rank {first['rank']} where the command now means 4" \
+        in capsys.readouterr().out
+    assert json.loads((tmp_path / "cmp" / "table.json").read_text())["runs"][0]["rank"] == 4
+

@@ -9,8 +9,8 @@ at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset``
 ``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std)
 and ``curves.png`` (train and eval loss against step, averaged over the seeds).
 ``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
-runs are read, a run stopped part-way continues from its last checkpoint (``train.pretrain --resume``), the
-rest run. Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
+runs are read (if their settings are still what the command means), a run stopped part-way continues from its
+last checkpoint (``train.pretrain --resume``), the rest run. Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from . import pretrain
 from .checkpoint import CHECKPOINT_NAME
 from .metrics import plot_comparison
 
@@ -128,6 +129,12 @@ def table(rows: list[dict], seeds: list[int]) -> str:
     return "\n".join(lines + ([""] + [f"Failed: {f}" for f in failed] if failed else []))
 
 
+def settings_differ(job: dict, results: dict) -> str:
+    """The settings in ``results`` that are not ``job["settings"]`` ("" if none; a key ``results`` lacks is not compared)."""
+    return ", ".join(f"{key} {results[key]!r} where the command now means {value!r}"
+                     for key, value in job.get("settings", {}).items() if key in results and results[key] != value)
+
+
 def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_job: int | None = None,
              on_done=None, summary=None, spawn=subprocess.Popen, poll_s: float = 1.0,
              reuse: bool = False) -> list[dict]:
@@ -143,6 +150,9 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
     with ``reuse``, a job whose ``.cmd`` holds the same command and whose ``results.json`` exists (a run
     finished by an earlier, interrupted invocation) is not run again: its results are read; one whose
     folder holds only a checkpoint (stopped part-way) runs with ``--resume`` added, continuing from it.
+    A job may carry ``settings`` (what its command means now, :func:`loop.run_settings`): a results.json that
+    says otherwise (the same text under a changed default) is run again from the start, and a continued run
+    that ends with other settings (its checkpoint's) gets an ``error``.
     """
     pin = shutil.which("taskset") and n_jobs > 1 and threads_per_job
     pending, running, done = list(jobs), [], []
@@ -155,11 +165,16 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
             cmd_file, res_path = out / f"{job['name']}.cmd", pathlib.Path(job["output"]) / "results.json"
             same = reuse and cmd_file.exists() and cmd_file.read_text() == job["command"]
             if same and res_path.exists():
-                job.update(json.loads(res_path.read_text()), reused=True)
-                print(f"reuse {job['name']}: {summary(job) if summary else 'ok'} (finished earlier)", flush=True)
-                done.append(job)
-                pending += (on_done(job) if on_done else None) or []
-                continue
+                results = json.loads(res_path.read_text())
+                stale = settings_differ(job, results)
+                if not stale:
+                    job.update(results, reused=True)
+                    print(f"reuse {job['name']}: {summary(job) if summary else 'ok'} (finished earlier)", flush=True)
+                    done.append(job)
+                    pending += (on_done(job) if on_done else None) or []
+                    continue
+                print(f"rerun {job['name']}: its results.json has {stale}", flush=True)
+                same = False  # from the start: its checkpoint, if kept, has the old settings too
             resume = same and (pathlib.Path(job["output"]) / CHECKPOINT_NAME).exists()
             cmd_file.write_text(job["command"])
             slot = slots.pop(0)
@@ -182,13 +197,19 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
             slots.append(slot)
             log.close()
             res_path = pathlib.Path(job["output"]) / "results.json"
-            if proc.returncode == 0 and res_path.exists():
-                job.update(json.loads(res_path.read_text()))
+            results = json.loads(res_path.read_text()) if proc.returncode == 0 and res_path.exists() else None
+            stale = results is not None and settings_differ(job, results)
+            if results is not None and not stale:
+                job.update(results)
                 line = summary(job) if summary else "ok"
                 print(f"done  {job['name']}: {line} ({time.time() - t0:.0f}s)", flush=True)
+            elif stale:
+                job["error"] = (f"it ran with {stale}, continued from a checkpoint saved under other settings: "
+                                f"remove {job['output']} and run again")
             else:
                 tail = (out / f"{job['name']}.log").read_text().strip().splitlines()[-1:] or ["?"]
                 job["error"] = f"exit {proc.returncode}: {tail[0][:200]}"
+            if "error" in job:
                 print(f"FAIL  {job['name']}: {job['error']}", flush=True)
             done.append(job)
             pending += (on_done(job) if on_done else None) or []
@@ -223,8 +244,9 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     for seed in seeds:  # seed-major: every method has a first seed before any has a second
         for entry in entries:
             name = f"{entry['name']}_s{seed}"
+            cmd = command(entry, seed, args, extra, out / name)
             jobs.append({"name": name, "entry_name": entry["name"], "run_seed": seed, "output": out / name,
-                         "cmd": command(entry, seed, args, extra, out / name)})
+                         "cmd": cmd, "settings": pretrain.command_settings(cmd[3:])})
     run_jobs(jobs, out, args.jobs, args.threads_per_job, reuse=args.resume, spawn=spawn, poll_s=0.5,
              summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
     rows = [summarize(e, jobs) for e in entries]
@@ -239,7 +261,7 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
     (out / "table.json").write_text(json.dumps(
         {"command": command_line, "seeds": seeds, "methods": rows,
-         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output")} for j in jobs]}, indent=2, default=str))
+         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output", "settings")} for j in jobs]}, indent=2, default=str))
     print(text)
     print(f"table: {out / 'table.md'}")
     return 0 if all("error" not in j for j in jobs) else 1

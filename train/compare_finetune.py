@@ -18,8 +18,8 @@ the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
 runner of ``train.compare``). Writes ``table.md``, ``table.json`` and ``sweep.png`` (validation metric against lr) in ``--output-dir``. ``--resume`` in the same
-``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read, a run
-stopped part-way continues from its checkpoint (``train.finetune --resume``), the rest run.
+``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
+settings are still what the command means: a changed default reruns them), a run stopped part-way continues from its checkpoint (``train.finetune --resume``), the rest run.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def build_parser() -> Parser:
                    help="keep each finished run's checkpoint.pt (default: deleted once its results are read)")
     p.add_argument("--resume", action="store_true",
                    help="rerun an interrupted comparison in the same --output-dir: runs that finished with the same "
-                        "command are read, not run again")
+                        "command and the settings it still means are read, not run again")
     p.add_argument("--output-dir", default="runs/compare-finetune")
     return p
 
@@ -163,8 +163,9 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
 
 def make_job(entry: dict, lr: float, seed: int, phase: str, args, extra, out: pathlib.Path) -> dict:
     name = f"{entry['name']}_lr{lr:g}_s{seed}"
+    cmd = job_command(entry, lr, seed, args, extra, out / name)
     return {"name": name, "entry_name": entry["name"], "phase": phase, "run_lr": lr, "run_seed": seed,
-            "cmd": job_command(entry, lr, seed, args, extra, out / name), "output": out / name}
+            "cmd": cmd, "settings": finetune.command_settings(cmd[3:]), "output": out / name}
 
 
 def plan(args, extra: list[str]) -> list[dict]:
@@ -378,7 +379,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
     (out / "table.json").write_text(json.dumps(
         {**info, "methods": rows,
-         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output")} for j in jobs]}, indent=2, default=str))
+         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output", "settings")} for j in jobs]}, indent=2, default=str))
     print(header + "\n\n" + text)
     print(f"table: {out / 'table.md'}")
     return 0 if all(not j.get("error") for j in jobs) and all("error" not in r for r in rows) else 1

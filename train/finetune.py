@@ -33,7 +33,7 @@ from .data import DataError, default_cache_dir, load_tokenizer
 from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
                    fill_step_defaults, method_options, optimizer_step,
-                   resume_args, resume_schedule, setup_device, steps_for_epochs, stop_early)
+                   resume_args, resume_schedule, run_settings, setup_device, steps_for_epochs, stop_early)
 from .methods import MethodError, describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2
@@ -402,8 +402,7 @@ def run(args) -> dict:
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     results = {"task": task.name, "model": args.model or ("smollm2" if task.kind == "causal_lm" else "minilm"),
-               "method": args.method, "projection": args.projection if parse_method(args.method)[0] == "rso" else None,
-               "rank": args.rank, "tau": args.tau, "scale": args.scale, "lr": args.lr, "seed": args.seed, "steps": step,
+               **run_settings(args), "steps": step,
                "train_examples": len(train_set), "val_examples": len(val_set), "eval_examples": len(eval_set),
                "eval_split": task.eval_split, "headline": headline(task),
                **{f"final_{k}": v for k, v in last_eval[1].items()},
@@ -450,6 +449,11 @@ def save_and_verify(model, tok, model_cls, task, eval_set, args, pad_id, device,
             "merge_max_abs_diff": (before - merged).abs().max().item(),
             "reload_max_abs_diff": (merged - after).abs().max().item(),
             "reload_same_predictions": same(merged, after) and same(before, after)}
+
+
+def command_settings(argv: list[str]) -> dict:
+    """The :func:`loop.run_settings` that ``rso-finetune argv`` trains with (a fresh run: the defaults filled)."""
+    return run_settings(build_parser().parse_args(argv))
 
 
 def main(argv=None) -> int:

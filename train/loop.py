@@ -279,6 +279,19 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
         log(f"--resume: the saved settings win over {', '.join(lost)}")
 
 
+#: The settings that say what a run trained, in its ``results.json``. The comparison runners reuse a finished
+#: run only when they match what its command means now (a changed default changes the meaning).
+RUN_SETTINGS = ("method", "projection", "rank", "tau", "scale", "lr", "seed")
+
+
+def run_settings(args) -> dict:
+    """:data:`RUN_SETTINGS` of the resolved ``args``; the projection is None for a method other than RSO."""
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if parse_method(args.method)[0] != "rso":
+        settings["projection"] = None
+    return settings
+
+
 def resume_schedule(scheduler, args, step: int, log) -> None:
     """After restoring a run at ``step`` whose length ``--resume`` changed: rebuild its cosine schedule for
     ``args.max_steps`` (``schedule.resize``) and say so, with the LR at ``step`` under both schedules."""

@@ -25,7 +25,7 @@ from .data import build_pretraining_data, default_cache_dir
 from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
                    fill_step_defaults, method_options, optimizer_step,
-                   resume_args, resume_schedule, setup_device, stop_early)
+                   resume_args, resume_schedule, run_settings, setup_device, stop_early)
 from .methods import describe, parse_method, setup_method
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
 from .models import build_model, load_config
@@ -186,8 +186,7 @@ def run(args) -> dict:
                       f"{args.config} / {args.method}" + (f" ({args.projection})" if args.method == "rso" else ""))
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    results = {"config": args.config, "method": args.method, "projection": args.projection if args.method == "rso" else None,
-               "rank": args.rank, "tau": args.tau, "lr": args.lr, "steps": step, "tokens": step * tokens_per_step,
+    results = {"config": args.config, **run_settings(args), "steps": step, "tokens": step * tokens_per_step,
                "final_eval_loss": last_eval[1], "final_eval_ppl": perplexity(last_eval[1]),
                "final_train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
                "median_tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
@@ -202,6 +201,12 @@ def run(args) -> dict:
     print(f"metrics: {results['metrics']}\nplot: {results['plot']}\ncheckpoint: {results['checkpoint']}\n"
           f"results: {out / 'results.json'}")
     return results
+
+
+def command_settings(argv: list[str]) -> dict:
+    """The :func:`loop.run_settings` that ``rso-pretrain argv`` trains with (a fresh run: the config's defaults filled)."""
+    args = build_parser().parse_args(argv)
+    return run_settings(resolve_args(args, load_config(args.config)))
 
 
 def main(argv=None) -> int:
