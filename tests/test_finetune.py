@@ -288,7 +288,7 @@ def test_classification_defaults_are_the_sweeps_choice():
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
     """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split
     (docs/finetune_xsum.json): for AdamW and LoRA the lr of lowest seed-0 validation loss; for RSO, of its rows
-    (rank 8 at τ 100, rank 32 at τ 8), the one whose chosen lr has the lowest validation loss, with that row's
+    (rank 8 at τ 100, rank 32 and 64 at τ 8), the one whose chosen lr has the lowest validation loss, with that row's
     rank and τ. GaLore and GoLore, not swept there, keep 2e-4 at rank 8."""
     import pathlib
 

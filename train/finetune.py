@@ -3,7 +3,7 @@
     python -m train.finetune --task rotten_tomatoes --method rso --rank 8 --max-steps 200 --output-dir runs/ft-rt
     python -m train.finetune --task boolq --method golore@20 --output-dir runs/ft-boolq
     python -m train.finetune --task sst2 --model <hub name> ...      # GLUE by name, when online
-    python -m train.finetune --task xsum --model smollm2 --method rso --rank 32 --output-dir runs/ft-smollm2
+    python -m train.finetune --task xsum --model smollm2 --method rso --output-dir runs/ft-smollm2
 
 Offline defaults: the packaged MiniLM encoder (``--model minilm``) for classification and the packaged
 SmolLM2-135M (``--model smollm2``) for the causal-LM task. At the end the model is unwrapped (RSO
@@ -60,15 +60,15 @@ class MethodDefaults(NamedTuple):
 #: Defaults per method family and task kind. Classification: what the Rotten Tomatoes sweep chose for MiniLM,
 #: one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20% sweep at rank 64,
 #: for every golore@X). Causal LM: what the XSum sweeps chose for SmolLM2-135M, 32 steps of batch 8
-#: (docs/finetune_xsum.md; LoRA's lr grid runs to 8e-3; RSO's rank 32 at τ = 8 beat rank 8 on the
-#: validation split); GaLore and GoLore ("*") were not swept. "rso:hybrid" is RSO with --projection hybrid
+#: (docs/finetune_xsum.md; LoRA's lr grid runs to 8e-3; of RSO's rank 8, 32 and 64, rank 64 at τ = 8 did best
+#: on the validation split); GaLore and GoLore ("*") were not swept. "rso:hybrid" is RSO with --projection hybrid
 #: (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
 DEFAULTS = {
     "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
                        "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
                        "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
     "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
-                  "rso": MethodDefaults(4e-4, 32, tau=8), "*": MethodDefaults(2e-4, 8)},
+                  "rso": MethodDefaults(4e-4, 64, tau=8), "*": MethodDefaults(2e-4, 8)},
 }
 
 
