@@ -112,6 +112,25 @@ def test_finetune_each_method_saves_a_plain_model(tmp_path, method):
                           ["--model", "tiny-bert", "--task", "rotten_tomatoes"])
 
 
+@pytest.mark.parametrize("method", ["adamw", "rso"])
+def test_freeze_embeddings_keeps_the_token_embeddings_and_trains_the_rest(tmp_path, method):
+    """--freeze-embeddings: the saved model's token embeddings are the untrained ones, bit for bit, while the
+    other weights moved; the trainable count drops by exactly vocab × hidden."""
+    from transformers import AutoModelForSequenceClassification
+
+    argv = ["--method", method, "--task", "rotten_tomatoes", "--lr", "1e-2"]
+    plain = run(_args(tmp_path / "plain", *argv, "--no-save-model"))
+    frozen = run(_args(tmp_path / "frozen", *argv, "--freeze-embeddings"))
+    start = _untrained(["--model", "tiny-bert", "--task", "rotten_tomatoes"], tasks.load_task("rotten_tomatoes", 8, 8))
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "frozen" / "final")
+    vocab, hidden = start.get_input_embeddings().weight.shape
+    assert torch.equal(saved.get_input_embeddings().weight, start.get_input_embeddings().weight)
+    moved = [n for n, w in saved.state_dict().items() if not torch.equal(w, start.state_dict()[n])]
+    assert any("encoder.layer.0.attention" in n for n in moved) and "classifier.weight" in moved
+    assert frozen["freeze_embeddings"] and not plain["freeze_embeddings"]
+    assert plain["trainable_params"] - frozen["trainable_params"] == vocab * hidden
+
+
 def test_boolq_pairs(tmp_path):
     """BoolQ's (question, passage) pairs: encoded as one pair, the dev labels read from the data's answers, and
     the reported loss and accuracy those of the trained model on those pairs."""

@@ -42,13 +42,14 @@ from .schedule import cosine_schedule
 from .tasks import CAUSAL_LM_TASKS, EpochSampler, Task, compute_metrics, load_task, task_key
 
 #: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
-RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "lr", "weight_decay",
-            "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps", "epochs",
-            "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip", "seed", "max_train", "val_from_train", "max_eval",
-            "eval_every", "save_every", "log_every", "dtype")
+RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "freeze_embeddings",
+            "lr", "weight_decay", "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "max_steps",
+            "epochs", "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip", "seed", "max_train",
+            "val_from_train", "max_eval", "eval_every", "save_every", "log_every", "dtype")
 #: Those that make the run what it is: --resume refuses another value for them.
-IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "optimizer",
-                 "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train", "val_from_train")
+IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "freeze_embeddings",
+                 "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length", "seed", "max_train",
+                 "val_from_train")
 
 class MethodDefaults(NamedTuple):
     """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` are not given."""
@@ -122,10 +123,12 @@ def build_parser() -> Parser:
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
     p.add_argument("--rank", type=int, default=None,
-                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; causal LM: 32 rso, 8 others)")
+                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; causal LM: 64 rso, 8 others)")
     p.add_argument("--tau", type=int, default=None,
                    help="optimizer steps per subspace (default: 100; causal LM: 8 for rso)")
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep the token embeddings (and a head tied to them) frozen; lora always does")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
                         "causal LM: 1e-4 adamw, 4e-3 lora, 4e-4 rso, 2e-4 galore/golore)")
@@ -350,6 +353,8 @@ def run(args) -> dict:
         + f"{len(eval_set):,} {task.eval_split} examples; {task.notes}")
 
     # ---- method
+    if args.freeze_embeddings:  # before the optimizer is built: every method trains only what requires grad
+        model.get_input_embeddings().weight.requires_grad_(False)
     opts = method_options(args, task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
     model, optimizer = setup_method(args.method, model, opts)
     model = apply_activation_checkpointing(args, model, log)
@@ -402,7 +407,7 @@ def run(args) -> dict:
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     results = {"task": task.name, "model": args.model or ("smollm2" if task.kind == "causal_lm" else "minilm"),
-               **run_settings(args), "steps": step,
+               **run_settings(args), "freeze_embeddings": args.freeze_embeddings, "steps": step,
                "train_examples": len(train_set), "val_examples": len(val_set), "eval_examples": len(eval_set),
                "eval_split": task.eval_split, "headline": headline(task),
                **{f"final_{k}": v for k, v in last_eval[1].items()},
