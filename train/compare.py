@@ -10,7 +10,8 @@ at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset``
 and ``curves.png`` (train and eval loss against step, averaged over the seeds).
 ``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
 runs are read (if their settings are still what the command means), a run stopped part-way continues from its
-last checkpoint (``train.pretrain --resume``), the rest run. Fine-tuning has its runner in ``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
+last checkpoint (``train.pretrain --resume``), the rest run. Fine-tuning has its runner in
+``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -133,6 +134,11 @@ def settings_differ(job: dict, results: dict) -> str:
     """The settings in ``results`` that are not ``job["settings"]`` ("" if none; a key ``results`` lacks is not compared)."""
     return ", ".join(f"{key} {results[key]!r} where the command now means {value!r}"
                      for key, value in job.get("settings", {}).items() if key in results and results[key] != value)
+
+
+def run_records(jobs: list[dict]) -> list[dict]:
+    """The jobs as ``table.json`` lists them: name, command and results, without argv, folder and settings."""
+    return [{k: v for k, v in j.items() if k not in ("cmd", "output", "settings")} for j in jobs]
 
 
 def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_job: int | None = None,
@@ -261,7 +267,7 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
     (out / "table.json").write_text(json.dumps(
         {"command": command_line, "seeds": seeds, "methods": rows,
-         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output", "settings")} for j in jobs]}, indent=2, default=str))
+         "runs": run_records(jobs)}, indent=2, default=str))
     print(text)
     print(f"table: {out / 'table.md'}")
     return 0 if all("error" not in j for j in jobs) else 1

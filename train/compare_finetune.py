@@ -19,7 +19,8 @@ run's length (after ``--``) evaluates once, at the end. Arguments after the runn
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
 runner of ``train.compare``). Writes ``table.md``, ``table.json`` and ``sweep.png`` (validation metric against lr) in ``--output-dir``. ``--resume`` in the same
 ``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
-settings are still what the command means: a changed default reruns them), a run stopped part-way continues from its checkpoint (``train.finetune --resume``), the rest run.
+settings are still what the command means: a changed default reruns them), a run stopped part-way continues
+from its checkpoint (``train.finetune --resume``), the rest run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import sys
 
 from . import finetune
 from .checkpoint import CHECKPOINT_NAME
-from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs
+from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
 from .methods import MethodError, parse_method
@@ -379,7 +380,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
     (out / "table.json").write_text(json.dumps(
         {**info, "methods": rows,
-         "runs": [{k: v for k, v in j.items() if k not in ("cmd", "output", "settings")} for j in jobs]}, indent=2, default=str))
+         "runs": run_records(jobs)}, indent=2, default=str))
     print(header + "\n\n" + text)
     print(f"table: {out / 'table.md'}")
     return 0 if all(not j.get("error") for j in jobs) and all("error" not in r for r in rows) else 1
