@@ -128,6 +128,21 @@ def test_runner_sweeps_with_the_first_seed_then_runs_the_others_at_the_validatio
     assert f"LR sweep plot: {out / 'sweep.png'}" in text and (out / "sweep.png").stat().st_size > 10_000
 
 
+def test_an_entry_with_seeds_n_runs_only_the_first_n_seeds(tmp_path):
+    FakeFinetune.calls = []
+    out = tmp_path / "cmp"
+    assert cf.main(["--methods", "rso[seeds=1]=1e-4/3e-4/1e-3,adamw[seeds=2]=1e-4", "--seeds", "0,1,2",
+                    "--val-from-train", "8", "--model", "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "2"],
+                   spawn=FakeFinetune) == 0
+    assert sorted(FakeFinetune.calls) == sorted([("rso", 1e-4, 0), ("rso", 3e-4, 0), ("rso", 1e-3, 0),
+                                                 ("adamw", 1e-4, 0), ("adamw", 1e-4, 1)])
+    rows = {r["name"]: r for r in json.loads((out / "table.json").read_text())["methods"]}
+    assert rows["rso"]["chosen_lr"] == 3e-4 and rows["rso"]["seeds"] == [0] and rows["rso"]["std"] is None
+    assert rows["adamw"]["seeds"] == [0, 1] and rows["adamw"]["mean"] == pytest.approx(0.65)
+    assert "| rso (stiefel) | 64 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 70.00% | 0.5000 | 1 |" in \
+        (out / "table.md").read_text()
+
+
 def test_sweep_plot_draws_validation_metric_against_lr_and_rings_the_choice(tmp_path, monkeypatch):
     import matplotlib.axes
     from train.metrics import plot_sweep
@@ -202,6 +217,9 @@ def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
 
     for argv, message in [(["--methods", "rso:bogus"], "--methods entry 'rso:bogus': --projection: unknown projection"),
                           (["--methods", "lora[rnk=4]"], "--methods entry 'lora[rnk=4]': unknown option 'rnk=4'"),
+                          (["--methods", "lora[seeds=0]"], "--methods entry 'lora[seeds=0]': seeds must be ≥ 1, got 0"),
+                          (["--methods", "lora[seeds=4]", "--seeds", "0,1,2"],
+                           "--methods entry 'lora[seeds=4]': seeds=4 but --seeds gives 3"),
                           (["--methods", "adamw=0"], "--methods entry 'adamw=0': each value must be a finite number > 0"),
                           (["--seeds", "1,1"], "--seeds: give distinct integer seeds"),
                           (["--task", "squad"], "unknown task 'squad'; offline: rotten_tomatoes, boolq, xsum"),

@@ -5,7 +5,8 @@
         --max-train 4000 --epochs 1 --batch-size 32 --max-length 64 --max-eval 2000 --eval-every 125
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
-``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]`` (keys: rank, tau, scale);
+``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]`` (keys: rank, tau, scale;
+and ``seeds=N``: this entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
 
 Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
@@ -46,6 +47,8 @@ from .tasks import task_key
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
 #: Entry options and the train.finetune flags they set.
 ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float}
+#: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
+RUNNER_OPTIONS = {"seeds": int}
 #: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
 RUNNER_SETS = {"method": "the entries of --methods", "projection": "an entry's method:projection",
                "lr": "an entry's =lr/lr/... or --lr-factors", "seed": "--seeds", "output_dir": "the runner's --output-dir",
@@ -120,16 +123,18 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         name, _ = parse_method(entry["method"])
     except MethodError as e:
         raise UsageError(f"--methods entry {text!r}: {e}") from None
-    options = {}
+    options, runner_options, known = {}, {}, {**ENTRY_OPTIONS, **RUNNER_OPTIONS}
     for item in filter(None, (s.strip() for s in (m["options"] or "").split(","))):
         key, eq, value = item.partition("=")
-        if key not in ENTRY_OPTIONS or not eq:
+        if key not in known or not eq:
             raise UsageError(f"--methods entry {text!r}: unknown option {item!r}; options: "
-                             f"{', '.join(f'{k}=VALUE' for k in ENTRY_OPTIONS)}")
+                             f"{', '.join(f'{k}=VALUE' for k in known)}")
         try:
-            options[key] = ENTRY_OPTIONS[key](value)
+            (options if key in ENTRY_OPTIONS else runner_options)[key] = known[key](value)
         except ValueError:
             raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not a number") from None
+    if runner_options.get("seeds", 1) < 1:
+        raise UsageError(f"--methods entry {text!r}: seeds must be ≥ 1, got {runner_options['seeds']}")
     if m["lrs"]:
         lrs = _floats(m["lrs"], f"--methods entry {text!r}")
     else:
@@ -139,7 +144,7 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
     label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")
     label += "".join(f", {k} {v:g}" for k, v in options.items())
     return {"entry": text, "method": entry["method"], "projection": entry["projection"], "options": options,
-            "lrs": lrs, "label": label,
+            "n_seeds": runner_options.get("seeds"), "lrs": lrs, "label": label,
             "name": entry["name"] + "".join(f"-{k}{v:g}" for k, v in options.items())}
 
 
@@ -196,6 +201,10 @@ def plan(args, extra: list[str]) -> list[dict]:
         raise UsageError(f"--methods: two entries are both {dup!r}")
     cfg = finetune.model_config(args.model)
     for entry in entries:
+        if (entry["n_seeds"] or 0) > len(args.seed_list):
+            raise UsageError(f"--methods entry {entry['entry']!r}: seeds={entry['n_seeds']} but --seeds gives "
+                             f"{len(args.seed_list)}")
+        entry["seed_list"] = args.seed_list[:entry["n_seeds"]]
         for lr in entry["lrs"]:
             argv = job_command(entry, lr, args.seed_list[0], args, extra, pathlib.Path("x"))[3:]
             try:
@@ -316,7 +325,7 @@ def table(rows: list[dict], info: dict) -> str:
 def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> int:
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seed0, others = args.seed_list[0], args.seed_list[1:]
+    seed0 = args.seed_list[0]
     by_name = {e["name"]: e for e in entries}
     first = []
     for e in entries:
@@ -325,7 +334,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
             first += [make_job(e, lr, seed0, "sweep", args, extra, out) for lr in e["lrs"]]
         else:
             e["chosen_lr"] = e["lrs"][0]
-            first += [make_job(e, e["lrs"][0], s, "seed", args, extra, out) for s in args.seed_list]
+            first += [make_job(e, e["lrs"][0], s, "seed", args, extra, out) for s in e["seed_list"]]
     jobs = list(first)
 
     def on_done(job):
@@ -340,7 +349,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
             entry["error"] = "no sweep run finished with a validation metric"
             print(f"FAIL  {entry['name']}: {entry['error']}", flush=True)
             return []
-        swept = ", ".join(f"{j['run_lr']:g}" for j in sweep)
+        swept, others = ", ".join(f"{j['run_lr']:g}" for j in sweep), entry["seed_list"][1:]
         print(f"lr    {entry['name']}: {entry['chosen_lr']:g} (the best validation metric of {swept}); "
               f"seeds to run at it: {', '.join(map(str, others)) or 'none'}", flush=True)
         more = [make_job(entry, entry["chosen_lr"], s, "seed", args, extra, out) for s in others]
