@@ -241,8 +241,11 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, restore_threads):
+def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, restore_threads, monkeypatch):
     out = tmp_path / "cmp"
+    plotted = {}
+    real_plot = cf.plot_comparison
+    monkeypatch.setattr(cf, "plot_comparison", lambda runs, *a, **k: plotted.update(runs) or real_plot(runs, *a, **k))
     rc = cf.main(["--model", "tiny-bert", "--methods", "rso[rank=4,tau=2]=1e-3/3e-3,adamw=1e-3",
                   "--seeds", "0,1", "--val-from-train", "8", "--jobs", "2", "--threads-per-job", "1",
                   "--output-dir", str(out), "--",
@@ -264,6 +267,10 @@ def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, 
     text = (out / "table.md").read_text()
     assert "| rso (stiefel), rank 4, tau 2 | 4 |" in text and "| adamw | — | 0.001 (not swept) |" in text
     assert "python -m train.compare_finetune --model tiny-bert" in text
+    # the loss curves: each method's seed runs at its chosen lr, never a sweep run at another lr
+    chosen = f"rso-rank4-tau2_lr{rso['chosen_lr']:g}"
+    assert sorted(map(str, plotted[rso["label"]])) == [str(out / f"{chosen}_s{s}" / "metrics.jsonl") for s in (0, 1)]
+    assert len(plotted["adamw"]) == 2 and "curves.png" in text and (out / "curves.png").stat().st_size > 10_000
 
 
 # ----------------------------------------------------------------------------- pre-training: train.compare

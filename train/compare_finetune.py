@@ -18,7 +18,8 @@ held-out set (``task.eval``) is what the table reports, mean ± std over the see
 the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
-runner of ``train.compare``). Writes ``table.md``, ``table.json`` and ``sweep.png`` (validation metric against lr) in ``--output-dir``. ``--resume`` in the same
+runner of ``train.compare``). Writes ``table.md``, ``table.json``, ``sweep.png`` (validation metric against lr) and
+``curves.png`` (each method's loss curves at its chosen lr, mean over seeds) in ``--output-dir``. ``--resume`` in the same
 ``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
 settings are still what the command means: a changed default reruns them), a run stopped part-way continues
 from its checkpoint (``train.finetune --resume``), the rest run.
@@ -40,7 +41,7 @@ from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options
 from .methods import MethodError, parse_method
-from .metrics import plot_sweep
+from .metrics import plot_comparison, plot_sweep
 from .models import ConfigError
 from .tasks import task_key
 
@@ -381,6 +382,12 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                      "(ringed: the chosen lr)")
     if png:
         text += f"\n\nLR sweep plot: {png}"
+    finished = {j["name"]: j["metrics"] for j in done if "metrics" in j and not j.get("error")}
+    png = plot_comparison({r["label"]: [finished[n] for n in r["runs"] if n in finished] for r in rows},
+                          out / "curves.png", f"{info['task']}, {info['model']}: each method at its chosen lr, "
+                          f"seeds {', '.join(map(str, args.seed_list))}")
+    if png:
+        text += f"\nLoss curves (train loss; {info['eval_split']} loss): {png}"
     header = (f"Task {info['task']}, model {info['model']}: {info['train_examples']} training examples, "
               f"{info['val_examples']} validation (carved from train), {info['eval_examples']} {info['eval_split']}. "
               f"{info['selection'][0].upper() + info['selection'][1:]}. Mean ± std over seeds "
