@@ -382,7 +382,8 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
                      "(ringed: the chosen lr)")
     if png:
         text += f"\n\nLR sweep plot: {png}"
-    finished = {j["name"]: j["metrics"] for j in done if "metrics" in j and not j.get("error")}
+    logs = {j["name"]: pathlib.Path(j["output"]) / "metrics.jsonl" for j in done if not j.get("error")}
+    finished = {name: path for name, path in logs.items() if path.exists()}  # a run moved or pruned: not drawn
     png = plot_comparison({r["label"]: [finished[n] for n in r["runs"] if n in finished] for r in rows},
                           out / "curves.png", f"{info['task']}, {info['model']}: each method at its chosen lr, "
                           f"seeds {', '.join(map(str, args.seed_list))}")
