@@ -383,8 +383,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
     if png:
         text += f"\n\nLR sweep plot: {png}"
     logs = {j["name"]: pathlib.Path(j["output"]) / "metrics.jsonl" for j in done if not j.get("error")}
-    finished = {name: path for name, path in logs.items() if path.exists()}  # a run moved or pruned: not drawn
-    png = plot_comparison({r["label"]: [finished[n] for n in r["runs"] if n in finished] for r in rows},
+    png = plot_comparison({r["label"]: [logs[n] for n in r["runs"] if n in logs] for r in rows},
                           out / "curves.png", f"{info['task']}, {info['model']}: each method at its chosen lr, "
                           f"seeds {', '.join(map(str, args.seed_list))}")
     if png:

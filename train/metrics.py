@@ -139,7 +139,7 @@ def plot_curves(metrics_path, png_path, title: str = "") -> pathlib.Path | None:
 def plot_comparison(runs: dict[str, list], png_path, title: str = "") -> pathlib.Path | None:
     """Several methods over seeds: ``runs`` maps a label to its runs' ``metrics.jsonl`` paths. Left, the
     train loss averaged over the seeds at each logged step; right, the eval loss's mean over the seeds with
-    a band from the lowest to the highest seed."""
+    a band from the lowest to the highest seed. A path that does not exist (a run moved or pruned) is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +148,7 @@ def plot_comparison(runs: dict[str, list], png_path, title: str = "") -> pathlib
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
     drawn = False
     for label, paths in runs.items():
-        records = [MetricsLog.read(path) for path in paths]
+        records = [MetricsLog.read(path) for path in paths if pathlib.Path(path).exists()]
         for ax, key in ((ax_train, "loss"), (ax_eval, "eval_loss")):
             by_step: dict[int, list[float]] = {}
             for run in records:
