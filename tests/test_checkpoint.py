@@ -55,3 +55,37 @@ def test_resume_is_bit_for_bit_and_restores_the_saved_seed():
         assert resumed == reference
         for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
             assert torch.equal(a, b), k
+
+
+def test_restore_run_puts_back_every_random_generator(tmp_path):
+    """``save_run`` / ``restore_run``: after a resume the Python, NumPy and torch generators draw what the
+    uninterrupted run draws next (dropout masks, shuffles), whatever was drawn in between."""
+    import argparse
+    import random
+
+    import numpy as np
+
+    from train.checkpoint import load_run, restore_run, save_run
+
+    class Stateful:  # the data position and the logged-loss interval: any object with a state_dict
+        def __init__(self):
+            self.state = {"position": 3}
+
+        def state_dict(self):
+            return dict(self.state)
+
+        def load_state_dict(self, state):
+            self.state = dict(state)
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(4).tolist()
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_run(tmp_path, 5, model, optimizer, scheduler, Stateful(), Stateful(), argparse.Namespace(seed=0), ("seed",))
+    expected = draws()
+    draws(), draws()  # the generators move on, as in a process that ran further (or a new one)
+    assert restore_run(load_run(tmp_path), model, optimizer, scheduler, Stateful(), Stateful()) == 5
+    assert draws() == expected

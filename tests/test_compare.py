@@ -348,8 +348,13 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
     assert len(calls) == 1 and "rso" in calls[0][0] and calls[0][-1] == "--resume"
     done = {r["name"]: r for r in json.loads((out / "table.json").read_text())["methods"]}
     ref = {r["name"]: r for r in json.loads((whole / "table.json").read_text())["methods"]}
-    for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):  # resumed: the same runs as uninterrupted ones
-        assert done[name]["eval_losses"] == ref[name]["eval_losses"], name
+    # resumed: the same runs as uninterrupted ones, up to fp32 rounding. Not bit for bit: on an AVX-512 CPU, MKL's
+    # kernels in the resumed process may round differently (seen: weights and optimizer states equal at step 3,
+    # the eval loss after step 4 off by 4e-8 relative; MKL_CBWR=COMPATIBLE makes it exact). A resume that loses
+    # any state (optimizer moments, P, the data position or the RNG) moves the loss by far more.
+    tol = 8 * torch.finfo(torch.float32).eps
+    for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):
+        assert done[name]["eval_losses"] == pytest.approx(ref[name]["eval_losses"], rel=tol, abs=0), name
     calls.clear()
     assert compare.main(["--resume", *argv], spawn=spawn) == 0 and calls == []  # all finished: none run
 

@@ -156,6 +156,8 @@ def test_boolq_pairs(tmp_path):
 
 
 def test_causal_lm_rso_saves_plain_llama(tmp_path):
+    """RSO on the micro LLaMA: saved as a plain LlamaForCausalLM whose loss is the reported one, trained, its
+    token embeddings as loaded (frozen by default for RSO on a causal LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = tmp_path / "micro-llama.json"
@@ -180,8 +182,12 @@ def test_causal_lm_rso_saves_plain_llama(tmp_path):
     loss = _reference_eval(saved, examples, causal=True)[0]
     tol = _loss_tolerance(res, loss)
     assert abs(res["final_eval_loss"] - loss) <= tol, (res["final_eval_loss"], loss, tol)
-    untrained_loss = _reference_eval(_untrained(argv, task), examples, causal=True)[0]
+    untrained = _untrained(argv, task)
+    untrained_loss = _reference_eval(untrained, examples, causal=True)[0]
     assert loss < untrained_loss - 100 * tol, (loss, untrained_loss)
+    # RSO on a causal LM keeps the token embeddings frozen by default (train.finetune.DEFAULTS)
+    assert res["freeze_embeddings"] is True
+    assert torch.equal(saved.get_input_embeddings().weight, untrained.get_input_embeddings().weight)
 
 
 def test_finetune_resume_identical(tmp_path):
@@ -305,24 +311,44 @@ def test_classification_defaults_are_the_sweeps_choice():
 
 
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
-    """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split
-    (docs/finetune_xsum.json): for AdamW and LoRA the lr of lowest seed-0 validation loss; for RSO, of its rows
-    (rank 8 at τ 100, rank 32 and 64 at τ 8), the one whose chosen lr has the lowest validation loss, with that row's
-    rank and τ. GaLore and GoLore, not swept there, keep 2e-4 at rank 8."""
+    """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split.
+    AdamW and LoRA: the lr of lowest seed-0 validation loss of the 32-step grid (docs/finetune_xsum.json), the
+    embeddings trained (LoRA keeps them anyway). RSO: the rank and τ of the grid's row whose chosen lr did best
+    (rank 8 at τ 100, rank 32 and 64 at τ 8), the token embeddings frozen, and the lr of lowest seed-0 validation
+    loss over the one-epoch frozen runs (docs/finetune_xsum_epoch_frozen*.json). GaLore and GoLore, not swept
+    there, keep 2e-4 at rank 8. A given ``--[no-]freeze-embeddings`` wins."""
     import pathlib
 
-    record = json.loads((pathlib.Path(__file__).parents[1] / "docs" / "finetune_xsum.json").read_text())
+    docs = pathlib.Path(__file__).parents[1] / "docs"
+    record = json.loads((docs / "finetune_xsum.json").read_text())
     rows = {}
     for row in record["methods"]:  # per method, the row whose chosen lr did best on the validation split
         if row["method"] not in rows or row["val_at_chosen"] < rows[row["method"]]["val_at_chosen"]:
             rows[row["method"]] = row
-    for method in ("adamw", "lora", "rso"):
-        row = rows[method]
-        best = min((s for s in row["sweep"] if s["val_metric"] is not None), key=lambda s: s["val_metric"])
+    for method in ("adamw", "lora"):
+        best = min((s for s in rows[method]["sweep"] if s["val_metric"] is not None), key=lambda s: s["val_metric"])
         args = build_parser().parse_args(["--task", "xsum", "--method", method])
-        assert args.lr == best["lr"] == row["chosen_lr"], (method, args.lr, best["lr"])
-        assert method == "adamw" or args.rank == row["rank"], (method, args.rank, row["rank"])
-        assert method != "rso" or args.tau == row["options"]["tau"], (args.tau, row["options"])
+        assert args.lr == best["lr"] == rows[method]["chosen_lr"], (method, args.lr, best["lr"])
+        assert method == "adamw" or args.rank == rows[method]["rank"], (method, args.rank)
+        assert args.freeze_embeddings is False, method
+    frozen = []  # (seed-0 validation loss, lr) of each one-epoch frozen RSO run
+    for path in sorted(docs.glob("finetune_xsum_epoch_frozen*.json")):
+        epoch = json.loads(path.read_text())
+        extra = epoch["extra_args"]
+        assert "--freeze-embeddings" in extra and "--max-steps" not in extra, path
+        assert extra[extra.index("--batch-size") + 1] == "8", path
+        for run in epoch["runs"]:
+            assert (run["method"], run["rank"], run["tau"], run["freeze_embeddings"]) == ("rso", 64, 8, True), path
+            assert run["steps"] == run["train_examples"] // 8, (path, run["steps"])  # a whole epoch of batch 8
+            if run["seed"] == 0:
+                frozen.append((run["final_val_loss"], run["lr"]))
+    assert len({lr for _, lr in frozen}) >= 3, frozen  # a sweep, not one lr
+    args = build_parser().parse_args(["--task", "xsum", "--method", "rso"])
+    assert (args.rank, args.tau) == (rows["rso"]["rank"], rows["rso"]["options"]["tau"]) == (64, 8)
+    assert args.freeze_embeddings is True and args.lr == min(frozen)[1], (args.freeze_embeddings, args.lr, frozen)
     for method in ("galore", "golore@20"):
         args = build_parser().parse_args(["--task", "xsum", "--method", method])
-        assert (args.lr, args.rank, args.tau) == (2e-4, 8, 100), method
+        assert (args.lr, args.rank, args.tau, args.freeze_embeddings) == (2e-4, 8, 100, False), method
+    assert build_parser().parse_args(["--task", "xsum", "--no-freeze-embeddings"]).freeze_embeddings is False
+    assert build_parser().parse_args(["--task", "xsum", "--method", "adamw", "--freeze-embeddings"]).freeze_embeddings
+    assert build_parser().parse_args(["--method", "rso"]).freeze_embeddings is False  # classification: trained

@@ -52,30 +52,32 @@ IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "
                  "val_from_train")
 
 class MethodDefaults(NamedTuple):
-    """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` are not given."""
+    """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` / ``--[no-]freeze-embeddings`` are not given."""
     lr: float
     rank: int
     tau: int = 100
+    freeze_embeddings: bool = False
 
 
 #: Defaults per method family and task kind. Classification: what the Rotten Tomatoes sweep chose for MiniLM,
 #: one epoch of 4,000 examples (docs/finetune_rotten_tomatoes.md; GoLore's: the GoLore@20% sweep at rank 64,
-#: for every golore@X). Causal LM: what the XSum sweeps chose for SmolLM2-135M, 32 steps of batch 8
-#: (docs/finetune_xsum.md; LoRA's lr grid runs to 8e-3; of RSO's rank 8, 32 and 64, rank 64 at τ = 8 did best
-#: on the validation split); GaLore and GoLore ("*") were not swept. "rso:hybrid" is RSO with --projection hybrid
-#: (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
+#: for every golore@X). Causal LM: what the XSum sweeps chose for SmolLM2-135M (docs/finetune_xsum.md): AdamW's
+#: and LoRA's lr, and RSO's rank and τ, from the 32-step grid (of RSO's rank 8, 32 and 64, rank 64 at τ = 8 did
+#: best on the validation split); RSO's frozen embeddings and lr from one-epoch runs with the embeddings frozen
+#: (2e-4 … 1.6e-3; 8e-4 and 4e-4 level on validation); GaLore and GoLore ("*") were not swept. "rso:hybrid" is
+#: RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
 DEFAULTS = {
     "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
                        "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
                        "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
     "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
-                  "rso": MethodDefaults(4e-4, 64, tau=8), "*": MethodDefaults(2e-4, 8)},
+                  "rso": MethodDefaults(8e-4, 64, tau=8, freeze_embeddings=True), "*": MethodDefaults(2e-4, 8)},
 }
 
 
 def method_defaults(task: str, method: str, projection: str | None = None) -> MethodDefaults:
-    """LR, rank and τ for ``method`` (RSO: with ``projection``) on ``task`` when ``--lr`` / ``--rank`` /
-    ``--tau`` are not given (:data:`DEFAULTS`)."""
+    """LR, rank, τ and the embedding freeze for ``method`` (RSO: with ``projection``) on ``task`` where the
+    command line does not set them (:data:`DEFAULTS`)."""
     try:
         kind = "causal_lm" if task_key(task) in CAUSAL_LM_TASKS else "classification"
     except DataError:  # an unknown task is reported where the task is read
@@ -93,7 +95,7 @@ class FinetuneParser(Parser):
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
         check_finetune_args(parsed)
-        if None in (parsed.lr, parsed.rank, parsed.tau):  # the method's defaults (given flags and --resume's win)
+        if any(getattr(parsed, name) is None for name in MethodDefaults._fields):  # given flags and --resume's win
             try:
                 defaults = method_defaults(parsed.task, parsed.method, parsed.projection)
             except MethodError as e:
@@ -127,11 +129,12 @@ def build_parser() -> Parser:
     p.add_argument("--tau", type=int, default=None,
                    help="optimizer steps per subspace (default: 100; causal LM: 8 for rso)")
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--freeze-embeddings", action="store_true",
-                   help="keep the token embeddings (and a head tied to them) frozen; lora always does")
+    p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the token embeddings (and a head tied to them) frozen (default: on for rso on a causal "
+                        "LM, off otherwise; lora always keeps them)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
-                        "causal LM: 1e-4 adamw, 4e-3 lora, 4e-4 rso, 2e-4 galore/golore)")
+                        "causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, 2e-4 galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
