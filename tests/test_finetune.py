@@ -325,12 +325,18 @@ def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
     for row in record["methods"]:  # per method, the row whose chosen lr did best on the validation split
         if row["method"] not in rows or row["val_at_chosen"] < rows[row["method"]]["val_at_chosen"]:
             rows[row["method"]] = row
+    epoch_runs = [run for path in [docs / "finetune_xsum_epoch.json", *sorted(docs.glob("finetune_xsum_epoch_sweep_*.json"))]
+                  for run in json.loads(path.read_text())["runs"]]
     for method in ("adamw", "lora"):
         best = min((s for s in rows[method]["sweep"] if s["val_metric"] is not None), key=lambda s: s["val_metric"])
         args = build_parser().parse_args(["--task", "xsum", "--method", method])
         assert args.lr == best["lr"] == rows[method]["chosen_lr"], (method, args.lr, best["lr"])
         assert method == "adamw" or args.rank == rows[method]["rank"], (method, args.rank)
         assert args.freeze_embeddings is False, method
+        # and over one epoch: of the lrs run at seed 0 (the 32-step choice and its neighbours), the same one
+        epoch = [(run["final_val_loss"], run["lr"]) for run in epoch_runs
+                 if run["method"] == method and run["seed"] == 0 and run["steps"] == run["train_examples"] // 8]
+        assert len(epoch) >= 2 and min(epoch)[1] == args.lr, (method, epoch)
     frozen = []  # (seed-0 validation loss, lr) of each one-epoch frozen RSO run
     for path in sorted(docs.glob("finetune_xsum_epoch_frozen*.json")):
         epoch = json.loads(path.read_text())
