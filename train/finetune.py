@@ -65,7 +65,8 @@ class MethodDefaults(NamedTuple):
 #: and LoRA's lr, and RSO's rank and τ, from the 32-step grid (of RSO's rank 8, 32 and 64, rank 64 at τ = 8 did
 #: best on the validation split); RSO's frozen embeddings and lr from one-epoch runs with the embeddings frozen
 #: (2e-4 … 1.6e-3; 8e-4 and 4e-4 level on validation); GaLore and GoLore ("*") were not swept. "rso:hybrid" is
-#: RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw (and τ by lora).
+#: RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw
+#: (and τ by lora).
 DEFAULTS = {
     "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
                        "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
