@@ -190,6 +190,25 @@ def test_causal_lm_rso_saves_plain_llama(tmp_path):
     assert torch.equal(saved.get_input_embeddings().weight, untrained.get_input_embeddings().weight)
 
 
+def test_resume_of_a_checkpoint_from_before_the_freeze_flag_keeps_training_the_embeddings(tmp_path):
+    """A causal-LM RSO checkpoint saved before ``--[no-]freeze-embeddings`` existed (no such saved setting) trained
+    its embeddings: ``--resume`` goes on training them, although RSO on a causal LM now freezes them by default."""
+    from train.checkpoint import CHECKPOINT_NAME
+
+    cfg = tmp_path / "micro-llama.json"
+    cfg.write_text(json.dumps(MICRO_LLAMA))
+    out = tmp_path / "run"
+    argv = ["--model", str(cfg), "--task", "xsum", "--method", "rso", "--rank", "4", "--tau", "2", "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "64", "--max-train", "8", "--max-eval", "2", "--save-every", "1",
+            "--no-save-model", "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    assert run(build_parser().parse_args([*argv, "--no-freeze-embeddings", "--stop-after", "1"])) == {"stopped_at": 1}
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    del ckpt["args"]["freeze_embeddings"]  # as saved before the flag
+    torch.save(ckpt, out / CHECKPOINT_NAME)
+    res = run(build_parser().parse_args([*argv, "--resume"]))  # as the runners continue it: its command, --resume
+    assert res["steps"] == 2 and res["freeze_embeddings"] is False
+
+
 def test_finetune_resume_identical(tmp_path):
     common = ["--method", "rso", "--task", "rotten_tomatoes", "--max-steps", "6", "--save-every", "3",
               "--eval-every", "3", "--log-every", "2", "--no-save-model", "--val-from-train", "8"]

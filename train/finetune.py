@@ -333,7 +333,8 @@ def run(args) -> dict:
     log = tqdm.write
     ckpt = load_run(out) if args.resume else None
     if ckpt is not None:
-        resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
+        # a checkpoint from before --[no-]freeze-embeddings trained the embeddings, whatever the default is now
+        resume_args(args, {"freeze_embeddings": False, **ckpt["args"]}, ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
     check_checkpointing(args, model_config(args.model))
     check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
     device, use_bf16, autocast = setup_device(args)
