@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -356,21 +357,29 @@ def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
         epoch = [(run["final_val_loss"], run["lr"]) for run in epoch_runs
                  if run["method"] == method and run["seed"] == 0 and run["steps"] == run["train_examples"] // 8]
         assert len(epoch) >= 2 and min(epoch)[1] == args.lr, (method, epoch)
-    frozen = []  # (seed-0 validation loss, lr) of each one-epoch frozen RSO run
-    for path in sorted(docs.glob("finetune_xsum_epoch_frozen*.json")):
-        epoch = json.loads(path.read_text())
-        extra = epoch["extra_args"]
-        assert "--freeze-embeddings" in extra and "--max-steps" not in extra, path
-        assert extra[extra.index("--batch-size") + 1] == "8", path
-        for run in epoch["runs"]:
-            assert (run["method"], run["rank"], run["tau"], run["freeze_embeddings"]) == ("rso", 64, 8, True), path
-            assert run["steps"] == run["train_examples"] // 8, (path, run["steps"])  # a whole epoch of batch 8
-            if run["seed"] == 0:
-                frozen.append((run["final_val_loss"], run["lr"]))
+    def one_epoch_frozen_rso_runs(pattern):
+        for path in sorted(docs.glob(pattern)):
+            epoch = json.loads(path.read_text())
+            extra = epoch["extra_args"]
+            assert "--freeze-embeddings" in extra and "--max-steps" not in extra, path
+            assert extra[extra.index("--batch-size") + 1] == "8", path
+            for run in epoch["runs"]:
+                assert (run["method"], run["rank"], run["freeze_embeddings"]) == ("rso", 64, True), path
+                assert run["steps"] == run["train_examples"] // 8, (path, run["steps"])  # a whole epoch of batch 8
+                yield run
+
+    runs = list(one_epoch_frozen_rso_runs("finetune_xsum_epoch_frozen*.json"))  # the lr sweep, at τ 8
+    assert {run["tau"] for run in runs} == {8}
+    frozen = [(run["final_val_loss"], run["lr"]) for run in runs if run["seed"] == 0]
     assert len({lr for _, lr in frozen}) >= 3, frozen  # a sweep, not one lr
     args = build_parser().parse_args(["--task", "xsum", "--method", "rso"])
     assert (args.rank, args.tau) == (rows["rso"]["rank"], rows["rso"]["options"]["tau"]) == (64, 8)
     assert args.freeze_embeddings is True and args.lr == min(frozen)[1], (args.freeze_embeddings, args.lr, frozen)
+    # τ at that lr (seed 0): the default's validation loss is within half the seeds' spread of the best τ's
+    spread = statistics.stdev(run["final_val_loss"] for run in runs if run["lr"] == args.lr)
+    by_tau = {run["tau"]: run["final_val_loss"] for run in [*runs, *one_epoch_frozen_rso_runs("finetune_xsum_epoch_tau*.json")]
+              if run["seed"] == 0 and run["lr"] == args.lr}
+    assert len(by_tau) >= 3 and by_tau[args.tau] - min(by_tau.values()) <= spread / 2, (by_tau, spread)
     for method in ("galore", "golore@20"):
         args = build_parser().parse_args(["--task", "xsum", "--method", method])
         assert (args.lr, args.rank, args.tau, args.freeze_embeddings) == (2e-4, 8, 100, False), method
