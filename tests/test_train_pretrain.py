@@ -67,6 +67,44 @@ def test_rso_merges_every_tau_steps(env, tmp_path):
     assert rso is not None
 
 
+def test_subspace_state_sets_what_a_merge_does_to_the_optimizer_state(env, tmp_path):
+    """--subspace-state reaches rso.wrap: after a merge at step 2, 'reset' restarts B's Adam state (its step
+    count is 1 at step 3), 'keep' and 'project' carry it on (3), and 'project' maps the moments (they differ
+    from 'keep''s); the policy is part of the run's identity."""
+    states = {}
+    for policy in ("reset", "keep", "project"):
+        out = tmp_path / policy
+        run(_args(env, out, "--method", "rso", "--max-steps", "3", "--tau", "2", "--subspace-state", policy))
+        states[policy] = torch.load(out / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    steps = {policy: sorted({int(s["step"]) for s in state.values()}) for policy, state in states.items()}
+    assert steps == {"reset": [1, 3], "keep": [3], "project": [3]}
+    moved = [k for k, s in states["keep"].items() if not torch.equal(s["exp_avg"], states["project"][k]["exp_avg"])]
+    restarted = [k for k, s in states["reset"].items() if int(s["step"]) == 1]
+    assert sorted(moved) == sorted(restarted)  # exactly the Bs
+    from train.loop import UsageError
+    with pytest.raises(UsageError, match=r"--subspace-state: invalid choice: 'zero' \(choose from 'reset', 'keep', 'project'\)"):
+        build_parser().parse_args(["--subspace-state", "zero"])
+    base = ["--config", env["config"], "--max-docs", "200", "--eval-batches", "2", "--threads", "1"]
+    assert _resume(env, tmp_path / "keep", *base, "--subspace-state", "reset") == 2
+
+
+def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
+    from train.methods import MethodError, MethodOptions, setup_method
+
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    for spec, default in (("galore", "keep"), ("golore", "keep"), ("golore@20", "keep")):
+        for policy in (None, "reset", "project"):
+            opts = MethodOptions(rank=4, tau=2, subspace_state=policy, total_steps=10)
+            _, optimizer = setup_method(spec, transformers.LlamaForCausalLM(config), opts)
+            assert optimizer.param_groups[0]["state_on_switch"] == (policy or default), (spec, policy)
+    for spec in ("adamw", "lora"):
+        with pytest.raises(MethodError, match=rf"--subspace-state keep applies to the subspace methods "
+                                              rf"\(galore, golore, golore@X, rso\), not to {spec}"):
+            setup_method(spec, transformers.LlamaForCausalLM(config), MethodOptions(rank=4, subspace_state="keep"))
+
+
 def _model_state(path):
     return torch.load(path, weights_only=False)["model"]
 

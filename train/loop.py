@@ -178,6 +178,10 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="any torch.optim or torch_optimizer class by name, or adamw8bit / adam8bit (bitsandbytes)")
     p.add_argument("--optimizer-args", type=_json_object, default="{}",
                    help='extra optimizer keywords as a JSON object, e.g. \'{"momentum": 0.9}\'')
+    p.add_argument("--subspace-state", choices=("reset", "keep", "project"), default=None,
+                   help="the optimizer state of a projected weight when its subspace changes: reset (delete), keep, "
+                        "or project (map the moments to the new subspace) (default: reset for rso, as in the RSO "
+                        "paper; keep for galore, golore and golore@X, as galore-torch)")
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -341,7 +345,7 @@ def method_options(args, **entry_point_options) -> MethodOptions:
     return MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
                          optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
                          projection=args.projection, total_steps=args.subspace_total_steps, seed=args.seed,
-                         **entry_point_options)
+                         subspace_state=args.subspace_state, **entry_point_options)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,8 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                  "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
                  "c_attn", "c_proj", "c_fc")
 HEADS = ("lm_head", "classifier", "score", "pooler")
+#: Methods whose weights change subspace, so ``--subspace-state`` means something for them.
+SUBSPACE_METHODS = ("galore", "golore", "golore@", "rso")
 
 
 class MethodError(ValueError):
@@ -58,6 +60,7 @@ class MethodOptions:
     seed: int = 0
     task: str = "causal_lm"         # lora: "causal_lm" | "seq_cls"
     train_embeddings: bool = True   # lora: also train embeddings, norms and heads (pre-training)
+    subspace_state: str | None = None  # reset | keep | project at a new subspace (None: the method's default)
 
 
 METHODS: dict[str, callable] = {}
@@ -93,6 +96,9 @@ def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
     """(model, optimizer) for a method spec; the model may be wrapped (rso) or replaced (lora)."""
     name, extra = parse_method(spec)
     check_optimizer(name, opts.optimizer)
+    if opts.subspace_state is not None and name not in SUBSPACE_METHODS:
+        raise MethodError(f"--subspace-state {opts.subspace_state} applies to the subspace methods "
+                          f"({', '.join(SUBSPACE_METHODS).replace('golore@', 'golore@X')}), not to {spec}")
     for key, value in extra.items():
         setattr(opts, key, value)
     try:
@@ -204,6 +210,8 @@ def _projected(model, opts, cls_name: str, projection: str):
         raise MethodError(f"{type(model).__name__} has no block linear layers to project")
     group = {"params": matrices, "rank": opts.rank, "update_proj_gap": opts.tau, "scale": opts.scale,
              "projection": projection, "seed": opts.seed}
+    if opts.subspace_state is not None:
+        group["state_on_switch"] = opts.subspace_state
     if projection == "hybrid":
         if not opts.total_steps:
             raise MethodError("golore@X needs the total number of steps (--max-steps)")
@@ -237,7 +245,8 @@ def _rso(model, opts):
     targets = _block_linear_names(model)
     model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
                      target_modules=targets or None, scale=opts.scale, seed=opts.seed,
-                     total_steps=opts.total_steps, random_fraction=opts.random_fraction)
+                     total_steps=opts.total_steps, random_fraction=opts.random_fraction,
+                     state_on_merge=opts.subspace_state or "reset")
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)
 
