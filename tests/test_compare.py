@@ -211,12 +211,29 @@ def test_resume_reruns_a_finished_run_whose_settings_the_command_no_longer_means
     assert f"it ran with rank {rank} where the command now means {rank // 2}, continued from a checkpoint" in text
 
 
+def test_an_entry_state_sets_the_runs_subspace_state(tmp_path):
+    FakeFinetune.calls = []
+    out = tmp_path / "cmp"
+    assert cf.main(["--methods", "rso[state=project]=1e-4,rso=1e-4", "--seeds", "0", "--val-from-train", "8",
+                    "--model", "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "2"], spawn=FakeFinetune) == 0
+    runs = json.loads((out / "table.json").read_text())["runs"]
+    cmds = {r["name"]: r["command"] for r in runs}
+    assert "--subspace-state project" in cmds["rso-stateproject_lr0.0001_s0"]
+    assert "--subspace-state" not in cmds["rso_lr0.0001_s0"]
+    labels = [r["label"] for r in json.loads((out / "table.json").read_text())["methods"]]
+    assert labels == ["rso (stiefel), state project", "rso (stiefel)"]
+
+
 def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
     def spawn(*a, **k):
         raise AssertionError("a run started")
 
     for argv, message in [(["--methods", "rso:bogus"], "--methods entry 'rso:bogus': --projection: unknown projection"),
                           (["--methods", "lora[rnk=4]"], "--methods entry 'lora[rnk=4]': unknown option 'rnk=4'"),
+                          (["--methods", "rso[state=zero]"],
+                           "--methods entry 'rso[state=zero]': state 'zero' is not one of reset, keep, project"),
+                          (["--methods", "adamw[state=keep]"], "--methods entry 'adamw[state=keep]': --subspace-state "
+                           "keep applies to the subspace methods (galore, golore, golore@X, rso), not to adamw"),
                           (["--methods", "lora[seeds=0]"], "--methods entry 'lora[seeds=0]': seeds must be ≥ 1, got 0"),
                           (["--methods", "lora[seeds=4]", "--seeds", "0,1,2"],
                            "--methods entry 'lora[seeds=4]': seeds=4 but --seeds gives 3"),

@@ -103,6 +103,9 @@ def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
         with pytest.raises(MethodError, match=rf"--subspace-state keep applies to the subspace methods "
                                               rf"\(galore, golore, golore@X, rso\), not to {spec}"):
             setup_method(spec, transformers.LlamaForCausalLM(config), MethodOptions(rank=4, subspace_state="keep"))
+    from train.loop import UsageError
+    with pytest.raises(UsageError, match=r"^--subspace-state project applies to the subspace methods .*, not to lora$"):
+        build_parser().parse_args(["--method", "lora", "--subspace-state", "project"])  # before any loading
 
 
 def _model_state(path):

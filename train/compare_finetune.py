@@ -5,8 +5,8 @@
         --max-train 4000 --epochs 1 --batch-size 32 --max-length 64 --max-eval 2000 --eval-every 125
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
-``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]`` (keys: rank, tau, scale;
-and ``seeds=N``: this entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
+``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
+(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``; and ``seeds=N``: this entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
 
 Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
@@ -46,8 +46,18 @@ from .models import ConfigError
 from .tasks import task_key
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
-#: Entry options and the train.finetune flags they set.
-ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float}
+SUBSPACE_STATES = ("reset", "keep", "project")
+
+
+def _subspace_state(text: str) -> str:
+    if text not in SUBSPACE_STATES:
+        raise ValueError(text)
+    return text
+
+
+#: Entry options (their readers) and the train.finetune flags they set (--KEY unless named here).
+ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float, "state": _subspace_state}
+ENTRY_FLAGS = {"state": "--subspace-state"}
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
 RUNNER_OPTIONS = {"seeds": int}
 #: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
@@ -133,7 +143,8 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         try:
             (options if key in ENTRY_OPTIONS else runner_options)[key] = known[key](value)
         except ValueError:
-            raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not a number") from None
+            kind = f"one of {', '.join(SUBSPACE_STATES)}" if key == "state" else "a number"
+            raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not {kind}") from None
     if runner_options.get("seeds", 1) < 1:
         raise UsageError(f"--methods entry {text!r}: seeds must be ≥ 1, got {runner_options['seeds']}")
     if m["lrs"]:
@@ -143,10 +154,14 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         lrs = [float(f"{default * f:.3g}") for f in lr_factors]
     lrs = sorted(set(lrs))
     label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")
-    label += "".join(f", {k} {v:g}" for k, v in options.items())
+    label += "".join(f", {k} {_show(v)}" for k, v in options.items())
     return {"entry": text, "method": entry["method"], "projection": entry["projection"], "options": options,
             "n_seeds": runner_options.get("seeds"), "lrs": lrs, "label": label,
-            "name": entry["name"] + "".join(f"-{k}{v:g}" for k, v in options.items())}
+            "name": entry["name"] + "".join(f"-{k}{_show(v)}" for k, v in options.items())}
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folder: pathlib.Path) -> list[str]:
@@ -158,9 +173,9 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
     if entry["projection"]:
         cmd += ["--projection", entry["projection"]]
     for key in ENTRY_OPTIONS:
-        value = entry["options"].get(key, getattr(args, key))
+        value = entry["options"].get(key, getattr(args, key, None))
         if value is not None:
-            cmd += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
+            cmd += [ENTRY_FLAGS.get(key, f"--{key}"), _show(value)]
     if args.threads_per_job:
         cmd += ["--threads", str(args.threads_per_job)]
     if not args.save_models:

@@ -27,8 +27,8 @@ from rso.projections import SAMPLERS
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import DataError
-from .methods import (MethodError, MethodOptions, check_optimizer, enable_activation_checkpointing, is_bitsandbytes,
-                      parse_method, supports_activation_checkpointing)
+from .methods import (MethodError, MethodOptions, check_optimizer, check_subspace_state,
+                      enable_activation_checkpointing, is_bitsandbytes, parse_method, supports_activation_checkpointing)
 from .metrics import MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
 from .schedule import resize
@@ -107,6 +107,10 @@ def check_args(args) -> None:
             check_optimizer(method, args.optimizer)
         except MethodError as e:
             raise UsageError(f"--optimizer: {e}") from None
+        try:
+            check_subspace_state(method, getattr(args, "subspace_state", None), args.method)
+        except MethodError as e:
+            raise UsageError(str(e)) from None
     if getattr(args, "parallel", None) == "fsdp" and is_bitsandbytes(getattr(args, "optimizer", "")):
         raise UsageError(f"--optimizer {args.optimizer}: bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded "
                          "(DTensor) parameters; use --parallel ddp")

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["MethodError", "MethodOptions", "METHODS", "register", "parse_method", "setup_method",
-           "resolve_optimizer", "check_optimizer", "matrix_parameters", "method_names", "BITSANDBYTES_OPTIMIZERS",
-           "is_bitsandbytes", "enable_activation_checkpointing", "supports_activation_checkpointing"]
+           "resolve_optimizer", "check_optimizer", "check_subspace_state", "matrix_parameters", "method_names",
+           "BITSANDBYTES_OPTIMIZERS", "is_bitsandbytes", "enable_activation_checkpointing", "supports_activation_checkpointing"]
 
 #: Leaf names of the block linear layers (LLaMA, BERT, GPT-2 style) the subspace methods act on.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -92,13 +92,19 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
+def check_subspace_state(name: str, state: str | None, spec: str) -> None:
+    """MethodError if a subspace-state policy is given to a method (``name`` from :func:`parse_method`)
+    whose weights never change subspace."""
+    if state is not None and name not in SUBSPACE_METHODS:
+        raise MethodError(f"--subspace-state {state} applies to the subspace methods "
+                          f"({', '.join(SUBSPACE_METHODS).replace('golore@', 'golore@X')}), not to {spec}")
+
+
 def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
     """(model, optimizer) for a method spec; the model may be wrapped (rso) or replaced (lora)."""
     name, extra = parse_method(spec)
     check_optimizer(name, opts.optimizer)
-    if opts.subspace_state is not None and name not in SUBSPACE_METHODS:
-        raise MethodError(f"--subspace-state {opts.subspace_state} applies to the subspace methods "
-                          f"({', '.join(SUBSPACE_METHODS).replace('golore@', 'golore@X')}), not to {spec}")
+    check_subspace_state(name, opts.subspace_state, spec)
     for key, value in extra.items():
         setattr(opts, key, value)
     try:
