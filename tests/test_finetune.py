@@ -330,6 +330,24 @@ def test_classification_defaults_are_the_sweeps_choice():
     assert (args.rank, args.lr) == (4, 1e-3)
 
 
+def test_boolq_three_epoch_table_is_the_runs_results():
+    """docs/finetune_boolq.md's three-epoch table gives each saved run's own numbers (lr, validation and dev
+    accuracy, both losses), and every run is three whole epochs of all the training rows at batch 32."""
+    import pathlib
+
+    docs = pathlib.Path(__file__).parents[1] / "docs"
+    text = (docs / "finetune_boolq.md").read_text()
+    runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
+    assert {run["method"] for run in runs} >= {"adamw", "lora", "rso"}
+    for run in runs:
+        assert (run["task"], run["train_examples"], run["val_examples"], run["eval_examples"]) == ("boolq", 8927, 500, 2000)
+        assert run["steps"] == 3 * (run["train_examples"] // 32), run["name"]
+        lr = f"{run['lr']:.0e}".replace("e-0", "e-")
+        row = (f"| {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
+               f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} |")
+        assert row in text, (run["name"], row)
+
+
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
     """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split.
     AdamW and LoRA: the lr of lowest seed-0 validation loss of the 32-step grid (docs/finetune_xsum.json), the
