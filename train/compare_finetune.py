@@ -6,7 +6,8 @@
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
-(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``; and ``seeds=N``: this entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
+(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``; and ``seeds=N``: this entry runs only
+the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
 
 Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
@@ -35,6 +36,8 @@ import statistics
 import subprocess
 import sys
 
+from rso.outer_loop import STATE_POLICIES
+
 from . import finetune
 from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
@@ -46,11 +49,8 @@ from .models import ConfigError
 from .tasks import task_key
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
-SUBSPACE_STATES = ("reset", "keep", "project")
-
-
 def _subspace_state(text: str) -> str:
-    if text not in SUBSPACE_STATES:
+    if text not in STATE_POLICIES:
         raise ValueError(text)
     return text
 
@@ -143,7 +143,7 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         try:
             (options if key in ENTRY_OPTIONS else runner_options)[key] = known[key](value)
         except ValueError:
-            kind = f"one of {', '.join(SUBSPACE_STATES)}" if key == "state" else "a number"
+            kind = f"one of {', '.join(STATE_POLICIES)}" if key == "state" else "a number"
             raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not {kind}") from None
     if runner_options.get("seeds", 1) < 1:
         raise UsageError(f"--methods entry {text!r}: seeds must be ≥ 1, got {runner_options['seeds']}")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from rso.outer_loop import STATE_POLICIES
 from rso.projections import SAMPLERS
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
@@ -182,7 +183,7 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="any torch.optim or torch_optimizer class by name, or adamw8bit / adam8bit (bitsandbytes)")
     p.add_argument("--optimizer-args", type=_json_object, default="{}",
                    help='extra optimizer keywords as a JSON object, e.g. \'{"momentum": 0.9}\'')
-    p.add_argument("--subspace-state", choices=("reset", "keep", "project"), default=None,
+    p.add_argument("--subspace-state", choices=STATE_POLICIES, default=None,
                    help="the optimizer state of a projected weight when its subspace changes: reset (delete), keep, "
                         "or project (map the moments to the new subspace) (default: reset for rso, as in the RSO "
                         "paper; keep for galore, golore and golore@X, as galore-torch)")
