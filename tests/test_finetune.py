@@ -336,7 +336,7 @@ def test_boolq_three_epoch_table_is_the_runs_results():
     import pathlib
 
     docs = pathlib.Path(__file__).parents[1] / "docs"
-    text = (docs / "finetune_boolq.md").read_text()
+    text = (docs / "finetune_boolq.md").read_text().replace("**", "")  # bold marks a choice
     runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
     assert {run["method"] for run in runs} >= {"adamw", "lora", "rso"}
     for run in runs:
