@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from conftest import write_micro_llama_config  # noqa: E402
 from train import checkpoint as ckpt_mod  # noqa: E402
+from train.loop import UsageError  # noqa: E402
 from train.pretrain import build_parser, main, run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,6 @@ def test_subspace_state_sets_what_a_merge_does_to_the_optimizer_state(env, tmp_p
     moved = [k for k, s in states["keep"].items() if not torch.equal(s["exp_avg"], states["project"][k]["exp_avg"])]
     restarted = [k for k, s in states["reset"].items() if int(s["step"]) == 1]
     assert sorted(moved) == sorted(restarted)  # exactly the Bs
-    from train.loop import UsageError
     with pytest.raises(UsageError, match=r"--subspace-state: invalid choice: 'zero' \(choose from 'reset', 'keep', 'project'\)"):
         build_parser().parse_args(["--subspace-state", "zero"])
     base = ["--config", env["config"], "--max-docs", "200", "--eval-batches", "2", "--threads", "1"]
@@ -89,9 +89,9 @@ def test_subspace_state_sets_what_a_merge_does_to_the_optimizer_state(env, tmp_p
 
 
 def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
-    from train.methods import MethodError, MethodOptions, setup_method
-
     import transformers
+
+    from train.methods import MethodError, MethodOptions, setup_method
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2)
     for spec, default in (("galore", "keep"), ("golore", "keep"), ("golore@20", "keep")):
@@ -103,7 +103,6 @@ def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
         with pytest.raises(MethodError, match=rf"--subspace-state keep applies to the subspace methods "
                                               rf"\(galore, golore, golore@X, rso\), not to {spec}"):
             setup_method(spec, transformers.LlamaForCausalLM(config), MethodOptions(rank=4, subspace_state="keep"))
-    from train.loop import UsageError
     with pytest.raises(UsageError, match=r"^--subspace-state project applies to the subspace methods .*, not to lora$"):
         build_parser().parse_args(["--method", "lora", "--subspace-state", "project"])  # before any loading
 

@@ -49,6 +49,8 @@ from .models import ConfigError
 from .tasks import task_key
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
+
+
 def _subspace_state(text: str) -> str:
     if text not in STATE_POLICIES:
         raise ValueError(text)
