@@ -6,7 +6,7 @@
 """
 from layers.subspace_linear import ProjectionGroup, SubspaceLinear
 
-from . import memory, projections, serialization
+from . import distributed, memory, optim, projections, serialization
 from .outer_loop import OuterLoop
 from .serialization import from_pretrained
 from .projections import (CoordinateSampler, GaussianSampler, HybridSampler, ProjectionSampler, SVDSampler,

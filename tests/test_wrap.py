@@ -441,3 +441,16 @@ def test_the_seed_sets_every_projection_and_coordinate_mode_starts_at_wrap():
     assert not any(torch.equal(a, b) for a, b in zip(P(three), P(four)))
     coordinate = rso.wrap(mlp(), rank=3, tau=None, projection="coordinate")
     assert [m.coordinate for _, m in rso.subspace_layers(coordinate)] == [True, True, True]
+
+
+def test_the_readme_api_names_resolve_after_a_plain_import_rso():
+    """The README's API table names ``rso.optim.*``, ``rso.memory.*``, ``rso.heads.*`` and ``rso.distributed``:
+    each resolves after ``import rso`` alone, in a fresh interpreter (so no earlier import can hide a gap)."""
+    import subprocess
+    import sys
+
+    names = ["rso.optim.SubspaceAdamW", "rso.optim.GoLoreSGD", "rso.memory.measure_step", "rso.memory.estimate",
+             "rso.heads.use_chunked_head", "rso.distributed.ddp", "rso.from_pretrained", "rso.outer_step"]
+    code = "import rso\n" + "".join(f"assert callable({n}), {n!r}\n" for n in names)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
