@@ -10,7 +10,7 @@ Checkpoints are the Trainer's own (``save_strategy="steps"``): each ``checkpoint
 effective weights W₀ + B·P under the usual names, so ``AutoModelForCausalLM.from_pretrained`` loads
 the trained model, and ``trainer.train(resume_from_checkpoint=...)`` continues the run exactly.
 
-    python examples/hf_trainer.py --max-steps 40 --tau 10 --grad-accum 4
+    python examples/hf_trainer.py --max-steps 40 --tau 10 --grad-accum 4 --output-dir runs/hf
     python examples/hf_trainer.py --max-steps 60 --tau 10 --grad-accum 4 --output-dir runs/hf --resume runs/hf/checkpoint-40
 """
 from __future__ import annotations

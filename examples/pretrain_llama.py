@@ -1,7 +1,7 @@
-"""Pre-train a small LLaMA with RSO in ~50 lines: copy this and change what you need.
+"""Pre-train a small LLaMA with RSO in ~60 lines: copy this and change what you need.
 
     python examples/pretrain_llama.py                 # tiny config, embedded offline corpus, CPU-friendly
-    python examples/pretrain_llama.py --config 60m --steps 10000 --dataset c4   # the papers' setting (GPU, online)
+    python examples/pretrain_llama.py --config 60m --steps 10000 --dataset c4 --rank 128 --tau 200 --lr 1e-3  # the papers' 60M (GPU, online)
 
 The full pipeline (checkpoints, resume, metrics, plots, every method) is ``python -m train.pretrain``.
 """
