@@ -224,6 +224,24 @@ def test_an_entry_state_sets_the_runs_subspace_state(tmp_path):
     assert labels == ["rso (stiefel), state project", "rso (stiefel)"]
 
 
+def test_an_entry_embeddings_freezes_or_trains_the_token_embeddings_of_its_runs(tmp_path):
+    """``embeddings=frozen|trained`` sets ``--[no-]freeze-embeddings`` for that entry's runs only; an entry
+    without it leaves the method's default (None), so one table can set frozen and trained rows side by side."""
+    FakeFinetune.calls = []
+    out = tmp_path / "cmp"
+    assert cf.main(["--methods", "rso[embeddings=frozen]=1e-4,adamw[embeddings=trained]=1e-4,rso=1e-4", "--seeds", "0",
+                    "--val-from-train", "8", "--model", "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "2"],
+                   spawn=FakeFinetune) == 0
+    table = json.loads((out / "table.json").read_text())
+    cmds = {r["name"]: r["command"] for r in table["runs"]}
+    freeze = {name: finetune.build_parser().parse_args(cmd.split()[3:]).freeze_embeddings for name, cmd in cmds.items()}
+    assert freeze == {"rso-embeddingsfrozen_lr0.0001_s0": True, "adamw-embeddingstrained_lr0.0001_s0": False,
+                      "rso_lr0.0001_s0": False}  # the last: rso's classification default, no flag given
+    assert "freeze-embeddings" not in cmds["rso_lr0.0001_s0"]
+    assert [r["label"] for r in table["methods"]] == ["rso (stiefel), embeddings frozen", "adamw, embeddings trained",
+                                                      "rso (stiefel)"]
+
+
 def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
     def spawn(*a, **k):
         raise AssertionError("a run started")
@@ -234,6 +252,13 @@ def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
                            "--methods entry 'rso[state=zero]': state 'zero' is not one of reset, keep, project"),
                           (["--methods", "adamw[state=keep]"], "--methods entry 'adamw[state=keep]': --subspace-state "
                            "keep applies to the subspace methods (galore, golore, golore@X, rso), not to adamw"),
+                          (["--methods", "rso[embeddings=yes]"],
+                           "--methods entry 'rso[embeddings=yes]': embeddings 'yes' is not one of frozen, trained"),
+                          (["--methods", "rso[embeddings=frozen]", "--", "--no-freeze-embeddings"],
+                           "--methods entry 'rso[embeddings=frozen]' sets embeddings= and the arguments passed to "
+                           "every run set --freeze-embeddings (or --no-freeze-embeddings) too: give it in one place"),
+                          (["--methods", "rso[rank=8]", "--", "--rank", "4"],
+                           "--methods entry 'rso[rank=8]' sets rank= and the arguments passed to every run set --rank"),
                           (["--methods", "lora[seeds=0]"], "--methods entry 'lora[seeds=0]': seeds must be ≥ 1, got 0"),
                           (["--methods", "lora[seeds=4]", "--seeds", "0,1,2"],
                            "--methods entry 'lora[seeds=4]': seeds=4 but --seeds gives 3"),

@@ -6,7 +6,8 @@
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
-(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``; and ``seeds=N``: this entry runs only
+(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``, embeddings=frozen|trained:
+``--[no-]freeze-embeddings``; and ``seeds=N``: this entry runs only
 the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
 
@@ -51,15 +52,19 @@ from .tasks import task_key
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:hybrid,lora"
 
 
-def _subspace_state(text: str) -> str:
-    if text not in STATE_POLICIES:
-        raise ValueError(text)
-    return text
+def _one_of(*allowed: str):
+    def read(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(text)
+        return text
+    read.allowed = allowed
+    return read
 
 
-#: Entry options (their readers) and the train.finetune flags they set (--KEY unless named here).
-ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float, "state": _subspace_state}
-ENTRY_FLAGS = {"state": "--subspace-state"}
+#: Entry options (their readers) and the train.finetune option each sets (the same name unless named here).
+ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
+                 "embeddings": _one_of("frozen", "trained")}
+ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
 RUNNER_OPTIONS = {"seeds": int}
 #: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
@@ -145,7 +150,8 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         try:
             (options if key in ENTRY_OPTIONS else runner_options)[key] = known[key](value)
         except ValueError:
-            kind = f"one of {', '.join(STATE_POLICIES)}" if key == "state" else "a number"
+            allowed = getattr(known[key], "allowed", None)
+            kind = f"one of {', '.join(allowed)}" if allowed else "a number"
             raise UsageError(f"--methods entry {text!r}: {key} {value!r} is not {kind}") from None
     if runner_options.get("seeds", 1) < 1:
         raise UsageError(f"--methods entry {text!r}: seeds must be ≥ 1, got {runner_options['seeds']}")
@@ -176,8 +182,10 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
         cmd += ["--projection", entry["projection"]]
     for key in ENTRY_OPTIONS:
         value = entry["options"].get(key, getattr(args, key, None))
-        if value is not None:
-            cmd += [ENTRY_FLAGS.get(key, f"--{key}"), _show(value)]
+        if key == "embeddings" and value is not None:
+            cmd += ["--freeze-embeddings" if value == "frozen" else "--no-freeze-embeddings"]
+        elif value is not None:
+            cmd += [f"--{ENTRY_DESTS.get(key, key).replace('_', '-')}", _show(value)]
     if args.threads_per_job:
         cmd += ["--threads", str(args.threads_per_job)]
     if not args.save_models:
@@ -217,6 +225,13 @@ def plan(args, extra: list[str]) -> list[dict]:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"--methods: two entries are both {dup!r}")
+    given = given_options(finetune.build_parser(), extra)
+    for entry in entries:
+        twice = [k for k in entry["options"] if ENTRY_DESTS.get(k, k) in given]
+        if twice:
+            flag = ENTRY_DESTS.get(twice[0], twice[0]).replace("_", "-")
+            raise UsageError(f"--methods entry {entry['entry']!r} sets {twice[0]}= and the arguments passed to every "
+                             f"run set --{flag} (or --no-{flag}) too: give it in one place")
     cfg = finetune.model_config(args.model)
     for entry in entries:
         if (entry["n_seeds"] or 0) > len(args.seed_list):
