@@ -332,20 +332,30 @@ def test_classification_defaults_are_the_sweeps_choice():
 
 def test_boolq_three_epoch_table_is_the_runs_results():
     """docs/finetune_boolq.md's three-epoch table gives each saved run's own numbers (lr, validation and dev
-    accuracy, both losses), and every run is three whole epochs of all the training rows at batch 32."""
+    accuracy, both losses, trainable parameters, peak RSS, step time) on a row whose label names the run's
+    method, its rank, and "embeddings frozen" exactly when they were; every run is three whole epochs of all
+    the training rows at batch 32."""
     import pathlib
 
     docs = pathlib.Path(__file__).parents[1] / "docs"
-    text = (docs / "finetune_boolq.md").read_text().replace("**", "")  # bold marks a choice
+    lines = (docs / "finetune_boolq.md").read_text().replace("**", "").splitlines()  # bold marks a choice
     runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
     assert {run["method"] for run in runs} >= {"adamw", "lora", "rso"}
+    names = {"adamw": "AdamW", "lora": "LoRA", "galore": "GaLore", "golore@": "GoLore@", "rso": "RSO"}
     for run in runs:
         assert (run["task"], run["train_examples"], run["val_examples"], run["eval_examples"]) == ("boolq", 8927, 500, 2000)
         assert run["steps"] == 3 * (run["train_examples"] // 32), run["name"]
         lr = f"{run['lr']:.0e}".replace("e-0", "e-")
-        row = (f"| {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
-               f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} |")
-        assert row in text, (run["name"], row)
+        row = (f" | {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
+               f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} | {run['trainable_params'] / 1e6:.2f}M | "
+               f"{run['peak_rss_mb']:,.0f} | {run['median_step_s']:.2f} |")
+        found = [line for line in lines if line.endswith(row)]
+        assert len(found) == 1, (run["name"], row)
+        label = found[0][2:-len(row)]
+        name = next(v for k, v in names.items() if run["method"].startswith(k))
+        assert label.startswith(name), (run["name"], label)
+        assert run["method"] == "adamw" or f"rank {run['rank']}" in label, (run["name"], label)
+        assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
 
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
