@@ -226,7 +226,7 @@ def test_an_entry_state_sets_the_runs_subspace_state(tmp_path):
 
 def test_an_entry_embeddings_freezes_or_trains_the_token_embeddings_of_its_runs(tmp_path):
     """``embeddings=frozen|trained`` sets ``--[no-]freeze-embeddings`` for that entry's runs only; an entry
-    without it leaves the method's default (None), so one table can set frozen and trained rows side by side."""
+    without it passes no flag (the method's default holds), so one table can hold frozen and trained rows."""
     FakeFinetune.calls = []
     out = tmp_path / "cmp"
     assert cf.main(["--methods", "rso[embeddings=frozen]=1e-4,adamw[embeddings=trained]=1e-4,rso=1e-4", "--seeds", "0",
@@ -258,7 +258,7 @@ def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
                            "--methods entry 'rso[embeddings=frozen]' sets embeddings= and the arguments passed to "
                            "every run set --freeze-embeddings (or --no-freeze-embeddings) too: give it in one place"),
                           (["--methods", "rso[rank=8]", "--", "--rank", "4"],
-                           "--methods entry 'rso[rank=8]' sets rank= and the arguments passed to every run set --rank"),
+                           "--methods entry 'rso[rank=8]' sets rank= and the arguments passed to every run set --rank too"),
                           (["--methods", "lora[seeds=0]"], "--methods entry 'lora[seeds=0]': seeds must be ≥ 1, got 0"),
                           (["--methods", "lora[seeds=4]", "--seeds", "0,1,2"],
                            "--methods entry 'lora[seeds=4]': seeds=4 but --seeds gives 3"),

@@ -229,9 +229,10 @@ def plan(args, extra: list[str]) -> list[dict]:
     for entry in entries:
         twice = [k for k in entry["options"] if ENTRY_DESTS.get(k, k) in given]
         if twice:
-            flag = ENTRY_DESTS.get(twice[0], twice[0]).replace("_", "-")
+            flag = "--" + ENTRY_DESTS.get(twice[0], twice[0]).replace("_", "-")
+            flag += f" (or --no-{flag[2:]})" if twice[0] == "embeddings" else ""
             raise UsageError(f"--methods entry {entry['entry']!r} sets {twice[0]}= and the arguments passed to every "
-                             f"run set --{flag} (or --no-{flag}) too: give it in one place")
+                             f"run set {flag} too: give it in one place")
     cfg = finetune.model_config(args.model)
     for entry in entries:
         if (entry["n_seeds"] or 0) > len(args.seed_list):
