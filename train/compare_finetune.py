@@ -65,6 +65,13 @@ def _one_of(*allowed: str):
 ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
                  "embeddings": _one_of("frozen", "trained")}
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
+
+
+def _entry_flag(key: str) -> str:
+    """The train.finetune flag an entry option sets (``embeddings``: the positive form of the boolean pair)."""
+    return "--" + ENTRY_DESTS.get(key, key).replace("_", "-")
+
+
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
 RUNNER_OPTIONS = {"seeds": int}
 #: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
@@ -183,9 +190,10 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
     for key in ENTRY_OPTIONS:
         value = entry["options"].get(key, getattr(args, key, None))
         if key == "embeddings" and value is not None:
-            cmd += ["--freeze-embeddings" if value == "frozen" else "--no-freeze-embeddings"]
+            flag = _entry_flag(key)
+            cmd += [flag if value == "frozen" else f"--no-{flag[2:]}"]
         elif value is not None:
-            cmd += [f"--{ENTRY_DESTS.get(key, key).replace('_', '-')}", _show(value)]
+            cmd += [_entry_flag(key), _show(value)]
     if args.threads_per_job:
         cmd += ["--threads", str(args.threads_per_job)]
     if not args.save_models:
@@ -213,7 +221,8 @@ def plan(args, extra: list[str]) -> list[dict]:
     except ValueError as e:
         raise UsageError(str(e)) from None
     extra[:] = [a for a in extra if a != "--"]
-    taken = [d for d in given_options(finetune.build_parser(), extra) if d in RUNNER_SETS]
+    given = given_options(finetune.build_parser(), extra)
+    taken = [d for d in given if d in RUNNER_SETS]
     if taken:
         raise UsageError(f"--{taken[0].replace('_', '-')}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
     finetune.build_parser().parse_args(extra)  # the arguments passed on to every run: unknown or bad values
@@ -225,11 +234,10 @@ def plan(args, extra: list[str]) -> list[dict]:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"--methods: two entries are both {dup!r}")
-    given = given_options(finetune.build_parser(), extra)
     for entry in entries:
         twice = [k for k in entry["options"] if ENTRY_DESTS.get(k, k) in given]
         if twice:
-            flag = "--" + ENTRY_DESTS.get(twice[0], twice[0]).replace("_", "-")
+            flag = _entry_flag(twice[0])
             flag += f" (or --no-{flag[2:]})" if twice[0] == "embeddings" else ""
             raise UsageError(f"--methods entry {entry['entry']!r} sets {twice[0]}= and the arguments passed to every "
                              f"run set {flag} too: give it in one place")
