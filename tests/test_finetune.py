@@ -358,6 +358,32 @@ def test_boolq_three_epoch_table_is_the_runs_results():
         assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
 
+def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
+    """``--task boolq`` with only ``--method``: for each method with a BoolQ default, the lr of best validation
+    accuracy (ties to the smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank
+    with the embeddings trained (docs/finetune_boolq_3epochs*.json), a sweep of at least two lrs; the other
+    methods keep the classification defaults, and a given ``--lr`` wins."""
+    import pathlib
+
+    from train.finetune import DEFAULTS
+
+    docs = pathlib.Path(__file__).parents[1] / "docs"
+    runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
+    assert set(DEFAULTS["boolq"]) == {"galore", "rso", "rso:hybrid"}
+    for key in DEFAULTS["boolq"]:
+        method, _, projection = key.partition(":")
+        args = build_parser().parse_args(["--task", "boolq", "--method", method, "--projection", projection or "stiefel"])
+        sweep = [run for run in runs if run["method"] == method and run["seed"] == 0 and not run["freeze_embeddings"]
+                 and run["rank"] == args.rank and run["projection"] in ({projection or "stiefel"} if method == "rso" else {None})]
+        assert len({run["lr"] for run in sweep}) >= 2, (key, sweep)
+        best = min(sweep, key=lambda run: (-run["final_val_accuracy"], run["lr"]))
+        assert args.lr == best["lr"] and "lr" not in args.given, (key, args.lr, best["lr"])
+    for method in ("adamw", "lora", "golore@20"):  # not swept on BoolQ: the classification defaults
+        assert (build_parser().parse_args(["--task", "boolq", "--method", method]).lr
+                == build_parser().parse_args(["--task", "rotten_tomatoes", "--method", method]).lr)
+    assert build_parser().parse_args(["--task", "boolq", "--method", "rso", "--lr", "1e-3"]).lr == 1e-3
+
+
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
     """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split.
     AdamW and LoRA: the lr of lowest seed-0 validation loss of the 32-step grid (docs/finetune_xsum.json), the

@@ -66,13 +66,15 @@ class MethodDefaults(NamedTuple):
 #: best on the validation split); RSO's frozen embeddings and lr from one-epoch runs with the embeddings frozen
 #: (2e-4 … 1.6e-3; 8e-4 and 4e-4 level on validation); GaLore and GoLore ("*") were not swept. "rso:hybrid" is
 #: RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw
-#: (and τ by lora).
+#: (and τ by lora). A task's own table (BoolQ: the lrs its three-epoch sweeps chose, docs/finetune_boolq.md)
+#: comes before its kind's, key by key.
 DEFAULTS = {
     "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
                        "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
                        "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
     "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
                   "rso": MethodDefaults(8e-4, 64, tau=8, freeze_embeddings=True), "*": MethodDefaults(2e-4, 8)},
+    "boolq": {"galore": MethodDefaults(2e-4, 64), "rso": MethodDefaults(2e-4, 64), "rso:hybrid": MethodDefaults(2e-4, 64)},
 }
 
 
@@ -80,14 +82,15 @@ def method_defaults(task: str, method: str, projection: str | None = None) -> Me
     """LR, rank, τ and the embedding freeze for ``method`` (RSO: with ``projection``) on ``task`` where the
     command line does not set them (:data:`DEFAULTS`)."""
     try:
-        kind = "causal_lm" if task_key(task) in CAUSAL_LM_TASKS else "classification"
+        key = task_key(task)
     except DataError:  # an unknown task is reported where the task is read
-        kind = "classification"
+        key = None
+    tables = [DEFAULTS.get(key, {}), DEFAULTS["causal_lm" if key in CAUSAL_LM_TASKS else "classification"]]
     family = parse_method(method)[0].rstrip("@")  # golore@X is golore
-    table = DEFAULTS[kind]
-    for key in (f"{family}:{projection}", family, "*"):
-        if key in table:
-            return table[key]
+    for name in (f"{family}:{projection}", family, "*"):
+        for table in tables:
+            if name in table:
+                return table[name]
 
 
 class FinetuneParser(Parser):
@@ -135,7 +138,8 @@ def build_parser() -> Parser:
                         "LM, off otherwise; lora always keeps them)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
-                        "causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, 2e-4 galore/golore)")
+                        "boolq: 2e-4 galore, rso and rso hybrid; causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, "
+                        "2e-4 galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
