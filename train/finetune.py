@@ -74,7 +74,8 @@ DEFAULTS = {
                        "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
     "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
                   "rso": MethodDefaults(8e-4, 64, tau=8, freeze_embeddings=True), "*": MethodDefaults(2e-4, 8)},
-    "boolq": {"galore": MethodDefaults(2e-4, 64), "rso": MethodDefaults(2e-4, 64), "rso:hybrid": MethodDefaults(2e-4, 64)},
+    "boolq": {"adamw": MethodDefaults(1e-4, 8), "galore": MethodDefaults(2e-4, 64), "rso": MethodDefaults(2e-4, 64),
+              "rso:hybrid": MethodDefaults(2e-4, 64)},
 }
 
 
@@ -138,7 +139,7 @@ def build_parser() -> Parser:
                         "LM, off otherwise; lora always keeps them)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
-                        "boolq: 2e-4 galore, rso and rso hybrid; causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, "
+                        "boolq: 1e-4 adamw, 2e-4 galore, rso and rso hybrid; causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, "
                         "2e-4 galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
