@@ -43,7 +43,7 @@ from . import finetune
 from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
 from .data import DataError
-from .loop import Parser, UsageError, check_rank, given_options
+from .loop import Parser, UsageError, check_rank, given_options, option_flag
 from .methods import MethodError, parse_method
 from .metrics import plot_comparison, plot_sweep
 from .models import ConfigError
@@ -69,7 +69,7 @@ ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 
 def _entry_flag(key: str) -> str:
     """The train.finetune flag an entry option sets (``embeddings``: the positive form of the boolean pair)."""
-    return "--" + ENTRY_DESTS.get(key, key).replace("_", "-")
+    return option_flag(ENTRY_DESTS.get(key, key))
 
 
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
@@ -215,17 +215,18 @@ def plan(args, extra: list[str]) -> list[dict]:
     for dest, low in (("jobs", 1), ("threads_per_job", 1), ("val_from_train", 1)):
         value = getattr(args, dest)
         if value is not None and value < low:
-            raise UsageError(f"--{dest.replace('_', '-')} must be ≥ {low}, got {value}")
+            raise UsageError(f"{option_flag(dest)} must be ≥ {low}, got {value}")
     try:
         args.seed_list = parse_seeds(args.seeds)
     except ValueError as e:
         raise UsageError(str(e)) from None
     extra[:] = [a for a in extra if a != "--"]
-    given = given_options(finetune.build_parser(), extra)
+    parser = finetune.build_parser()
+    given = given_options(parser, extra)
     taken = [d for d in given if d in RUNNER_SETS]
     if taken:
-        raise UsageError(f"--{taken[0].replace('_', '-')}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
-    finetune.build_parser().parse_args(extra)  # the arguments passed on to every run: unknown or bad values
+        raise UsageError(f"{option_flag(taken[0])}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
+    parser.parse_args(extra)  # the arguments passed on to every run: unknown or bad values
     factors = _floats(args.lr_factors, "--lr-factors")
     entries = [parse_ft_entry(e, factors, args.task) for e in split_entries(args.methods)]
     if not entries:

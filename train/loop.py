@@ -82,7 +82,8 @@ FLOAT_RANGE = {"lr": ("> 0", lambda v: v > 0), "scale": ("> 0", lambda v: v > 0)
                "eval_fraction": ("in (0, 1)", lambda v: 0 < v < 1)}
 
 
-def _flag(dest: str) -> str:
+def option_flag(dest: str) -> str:
+    """The command-line flag of argparse destination ``dest`` (``max_steps`` -> ``--max-steps``)."""
     return "--" + dest.replace("_", "-")
 
 
@@ -92,13 +93,13 @@ def check_args(args) -> None:
     for dest, low in INT_MIN.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
-            raise UsageError(f"{_flag(dest)} must be ≥ {low}, got {value}")
+            raise UsageError(f"{option_flag(dest)} must be ≥ {low}, got {value}")
     for dest, (allowed, ok) in FLOAT_RANGE.items():
         value = getattr(args, dest, None)
         if value is not None and not math.isfinite(value):
-            raise UsageError(f"{_flag(dest)} must be a finite number, got {value}")
+            raise UsageError(f"{option_flag(dest)} must be a finite number, got {value}")
         if value is not None and not ok(value):
-            raise UsageError(f"{_flag(dest)} must be {allowed}, got {value}")
+            raise UsageError(f"{option_flag(dest)} must be {allowed}, got {value}")
     if hasattr(args, "method"):
         try:
             method, _ = parse_method(args.method)
@@ -261,9 +262,9 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
             continue
         if dest in given and not _same(dest, value, saved[dest]):
             if dest in identity:
-                raise UsageError(f"{_flag(dest)} {_show(value)} differs from the saved run's {dest} {saved[dest]!r} "
+                raise UsageError(f"{option_flag(dest)} {_show(value)} differs from the saved run's {dest} {saved[dest]!r} "
                                  "(a resumed run keeps its identity; use a new --output-dir)")
-            lost.append(f"{_flag(dest)} {_show(value)} (kept {saved[dest]!r})")
+            lost.append(f"{option_flag(dest)} {_show(value)} (kept {saved[dest]!r})")
         setattr(args, dest, saved[dest])
     asked = None
     if "max_steps" in given:
