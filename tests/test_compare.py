@@ -259,6 +259,9 @@ def test_runner_refuses_bad_arguments_before_any_run(tmp_path, capsys):
                            "every run set --freeze-embeddings (or --no-freeze-embeddings) too: give it in one place"),
                           (["--methods", "rso[rank=8]", "--", "--rank", "4"],
                            "--methods entry 'rso[rank=8]' sets rank= and the arguments passed to every run set --rank too"),
+                          (["--methods", "rso[rank=3/2]"], "--methods entry 'rso[rank=3/2]': rank: give an integer ≥ 1"),
+                          (["--methods", "lora[rank=1/4]"], "--methods entry 'lora[rank=1/4]': --rank 0.25: a fraction "
+                           "of each layer's input width is for --method rso only; lora takes an integer rank"),
                           (["--methods", "lora[seeds=0]"], "--methods entry 'lora[seeds=0]': seeds must be ≥ 1, got 0"),
                           (["--methods", "lora[seeds=4]", "--seeds", "0,1,2"],
                            "--methods entry 'lora[seeds=4]': seeds=4 but --seeds gives 3"),

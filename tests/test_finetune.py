@@ -113,6 +113,16 @@ def test_finetune_each_method_saves_a_plain_model(tmp_path, method):
                           ["--model", "tiny-bert", "--task", "rotten_tomatoes"])
 
 
+def test_a_fractional_rank_gives_each_layer_that_share_of_its_input_width(tmp_path):
+    """tiny-bert (hidden 64, FFN 128): --rank 1/4 gives the 64-wide inputs rank 16, as --rank 16 does, and the
+    two FFN down-projections (128 → 64) rank 32, so B grows by 2 layers × 64 rows × 16 columns."""
+    common = ("--method", "rso", "--no-save-model", "--max-steps", "1")
+    fraction = run(_args(tmp_path / "fraction", *common, "--rank", "1/4"))
+    fixed = run(_args(tmp_path / "fixed", *common, "--rank", "16"))
+    assert fraction["rank"] == 0.25 and fixed["rank"] == 16
+    assert fraction["trainable_params"] - fixed["trainable_params"] == 2 * 64 * (32 - 16)
+
+
 @pytest.mark.parametrize("method", ["adamw", "rso"])
 def test_freeze_embeddings_keeps_the_token_embeddings_and_trains_the_rest(tmp_path, method):
     """--freeze-embeddings: the saved model's token embeddings are the untrained ones, bit for bit, while the

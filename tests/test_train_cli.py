@@ -10,17 +10,24 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from train import data, distributed, finetune, pretrain  # noqa: E402
-from train.loop import UsageError, given_options  # noqa: E402
+from train.loop import UsageError, check_rank, given_options  # noqa: E402
 from train.schedule import CosineWithWarmup, cosine_schedule, resize  # noqa: E402
 
-BAD = [(["--rank", "0"], "--rank must be ≥ 1, got 0"),
+RANK_FORMS = ("--rank: give an integer ≥ 1, or (rso only) a fraction in (0, 1) of each layer's input width: "
+              "0.25 or 1/4; got ")
+BAD = [(["--rank", "0"], RANK_FORMS + "'0'"),
+       (["--rank", "1.5"], RANK_FORMS + "'1.5'"),
+       (["--rank", "1/0"], RANK_FORMS + "'1/0'"),
+       (["--rank", "4/3"], RANK_FORMS + "'4/3'"),
+       (["--method", "galore", "--rank", "1/4"],
+        "--rank 0.25: a fraction of each layer's input width is for --method rso only; galore takes an integer rank"),
        (["--tau", "0"], "--tau must be ≥ 1, got 0"),
        (["--max-steps", "-5"], "--max-steps must be ≥ 1, got -5"),
        (["--lr", "-1"], "--lr must be > 0, got -1.0"),
        (["--lr", "nan"], "--lr must be a finite number, got nan"),
        (["--projection", "bogus"], "--projection: unknown projection 'bogus'; choose one of: coordinate, gaussian, "),
        (["--method", "bogus"], "--method: unknown method 'bogus'; choose one of: adamw, "),
-       (["--rank", "abc"], "--rank: invalid int value: 'abc'"),
+       (["--rank", "abc"], RANK_FORMS + "'abc'"),
        (["--optimizer", "adamx"], "--optimizer: unknown optimizer 'adamx'"),
        (["--method", "galore", "--optimizer", "sgd"], "--optimizer: the galore/golore methods run their own"),
        (["--optimizer-args", "{momentum: 1}"], "--optimizer-args: not valid JSON"),
@@ -59,7 +66,11 @@ def test_argument_errors_are_one_line_before_any_data(entry, argv, message, tmp_
     (finetune, ["--model", "tiny-bert", "--rank", "65"],
      "--rank 65 is larger than the model's smallest linear layer dimension (hidden_size 64)"),
     (finetune, ["--model", "minilm", "--rank", "385"],
-     "--rank 385 is larger than the model's smallest linear layer dimension (hidden_size 384)")])
+     "--rank 385 is larger than the model's smallest linear layer dimension (hidden_size 384)"),
+    (finetune, ["--model", "minilm", "--rank", "0.3"],  # the FFN down-projection 1536 → 384 would get 461
+     "--rank 0.3 gives rank 461 to the model's 1536 → 384 linear layers, more than their smaller dimension 384"),
+    (pretrain, ["--config", "tiny", "--method", "rso", "--rank", "1/2"],
+     "--rank 0.5 gives rank 344 to the model's 688 → 256 linear layers, more than their smaller dimension 256")])
 def test_rank_larger_than_the_model_is_refused_before_any_data(entry, argv, message, tmp_path, capsys, no_data):
     assert _one_line_error(capsys, entry.main, [*argv, "--output-dir", str(tmp_path)]) == message
 
@@ -126,3 +137,11 @@ def test_distributed_resume_extends_and_keeps_identity(tmp_path, capsys):
         assert "the cosine LR schedule" not in capsys.readouterr().out
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("text,value", [("64", 64), ("+8", 8), ("0.25", 0.25), ("1/4", 0.25), ("1/6", 1 / 6)])
+def test_rank_is_an_integer_or_a_fraction_of_the_input_width(text, value):
+    parsed = finetune.build_parser().parse_args(["--rank", text]).rank
+    assert parsed == value and type(parsed) is type(value)
+    cfg = finetune.model_config("minilm")  # 1/6 gives the 1536 → 384 down-projections 256 ≤ 384: allowed
+    check_rank(finetune.build_parser().parse_args(["--model", "minilm", "--rank", text]), cfg)

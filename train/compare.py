@@ -27,6 +27,7 @@ import time
 
 from . import pretrain
 from .checkpoint import CHECKPOINT_NAME
+from .loop import rank_value
 from .metrics import plot_comparison
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
@@ -227,7 +228,7 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     p.add_argument("--config", default="tiny")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
     p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=rank_value, default=None)
     p.add_argument("--tau", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="LR for entries without their own")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each entry runs once per seed")

@@ -43,7 +43,7 @@ from . import finetune
 from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
 from .data import DataError
-from .loop import Parser, UsageError, check_rank, given_options, option_flag
+from .loop import Parser, UsageError, check_rank, given_options, option_flag, rank_value
 from .methods import MethodError, parse_method
 from .metrics import plot_comparison, plot_sweep
 from .models import ConfigError
@@ -62,7 +62,7 @@ def _one_of(*allowed: str):
 
 
 #: Entry options (their readers) and the train.finetune option each sets (the same name unless named here).
-ENTRY_OPTIONS = {"rank": int, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
+ENTRY_OPTIONS = {"rank": rank_value, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
                  "embeddings": _one_of("frozen", "trained")}
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 
@@ -95,7 +95,8 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the LR sweep runs the first")
     p.add_argument("--val-from-train", type=int, default=500,
                    help="training examples held out as the validation split the LR is chosen on")
-    p.add_argument("--rank", type=int, default=None, help="rank for entries without their own")
+    p.add_argument("--rank", type=rank_value, default=None,
+                   help="rank for entries without their own (an int, or for rso a fraction of each layer's input width)")
     p.add_argument("--tau", type=int, default=None, help="steps per subspace for entries without their own")
     p.add_argument("--scale", type=float, default=None, help="scale for entries without their own")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
@@ -156,6 +157,8 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
                              f"{', '.join(f'{k}=VALUE' for k in known)}")
         try:
             (options if key in ENTRY_OPTIONS else runner_options)[key] = known[key](value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--methods entry {text!r}: {key}: {e}") from None
         except ValueError:
             allowed = getattr(known[key], "allowed", None)
             kind = f"one of {', '.join(allowed)}" if allowed else "a number"
@@ -350,7 +353,7 @@ def table(rows: list[dict], info: dict) -> str:
             continue
         chosen = f"{r['chosen_lr']:g}" + (f" of {lrs}" if r["swept"] else " (not swept)")
         seeds = f"{r['n']}" + (f" ({len(r['failed'])} failed)" if r["failed"] else "")
-        lines.append(f"| {r['label']} | {r['rank'] if r['rank'] is not None else '—'} | {chosen} | "
+        lines.append(f"| {r['label']} | {_show(r['rank']) if r['rank'] is not None else '—'} | {chosen} | "
                      f"{_fmt(r['val_at_chosen'], r['metric'])} | {_fmt(r['mean'], r['metric'], r['std'])} | "
                      f"{_fmt(r['secondary_mean'], r['secondary'], r['secondary_std'])} | {seeds} | "
                      f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_memory_mb']:,.0f} | {r['median_step_s']:.3f} |")

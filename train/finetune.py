@@ -32,7 +32,7 @@ from .checkpoint import load_run, restore_run, save_run
 from .data import DataError, default_cache_dir, load_tokenizer
 from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step,
+                   fill_step_defaults, method_options, optimizer_step, rank_value,
                    resume_args, resume_schedule, run_settings, setup_device, steps_for_epochs, stop_early)
 from .methods import MethodError, describe, parse_method, setup_method, unwrap_for_saving
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
@@ -54,7 +54,7 @@ IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "
 class MethodDefaults(NamedTuple):
     """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` / ``--[no-]freeze-embeddings`` are not given."""
     lr: float
-    rank: int
+    rank: int | float
     tau: int = 100
     freeze_embeddings: bool = False
 
@@ -129,8 +129,9 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
-    p.add_argument("--rank", type=int, default=None,
-                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; causal LM: 64 rso, 8 others)")
+    p.add_argument("--rank", type=rank_value, default=None,
+                   help="subspace / LoRA rank (default: 64 rso, galore and golore, 8 lora; causal LM: 64 rso, 8 others); "
+                        "for rso also a fraction of each layer's input width, e.g. 1/6")
     p.add_argument("--tau", type=int, default=None,
                    help="optimizer steps per subspace (default: 100; causal LM: 8 for rso)")
     p.add_argument("--scale", type=float, default=1.0)

@@ -34,7 +34,7 @@ from .metrics import MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
 from .schedule import resize
 
-__all__ = ["UsageError", "Parser", "given_options", "check_args", "check_rank", "check_checkpointing",
+__all__ = ["UsageError", "Parser", "given_options", "rank_value", "check_args", "check_rank", "check_checkpointing",
            "apply_activation_checkpointing", "add_optimizer_args",
            "add_session_args", "add_runtime_args", "cli_main", "resume_args", "resume_schedule", "steps_for_epochs",
            "fill_step_defaults", "setup_device", "method_options", "eval_mode", "due", "accumulate_gradients",
@@ -72,7 +72,7 @@ def given_options(parser: argparse.ArgumentParser, argv=None) -> tuple[str, ...]
 
 
 #: Smallest value of each integer option (of any entry point); an unset (None) option is not checked.
-INT_MIN = {"rank": 1, "tau": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "max_length": 1, "max_steps": 1,
+INT_MIN = {"tau": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "max_length": 1, "max_steps": 1,
            "warmup": 0, "eval_every": 1, "eval_batches": 1, "save_every": 1, "log_every": 1, "max_docs": 2,
            "max_train": 1, "max_eval": 1, "threads": 1, "stop_after": 1, "synthetic_tokens": 2}
 #: Allowed range of each float option (finite in any case).
@@ -80,6 +80,27 @@ FLOAT_RANGE = {"lr": ("> 0", lambda v: v > 0), "scale": ("> 0", lambda v: v > 0)
                "weight_decay": ("≥ 0", lambda v: v >= 0), "grad_clip": ("≥ 0 (0: off)", lambda v: v >= 0),
                "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
                "eval_fraction": ("in (0, 1)", lambda v: 0 < v < 1)}
+
+
+RANK_FORMS = "an integer ≥ 1, or (rso only) a fraction in (0, 1) of each layer's input width: 0.25 or 1/4"
+
+
+def rank_value(text: str) -> int | float:
+    """``--rank``: an int ≥ 1 (every layer's rank) or a float in (0, 1), written ``0.25`` or ``1/4``: layer i
+    gets rank max(1, round(fraction · in_featuresᵢ)), as ``rso.wrap(rank=fraction)`` does."""
+    try:
+        if "/" in text:
+            num, den = (float(part) for part in text.split("/"))
+            value = num / den
+        else:
+            value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if isinstance(value, int) and value >= 1:
+        return value
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"give {RANK_FORMS}; got {text!r}")
 
 
 def option_flag(dest: str) -> str:
@@ -100,11 +121,17 @@ def check_args(args) -> None:
             raise UsageError(f"{option_flag(dest)} must be a finite number, got {value}")
         if value is not None and not ok(value):
             raise UsageError(f"{option_flag(dest)} must be {allowed}, got {value}")
+    rank = getattr(args, "rank", None)
+    if rank is not None and not (isinstance(rank, int) and rank >= 1 or isinstance(rank, float) and 0 < rank < 1):
+        raise UsageError(f"--rank: give {RANK_FORMS}; got {rank!r}")
     if hasattr(args, "method"):
         try:
             method, _ = parse_method(args.method)
         except MethodError as e:
             raise UsageError(f"--method: {e}") from None
+        if isinstance(rank, float) and method != "rso":
+            raise UsageError(f"--rank {rank:g}: a fraction of each layer's input width is for --method rso only; "
+                             f"{args.method} takes an integer rank")
         try:
             check_optimizer(method, args.optimizer)
         except MethodError as e:
@@ -129,8 +156,9 @@ def check_args(args) -> None:
 
 
 def check_rank(args, cfg: dict | None) -> None:
-    """A UsageError if ``--rank`` exceeds the smallest dimension of the block linear layers of the model
-    that ``cfg`` (a ``transformers`` config dict; None: unknown) describes."""
+    """A UsageError if ``--rank`` (an int, or a fraction of each layer's input width) gives a block linear
+    layer of the model that ``cfg`` (a ``transformers`` config dict; None: unknown) describes a rank above
+    its smaller dimension."""
     if cfg is None or "hidden_size" not in cfg or parse_method(args.method)[0] == "adamw":
         return
     dims = {"hidden_size": cfg["hidden_size"]}
@@ -139,6 +167,15 @@ def check_rank(args, cfg: dict | None) -> None:
     if cfg.get("num_key_value_heads") and cfg.get("num_attention_heads"):
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         dims["key/value width"] = cfg["num_key_value_heads"] * head_dim
+    if isinstance(args.rank, float):  # a fraction: each block layer (in → out) gets round(rank · in) ≤ min(in, out)
+        hidden, inner, kv = dims["hidden_size"], dims.get("intermediate_size"), dims.get("key/value width")
+        shapes = [(hidden, hidden)] + [(hidden, kv)] * bool(kv) + [(hidden, inner), (inner, hidden)] * bool(inner)
+        for n_in, n_out in shapes:
+            layer_rank = max(1, round(args.rank * n_in))
+            if layer_rank > min(n_in, n_out):
+                raise UsageError(f"--rank {args.rank:g} gives rank {layer_rank} to the model's {n_in} → {n_out} "
+                                 f"linear layers, more than their smaller dimension {min(n_in, n_out)}")
+        return
     name, smallest = min(dims.items(), key=lambda item: item[1])
     if args.rank > smallest:
         raise UsageError(f"--rank {args.rank} is larger than the model's smallest linear layer dimension "

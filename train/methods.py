@@ -47,7 +47,7 @@ class MethodError(ValueError):
 
 @dataclass
 class MethodOptions:
-    rank: int = 128
+    rank: int | float = 128  # a float in (0, 1): that fraction of each layer's input width (rso only)
     tau: int = 200
     scale: float = 1.0
     lr: float = 1e-3

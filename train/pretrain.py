@@ -24,7 +24,7 @@ from .checkpoint import CHECKPOINT_NAME, load_run, restore_run, save_run
 from .data import build_pretraining_data, default_cache_dir
 from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
                    apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step,
+                   fill_step_defaults, method_options, optimizer_step, rank_value,
                    resume_args, resume_schedule, run_settings, setup_device, stop_early)
 from .methods import describe, parse_method, setup_method
 from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
@@ -49,7 +49,9 @@ def build_parser() -> Parser:
     p.add_argument("--config", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b, or a JSON file")
     p.add_argument("--method", default="rso", help="adamw | galore | golore | golore@X (e.g. golore@20) | rso | lora")
     p.add_argument("--projection", default="stiefel", help="rso: stiefel | gaussian | coordinate | svd | hybrid")
-    p.add_argument("--rank", type=int, default=None, help="subspace / LoRA rank (default: the config's)")
+    p.add_argument("--rank", type=rank_value, default=None,
+                   help="subspace / LoRA rank (default: the config's); for rso also a fraction of each layer's input "
+                        "width, e.g. 1/4")
     p.add_argument("--tau", type=int, default=None, help="optimizer steps per subspace (rso, galore, golore)")
     p.add_argument("--scale", type=float, default=1.0, help="update scale (rso, galore); LoRA alpha = scale*rank")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
