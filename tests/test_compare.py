@@ -224,6 +224,21 @@ def test_an_entry_state_sets_the_runs_subspace_state(tmp_path):
     assert labels == ["rso (stiefel), state project", "rso (stiefel)"]
 
 
+def test_an_entry_rank_may_be_a_fraction_of_each_layers_input_width(tmp_path):
+    """``rank=1/6`` reaches train.finetune as exactly 1/6 (not 0.166667) and reads as 1/6 in the label, the
+    table's rank column and a file-safe run name; a fraction with a short decimal keeps it."""
+    FakeFinetune.calls = []
+    out = tmp_path / "cmp"
+    assert cf.main(["--methods", "rso[rank=1/6]=1e-4,rso:hybrid[rank=0.25]=1e-4", "--seeds", "0", "--val-from-train",
+                    "8", "--model", "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "2"], spawn=FakeFinetune) == 0
+    table = json.loads((out / "table.json").read_text())
+    ranks = {r["name"]: finetune.build_parser().parse_args(r["command"].split()[3:]).rank for r in table["runs"]}
+    assert ranks == {"rso-rank1of6_lr0.0001_s0": 1 / 6, "rso-hybrid-rank0.25_lr0.0001_s0": 0.25}
+    assert [r["label"] for r in table["methods"]] == ["rso (stiefel), rank 1/6", "rso (hybrid), rank 0.25"]
+    text = (out / "table.md").read_text()
+    assert "| rso (stiefel), rank 1/6 | 1/6 |" in text and "| rso (hybrid), rank 0.25 | 0.25 |" in text
+
+
 def test_an_entry_embeddings_freezes_or_trains_the_token_embeddings_of_its_runs(tmp_path):
     """``embeddings=frozen|trained`` sets ``--[no-]freeze-embeddings`` for that entry's runs only; an entry
     without it passes no flag (the method's default holds), so one table can hold frozen and trained rows."""

@@ -375,12 +375,12 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
     methods keep the classification defaults, and a given ``--lr`` wins."""
     import pathlib
 
-    from train.finetune import DEFAULTS
+    from train.finetune import TASK_DEFAULTS
 
     docs = pathlib.Path(__file__).parents[1] / "docs"
     runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
-    assert set(DEFAULTS["boolq"]) == {"adamw", "galore", "rso", "rso:hybrid"}
-    for key in DEFAULTS["boolq"]:
+    assert set(TASK_DEFAULTS["boolq"]) == {"adamw", "galore", "rso", "rso:hybrid"}
+    for key in TASK_DEFAULTS["boolq"]:
         method, _, projection = key.partition(":")
         args = build_parser().parse_args(["--task", "boolq", "--method", method, "--projection", projection or "stiefel"])
         sweep = [run for run in runs if run["method"] == method and run["seed"] == 0 and not run["freeze_embeddings"]

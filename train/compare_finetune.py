@@ -6,7 +6,7 @@
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
-(keys: rank, tau, scale, state: train.finetune's ``--subspace-state``, embeddings=frozen|trained:
+(keys: rank (for rso also a fraction of each layer's input width: ``rso[rank=1/6]``), tau, scale, state: train.finetune's ``--subspace-state``, embeddings=frozen|trained:
 ``--[no-]freeze-embeddings``; and ``seeds=N``: this entry runs only
 the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
@@ -36,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+from fractions import Fraction
 
 from rso.outer_loop import STATE_POLICIES
 
@@ -67,9 +68,11 @@ ENTRY_OPTIONS = {"rank": rank_value, "tau": int, "scale": float, "state": _one_o
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 
 
-def _entry_flag(key: str) -> str:
-    """The train.finetune flag an entry option sets (``embeddings``: the positive form of the boolean pair)."""
-    return option_flag(ENTRY_DESTS.get(key, key))
+def _entry_flag(key: str, negated: bool = False) -> str:
+    """The train.finetune flag an entry option sets (``embeddings``: the boolean pair's positive form, or with
+    ``negated`` its ``--no-`` form)."""
+    flag = option_flag(ENTRY_DESTS.get(key, key))
+    return "--no-" + flag[2:] if negated else flag
 
 
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
@@ -172,14 +175,22 @@ def parse_ft_entry(text: str, lr_factors: list[float], task: str = "rotten_tomat
         lrs = [float(f"{default * f:.3g}") for f in lr_factors]
     lrs = sorted(set(lrs))
     label = entry["method"] + (f" ({entry['projection']})" if entry["projection"] else "")
-    label += "".join(f", {k} {_show(v)}" for k, v in options.items())
+    label += "".join(f", {k} {_show(v, k == 'rank')}" for k, v in options.items())
     return {"entry": text, "method": entry["method"], "projection": entry["projection"], "options": options,
             "n_seeds": runner_options.get("seeds"), "lrs": lrs, "label": label,
-            "name": entry["name"] + "".join(f"-{k}{_show(v)}" for k, v in options.items())}
+            "name": entry["name"] + "".join(f"-{k}{_show(v, k == 'rank').replace('/', 'of')}" for k, v in options.items())}
 
 
-def _show(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _show(value, fraction: bool = False) -> str:
+    """An option's value as written in names, labels and commands: short (``4``, ``0.25``) where that reads back
+    as the same number, else (``fraction``: a rank, which ``--rank`` reads as ``1/6`` too) as a fraction with a
+    denominator up to 1000 that is the same number, else in full (``0.16666666666666666``)."""
+    if not isinstance(value, float):
+        return str(value)
+    short, ratio = f"{value:g}", Fraction(value).limit_denominator(1000)
+    if float(short) == value:
+        return short
+    return str(ratio) if fraction and float(ratio) == value else repr(value)
 
 
 def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folder: pathlib.Path) -> list[str]:
@@ -193,10 +204,9 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
     for key in ENTRY_OPTIONS:
         value = entry["options"].get(key, getattr(args, key, None))
         if key == "embeddings" and value is not None:
-            flag = _entry_flag(key)
-            cmd += [flag if value == "frozen" else f"--no-{flag[2:]}"]
+            cmd += [_entry_flag(key, negated=value == "trained")]
         elif value is not None:
-            cmd += [_entry_flag(key), _show(value)]
+            cmd += [_entry_flag(key), _show(value, key == "rank")]
     if args.threads_per_job:
         cmd += ["--threads", str(args.threads_per_job)]
     if not args.save_models:
@@ -242,7 +252,7 @@ def plan(args, extra: list[str]) -> list[dict]:
         twice = [k for k in entry["options"] if ENTRY_DESTS.get(k, k) in given]
         if twice:
             flag = _entry_flag(twice[0])
-            flag += f" (or --no-{flag[2:]})" if twice[0] == "embeddings" else ""
+            flag += f" (or {_entry_flag(twice[0], negated=True)})" if twice[0] == "embeddings" else ""
             raise UsageError(f"--methods entry {entry['entry']!r} sets {twice[0]}= and the arguments passed to every "
                              f"run set {flag} too: give it in one place")
     cfg = finetune.model_config(args.model)
@@ -353,7 +363,7 @@ def table(rows: list[dict], info: dict) -> str:
             continue
         chosen = f"{r['chosen_lr']:g}" + (f" of {lrs}" if r["swept"] else " (not swept)")
         seeds = f"{r['n']}" + (f" ({len(r['failed'])} failed)" if r["failed"] else "")
-        lines.append(f"| {r['label']} | {_show(r['rank']) if r['rank'] is not None else '—'} | {chosen} | "
+        lines.append(f"| {r['label']} | {_show(r['rank'], True) if r['rank'] is not None else '—'} | {chosen} | "
                      f"{_fmt(r['val_at_chosen'], r['metric'])} | {_fmt(r['mean'], r['metric'], r['std'])} | "
                      f"{_fmt(r['secondary_mean'], r['secondary'], r['secondary_std'])} | {seeds} | "
                      f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_memory_mb']:,.0f} | {r['median_step_s']:.3f} |")

@@ -66,14 +66,17 @@ class MethodDefaults(NamedTuple):
 #: best on the validation split); RSO's frozen embeddings and lr from one-epoch runs with the embeddings frozen
 #: (2e-4 … 1.6e-3; 8e-4 and 4e-4 level on validation); GaLore and GoLore ("*") were not swept. "rso:hybrid" is
 #: RSO with --projection hybrid (its own sweep); other projections take "rso"'s. A rank and τ are unused by adamw
-#: (and τ by lora). A task's own table (BoolQ: the lrs its three-epoch sweeps chose, docs/finetune_boolq.md)
-#: comes before its kind's, key by key.
+#: (and τ by lora).
 DEFAULTS = {
     "classification": {"adamw": MethodDefaults(2e-4, 8), "rso": MethodDefaults(8e-4, 64),
                        "rso:hybrid": MethodDefaults(4e-4, 64), "lora": MethodDefaults(1e-3, 8),
                        "galore": MethodDefaults(8e-4, 64), "golore": MethodDefaults(8e-4, 64)},
     "causal_lm": {"adamw": MethodDefaults(1e-4, 8), "lora": MethodDefaults(4e-3, 8),
                   "rso": MethodDefaults(8e-4, 64, tau=8, freeze_embeddings=True), "*": MethodDefaults(2e-4, 8)},
+}
+#: A task's own defaults, which come before its kind's (:data:`DEFAULTS`) key by key. BoolQ: the lrs its
+#: three-epoch sweeps chose (docs/finetune_boolq.md); LoRA and GoLore were not swept there.
+TASK_DEFAULTS = {
     "boolq": {"adamw": MethodDefaults(1e-4, 8), "galore": MethodDefaults(2e-4, 64), "rso": MethodDefaults(2e-4, 64),
               "rso:hybrid": MethodDefaults(2e-4, 64)},
 }
@@ -81,12 +84,12 @@ DEFAULTS = {
 
 def method_defaults(task: str, method: str, projection: str | None = None) -> MethodDefaults:
     """LR, rank, τ and the embedding freeze for ``method`` (RSO: with ``projection``) on ``task`` where the
-    command line does not set them (:data:`DEFAULTS`)."""
+    command line does not set them (:data:`TASK_DEFAULTS`, then :data:`DEFAULTS`)."""
     try:
         key = task_key(task)
     except DataError:  # an unknown task is reported where the task is read
         key = None
-    tables = [DEFAULTS.get(key, {}), DEFAULTS["causal_lm" if key in CAUSAL_LM_TASKS else "classification"]]
+    tables = [TASK_DEFAULTS.get(key, {}), DEFAULTS["causal_lm" if key in CAUSAL_LM_TASKS else "classification"]]
     family = parse_method(method)[0].rstrip("@")  # golore@X is golore
     for name in (f"{family}:{projection}", family, "*"):
         for table in tables:
