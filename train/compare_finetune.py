@@ -6,9 +6,9 @@
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
-(keys: rank (for rso also a fraction of each layer's input width: ``rso[rank=1/6]``), tau, scale, state: train.finetune's ``--subspace-state``, embeddings=frozen|trained:
-``--[no-]freeze-embeddings``; and ``seeds=N``: this entry runs only
-the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
+(keys: rank (for rso also a fraction of each layer's input width: ``rso[rank=1/6]``), tau, scale, state:
+train.finetune's ``--subspace-state``, embeddings=frozen|trained: ``--[no-]freeze-embeddings``; and ``seeds=N``: this
+entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
 
 Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
