@@ -19,7 +19,7 @@ from .projections import CoordinateSampler, make_sampler, mix_seed
 from .serialization import SETTINGS_KEY, check_checkpoint, identity_tensor, wrap_settings
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
-           "state", "is_wrapped", "subspace_layers", "DEFAULT_EXCLUDED", "DEFAULT_SHARED_INPUTS"]
+           "state", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED", "DEFAULT_SHARED_INPUTS"]
 
 #: Output heads left as they are by default (with everything inside them).
 DEFAULT_EXCLUDED = ("lm_head", "score", "classifier")
@@ -72,10 +72,16 @@ def _find_targets(model: nn.Module, target_modules):
     return targets
 
 
+def rank_for_layer(rank: int | float, in_features: int) -> int:
+    """The rank a layer with ``in_features`` inputs gets from ``wrap(rank=...)``: an int as it is, a fraction f
+    in (0, 1) as max(1, round(f · in_features))."""
+    return rank if isinstance(rank, int) else max(1, round(rank * in_features))
+
+
 def _layer_rank(name, module, rank) -> int:
     in_f, out_f = (module.weight.shape[1], module.weight.shape[0]) if isinstance(module, nn.Linear) \
         else tuple(module.weight.shape)
-    r = rank if isinstance(rank, int) else max(1, round(rank * in_f))
+    r = rank_for_layer(rank, in_f)
     if not 1 <= r <= min(in_f, out_f):
         raise ValueError(f"rso.wrap: rank={rank!r} gives rank {r} for layer '{name}' "
                          f"(in_features={in_f}, out_features={out_f}); allowed: 1 ≤ rank ≤ {min(in_f, out_f)}")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from rso.outer_loop import STATE_POLICIES
 from rso.projections import SAMPLERS
+from rso.wrapping import rank_for_layer
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import DataError
@@ -85,6 +86,11 @@ FLOAT_RANGE = {"lr": ("> 0", lambda v: v > 0), "scale": ("> 0", lambda v: v > 0)
 RANK_FORMS = "an integer ≥ 1, or (rso only) a fraction in (0, 1) of each layer's input width: 0.25 or 1/4"
 
 
+def _is_rank(value) -> bool:
+    """An int ≥ 1 or a float in (0, 1): the values ``--rank`` takes."""
+    return isinstance(value, int) and value >= 1 or isinstance(value, float) and 0 < value < 1
+
+
 def rank_value(text: str) -> int | float:
     """``--rank``: an int ≥ 1 (every layer's rank) or a float in (0, 1), written ``0.25`` or ``1/4``: layer i
     gets rank max(1, round(fraction · in_featuresᵢ)), as ``rso.wrap(rank=fraction)`` does."""
@@ -96,9 +102,7 @@ def rank_value(text: str) -> int | float:
             value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
     except (ValueError, ZeroDivisionError):
         value = None
-    if isinstance(value, int) and value >= 1:
-        return value
-    if isinstance(value, float) and 0 < value < 1:
+    if _is_rank(value):
         return value
     raise argparse.ArgumentTypeError(f"give {RANK_FORMS}; got {text!r}")
 
@@ -122,7 +126,7 @@ def check_args(args) -> None:
         if value is not None and not ok(value):
             raise UsageError(f"{option_flag(dest)} must be {allowed}, got {value}")
     rank = getattr(args, "rank", None)
-    if rank is not None and not (isinstance(rank, int) and rank >= 1 or isinstance(rank, float) and 0 < rank < 1):
+    if rank is not None and not _is_rank(rank):
         raise UsageError(f"--rank: give {RANK_FORMS}; got {rank!r}")
     if hasattr(args, "method"):
         try:
@@ -171,7 +175,7 @@ def check_rank(args, cfg: dict | None) -> None:
         hidden, inner, kv = dims["hidden_size"], dims.get("intermediate_size"), dims.get("key/value width")
         shapes = [(hidden, hidden)] + [(hidden, kv)] * bool(kv) + [(hidden, inner), (inner, hidden)] * bool(inner)
         for n_in, n_out in shapes:
-            layer_rank = max(1, round(args.rank * n_in))
+            layer_rank = rank_for_layer(args.rank, n_in)
             if layer_rank > min(n_in, n_out):
                 raise UsageError(f"--rank {args.rank:g} gives rank {layer_rank} to the model's {n_in} → {n_out} "
                                  f"linear layers, more than their smaller dimension {min(n_in, n_out)}")
