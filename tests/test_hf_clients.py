@@ -66,6 +66,23 @@ def test_trainer_checkpoints_and_resume_equal_the_uninterrupted_run(tmp_path, pr
     assert rso.state(again) == rso.state(full)
 
 
+def test_trainer_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    """Trainer's ``load_best_model_at_end``: the model ends as its best checkpoint, weights and rso counters alike.
+    The metric is chosen so that the best is the earlier checkpoint (step 4 of 8), so loading it changes the model."""
+    model = rso.wrap(micro_llama(), rank=8, tau=TAU)
+    args = trainer_args(tmp_path, eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
+                        metric_for_best_model="loss", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), eval_dataset=Blocks(n=8))
+    trainer.train()
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(losses) == 2 and losses[0] > losses[1]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
+    best = rso.from_pretrained(LlamaForCausalLM, tmp_path / "checkpoint-4")
+    assert rso.state(model) == rso.state(best) and rso.state(model)["step"] == 4
+    states_close(model.state_dict(), best.state_dict(), atol=0)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_trl_sft_trainer_checkpoints_and_resumes(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
