@@ -143,6 +143,36 @@ def test_accelerate_save_state_and_load_state_resume_exactly(tmp_path):
     states_close(other.state_dict(), model.state_dict(), atol=0)
 
 
+@pytest.mark.parametrize("projection", ["stiefel", "svd"])
+def test_a_deep_copy_trains_on_its_own(projection):
+    """``copy.deepcopy`` of a wrapped model (TRL's reference models, EMA copies) carries its own outer loop: training
+    the copy across merges leaves the original untouched, the copy's shared P is its own, and the original trained
+    the same way from the same point ends bit for bit where the copy did."""
+    import copy
+
+    def steps(model, start, n):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for i in range(start, start + n):
+            batch = Blocks()[i]
+            model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = rso.wrap(micro_llama(), rank=8, tau=TAU, projection=projection)
+    steps(model, 0, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = copy.deepcopy(model)
+    steps(twin, 2, 2 * TAU + 1)  # two merges in the copy
+    assert rso.state(model)["step"] == 2 and rso.state(twin)["cycle"] == 3
+    states_close(model.state_dict(), before, atol=0)
+    mine, its = dict(rso.subspace_layers(model)), dict(rso.subspace_layers(twin))
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert its[q].P.data_ptr() == its[k].P.data_ptr() != mine[q].P.data_ptr()
+    steps(model, 2, 2 * TAU + 1)
+    assert rso.state(model) == rso.state(twin)
+    states_close(model.state_dict(), twin.state_dict(), atol=0)
+
+
 def test_gradient_checkpointing_with_default_arguments_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
