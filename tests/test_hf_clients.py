@@ -173,6 +173,39 @@ def test_a_deep_copy_trains_on_its_own(projection):
     states_close(model.state_dict(), twin.state_dict(), atol=0)
 
 
+@pytest.mark.parametrize("chunked_head", [None, 4])
+def test_generate_mid_cycle_equals_the_unwrapped_model_and_changes_nothing(chunked_head):
+    """``generate`` (KV cache on and off) between training steps, with B ≠ 0 in the middle of a cycle: the scores
+    are the merged model's, and the wrapped model's state (B, P, counters) is as before."""
+    import copy
+
+    model = rso.wrap(micro_llama(), rank=8, tau=TAU, chunked_head=chunked_head)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(TAU + 1):  # one merge, then one step into the next cycle
+        batch = Blocks()[i]
+        model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(layer.B.abs().sum() > 0 for _, layer in rso.subspace_layers(model))
+    plain = rso.unwrap(copy.deepcopy(model)).eval()
+    model.eval()
+    def tensors():  # not state_dict(): saving merges B into W₀
+        return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+    before, state = tensors(), rso.state(model)
+    prompt = Blocks().ids[10:12, :5]
+    with torch.no_grad():
+        want = plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True)
+        for use_cache in (True, False):
+            got = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                                 return_dict_in_generate=True, use_cache=use_cache)
+            assert torch.equal(got.sequences, want.sequences)
+            torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+    assert rso.state(model) == state
+    states_close(tensors(), before, atol=0)
+
+
 def test_gradient_checkpointing_with_default_arguments_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
