@@ -66,6 +66,44 @@ def test_trainer_checkpoints_and_resume_equal_the_uninterrupted_run(tmp_path, pr
     assert rso.state(again) == rso.state(full)
 
 
+class Labeled(torch.utils.data.Dataset):
+    def __init__(self, n=48, seq=12, vocab=64):
+        generator = torch.Generator().manual_seed(4)
+        self.ids = torch.randint(1, vocab, (n, seq), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_trainer_on_a_sequence_classifier_resumes_and_its_checkpoint_loads_plainly(tmp_path):
+    """The GLUE-style flow: an encoder with a classification head (its pooler wrapped, the head trained in full)
+    under Trainer's default checkpoints; resume equals the uninterrupted run, and the checkpoint folder loads with
+    the plain Auto class (the trained weights) and with ``rso.from_pretrained`` (the wrapped model)."""
+    from conftest import tiny_bert
+    from transformers import AutoModelForSequenceClassification
+
+    full = rso.wrap(tiny_bert(), rank=8, tau=TAU)
+    Trainer(model=full, args=trainer_args(tmp_path / "full"), train_dataset=Labeled()).train()
+    assert rso.state(full)["step"] == 8 and "bert.pooler.dense" in dict(rso.subspace_layers(full))
+    resumed = rso.wrap(tiny_bert(seed=1), rank=8, tau=TAU)
+    Trainer(model=resumed, args=trainer_args(tmp_path / "resumed"), train_dataset=Labeled()).train(
+        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert rso.state(resumed) == rso.state(full)
+    states_close(resumed.state_dict(), full.state_dict())
+
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "checkpoint-8").eval()
+    again = rso.from_pretrained(AutoModelForSequenceClassification, tmp_path / "full" / "checkpoint-8").eval()
+    assert rso.state(again) == rso.state(full)
+    ids = Labeled().ids[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, full.eval()(input_ids=ids).logits)
+        torch.testing.assert_close(again(input_ids=ids).logits, full(input_ids=ids).logits)
+
+
 def test_trainer_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     """Trainer's ``load_best_model_at_end``: the model ends as its best checkpoint, weights and rso counters alike.
     The metric is chosen so that the best is the earlier checkpoint (step 4 of 8), so loading it changes the model."""
