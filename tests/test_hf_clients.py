@@ -244,6 +244,38 @@ def test_generate_mid_cycle_equals_the_unwrapped_model_and_changes_nothing(chunk
     states_close(tensors(), before, atol=0)
 
 
+@pytest.mark.parametrize("projection", ["stiefel", "svd"])
+def test_accelerate_gradient_accumulation_counts_optimizer_steps(projection):
+    """``accelerator.accumulate`` with 2 micro-batches per step (``optimizer.step()`` called on every micro-batch, as
+    accelerate's docs write it) equals a hand-written accumulation loop: the outer loop counts the real optimizer
+    steps, merges at the same ones and, for SVD, takes the subspace from the gradient of both micro-batches."""
+    from accelerate import Accelerator
+
+    data = Blocks()
+    models = []
+    for use_accelerate in (True, False):
+        model = rso.wrap(micro_llama(), rank=8, tau=TAU, projection=projection)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        if use_accelerate:
+            acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+            model, opt = acc.prepare(model, opt)
+        for i in range(4 * TAU):
+            batch = data[i]
+            if use_accelerate:
+                with acc.accumulate(model):
+                    acc.backward(model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss)
+                    opt.step()
+                    opt.zero_grad()
+            else:
+                (model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss / 2).backward()
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+        models.append(model)
+    assert rso.state(models[0]) == rso.state(models[1]) and rso.state(models[0])["step"] == 2 * TAU
+    states_close(models[0].state_dict(), models[1].state_dict())
+
+
 def test_gradient_checkpointing_with_default_arguments_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
