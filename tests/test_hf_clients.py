@@ -8,6 +8,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 import rso  # noqa: E402
+from conftest import tiny_bert  # noqa: E402
 
 TAU = 3
 
@@ -83,7 +84,6 @@ def test_trainer_on_a_sequence_classifier_resumes_and_its_checkpoint_loads_plain
     """The GLUE-style flow: an encoder with a classification head (its pooler wrapped, the head trained in full)
     under Trainer's default checkpoints; resume equals the uninterrupted run, and the checkpoint folder loads with
     the plain Auto class (the trained weights) and with ``rso.from_pretrained`` (the wrapped model)."""
-    from conftest import tiny_bert
     from transformers import AutoModelForSequenceClassification
 
     full = rso.wrap(tiny_bert(), rank=8, tau=TAU)
@@ -244,8 +244,17 @@ def test_generate_mid_cycle_equals_the_unwrapped_model_and_changes_nothing(chunk
     states_close(tensors(), before, atol=0)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons; an earlier SFTTrainer leaves bf16 autocast there."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("projection", ["stiefel", "svd"])
-def test_accelerate_gradient_accumulation_counts_optimizer_steps(projection):
+def test_accelerate_gradient_accumulation_counts_optimizer_steps(projection, fresh_accelerate_state):
     """``accelerator.accumulate`` with 2 micro-batches per step (``optimizer.step()`` called on every micro-batch, as
     accelerate's docs write it) equals a hand-written accumulation loop: the outer loop counts the real optimizer
     steps, merges at the same ones and, for SVD, takes the subspace from the gradient of both micro-batches."""
