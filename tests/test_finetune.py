@@ -356,7 +356,7 @@ def test_boolq_three_epoch_table_is_the_runs_results():
     for run in runs:
         assert (run["task"], run["train_examples"], run["val_examples"], run["eval_examples"]) == ("boolq", 8927, 500, 2000)
         assert run["steps"] == 3 * (run["train_examples"] // 32), run["name"]
-        lr = f"{run['lr']:.0e}".replace("e-0", "e-")
+        lr = f"{run['lr']:.1e}".replace(".0e", "e").replace("e-0", "e-")  # 1e-4, 2.5e-4
         row = (f" | {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
                f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} | {run['trainable_params'] / 1e6:.2f}M | "
                f"{run['peak_rss_mb']:,.0f} | {run['median_step_s']:.2f} |")
