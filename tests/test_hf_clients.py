@@ -37,6 +37,11 @@ def states_close(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
+def live_tensors(model):
+    """Parameters and buffers as they are now; ``state_dict()`` would first merge B into W₀."""
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def trainer_args(out, **kw):
     # Trainer defaults otherwise: save_strategy="steps", safetensors, AdamW, linear schedule
     return TrainingArguments(output_dir=str(out), max_steps=8, save_steps=4, per_device_train_batch_size=2,
@@ -198,11 +203,11 @@ def test_a_deep_copy_trains_on_its_own(projection):
 
     model = rso.wrap(micro_llama(), rank=8, tau=TAU, projection=projection)
     steps(model, 0, 2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = live_tensors(model)
     twin = copy.deepcopy(model)
     steps(twin, 2, 2 * TAU + 1)  # two merges in the copy
     assert rso.state(model)["step"] == 2 and rso.state(twin)["cycle"] == 3
-    states_close(model.state_dict(), before, atol=0)
+    states_close(live_tensors(model), before, atol=0)
     mine, its = dict(rso.subspace_layers(model)), dict(rso.subspace_layers(twin))
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     assert its[q].P.data_ptr() == its[k].P.data_ptr() != mine[q].P.data_ptr()
@@ -227,10 +232,7 @@ def test_generate_mid_cycle_equals_the_unwrapped_model_and_changes_nothing(chunk
     assert all(layer.B.abs().sum() > 0 for _, layer in rso.subspace_layers(model))
     plain = rso.unwrap(copy.deepcopy(model)).eval()
     model.eval()
-    def tensors():  # not state_dict(): saving merges B into W₀
-        return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
-
-    before, state = tensors(), rso.state(model)
+    before, state = live_tensors(model), rso.state(model)
     prompt = Blocks().ids[10:12, :5]
     with torch.no_grad():
         want = plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
@@ -241,7 +243,7 @@ def test_generate_mid_cycle_equals_the_unwrapped_model_and_changes_nothing(chunk
             assert torch.equal(got.sequences, want.sequences)
             torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
     assert rso.state(model) == state
-    states_close(tensors(), before, atol=0)
+    states_close(live_tensors(model), before, atol=0)
 
 
 @pytest.fixture
