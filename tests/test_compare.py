@@ -78,9 +78,9 @@ def test_lr_choice_reads_only_the_validation_split():
 class FakeFinetune:
     """A ``train.finetune`` run that only writes its results (with the settings its command means, as the real
     one does, or ``ran_with``'s): validation accuracy peaks at lr 3e-4, held-out accuracy at 1e-3 (and differs
-    by seed)."""
+    by seed). ``evaluations[seed]``, where given, is written to ``metrics.jsonl`` as (step, val, held-out) rows."""
 
-    calls, resumed, ran_with = [], [], {}
+    calls, resumed, ran_with, evaluations = [], [], {}, {}
 
     def __init__(self, cmd, stdout, stderr):
         args = cmd[cmd.index("-m") + 2:]
@@ -100,6 +100,11 @@ class FakeFinetune:
                    "final_accuracy": {1e-4: 0.6, 3e-4: 0.7, 1e-3: 0.9}[lr] + 0.1 * seed}
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f)
+        if seed in FakeFinetune.evaluations:
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+                for step, val, held_out in FakeFinetune.evaluations[seed]:
+                    f.write(json.dumps({"step": step, "loss": 0.5}) + "\n")  # a training row: no evaluation
+                    f.write(json.dumps({"step": step, "accuracy": held_out, "val_accuracy": val}) + "\n")
         self.returncode = 0
 
     def poll(self):
@@ -141,6 +146,34 @@ def test_an_entry_with_seeds_n_runs_only_the_first_n_seeds(tmp_path):
     assert rows["adamw"]["seeds"] == [0, 1] and rows["adamw"]["mean"] == pytest.approx(0.65)
     assert "| rso (stiefel) | 64 | 0.0003 of 0.0001/0.0003/0.001 | 80.00% | 70.00% | 0.5000 | 1 |" in \
         (out / "table.md").read_text()
+
+
+def test_early_stopping_reports_each_seeds_evaluation_with_the_best_validation_metric(tmp_path):
+    # seed 0: validation best at step 2 (held-out there 0.55, not its best 0.9); seed 1: a tie, the earlier wins
+    FakeFinetune.calls, FakeFinetune.evaluations = [], {0: [(2, 0.9, 0.55), (4, 0.7, 0.9), (6, 0.8, 0.6)],
+                                                        1: [(2, 0.6, 0.5), (4, 0.8, 0.65), (6, 0.8, 0.95)]}
+    out = tmp_path / "cmp"
+    try:
+        assert cf.main(["--methods", "rso=1e-4/3e-4/1e-3", "--seeds", "0,1", "--val-from-train", "8", "--model",
+                        "tiny-bert", "--output-dir", str(out), "--", "--max-steps", "6"], spawn=FakeFinetune) == 0
+    finally:
+        FakeFinetune.evaluations = {}
+    row = json.loads((out / "table.json").read_text())["methods"][0]
+    assert row["chosen_lr"] == 3e-4  # the lr is chosen as before: the final validation metric
+    stop = row["early_stop"]
+    assert stop["values"] == [0.55, 0.65] and stop["steps"] == [2, 4] and stop["evaluations"] == 3
+    assert stop["mean"] == pytest.approx(0.6) and stop["std"] == pytest.approx(0.0707107, abs=1e-6)
+    text = (out / "table.md").read_text()
+    assert "| rso (stiefel) | 60.00 ± 7.07% | 55.00% (2), 65.00% (4) |" in text
+    # one evaluation per run: nothing to stop early on, no section
+    FakeFinetune.evaluations = {0: [(6, 0.8, 0.6)], 1: [(6, 0.8, 0.7)]}
+    try:
+        assert cf.main(["--methods", "rso=3e-4", "--seeds", "0,1", "--val-from-train", "8", "--model",
+                        "tiny-bert", "--output-dir", str(tmp_path / "one"), "--", "--max-steps", "6"],
+                       spawn=FakeFinetune) == 0
+    finally:
+        FakeFinetune.evaluations = {}
+    assert "Early stopping" not in (tmp_path / "one" / "table.md").read_text()
 
 
 def test_sweep_plot_draws_validation_metric_against_lr_and_rings_the_choice(tmp_path, monkeypatch):

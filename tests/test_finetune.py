@@ -370,6 +370,67 @@ def test_boolq_three_epoch_table_is_the_runs_results():
         assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
 
+def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
+    """docs/finetune_boolq.md's early-stopping table gives, for each method run with more than one seed, the dev
+    accuracy at each seed's best-validation epoch as the runner found it (``early_stop`` in its JSON) beside the
+    last epoch's mean; a seed that stops at its last epoch has its final accuracy."""
+    import pathlib
+
+    docs = pathlib.Path(__file__).parents[1] / "docs"
+    text = (docs / "finetune_boolq.md").read_text().replace("**", "")
+    section = text[text.index("### Early stopping on the validation split"):]
+    section = section[:section.index("\n#")]
+    rows = [(path, row) for path in sorted(docs.glob("finetune_boolq_3epochs*.json"))
+            for row in json.loads(path.read_text())["methods"] if row.get("n", 0) > 1]
+    assert {row["method"] for _, row in rows} >= {"adamw", "rso", "lora", "galore"}
+    for path, row in rows:
+        runs = {run["name"]: run for run in json.loads(path.read_text())["runs"]}
+        stop, steps = row["early_stop"], [runs[name]["steps"] for name in row["runs"]]
+        epochs = [3 * step // total for step, total in zip(stop["steps"], steps)]
+        for name, value, step in zip(row["runs"], stop["values"], stop["steps"]):  # a stop at the end: the final number
+            assert step < runs[name]["steps"] or value == runs[name]["final_accuracy"], (name, step)
+        lr = f"{row['chosen_lr']:.1e}".replace(".0e", "e").replace("e-0", "e-")
+        cell = (f" | {lr} | {100 * stop['mean']:.2f} ± {100 * stop['std']:.2f}% | "
+                + ", ".join(f"{100 * v:.2f} ({e})" for v, e in zip(stop["values"], epochs))
+                + f" | {100 * row['mean']:.2f} ± {100 * row['std']:.2f}% |")
+        assert sum(line.endswith(cell) for line in section.splitlines()) == 1, (path.name, cell)
+
+
+def test_readme_boolq_table_is_the_runners_tables():
+    """README's BoolQ table: each method's row is its runner table (docs/finetune_boolq_3epochs_<file>.json): the
+    chosen and swept lrs, dev accuracy after the last epoch and early-stopped (mean ± std, the seed count where
+    under three), each seed's, trainable parameters and peak RSS."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("### Fine-tuning MiniLM on BoolQ"):]
+    section = section[:section.index("```")]
+    files = {"AdamW (full)": "adamw", "RSO (Stiefel)": "rso", "RSO (hybrid)": "rso_hybrid", "GaLore": "galore",
+             "GoLore@20%": "golore", "LoRA": "lora"}
+    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split(" | ")[0][2:] for line in table] == list(files)
+
+    def lr(x):
+        return f"{x:.1e}".replace(".0e", "e").replace("e-0", "e-")
+
+    def accuracy(stats, n):
+        if n == 1:
+            return f"{100 * stats['mean']:.2f}% (one seed)"
+        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%" + (" (two seeds)" if n == 2 else "")
+
+    for line, (label, name) in zip(table, files.items()):
+        row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
+        lrs = sorted(row["lrs"])
+        swept = f" of {lr(lrs[0])} … {lr(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
+        rank = "—" if row["method"] == "adamw" else str(row["rank"])
+        expected = (f"| {label} | {rank} | {lr(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
+                    + ", ".join(f"{100 * v:.2f}" for v in row["values"])
+                    + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
+                    f"{row['peak_memory_mb']:,.0f} |")
+        assert line == expected
+
+
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
     """``--task boolq`` with only ``--method``: for each method with a BoolQ default, the lr of best validation
     accuracy (ties to the smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank

@@ -20,7 +20,9 @@ held-out set (``task.eval``) is what the table reports, mean ± std over the see
 the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
-runner of ``train.compare``). Writes ``table.md``, ``table.json``, ``sweep.png`` (validation metric against lr) and
+runner of ``train.compare``). Runs evaluated more than once (``--eval-every``) get a second table, early stopping
+on the validation split: each seed's evaluation with the best validation metric and its held-out metric (the lr
+stays the one chosen above). Writes ``table.md``, ``table.json``, ``sweep.png`` (validation metric against lr) and
 ``curves.png`` (each method's loss curves at its chosen lr, mean over seeds) in ``--output-dir``. ``--resume`` in the same
 ``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
 settings are still what the command means: a changed default reruns them), a run stopped part-way continues
@@ -292,6 +294,25 @@ def choose_lr(runs: list[dict]) -> float | None:
     return min(scored, key=lambda s: (-s[0] if higher else s[0], s[1]))[1]
 
 
+def best_val_eval(job: dict) -> dict | None:
+    """Early stopping on the validation split, read from a finished run's ``metrics.jsonl``: of its evaluations
+    (every ``--eval-every`` steps and at the end), the one with the best validation metric (ties: the earlier),
+    as ``{"step", "val", "eval", "evaluations"}``: its step, validation and held-out metrics, and how many
+    evaluations there were to choose from. None without evaluations."""
+    if job.get("error") or "headline" not in job:
+        return None
+    head, path = job["headline"], pathlib.Path(job["output"]) / "metrics.jsonl"
+    val_key, eval_key = head["val_key"].removeprefix("final_"), head["eval_key"].removeprefix("final_")
+    if not path.exists():
+        return None
+    evals = [row for row in map(json.loads, path.read_text().splitlines()) if val_key in row and eval_key in row]
+    if not evals:
+        return None
+    sign = -1 if head["higher_is_better"] else 1
+    best = min(evals, key=lambda row: (sign * row[val_key], row["step"]))
+    return {"step": best["step"], "val": best[val_key], "eval": best[eval_key], "evaluations": len(evals)}
+
+
 # ----------------------------------------------------------------------------- the table
 def _fmt(value, metric: str, spread=None) -> str:
     if value is None:
@@ -306,7 +327,8 @@ def _fmt(value, metric: str, spread=None) -> str:
 
 def summarize(entry: dict, jobs: list[dict]) -> dict:
     """One entry's row: the sweep (validation metric per LR), the chosen LR, and over the seed runs at it the
-    held-out metric's mean ± std, trainable parameters, peak memory and step time."""
+    held-out metric's mean ± std, trainable parameters, peak memory, step time and (``early_stop``) the held-out
+    metric at each run's best-validation evaluation (``best_val_eval``)."""
     sweep = [j for j in jobs if j["entry_name"] == entry["name"] and j["phase"] == "sweep"]
     chosen = entry.get("chosen_lr")
     seeds = [j for j in jobs if j["entry_name"] == entry["name"] and j["run_lr"] == chosen
@@ -339,6 +361,11 @@ def summarize(entry: dict, jobs: list[dict]) -> dict:
                 "memory_key": memory_key,
                 "peak_memory_mb": max(j[memory_key] for j in ok) if memory_key else None,
                 "median_step_s": statistics.median(j["median_step_s"] for j in ok)})
+    stops = [best_val_eval(j) for j in ok]
+    if all(stops):
+        stop_mean, stop_std = mean_std([s["eval"] for s in stops])
+        row["early_stop"] = {"values": [s["eval"] for s in stops], "steps": [s["step"] for s in stops],
+                             "mean": stop_mean, "std": stop_std, "evaluations": min(s["evaluations"] for s in stops)}
     return row
 
 
@@ -367,6 +394,16 @@ def table(rows: list[dict], info: dict) -> str:
                      f"{_fmt(r['val_at_chosen'], r['metric'])} | {_fmt(r['mean'], r['metric'], r['std'])} | "
                      f"{_fmt(r['secondary_mean'], r['secondary'], r['secondary_std'])} | {seeds} | "
                      f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_memory_mb']:,.0f} | {r['median_step_s']:.3f} |")
+    stopped = [r for r in rows if "early_stop" in r and r["early_stop"]["evaluations"] > 1]
+    if stopped:
+        lines += ["", f"Early stopping on the validation split: at the chosen lr, each seed's evaluation with the best "
+                  f"validation {metric} (the table above reports the last evaluation):", "",
+                  f"| method | {split} {metric} at the best-validation evaluation, mean ± std | by seed (at step) |",
+                  "|---|---|---|"]
+        for r in stopped:
+            stop = r["early_stop"]
+            by_seed = ", ".join(f"{_fmt(v, metric)} ({step})" for v, step in zip(stop["values"], stop["steps"]))
+            lines.append(f"| {r['label']} | {_fmt(stop['mean'], metric, stop['std'])} | {by_seed} |")
     lines += ["", "LR sweep (validation split only; seed "
               f"{info['seeds'][0]}):", "", f"| method | lr | val {metric} |", "|---|---|---|"]
     for r in rows:
