@@ -237,6 +237,54 @@ def test_finetune_resume_identical(tmp_path):
     assert main(["--output-dir", str(tmp_path / "b"), "--resume", "--val-from-train", "9", "--no-progress"]) == 2
 
 
+def _evaluations(folder):
+    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+
+
+def test_keep_best_ends_with_the_weights_of_the_best_validation_evaluation(tmp_path, monkeypatch):
+    """--keep-best: the validation accuracy (scripted: 0.5, 0.75, 0.75, 0.6 at steps 2, 4, 6, 8) is best at step 4
+    (the tie with step 6 keeps the earlier), so the run ends with step 4's weights: the final evaluation is step
+    4's, bit for bit, and that model is saved; the training itself is the run's without the flag."""
+    from train import finetune
+
+    real, calls = finetune.evaluate_all, []
+
+    def scripted(*a, **k):
+        result = real(*a, **k)
+        calls.append(result["val_accuracy"])
+        return {**result, "val_accuracy": [0.5, 0.75, 0.75, 0.6, 0.0][len(calls) - 1]}
+
+    common = ["--method", "rso", "--max-steps", "8", "--eval-every", "2", "--val-from-train", "8", "--lr", "1e-2"]
+    monkeypatch.setattr(finetune, "evaluate_all", scripted)
+    res = run(_args(tmp_path / "kept", *common, "--keep-best"))
+    assert len(calls) == 5  # four during training, one of the restored weights
+    monkeypatch.setattr(finetune, "evaluate_all", real)
+    plain = run(_args(tmp_path / "plain", *common, "--no-save-model"))
+    kept, last = _evaluations(tmp_path / "kept"), _evaluations(tmp_path / "plain")
+    assert res["best_step"] == 4 and res["steps"] == 8 and (tmp_path / "kept" / "best.pt").exists()
+    at_4 = next(r for r in kept if r["step"] == 4)
+    assert res["final_eval_loss"] == at_4["eval_loss"] and res["final_accuracy"] == at_4["accuracy"]
+    assert res["final_eval_loss"] != plain["final_eval_loss"] == last[-1]["eval_loss"]
+    scripted_out = [{k: v for k, v in r.items() if k != "val_accuracy"} for r in kept]
+    assert scripted_out == [{k: v for k, v in r.items() if k != "val_accuracy"} for r in last]  # trained alike
+    assert res["reload_same_predictions"]  # the saved model is the restored one (its predictions, reloaded)
+
+
+def test_keep_best_resumed_equals_uninterrupted_and_needs_a_validation_split(tmp_path, capsys):
+    common = ["--method", "rso", "--max-steps", "6", "--eval-every", "2", "--save-every", "3", "--val-from-train", "8",
+              "--lr", "1e-2", "--no-save-model", "--keep-best"]
+    whole = run(_args(tmp_path / "a", *common))
+    assert run(_args(tmp_path / "b", *common, "--stop-after", "3")) == {"stopped_at": 3}
+    resumed = run(build_parser().parse_args(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]))
+    assert resumed["best_step"] == whole["best_step"] < 6 and resumed["final_eval_loss"] == whole["final_eval_loss"]
+    assert _evaluations(tmp_path / "a") == _evaluations(tmp_path / "b")
+    # without a validation split there is nothing to choose on: refused before anything is written
+    capsys.readouterr()
+    assert main(["--model", "tiny-bert", "--keep-best", "--output-dir", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-best" in err and "--val-from-train" in err and not (tmp_path / "c").exists()
+
+
 def test_validation_split_is_carved_from_train_and_reported_apart(tmp_path, monkeypatch, capsys):
     full = tasks.load_task("rotten_tomatoes")
     task = tasks.load_task("rotten_tomatoes", max_train=40, max_eval=24, val_from_train=16)

@@ -12,7 +12,9 @@ reloads it with ``from_pretrained`` and checks that it gives the same prediction
 
 ``--val-from-train N`` holds N training examples out as a validation split (the same N for every seed
 and method), evaluated beside the held-out set and reported apart from it (``final_val_*`` in
-``results.json``): ``python -m train.compare_finetune`` chooses learning rates on it.
+``results.json``): ``python -m train.compare_finetune`` chooses learning rates on it. ``--keep-best`` then stops
+early on it: the run ends with the weights of its evaluation with the best validation metric (``train.best``),
+and those are what the final evaluation reports and what is saved.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .best import BestWeights
 from .checkpoint import load_run, restore_run, save_run
 from .data import DataError, default_cache_dir, load_tokenizer
 from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
@@ -45,11 +48,12 @@ from .tasks import CAUSAL_LM_TASKS, EpochSampler, Task, compute_metrics, load_ta
 RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
             "freeze_embeddings", "lr", "weight_decay", "optimizer", "optimizer_args", "batch_size", "grad_accum",
             "max_length", "max_steps", "epochs", "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip",
-            "seed", "max_train", "val_from_train", "max_eval", "eval_every", "save_every", "log_every", "dtype")
+            "seed", "max_train", "val_from_train", "max_eval", "eval_every", "save_every", "log_every", "dtype",
+            "keep_best")
 #: Those that make the run what it is: --resume refuses another value for them.
 IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
                  "freeze_embeddings", "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length",
-                 "seed", "max_train", "val_from_train")
+                 "seed", "max_train", "val_from_train", "keep_best")
 
 class MethodDefaults(NamedTuple):
     """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` / ``--[no-]freeze-embeddings`` are not given."""
@@ -114,11 +118,14 @@ class FinetuneParser(Parser):
         return parsed, rest
 
 
-def check_finetune_args(args) -> None:
+def check_finetune_args(args, settled: bool = False) -> None:
     """A UsageError for a ``--val-from-train`` below 1 (one larger than the training set is a DataError once
-    the task is read)."""
+    the task is read), or for ``--keep-best`` without a validation split: checked once the run's settings are
+    ``settled`` (with ``--resume``, a checkpoint's may still come)."""
     if args.val_from_train is not None and args.val_from_train < 1:
         raise UsageError(f"--val-from-train must be ≥ 1, got {args.val_from_train}")
+    if args.keep_best and not args.val_from_train and (settled or not args.resume):
+        raise UsageError("--keep-best chooses among evaluations on a validation split: give --val-from-train N")
 
 
 def build_parser() -> Parser:
@@ -160,6 +167,9 @@ def build_parser() -> Parser:
                         "takes the first examples of the rest")
     p.add_argument("--max-eval", type=int, default=None, help="use only the first N evaluation examples")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: steps/4)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="early stopping: end with the weights of the evaluation with the best validation metric "
+                        "(needs --val-from-train; its copy is <output-dir>/best.pt)")
     add_session_args(p, output_dir="runs/finetune")
     p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained + reload check")
     p.add_argument("--seed", type=int, default=0)
@@ -343,7 +353,9 @@ def run(args) -> dict:
     ckpt = load_run(out) if args.resume else None
     if ckpt is not None:
         # a checkpoint from before --[no-]freeze-embeddings trained the embeddings, whatever the default is now
-        resume_args(args, {"freeze_embeddings": False, **ckpt["args"]}, ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
+        resume_args(args, {"freeze_embeddings": False, "keep_best": False, **ckpt["args"]}, ckpt["step"], RUN_ARGS,
+                    IDENTITY_ARGS, log)
+    check_finetune_args(args, settled=True)
     check_checkpointing(args, model_config(args.model))
     check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
     device, use_bf16, autocast = setup_device(args)
@@ -384,6 +396,7 @@ def run(args) -> dict:
     if ckpt is not None:
         resume_schedule(scheduler, args, step, log)
     progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=f"{task.name}/{args.method}")
+    best = BestWeights(out, headline(task), resume_step=step if ckpt is not None else None) if args.keep_best else None
 
     # ---- the loop
     model.train()
@@ -410,6 +423,8 @@ def run(args) -> dict:
             result = evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast)
             last_eval = (step, result)
             progress.log_eval(step, result, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if best is not None:
+                best.consider(step, result, model)
         if due(step, args.save_every, args.max_steps):
             save_run(out, step, model, optimizer, scheduler, sampler, train_loss, args, RUN_ARGS)
         if stop_early(args, step, start_step, progress):
@@ -417,6 +432,12 @@ def run(args) -> dict:
     progress.bar.close()
     if last_eval is None or last_eval[0] != step:
         last_eval = (step, evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast))
+        if best is not None:
+            best.consider(step, last_eval[1], model)
+    if best is not None and best.step != step:
+        kept = best.restore(model)
+        log(f"--keep-best: the weights of step {kept} ({best.key} {best.value:.4f}, the best), not of step {step}")
+        last_eval = (kept, evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast))
     png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{task.name} / {args.method}")
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -424,6 +445,7 @@ def run(args) -> dict:
                **run_settings(args), "freeze_embeddings": args.freeze_embeddings, "steps": step,
                "train_examples": len(train_set), "val_examples": len(val_set), "eval_examples": len(eval_set),
                "eval_split": task.eval_split, "headline": headline(task),
+               **({"best_step": best.step} if best is not None else {}),
                **{f"final_{k}": v for k, v in last_eval[1].items()},
                "trainable_params": sum(p.numel() for p in params),
                f"peak_{progress.memory_key}": max((r.get(progress.memory_key, 0) for r in records), default=None),
