@@ -285,6 +285,33 @@ def test_keep_best_resumed_equals_uninterrupted_and_needs_a_validation_split(tmp
     assert "--keep-best" in err and "--val-from-train" in err and not (tmp_path / "c").exists()
 
 
+def test_best_weights_keep_the_best_evaluation_and_a_resume_drops_one_from_past_its_checkpoint(tmp_path):
+    from train.best import BestWeights
+
+    loss = {"val_key": "final_val_loss", "higher_is_better": False}
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    best = BestWeights(tmp_path, loss)
+    assert best.consider(2, {"val_loss": 1.0}, model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    at_4 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert best.consider(4, {"val_loss": 0.5}, model)
+    assert not best.consider(6, {"val_loss": 0.5}, model) and not best.consider(8, {"val_loss": 0.7}, model)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].running_mean.fill_(3.0)  # buffers come back too
+    assert best.restore(model) == 4
+    assert all(torch.equal(v, at_4[k]) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("*.tmp"))
+    # resumed at step 5 the step-4 copy is the run's; resumed at step 3 it is from past the checkpoint: dropped
+    assert (BestWeights(tmp_path, loss, resume_step=5).step, BestWeights(tmp_path, loss, resume_step=5).value) == (4, 0.5)
+    assert BestWeights(tmp_path, loss, resume_step=3).step is None and not (tmp_path / "best.pt").exists()
+    best = BestWeights(tmp_path, loss)
+    best.consider(2, {"val_loss": 1.0}, model)
+    with pytest.raises(RuntimeError, match="not this model's"):
+        best.restore(torch.nn.Linear(3, 2))
+
+
 def test_validation_split_is_carved_from_train_and_reported_apart(tmp_path, monkeypatch, capsys):
     full = tasks.load_task("rotten_tomatoes")
     task = tasks.load_task("rotten_tomatoes", max_train=40, max_eval=24, val_from_train=16)
