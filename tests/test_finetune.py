@@ -507,28 +507,28 @@ def test_readme_boolq_table_is_the_runners_tables():
 
 
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
-    """``--task boolq`` with only ``--method``: for each method with a BoolQ default, the lr of best validation
-    accuracy (ties to the smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank
-    with the embeddings trained (docs/finetune_boolq_3epochs*.json), a sweep of at least two lrs; the other
-    methods keep the classification defaults, and a given ``--lr`` wins."""
+    """``--task boolq`` with only ``--method``: for each method, the lr of best validation accuracy (ties to the
+    smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank with the embeddings
+    trained (docs/finetune_boolq_3epochs*.json), a sweep of at least two lrs (GoLore's: GoLore@20%'s, for every
+    golore@X); a given ``--lr`` wins."""
     import pathlib
 
     from train.finetune import TASK_DEFAULTS
 
     docs = pathlib.Path(__file__).parents[1] / "docs"
     runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
-    assert set(TASK_DEFAULTS["boolq"]) == {"adamw", "galore", "rso", "rso:hybrid", "lora"}
+    assert set(TASK_DEFAULTS["boolq"]) == {"adamw", "galore", "golore", "rso", "rso:hybrid", "lora"}
     for key in TASK_DEFAULTS["boolq"]:
         method, _, projection = key.partition(":")
         args = build_parser().parse_args(["--task", "boolq", "--method", method, "--projection", projection or "stiefel"])
-        sweep = [run for run in runs if run["method"] == method and run["seed"] == 0 and not run["freeze_embeddings"]
-                 and run["rank"] == args.rank and run["projection"] in ({projection or "stiefel"} if method == "rso" else {None})]
+        sweep = [run for run in runs if run["method"].partition("@")[0] == method and run["seed"] == 0
+                 and not run["freeze_embeddings"] and run["rank"] == args.rank
+                 and run["projection"] in ({projection or "stiefel"} if method == "rso" else {None})]
         assert len({run["lr"] for run in sweep}) >= 2, (key, sweep)
         best = min(sweep, key=lambda run: (-run["final_val_accuracy"], run["lr"]))
         assert args.lr == best["lr"] and "lr" not in args.given, (key, args.lr, best["lr"])
-    for method in ("golore@20",):  # not swept on BoolQ: the classification defaults
-        assert (build_parser().parse_args(["--task", "boolq", "--method", method]).lr
-                == build_parser().parse_args(["--task", "rotten_tomatoes", "--method", method]).lr)
+    for method in ("golore@20", "golore@50"):
+        assert build_parser().parse_args(["--task", "boolq", "--method", method]).lr == TASK_DEFAULTS["boolq"]["golore"].lr
     assert build_parser().parse_args(["--task", "boolq", "--method", "rso", "--lr", "1e-3"]).lr == 1e-3
 
 

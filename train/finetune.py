@@ -79,10 +79,10 @@ DEFAULTS = {
                   "rso": MethodDefaults(8e-4, 64, tau=8, freeze_embeddings=True), "*": MethodDefaults(2e-4, 8)},
 }
 #: A task's own defaults, which come before its kind's (:data:`DEFAULTS`) key by key. BoolQ: the lrs its
-#: three-epoch sweeps chose (docs/finetune_boolq.md); GoLore was not swept there.
+#: three-epoch sweeps chose (docs/finetune_boolq.md; GoLore's: the GoLore@20% sweep, for every golore@X).
 TASK_DEFAULTS = {
     "boolq": {"adamw": MethodDefaults(1e-4, 8), "galore": MethodDefaults(2e-4, 64), "rso": MethodDefaults(2e-4, 64),
-              "rso:hybrid": MethodDefaults(2e-4, 64), "lora": MethodDefaults(5e-4, 8)},
+              "rso:hybrid": MethodDefaults(2e-4, 64), "lora": MethodDefaults(5e-4, 8), "golore": MethodDefaults(2e-4, 64)},
 }
 
 
@@ -150,7 +150,7 @@ def build_parser() -> Parser:
                         "LM, off otherwise; lora always keeps them)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR (default, classification: 2e-4 adamw, 8e-4 rso, galore and golore, 4e-4 rso hybrid, 1e-3 lora; "
-                        "boolq: 1e-4 adamw, 5e-4 lora, 2e-4 galore, rso and rso hybrid; causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, "
+                        "boolq: 1e-4 adamw, 5e-4 lora, 2e-4 galore, golore, rso and rso hybrid; causal LM: 1e-4 adamw, 4e-3 lora, 8e-4 rso, "
                         "2e-4 galore/golore)")
     add_optimizer_args(p)
     p.add_argument("--batch-size", type=int, default=32)
