@@ -343,7 +343,7 @@ def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, 
                   "--seeds", "0,1", "--val-from-train", "8", "--jobs", "2", "--threads-per-job", "1",
                   "--output-dir", str(out), "--",
                   "--max-train", "16", "--max-eval", "8", "--batch-size", "8", "--max-length", "16",
-                  "--max-steps", "2", "--eval-every", "2"], spawn=InProcess)
+                  "--max-steps", "4", "--eval-every", "2", "--keep-best"], spawn=InProcess)
     assert rc == 0, capsys.readouterr().out
     data = json.loads((out / "table.json").read_text())
     assert data["val_examples"] == 8 and data["train_examples"] == 16 and data["eval_examples"] == 8
@@ -356,6 +356,10 @@ def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, 
         assert row["n"] == 2 and 0 <= row["mean"] <= 1 and row["std"] is not None
         assert row["trainable_params"] > 0 and row["peak_memory_mb"] > 0 and row["median_step_s"] > 0
     assert not list(out.glob("*/checkpoint.pt")) and (out / "adamw_lr0.001_s1" / "metrics.jsonl").exists()
+    # --keep-best passed on to every run: each ends with its best-validation evaluation, the early-stopping one
+    assert not list(out.glob("*/best.pt")) and all("best_step" in r for r in data["runs"])
+    assert all(row["early_stop"]["steps"] == [r["best_step"] for r in data["runs"] if r["name"] in row["runs"]]
+               for row in (rso, adamw))
     assert rso["label"] == "rso (stiefel), rank 4, tau 2" and adamw["trainable_params"] > rso["trainable_params"]
     text = (out / "table.md").read_text()
     assert "| rso (stiefel), rank 4, tau 2 | 4 |" in text and "| adamw | — | 0.001 (not swept) |" in text

@@ -17,7 +17,7 @@ examples (the same fixed draw for every run) are held out as a validation split 
 more than one LR, the first seed runs at each LR; the LR with the best validation metric (accuracy, or
 the loss for causal-LM tasks; ties: the smaller LR) is chosen, and the other seeds run at it. The
 held-out set (``task.eval``) is what the table reports, mean ± std over the seeds; it never takes part in
-the choice. A finished run's checkpoint is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
+the choice. A finished run's checkpoint (and ``--keep-best``'s copy) is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
 runner of ``train.compare``). Runs evaluated more than once (``--eval-every``) get a second table, early stopping
@@ -43,6 +43,7 @@ from fractions import Fraction
 from rso.outer_loop import STATE_POLICIES
 
 from . import finetune
+from .best import BEST_NAME
 from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
 from .data import DataError
@@ -109,7 +110,8 @@ def build_parser() -> Parser:
     p.add_argument("--save-models", action="store_true",
                    help="let each run save and reload its final model (default: --no-save-model)")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each finished run's checkpoint.pt (default: deleted once its results are read)")
+                   help="keep each finished run's checkpoint.pt (and --keep-best's best.pt) (default: deleted once its "
+                        "results are read)")
     p.add_argument("--resume", action="store_true",
                    help="rerun an interrupted comparison in the same --output-dir: runs that finished with the same "
                         "command and the settings it still means are read, not run again")
@@ -241,7 +243,8 @@ def plan(args, extra: list[str]) -> list[dict]:
     taken = [d for d in given if d in RUNNER_SETS]
     if taken:
         raise UsageError(f"{option_flag(taken[0])}: the runner sets it (use {RUNNER_SETS[taken[0]]})")
-    parser.parse_args(extra)  # the arguments passed on to every run: unknown or bad values
+    # the arguments passed on to every run, beside the runner's validation split: unknown or bad values
+    parser.parse_args([*extra, "--val-from-train", str(args.val_from_train)])
     factors = _floats(args.lr_factors, "--lr-factors")
     entries = [parse_ft_entry(e, factors, args.task) for e in split_entries(args.methods)]
     if not entries:
@@ -432,7 +435,8 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
 
     def on_done(job):
         if not args.keep_checkpoints and not job.get("error"):
-            (pathlib.Path(job["output"]) / CHECKPOINT_NAME).unlink(missing_ok=True)
+            for name in (CHECKPOINT_NAME, BEST_NAME):
+                (pathlib.Path(job["output"]) / name).unlink(missing_ok=True)
         entry = by_name[job["entry_name"]]
         sweep = [j for j in jobs if j["entry_name"] == entry["name"] and j["phase"] == "sweep"]
         if job["phase"] != "sweep" or any("error" not in j and "headline" not in j for j in sweep):
