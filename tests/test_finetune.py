@@ -416,6 +416,11 @@ def test_classification_defaults_are_the_sweeps_choice():
     assert (args.rank, args.lr) == (4, 1e-3)
 
 
+def _lr_text(lr: float) -> str:
+    """An lr as the BoolQ docs write it: 1e-4, 2.5e-4."""
+    return f"{lr:.1e}".replace(".0e", "e").replace("e-0", "e-")
+
+
 def test_boolq_three_epoch_table_is_the_runs_results():
     """docs/finetune_boolq.md's three-epoch table gives each saved run's own numbers (lr, validation and dev
     accuracy, both losses, trainable parameters, peak RSS, step time) on a row whose label names the run's
@@ -431,7 +436,7 @@ def test_boolq_three_epoch_table_is_the_runs_results():
     for run in runs:
         assert (run["task"], run["train_examples"], run["val_examples"], run["eval_examples"]) == ("boolq", 8927, 500, 2000)
         assert run["steps"] == 3 * (run["train_examples"] // 32), run["name"]
-        lr = f"{run['lr']:.1e}".replace(".0e", "e").replace("e-0", "e-")  # 1e-4, 2.5e-4
+        lr = _lr_text(run["lr"])
         row = (f" | {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
                f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} | {run['trainable_params'] / 1e6:.2f}M | "
                f"{run['peak_rss_mb']:,.0f} | {run['median_step_s']:.2f} |")
@@ -464,7 +469,7 @@ def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
         epochs = [3 * step // total for step, total in zip(stop["steps"], steps)]
         for name, value, step in zip(row["runs"], stop["values"], stop["steps"]):  # a stop at the end: the final number
             assert step < runs[name]["steps"] or value == runs[name]["final_accuracy"], (name, step)
-        lr = f"{row['chosen_lr']:.1e}".replace(".0e", "e").replace("e-0", "e-")
+        lr = _lr_text(row["chosen_lr"])
         cell = (f" | {lr} | {100 * stop['mean']:.2f} ± {100 * stop['std']:.2f}% | "
                 + ", ".join(f"{100 * v:.2f} ({e})" for v, e in zip(stop["values"], epochs))
                 + f" | {100 * row['mean']:.2f} ± {100 * row['std']:.2f}% |")
@@ -486,9 +491,6 @@ def test_readme_boolq_table_is_the_runners_tables():
     table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split(" | ")[0][2:] for line in table] == list(files)
 
-    def lr(x):
-        return f"{x:.1e}".replace(".0e", "e").replace("e-0", "e-")
-
     def accuracy(stats, n):
         if n == 1:
             return f"{100 * stats['mean']:.2f}% (one seed)"
@@ -497,9 +499,9 @@ def test_readme_boolq_table_is_the_runners_tables():
     for line, (label, name) in zip(table, files.items()):
         row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
         lrs = sorted(row["lrs"])
-        swept = f" of {lr(lrs[0])} … {lr(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
+        swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
         rank = "—" if row["method"] == "adamw" else str(row["rank"])
-        expected = (f"| {label} | {rank} | {lr(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
+        expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
                     + ", ".join(f"{100 * v:.2f}" for v in row["values"])
                     + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
                     f"{row['peak_memory_mb']:,.0f} |")
