@@ -486,17 +486,17 @@ def test_readme_boolq_table_is_the_runners_tables():
     text = (root / "README.md").read_text()
     section = text[text.index("### Fine-tuning MiniLM on BoolQ"):]
     section = section[:section.index("```")]
-    files = {"AdamW (full)": "adamw", "RSO (Stiefel)": "rso", "RSO (hybrid)": "rso_hybrid", "GaLore": "galore",
-             "GoLore@20%": "golore", "LoRA": "lora"}
+    files = [("AdamW (full)", "adamw"), ("RSO (Stiefel)", "rso"), ("RSO (hybrid)", "rso_hybrid"), ("GaLore", "galore"),
+             ("GoLore@20%", "golore"), ("LoRA", "lora"), ("LoRA", "lora_r16")]
     table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [line.split(" | ")[0][2:] for line in table] == list(files)
+    assert [line.split(" | ")[0][2:] for line in table] == [label for label, _ in files]
 
     def accuracy(stats, n):
         if n == 1:
             return f"{100 * stats['mean']:.2f}% (one seed)"
         return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%" + (" (two seeds)" if n == 2 else "")
 
-    for line, (label, name) in zip(table, files.items()):
+    for line, (label, name) in zip(table, files):
         row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
         lrs = sorted(row["lrs"])
         swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
