@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import rso  # noqa: E402
 from conftest import tiny_bert  # noqa: E402
+from train.best import live_tensors as held_tensors  # noqa: E402
 
 TAU = 3
 
@@ -38,8 +39,9 @@ def states_close(a, b, atol=1e-6):
 
 
 def live_tensors(model):
-    """Parameters and buffers as they are now; ``state_dict()`` would first merge B into W₀."""
-    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    """A copy of the parameters and buffers as they are now (``train.best.live_tensors``; ``state_dict()`` would
+    first merge B into W₀)."""
+    return {k: v.detach().clone() for k, v in held_tensors(model).items()}
 
 
 def trainer_args(out, **kw):

@@ -49,7 +49,7 @@ from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options, option_flag, rank_value
 from .methods import MethodError, parse_method
-from .metrics import plot_comparison, plot_sweep
+from .metrics import MetricsLog, plot_comparison, plot_sweep
 from .models import ConfigError
 from .tasks import task_key
 
@@ -308,7 +308,7 @@ def best_val_eval(job: dict) -> dict | None:
     val_key, eval_key = head["val_key"].removeprefix("final_"), head["eval_key"].removeprefix("final_")
     if not path.exists():
         return None
-    evals = [row for row in map(json.loads, path.read_text().splitlines()) if val_key in row and eval_key in row]
+    evals = [row for row in MetricsLog.read(path) if val_key in row and eval_key in row]
     if not evals:
         return None
     sign = -1 if head["higher_is_better"] else 1
