@@ -486,7 +486,8 @@ def test_readme_boolq_table_is_the_runners_tables():
     text = (root / "README.md").read_text()
     section = text[text.index("### Fine-tuning MiniLM on BoolQ"):]
     section = section[:section.index("```")]
-    files = [("AdamW (full)", "adamw"), ("RSO (Stiefel)", "rso"), ("RSO (hybrid)", "rso_hybrid"), ("GaLore", "galore"),
+    files = [("AdamW (full)", "adamw"), ("RSO (Stiefel)", "rso"), ("RSO (Stiefel)", "rso_rank1of6"),
+             ("RSO (hybrid)", "rso_hybrid"), ("GaLore", "galore"),
              ("GoLore@20%", "golore"), ("LoRA", "lora"), ("LoRA", "lora_r16")]
     table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split(" | ")[0][2:] for line in table] == [label for label, _ in files]
@@ -500,7 +501,7 @@ def test_readme_boolq_table_is_the_runners_tables():
         row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
         lrs = sorted(row["lrs"])
         swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
-        rank = "—" if row["method"] == "adamw" else str(row["rank"])
+        rank = "—" if row["method"] == "adamw" else str(Fraction(row["rank"]).limit_denominator(1000))  # 1/6
         expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
                     + ", ".join(f"{100 * v:.2f}" for v in row["values"])
                     + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
