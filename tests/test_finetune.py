@@ -447,6 +447,7 @@ def test_boolq_three_epoch_table_is_the_runs_results():
         assert label.startswith(name), (run["name"], label)
         rank = run["rank"] if isinstance(run["rank"], int) else Fraction(run["rank"]).limit_denominator(1000)  # 1/6
         assert run["method"] == "adamw" or f"rank {rank}" in label, (run["name"], label)
+        assert run["method"] in ("adamw", "lora") or f"τ {run['tau']}," in label + ",", (run["name"], label)
         assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
 
@@ -511,7 +512,7 @@ def test_readme_boolq_table_is_the_runners_tables():
 
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
     """``--task boolq`` with only ``--method``: for each method, the lr of best validation accuracy (ties to the
-    smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank with the embeddings
+    smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank and τ with the embeddings
     trained (docs/finetune_boolq_3epochs*.json), a sweep of at least two lrs (GoLore's: GoLore@20%'s, for every
     golore@X); a given ``--lr`` wins."""
     import pathlib
@@ -525,7 +526,7 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
         method, _, projection = key.partition(":")
         args = build_parser().parse_args(["--task", "boolq", "--method", method, "--projection", projection or "stiefel"])
         sweep = [run for run in runs if run["method"].partition("@")[0] == method and run["seed"] == 0
-                 and not run["freeze_embeddings"] and run["rank"] == args.rank
+                 and not run["freeze_embeddings"] and run["rank"] == args.rank and run["tau"] == args.tau
                  and run["projection"] in ({projection or "stiefel"} if method == "rso" else {None})]
         assert len({run["lr"] for run in sweep}) >= 2, (key, sweep)
         best = min(sweep, key=lambda run: (-run["final_val_accuracy"], run["lr"]))
