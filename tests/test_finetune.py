@@ -479,7 +479,7 @@ def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
 
 def test_readme_boolq_table_is_the_runners_tables():
     """README's BoolQ table: each method's row is its runner table (docs/finetune_boolq_3epochs_<file>.json): the
-    chosen and swept lrs, dev accuracy after the last epoch and early-stopped (mean ± std, the seed count where
+    chosen and swept lrs (with a ``_sweep`` file's, run later at seed 0), dev accuracy after the last epoch and early-stopped (mean ± std, the seed count where
     under three), each seed's, trainable parameters and peak RSS."""
     import pathlib
 
@@ -500,7 +500,8 @@ def test_readme_boolq_table_is_the_runners_tables():
 
     for line, (label, name) in zip(table, files):
         row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
-        lrs = sorted(row["lrs"])
+        sweep = root / "docs" / f"finetune_boolq_3epochs_{name}_sweep.json"  # seed-0 lrs run after the seeds
+        lrs = sorted(set(row["lrs"]) | (set(json.loads(sweep.read_text())["methods"][0]["lrs"]) if sweep.exists() else set()))
         swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
         rank = "—" if row["method"] == "adamw" else str(Fraction(row["rank"]).limit_denominator(1000))  # 1/6
         expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
