@@ -421,6 +421,11 @@ def _lr_text(lr: float) -> str:
     return f"{lr:.1e}".replace(".0e", "e").replace("e-0", "e-")
 
 
+def _rank_text(rank: float) -> str:
+    """A rank as the BoolQ docs write it: 64, 1/6 (a fractional rank is stored as its float)."""
+    return str(Fraction(rank).limit_denominator(1000))
+
+
 def test_boolq_three_epoch_table_is_the_runs_results():
     """docs/finetune_boolq.md's three-epoch table gives each saved run's own numbers (lr, validation and dev
     accuracy, both losses, trainable parameters, peak RSS, step time) on a row whose label names the run's
@@ -445,8 +450,7 @@ def test_boolq_three_epoch_table_is_the_runs_results():
         label = found[0][2:-len(row)]
         name = next(v for k, v in names.items() if run["method"].startswith(k))
         assert label.startswith(name), (run["name"], label)
-        rank = run["rank"] if isinstance(run["rank"], int) else Fraction(run["rank"]).limit_denominator(1000)  # 1/6
-        assert run["method"] == "adamw" or f"rank {rank}" in label, (run["name"], label)
+        assert run["method"] == "adamw" or f"rank {_rank_text(run['rank'])}" in label, (run["name"], label)
         assert run["method"] in ("adamw", "lora") or f"τ {run['tau']}," in label + ",", (run["name"], label)
         assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
@@ -479,8 +483,9 @@ def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
 
 def test_readme_boolq_table_is_the_runners_tables():
     """README's BoolQ table: each method's row is its runner table (docs/finetune_boolq_3epochs_<file>.json): the
-    chosen and swept lrs (with a ``_sweep`` file's, run later at seed 0), dev accuracy after the last epoch and early-stopped (mean ± std, the seed count where
-    under three), each seed's, trainable parameters and peak RSS."""
+    chosen and swept lrs (with those of its ``_sweep`` file, run later at seed 0), dev accuracy after the last epoch
+    and early-stopped (mean ± std, the seed count where under three), each seed's, trainable parameters and peak
+    RSS."""
     import pathlib
 
     root = pathlib.Path(__file__).parents[1]
@@ -500,10 +505,13 @@ def test_readme_boolq_table_is_the_runners_tables():
 
     for line, (label, name) in zip(table, files):
         row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
+        lrs = set(row["lrs"])
         sweep = root / "docs" / f"finetune_boolq_3epochs_{name}_sweep.json"  # seed-0 lrs run after the seeds
-        lrs = sorted(set(row["lrs"]) | (set(json.loads(sweep.read_text())["methods"][0]["lrs"]) if sweep.exists() else set()))
+        if sweep.exists():
+            lrs |= set(json.loads(sweep.read_text())["methods"][0]["lrs"])
+        lrs = sorted(lrs)
         swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
-        rank = "—" if row["method"] == "adamw" else str(Fraction(row["rank"]).limit_denominator(1000))  # 1/6
+        rank = "—" if row["method"] == "adamw" else _rank_text(row["rank"])
         expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
                     + ", ".join(f"{100 * v:.2f}" for v in row["values"])
                     + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
