@@ -540,6 +540,17 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
         assert len({run["lr"] for run in sweep}) >= 2, (key, sweep)
         best = min(sweep, key=lambda run: (-run["final_val_accuracy"], run["lr"]))
         assert args.lr == best["lr"] and "lr" not in args.given, (key, args.lr, best["lr"])
+        if key == "rso":  # the rank: best mean validation accuracy over 3 seeds, each rank at its seed-0 choice
+            means = {}
+            for rank in {run["rank"] for run in runs if run["method"] == "rso" and run["projection"] == "stiefel"}:
+                at_rank = [run for run in runs if run["method"] == "rso" and run["projection"] == "stiefel"
+                           and run["rank"] == rank and run["tau"] == args.tau and not run["freeze_embeddings"]]
+                lr = min((run for run in at_rank if run["seed"] == 0),
+                         key=lambda run: (-run["final_val_accuracy"], run["lr"]))["lr"]
+                seeds = {run["seed"]: run["final_val_accuracy"] for run in at_rank if run["lr"] == lr}
+                if len(seeds) >= 3:
+                    means[rank] = sum(seeds.values()) / len(seeds)
+            assert len(means) >= 2 and args.rank == max(means, key=means.get), (args.rank, means)
     for method in ("golore@20", "golore@50"):
         assert build_parser().parse_args(["--task", "boolq", "--method", method]).lr == TASK_DEFAULTS["boolq"]["golore"].lr
     assert build_parser().parse_args(["--task", "boolq", "--method", "rso", "--lr", "1e-3"]).lr == 1e-3
