@@ -388,7 +388,7 @@ def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tm
     from train import compare
     out = tmp_path / "cmp"
     rc = compare.main(_pretrain_argv(micro, out, "--methods", "adamw=2e-3,rso:svd=3e-3", "--seeds", "0,1",
-                                     "--rank", "4", "--tau", "2"), spawn=InProcess)
+                                     "--rank", "4", "--tau", "2", "--eval-every", "2"), spawn=InProcess)
     assert rc == 0, capsys.readouterr().out
     data = json.loads((out / "table.json").read_text())
     assert data["seeds"] == [0, 1] and len(data["runs"]) == 4
@@ -403,6 +403,9 @@ def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tm
         assert row["mean"] == pytest.approx((by_seed[0] + by_seed[1]) / 2, rel=1e-12)
         assert row["std"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2 ** 0.5, rel=1e-9)  # n − 1
         assert (out / f"{row['name']}_s1" / "results.json").exists()
+        for run in runs:  # every evaluation (--eval-every 2 of 4 steps), the last one the final eval loss
+            assert [step for step, _ in run["evals"]] == [2, 4] and run["evals"][-1][1] == run["final_eval_loss"]
+            assert run["evals"][0][1] != run["evals"][1][1]  # two evaluations, not one read twice
     assert rso["trainable_params"] < adamw["trainable_params"] and rso["projection"] == "svd"
     text = (out / "table.md").read_text()
     delta = 100 * (rso["mean"] / adamw["mean"] - 1)
@@ -452,8 +455,25 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
     tol = 8 * torch.finfo(torch.float32).eps
     for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):
         assert done[name]["eval_losses"] == pytest.approx(ref[name]["eval_losses"], rel=tol, abs=0), name
+    # each evaluation once, though the resumed run logged the steps after its checkpoint again
+    curves = [{r["entry_name"]: r["evals"] for r in json.loads((d / "table.json").read_text())["runs"]} for d in (out, whole)]
+    for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):
+        assert [step for step, _ in curves[0][name]] == [step for step, _ in curves[1][name]], name
+        assert [loss for _, loss in curves[0][name]] == pytest.approx([loss for _, loss in curves[1][name]], rel=tol, abs=0)
     calls.clear()
     assert compare.main(["--resume", *argv], spawn=spawn) == 0 and calls == []  # all finished: none run
+
+
+def test_eval_curve_keeps_a_resumed_runs_last_record_of_each_step(tmp_path):
+    """A run killed after step 3's evaluation and resumed from its step-2 checkpoint logs step 3 again: the curve
+    has it once, from the resumed run; training records and a line cut by the kill are skipped."""
+    from train.compare import eval_curve
+    rows = [{"step": 1, "loss": 9.0}, {"step": 2, "eval_loss": 8.0}, {"step": 3, "eval_loss": 7.5},
+            {"step": 3, "eval_loss": 7.0}, {"step": 4, "eval_loss": 6.5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:3]) + '\n{"step": 4, "eval_l\n'
+                    + "\n".join(json.dumps(r) for r in rows[3:]) + "\n")
+    assert eval_curve(path) == [[2, 8.0], [3, 7.0], [4, 6.5]]
 
 
 def test_comparison_plot_averages_the_seeds_over_the_steps_each_reached(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``
 ``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (for a seed: the same
 data order, schedule and token count for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N
 at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes
-``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std)
-and ``curves.png`` (train and eval loss against step, averaged over the seeds).
+``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std; per
+run, each evaluation's step and loss) and ``curves.png`` (train and eval loss against step, averaged over the seeds).
 ``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
 runs are read (if their settings are still what the command means), a run stopped part-way continues from its
 last checkpoint (``train.pretrain --resume``), the rest run. Fine-tuning has its runner in
@@ -28,7 +28,7 @@ import time
 from . import pretrain
 from .checkpoint import CHECKPOINT_NAME
 from .loop import rank_value
-from .metrics import plot_comparison
+from .metrics import MetricsLog, plot_comparison
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
 
@@ -135,6 +135,13 @@ def settings_differ(job: dict, results: dict) -> str:
     """The settings in ``results`` that are not ``job["settings"]`` ("" if none; a key ``results`` lacks is not compared)."""
     return ", ".join(f"{key} {results[key]!r} where the command now means {value!r}"
                      for key, value in job.get("settings", {}).items() if key in results and results[key] != value)
+
+
+def eval_curve(metrics: str) -> list[list]:
+    """A run's evaluations, ``[[step, eval loss], ...]`` by step, from its ``metrics.jsonl`` (a step logged again by
+    a resumed run: its last record)."""
+    losses = {row["step"]: row["eval_loss"] for row in MetricsLog.read(metrics) if "eval_loss" in row}
+    return [[step, losses[step]] for step in sorted(losses)]
 
 
 def run_records(jobs: list[dict]) -> list[dict]:
@@ -259,6 +266,8 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     rows = [summarize(e, jobs) for e in entries]
     text = table(rows, seeds)
     finished = [j for j in jobs if "metrics" in j and not j.get("error")]
+    for job in finished:
+        job["evals"] = eval_curve(job["metrics"])
     png = plot_comparison({r["name"]: [j["metrics"] for j in finished if j["entry_name"] == r["name"]] for r in rows},
                           out / "curves.png", f"{args.config}, {args.max_steps} steps, seeds {args.seeds}")
     if png:
