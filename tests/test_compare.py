@@ -532,3 +532,40 @@ def test_pretrain_comparison_resume_reruns_a_run_the_config_now_sets_otherwise(t
         in capsys.readouterr().out
     assert json.loads((tmp_path / "cmp" / "table.json").read_text())["runs"][0]["rank"] == 4
 
+
+
+_PRETRAIN_LABELS = {("adamw", None): "AdamW", ("galore", None): "GaLore", ("golore@20", None): "GoLore@20%",
+                    ("rso", "stiefel"): "RSO (Stiefel)", ("rso", "svd"): "RSO (SVD)", ("rso", "hybrid"): "RSO (hybrid)"}
+
+
+def test_readme_pretraining_table_at_2000_steps_is_the_runners_table():
+    """README's 3-seed `tiny` table at 2,000 steps: each row is its method's row of the runner's table.json (lr,
+    each seed's eval loss, mean ± std, the gaps to AdamW's and GaLore's means, trainable parameters), and the
+    command beside the table is the one that wrote it."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    heading = "**2,000 steps, 3 seeds.**"
+    data = json.loads((root / "docs" / "pretrain_tiny_2000_seeds.json").read_text())
+    text = (root / "README.md").read_text()
+    section = text[text.index(heading):]
+    section = section[:section.index("```bash")]
+    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    rows = {_PRETRAIN_LABELS[row["method"], row["projection"]]: row for row in data["methods"]}
+    assert len(table) == len(rows)
+    base = {"AdamW": rows["AdamW"]["mean"], "GaLore": rows["GaLore"]["mean"]}
+
+    def gap(row, to):
+        return "—" if row is rows[to] else f"{100 * (row['mean'] / base[to] - 1):+.2f}%".replace("-", "−")
+
+    best = min(rows, key=lambda label: rows[label]["mean"])
+    assert [line.split(" | ")[0][2:] for line in table if "**" in line] == [f"**{best}**"]  # bold: the best mean
+    for line in (line.replace("**", "") for line in table):
+        label = line.split(" | ")[0][2:]
+        row = rows[label]
+        expected = (f"| {label} | {row['lr']} | " + " | ".join(f"{v:.4f}" for v in row["eval_losses"])
+                    + f" | {row['mean']:.4f} ± {row['std']:.4f} | {gap(row, 'AdamW')} | {gap(row, 'GaLore')} | "
+                    f"{row['trainable_params'] / 1e6:.2f}M |")
+        assert line == expected
+    command = text[text.index("```bash", text.index(heading)) + 8:].split("```")[0]
+    assert command.replace("\\\n", " ").split() == data["command"].split()
