@@ -569,3 +569,35 @@ def test_readme_pretraining_table_at_2000_steps_is_the_runners_table():
         assert line == expected
     command = text[text.index("```bash", text.index(heading)) + 8:].split("```")[0]
     assert command.replace("\\\n", " ").split() == data["command"].split()
+
+
+def test_docs_60m_table_is_the_runners_table():
+    """docs/training.md's LLaMA-60M table at 400 steps: each row is its run in the runner's table.json (eval loss at
+    steps 100 / 200 / 300 / 400 from the run's evaluations, the gaps to AdamW and GaLore at step 400, trainable
+    parameters, peak RSS, median tokens/s), and the command beside it is the one that wrote it."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    data = json.loads((root / "docs" / "pretrain_60m_400.json").read_text())
+    text = (root / "docs" / "training.md").read_text()
+    heading = "### LLaMA-60M on the CPU: 400 steps, one seed"
+    section = text[text.index(heading):]
+    table = [line for line in section[:section.index("```bash")].splitlines()
+             if line.startswith("| ") and not line.startswith("| method")]
+    runs = {_PRETRAIN_LABELS[run["method"], run["projection"]]: run for run in data["runs"]}
+    assert len(table) == len(runs) == 4
+    base = {"AdamW": runs["AdamW"]["final_eval_loss"], "GaLore": runs["GaLore"]["final_eval_loss"]}
+
+    def gap(run, to):
+        return "—" if run is runs[to] else f"{100 * (run['final_eval_loss'] / base[to] - 1):+.2f}%".replace("-", "−")
+
+    for line in (line.replace("**", "") for line in table):
+        run = runs[line.split(" | ")[0][2:]]
+        evals = dict(run["evals"])
+        assert evals[400] == run["final_eval_loss"] and sorted(evals) == list(range(50, 401, 50))
+        expected = (f"| {line.split(' | ')[0][2:]} | " + " / ".join(f"{evals[step]:.4f}" for step in (100, 200, 300, 400))
+                    + f" | {gap(run, 'AdamW')} | {gap(run, 'GaLore')} | {run['trainable_params'] / 1e6:.2f}M | "
+                    f"{run['peak_rss_mb']:,.0f} | {run['median_tokens_per_s']:.0f} |")
+        assert line == expected
+    command = section[section.index("```bash") + 8:].split("```")[0]
+    assert command.replace("\\\n", " ").split() == data["command"].split()
