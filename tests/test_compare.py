@@ -455,7 +455,7 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
     tol = 8 * torch.finfo(torch.float32).eps
     for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):
         assert done[name]["eval_losses"] == pytest.approx(ref[name]["eval_losses"], rel=tol, abs=0), name
-    # each evaluation once, though the resumed run logged the steps after its checkpoint again
+    # the resumed runs' evaluations (steps and losses) are the uninterrupted runs'
     curves = [{r["entry_name"]: r["evals"] for r in json.loads((d / "table.json").read_text())["runs"]} for d in (out, whole)]
     for name in ("adamw_lr2e-3", "rso-stiefel_lr3e-3"):
         assert [step for step, _ in curves[0][name]] == [step for step, _ in curves[1][name]], name
@@ -533,9 +533,19 @@ def test_pretrain_comparison_resume_reruns_a_run_the_config_now_sets_otherwise(t
     assert json.loads((tmp_path / "cmp" / "table.json").read_text())["runs"][0]["rank"] == 4
 
 
-
 _PRETRAIN_LABELS = {("adamw", None): "AdamW", ("galore", None): "GaLore", ("golore@20", None): "GoLore@20%",
                     ("rso", "stiefel"): "RSO (Stiefel)", ("rso", "svd"): "RSO (SVD)", ("rso", "hybrid"): "RSO (hybrid)"}
+
+
+def _table_lines(section: str) -> list[str]:
+    """The data rows of the first markdown table in ``section`` (before its command), bold marks kept."""
+    return [line for line in section[:section.index("```bash")].splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+
+
+def _gap_text(value: float, base: float) -> str:
+    """A loss against a baseline's as the tables write it: +3.25%, −0.59% (a true minus sign)."""
+    return f"{100 * (value / base - 1):+.2f}%".replace("-", "−")
 
 
 def test_readme_pretraining_table_at_2000_steps_is_the_runners_table():
@@ -548,15 +558,13 @@ def test_readme_pretraining_table_at_2000_steps_is_the_runners_table():
     heading = "**2,000 steps, 3 seeds.**"
     data = json.loads((root / "docs" / "pretrain_tiny_2000_seeds.json").read_text())
     text = (root / "README.md").read_text()
-    section = text[text.index(heading):]
-    section = section[:section.index("```bash")]
-    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    table = _table_lines(text[text.index(heading):])
     rows = {_PRETRAIN_LABELS[row["method"], row["projection"]]: row for row in data["methods"]}
     assert len(table) == len(rows)
     base = {"AdamW": rows["AdamW"]["mean"], "GaLore": rows["GaLore"]["mean"]}
 
     def gap(row, to):
-        return "—" if row is rows[to] else f"{100 * (row['mean'] / base[to] - 1):+.2f}%".replace("-", "−")
+        return "—" if row is rows[to] else _gap_text(row["mean"], base[to])
 
     best = min(rows, key=lambda label: rows[label]["mean"])
     assert [line.split(" | ")[0][2:] for line in table if "**" in line] == [f"**{best}**"]  # bold: the best mean
@@ -582,14 +590,13 @@ def test_docs_60m_table_is_the_runners_table():
     text = (root / "docs" / "training.md").read_text()
     heading = "### LLaMA-60M on the CPU: 400 steps, one seed"
     section = text[text.index(heading):]
-    table = [line for line in section[:section.index("```bash")].splitlines()
-             if line.startswith("| ") and not line.startswith("| method")]
+    table = _table_lines(section)
     runs = {_PRETRAIN_LABELS[run["method"], run["projection"]]: run for run in data["runs"]}
     assert len(table) == len(runs) == 4
     base = {"AdamW": runs["AdamW"]["final_eval_loss"], "GaLore": runs["GaLore"]["final_eval_loss"]}
 
     def gap(run, to):
-        return "—" if run is runs[to] else f"{100 * (run['final_eval_loss'] / base[to] - 1):+.2f}%".replace("-", "−")
+        return "—" if run is runs[to] else _gap_text(run["final_eval_loss"], base[to])
 
     for line in (line.replace("**", "") for line in table):
         run = runs[line.split(" | ")[0][2:]]
