@@ -543,6 +543,11 @@ def _table_lines(section: str) -> list[str]:
             if line.startswith("| ") and not line.startswith("| method")]
 
 
+def _table_command(section: str) -> list[str]:
+    """The words of the first bash block in ``section`` (the command beside its table), line continuations joined."""
+    return section[section.index("```bash") + 8:].split("```")[0].replace("\\\n", " ").split()
+
+
 def _gap_text(value: float, base: float) -> str:
     """A loss against a baseline's as the tables write it: +3.25%, −0.59% (a true minus sign)."""
     return f"{100 * (value / base - 1):+.2f}%".replace("-", "−")
@@ -552,7 +557,8 @@ def _check_seeds_table(text: str, heading: str, data: dict, bold_best: bool) -> 
     """The table after ``heading`` in ``text`` is the runner's table.json ``data``, row for row: lr, each seed's eval
     loss, mean ± std, the gap to AdamW's and to GaLore's means (the baselines ``data`` has), trainable parameters;
     with ``bold_best`` the best mean's row is bold (and no other); the command beside it is the one that wrote it."""
-    table = _table_lines(text[text.index(heading):])
+    section = text[text.index(heading):]
+    table = _table_lines(section)
     rows = {_PRETRAIN_LABELS[row["method"], row["projection"]]: row for row in data["methods"]}
     assert len(table) == len(rows)
     bases = [label for label in ("AdamW", "GaLore") if label in rows]
@@ -569,8 +575,7 @@ def _check_seeds_table(text: str, heading: str, data: dict, bold_best: bool) -> 
                     + f" | {row['mean']:.4f} ± {row['std']:.4f} | " + "".join(f"{gap(row, b)} | " for b in bases)
                     + f"{row['trainable_params'] / 1e6:.2f}M |")
         assert line == expected
-    command = text[text.index("```bash", text.index(heading)) + 8:].split("```")[0]
-    assert command.replace("\\\n", " ").split() == data["command"].split()
+    assert _table_command(section) == data["command"].split()
 
 
 @pytest.mark.parametrize("heading, name", [("**300 steps, 3 seeds.**", "pretrain_tiny_300_seeds.json"),
@@ -620,5 +625,4 @@ def test_docs_60m_table_is_the_runners_table():
                     + f" | {gap(run, 'AdamW')} | {gap(run, 'GaLore')} | {run['trainable_params'] / 1e6:.2f}M | "
                     f"{run['peak_rss_mb']:,.0f} | {run['median_tokens_per_s']:.0f} |")
         assert line == expected
-    command = section[section.index("```bash") + 8:].split("```")[0]
-    assert command.replace("\\\n", " ").split() == data["command"].split()
+    assert _table_command(section) == data["command"].split()
