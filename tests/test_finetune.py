@@ -484,8 +484,8 @@ def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
 def test_readme_boolq_table_is_the_runners_tables():
     """README's BoolQ table: each method's row is its runner table (docs/finetune_boolq_3epochs_<file>.json): the
     chosen and swept lrs (with those of its ``_sweep`` file, run later at seed 0), dev accuracy after the last epoch
-    and early-stopped (mean ± std, the seed count where under three), each seed's, trainable parameters and peak
-    RSS."""
+    and early-stopped (mean ± std, the seed count where under three), each seed's, trainable parameters, peak
+    RSS and step time."""
     import pathlib
 
     root = pathlib.Path(__file__).parents[1]
@@ -515,8 +515,44 @@ def test_readme_boolq_table_is_the_runners_tables():
         expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
                     + ", ".join(f"{100 * v:.2f}" for v in row["values"])
                     + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
-                    f"{row['peak_memory_mb']:,.0f} |")
+                    f"{row['peak_memory_mb']:,.0f} | {row['median_step_s']:.2f} |")
         assert line == expected
+
+
+def test_readme_rotten_tomatoes_table_is_the_runners_table():
+    """README's Rotten Tomatoes table is the runner's (docs/finetune_rotten_tomatoes.json), row for row: rank, chosen
+    and swept lrs, held-out accuracy mean ± std and per seed, trainable parameters, peak RSS, step time; the best
+    mean is bold (and nothing else); the command beside it is the JSON's (its --resume aside)."""
+    import pathlib
+    import shlex
+
+    root = pathlib.Path(__file__).parents[1]
+    record = json.loads((root / "docs" / "finetune_rotten_tomatoes.json").read_text())
+    text = (root / "README.md").read_text()
+    section = text[text.index("### Fine-tuning (packaged MiniLM on Rotten Tomatoes"):]
+    rows = {r["name"]: r for r in record["methods"]}
+    labels = {"adamw": "AdamW (full)", "rso-stiefel-rank64": "RSO (Stiefel)", "galore-rank64": "GaLore",
+              "lora-rank8": "LoRA", "lora-rank16": "LoRA", "rso-hybrid-rank64": "RSO (hybrid)",
+              "goloreat20-rank64": "GoLore@20%",
+              "goloreat20-rank4-scale4-tau500": "GoLore@20%, GLUE protocol (scale 4, τ 500)"}
+    table = [line for line in section[:section.index("```bash")].splitlines()
+             if line.startswith("| ") and not line.startswith("| method")]
+    assert len(table) == len(rows) == len(labels)
+    best = max(rows.values(), key=lambda r: r["mean"])
+    for line, name in zip(table, labels):
+        row = rows[name]
+        accuracy = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
+        label = labels[name]
+        if row is best:
+            label, accuracy = f"**{label}**", f"**{accuracy}**"
+        rank = "—" if row["rank"] is None else _rank_text(row["rank"])
+        expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])} of {_lr_text(min(row['lrs']))} … "
+                    f"{_lr_text(max(row['lrs']))} | {accuracy} | " + ", ".join(f"{100 * v:.2f}" for v in row["values"])
+                    + f" | {row['trainable_params'] / 1e6:.2f}M | {row['peak_memory_mb']:,.0f} | "
+                    f"{row['median_step_s']:.2f} |")
+        assert line == expected
+    command = section[section.index("```bash") + 8:].split("```")[0].replace("\\\n", "")
+    assert shlex.split(command) == [word for word in shlex.split(record["command"]) if word != "--resume"]
 
 
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
