@@ -107,6 +107,26 @@ def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
         build_parser().parse_args(["--method", "lora", "--subspace-state", "project"])  # before any loading
 
 
+def test_no_share_projections_gives_each_sibling_layer_its_own_projection(env, tmp_path):
+    """--no-share-projections reaches rso.wrap: with svd, q/k/v (and gate/up) each get P from their own gradient,
+    where by default the siblings share one P; it is part of the run's identity and refused for other methods."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+
+    def projections(out, *extra):  # the checkpoint holds a shared P once, under its group's first layer
+        run(_args(env, out, "--method", "rso", "--projection", "svd", "--max-steps", "2", "--tau", "2", *extra))
+        state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        return {name: state.get(f"model.layers.0.{name}.P") for name in names}
+    shared, own = projections(tmp_path / "shared"), projections(tmp_path / "own", "--no-share-projections")
+    assert [name for name in names if shared[name] is not None] == ["self_attn.q_proj", "mlp.gate_proj"]
+    assert all(own[name] is not None for name in names)
+    assert not any(torch.equal(own[a], own[b]) for a, b in ((names[0], names[1]), (names[0], names[2]),
+                                                             (names[1], names[2]), (names[3], names[4])))
+    base = ["--config", env["config"], "--max-docs", "200", "--eval-batches", "2", "--threads", "1"]
+    assert _resume(env, tmp_path / "own", *base, "--share-projections") == 2
+    with pytest.raises(UsageError, match=r"^--no-share-projections is for --method rso only .*; galore has none"):
+        build_parser().parse_args(["--method", "galore", "--no-share-projections"])
+
+
 def _model_state(path):
     return torch.load(path, weights_only=False)["model"]
 

@@ -144,6 +144,9 @@ def check_args(args) -> None:
             check_subspace_state(method, getattr(args, "subspace_state", None), args.method)
         except MethodError as e:
             raise UsageError(str(e)) from None
+        if not getattr(args, "share_projections", True) and method != "rso":
+            raise UsageError(f"--no-share-projections is for --method rso only (its layers' projections P); "
+                             f"{args.method} has none to share")
     if getattr(args, "parallel", None) == "fsdp" and is_bitsandbytes(getattr(args, "optimizer", "")):
         raise UsageError(f"--optimizer {args.optimizer}: bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded "
                          "(DTensor) parameters; use --parallel ddp")
@@ -229,6 +232,10 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="the optimizer state of a projected weight when its subspace changes: reset (delete), keep, "
                         "or project (map the moments to the new subspace) (default: reset for rso, as in the RSO "
                         "paper; keep for galore, golore and golore@X, as galore-torch)")
+    p.add_argument("--share-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="rso: layers that read the same input (q/k/v, gate/up) share one P and one stored P·x "
+                        "(default); --no-share-projections gives each layer its own P (for svd / hybrid: from its "
+                        "own gradient) at the cost of one stored P·x per layer")
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -392,7 +399,8 @@ def method_options(args, **entry_point_options) -> MethodOptions:
     return MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
                          optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
                          projection=args.projection, total_steps=args.subspace_total_steps, seed=args.seed,
-                         subspace_state=args.subspace_state, **entry_point_options)
+                         subspace_state=args.subspace_state,
+                         share_projections=getattr(args, "share_projections", True), **entry_point_options)
 
 
 @contextlib.contextmanager

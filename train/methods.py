@@ -61,6 +61,7 @@ class MethodOptions:
     task: str = "causal_lm"         # lora: "causal_lm" | "seq_cls"
     train_embeddings: bool = True   # lora: also train embeddings, norms and heads (pre-training)
     subspace_state: str | None = None  # reset | keep | project at a new subspace (None: the method's default)
+    share_projections: bool = True  # rso: q/k/v and gate/up share one P (rso.wrap's share_projections)
 
 
 METHODS: dict[str, callable] = {}
@@ -252,7 +253,7 @@ def _rso(model, opts):
     model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
                      target_modules=targets or None, scale=opts.scale, seed=opts.seed,
                      total_steps=opts.total_steps, random_fraction=opts.random_fraction,
-                     state_on_merge=opts.subspace_state or "reset")
+                     state_on_merge=opts.subspace_state or "reset", share_projections=opts.share_projections)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)
 
