@@ -598,6 +598,17 @@ def test_docs_60m_two_seed_table_is_the_runners_table():
                        json.loads((root / "docs" / "pretrain_60m_400_seeds.json").read_text()), bold_best=False)
 
 
+@pytest.mark.parametrize("heading, name", [("*Each layer its own P*", "pretrain_tiny_300_seeds_noshare.json"),
+                                           ("*GaLore's share in every layer*", "pretrain_tiny_300_seeds_rank1of4.json")])
+def test_docs_first_cycle_diagnostic_tables_are_the_runners_tables(heading, name):
+    """docs/training.md's two 300-step diagnostics of RSO-SVD's gap to GaLore are the runner's tables."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    _check_seeds_table((root / "docs" / "training.md").read_text(), heading,
+                       json.loads((root / "docs" / name).read_text()), bold_best=False)
+
+
 def test_docs_60m_table_is_the_runners_table():
     """docs/training.md's LLaMA-60M table at 400 steps: each row is its run in the runner's table.json (eval loss at
     steps 100 / 200 / 300 / 400 from the run's evaluations, the gaps to AdamW and GaLore at step 400, trainable
