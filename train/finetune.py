@@ -45,15 +45,15 @@ from .schedule import cosine_schedule
 from .tasks import CAUSAL_LM_TASKS, EpochSampler, Task, compute_metrics, load_task, task_key
 
 #: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
-RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections",
-            "freeze_embeddings", "lr", "weight_decay", "optimizer", "optimizer_args", "batch_size", "grad_accum",
-            "max_length", "max_steps", "epochs", "steps_per_epoch", "subspace_total_steps", "warmup", "grad_clip",
-            "seed", "max_train", "val_from_train", "max_eval", "eval_every", "save_every", "log_every", "dtype",
-            "keep_best")
+RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
+            "share_projections", "freeze_embeddings", "lr", "weight_decay", "optimizer", "optimizer_args",
+            "batch_size", "grad_accum", "max_length", "max_steps", "epochs", "steps_per_epoch", "subspace_total_steps",
+            "warmup", "grad_clip", "seed", "max_train", "val_from_train", "max_eval", "eval_every", "save_every",
+            "log_every", "dtype", "keep_best")
 #: Those that make the run what it is: --resume refuses another value for them.
-IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections",
-                 "freeze_embeddings", "optimizer", "optimizer_args", "batch_size", "grad_accum", "max_length",
-                 "seed", "max_train", "val_from_train", "keep_best")
+IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
+                 "share_projections", "freeze_embeddings", "optimizer", "optimizer_args", "batch_size", "grad_accum",
+                 "max_length", "seed", "max_train", "val_from_train", "keep_best")
 
 class MethodDefaults(NamedTuple):
     """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` / ``--[no-]freeze-embeddings`` are not given."""

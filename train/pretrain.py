@@ -32,14 +32,14 @@ from .models import build_model, load_config
 from .schedule import cosine_schedule
 
 #: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
-RUN_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections", "lr", "weight_decay",
-            "optimizer", "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps",
+RUN_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections", "lr",
+            "weight_decay", "optimizer", "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps",
             "subspace_total_steps", "warmup", "min_lr_ratio", "grad_clip", "seed", "tokenizer", "dataset",
             "text_field", "eval_fraction", "max_docs", "eval_every", "eval_batches", "save_every", "log_every",
             "dtype")
 #: Those that make the run what it is: --resume refuses another value for them.
-IDENTITY_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections", "optimizer",
-                 "optimizer_args", "batch_size", "grad_accum", "seq_len", "seed", "tokenizer", "dataset",
+IDENTITY_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections",
+                 "optimizer", "optimizer_args", "batch_size", "grad_accum", "seq_len", "seed", "tokenizer", "dataset",
                  "text_field", "eval_fraction", "max_docs")
 
 
