@@ -599,9 +599,11 @@ def test_docs_60m_two_seed_table_is_the_runners_table():
 
 
 @pytest.mark.parametrize("heading, name", [("*Each layer its own P*", "pretrain_tiny_300_seeds_noshare.json"),
-                                           ("*GaLore's share in every layer*", "pretrain_tiny_300_seeds_rank1of4.json")])
+                                           ("*GaLore's share in every layer*", "pretrain_tiny_300_seeds_rank1of4.json"),
+                                           ("*B's Adam state kept at the resample*", "pretrain_tiny_300_seeds_keep.json"),
+                                           ("*No gradient clipping*", "pretrain_tiny_300_seeds_noclip.json")])
 def test_docs_first_cycle_diagnostic_tables_are_the_runners_tables(heading, name):
-    """docs/training.md's two 300-step diagnostics of RSO-SVD's gap to GaLore are the runner's tables."""
+    """docs/training.md's four 300-step diagnostics of RSO-SVD's gap to GaLore are the runner's tables."""
     import pathlib
 
     root = pathlib.Path(__file__).parents[1]
