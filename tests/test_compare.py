@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import json
 import os
+import shlex
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import table_command, table_lines  # noqa: E402
 from train import compare_finetune as cf  # noqa: E402
 from train import finetune  # noqa: E402
 from train.compare import run_jobs  # noqa: E402
@@ -537,17 +539,6 @@ _PRETRAIN_LABELS = {("adamw", None): "AdamW", ("galore", None): "GaLore", ("golo
                     ("rso", "stiefel"): "RSO (Stiefel)", ("rso", "svd"): "RSO (SVD)", ("rso", "hybrid"): "RSO (hybrid)"}
 
 
-def _table_lines(section: str) -> list[str]:
-    """The data rows of the first markdown table in ``section`` (before its command), bold marks kept."""
-    return [line for line in section[:section.index("```bash")].splitlines()
-            if line.startswith("| ") and not line.startswith("| method")]
-
-
-def _table_command(section: str) -> list[str]:
-    """The words of the first bash block in ``section`` (the command beside its table), line continuations joined."""
-    return section[section.index("```bash") + 8:].split("```")[0].replace("\\\n", " ").split()
-
-
 def _gap_text(value: float, base: float) -> str:
     """A loss against a baseline's as the tables write it: +3.25%, −0.59% (a true minus sign)."""
     return f"{100 * (value / base - 1):+.2f}%".replace("-", "−")
@@ -558,7 +549,7 @@ def _check_seeds_table(text: str, heading: str, data: dict, bold_best: bool) -> 
     loss, mean ± std, the gap to AdamW's and to GaLore's means (the baselines ``data`` has), trainable parameters;
     with ``bold_best`` the best mean's row is bold (and no other); the command beside it is the one that wrote it."""
     section = text[text.index(heading):]
-    table = _table_lines(section)
+    table = table_lines(section)
     rows = {_PRETRAIN_LABELS[row["method"], row["projection"]]: row for row in data["methods"]}
     assert len(table) == len(rows)
     bases = [label for label in ("AdamW", "GaLore") if label in rows]
@@ -575,7 +566,7 @@ def _check_seeds_table(text: str, heading: str, data: dict, bold_best: bool) -> 
                     + f" | {row['mean']:.4f} ± {row['std']:.4f} | " + "".join(f"{gap(row, b)} | " for b in bases)
                     + f"{row['trainable_params'] / 1e6:.2f}M |")
         assert line == expected
-    assert _table_command(section) == data["command"].split()
+    assert table_command(section) == shlex.split(data["command"])
 
 
 @pytest.mark.parametrize("heading, name", [("**300 steps, 3 seeds.**", "pretrain_tiny_300_seeds.json"),
@@ -622,7 +613,7 @@ def test_docs_60m_table_is_the_runners_table():
     text = (root / "docs" / "training.md").read_text()
     heading = "### LLaMA-60M on the CPU: 400 steps, two seeds"
     section = text[text.index(heading):]
-    table = _table_lines(section)
+    table = table_lines(section)
     runs = {_PRETRAIN_LABELS[run["method"], run["projection"]]: run for run in data["runs"]}
     assert len(table) == len(runs) == 4
     base = {"AdamW": runs["AdamW"]["final_eval_loss"], "GaLore": runs["GaLore"]["final_eval_loss"]}
@@ -638,4 +629,4 @@ def test_docs_60m_table_is_the_runners_table():
                     + f" | {gap(run, 'AdamW')} | {gap(run, 'GaLore')} | {run['trainable_params'] / 1e6:.2f}M | "
                     f"{run['peak_rss_mb']:,.0f} | {run['median_tokens_per_s']:.0f} |")
         assert line == expected
-    assert _table_command(section) == data["command"].split()
+    assert table_command(section) == shlex.split(data["command"])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import statistics
 from fractions import Fraction
 
@@ -11,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import table_command, table_lines  # noqa: E402
 from train import tasks  # noqa: E402
 from train.data import default_cache_dir  # noqa: E402
 from train.finetune import build_parser, encode, load_model_and_tokenizer, main, run  # noqa: E402
@@ -491,11 +493,10 @@ def test_readme_boolq_table_is_the_runners_tables():
     root = pathlib.Path(__file__).parents[1]
     text = (root / "README.md").read_text()
     section = text[text.index("### Fine-tuning MiniLM on BoolQ"):]
-    section = section[:section.index("```")]
     files = [("AdamW (full)", "adamw"), ("RSO (Stiefel)", "rso"), ("RSO (Stiefel)", "rso_rank1of6"),
              ("RSO (hybrid)", "rso_hybrid"), ("GaLore", "galore"),
              ("GoLore@20%", "golore"), ("LoRA", "lora"), ("LoRA", "lora_r16")]
-    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    table = table_lines(section)
     assert [line.split(" | ")[0][2:] for line in table] == [label for label, _ in files]
 
     def accuracy(stats, n):
@@ -524,7 +525,6 @@ def test_readme_rotten_tomatoes_table_is_the_runners_table():
     and swept lrs, held-out accuracy mean ± std and per seed, trainable parameters, peak RSS, step time; the best
     mean is bold (and nothing else); the command beside it is the JSON's (its --resume aside)."""
     import pathlib
-    import shlex
 
     root = pathlib.Path(__file__).parents[1]
     record = json.loads((root / "docs" / "finetune_rotten_tomatoes.json").read_text())
@@ -535,8 +535,7 @@ def test_readme_rotten_tomatoes_table_is_the_runners_table():
               "lora-rank8": "LoRA", "lora-rank16": "LoRA", "rso-hybrid-rank64": "RSO (hybrid)",
               "goloreat20-rank64": "GoLore@20%",
               "goloreat20-rank4-scale4-tau500": "GoLore@20%, GLUE protocol (scale 4, τ 500)"}
-    table = [line for line in section[:section.index("```bash")].splitlines()
-             if line.startswith("| ") and not line.startswith("| method")]
+    table = table_lines(section)
     assert len(table) == len(rows) == len(labels)
     best = max(rows.values(), key=lambda r: r["mean"])
     for line, name in zip(table, labels):
@@ -551,8 +550,7 @@ def test_readme_rotten_tomatoes_table_is_the_runners_table():
                     + f" | {row['trainable_params'] / 1e6:.2f}M | {row['peak_memory_mb']:,.0f} | "
                     f"{row['median_step_s']:.2f} |")
         assert line == expected
-    command = section[section.index("```bash") + 8:].split("```")[0].replace("\\\n", "")
-    assert shlex.split(command) == [word for word in shlex.split(record["command"]) if word != "--resume"]
+    assert table_command(section) == [word for word in shlex.split(record["command"]) if word != "--resume"]
 
 
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():

@@ -399,8 +399,8 @@ def method_options(args, **entry_point_options) -> MethodOptions:
     return MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
                          optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
                          projection=args.projection, total_steps=args.subspace_total_steps, seed=args.seed,
-                         subspace_state=args.subspace_state,
-                         share_projections=getattr(args, "share_projections", True), **entry_point_options)
+                         subspace_state=args.subspace_state, share_projections=args.share_projections,
+                         **entry_point_options)
 
 
 @contextlib.contextmanager
