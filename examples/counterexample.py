@@ -2,14 +2,10 @@
 
     python examples/counterexample.py --preset paper --png docs/counterexample.png --json docs/counterexample.json
 
-Every flag: ``python examples/counterexample.py --help``; the logic is in :mod:`train.counterexample`.
+Every flag: ``python examples/counterexample.py --help``; the logic is in :mod:`rso.train.counterexample`.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.counterexample import main  # noqa: E402
+from rso.train.counterexample import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,20 +3,16 @@
     python examples/finetune_glue.py                              # packaged MiniLM on Rotten Tomatoes (offline)
     python examples/finetune_glue.py --task sst2 --model <hub>    # GLUE by name (needs network)
 
-The full pipeline (every method, metrics per GLUE task, checkpoints, resume) is ``python -m train.finetune``.
+The full pipeline (every method, metrics per GLUE task, checkpoints, resume) is ``python -m rso.train.finetune``.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-import rso  # noqa: E402
-from train.packages import minilm_dir  # noqa: E402
-from train.tasks import compute_metrics, load_task  # noqa: E402
+import rso
+from rso.train.packages import minilm_dir
+from rso.train.tasks import compute_metrics, load_task
 
 p = argparse.ArgumentParser()
 p.add_argument("--task", default="rotten_tomatoes")

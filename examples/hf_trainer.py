@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
-import rso  # noqa: E402
-from train.data import build_pretraining_data, default_cache_dir  # noqa: E402
-from train.models import build_model, load_config  # noqa: E402
+import rso
+from rso.train.data import build_pretraining_data, default_cache_dir
+from rso.train.models import build_model, load_config
 
 
 class Blocks(torch.utils.data.Dataset):

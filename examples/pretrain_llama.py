@@ -3,21 +3,17 @@
     python examples/pretrain_llama.py                 # tiny config, embedded offline corpus, CPU-friendly
     python examples/pretrain_llama.py --config 60m --steps 10000 --dataset c4 --rank 128 --tau 200 --lr 1e-3  # the papers' 60M (GPU, online)
 
-The full pipeline (checkpoints, resume, metrics, plots, every method) is ``python -m train.pretrain``.
+The full pipeline (checkpoints, resume, metrics, plots, every method) is ``python -m rso.train.pretrain``.
 """
 import argparse
 import math
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import rso  # noqa: E402
-from train.data import build_pretraining_data, default_cache_dir  # noqa: E402
-from train.models import build_model, load_config  # noqa: E402
-from train.schedule import cosine_schedule  # noqa: E402
+import rso
+from rso.train.data import build_pretraining_data, default_cache_dir
+from rso.train.models import build_model, load_config
+from rso.train.schedule import cosine_schedule
 
 p = argparse.ArgumentParser()
 p.add_argument("--config", default="tiny")

@@ -2,7 +2,7 @@
 
 Effective weight ``W = W₀ + s·B P`` (torch layout, out×in): ``W₀`` frozen, ``P`` (rank×in) a buffer,
 only ``B`` (out×rank) and the bias train. Forward ``y = x W₀ᵀ + s·(x Pᵀ) Bᵀ + b`` stores only the
-r-wide ``z = x Pᵀ`` for backward (see :mod:`layers.functional`, which also picks the cheaper of two
+r-wide ``z = x Pᵀ`` for backward (see :mod:`rso.layers.functional`, which also picks the cheaper of two
 evaluation orders per call).
 
 Layers that read the same input tensor (q/k/v, gate/up) can form a :class:`ProjectionGroup`: they hold
@@ -127,7 +127,7 @@ class SubspaceLinear(nn.Module):
         self.layout = layout  # "linear", or "conv1d" (HF GPT-2 Conv1D: weight stored in×out)
         self.weight_requires_grad = weight_requires_grad  # restored by unwrap
         self.coordinate = False  # P is r rows of the identity: project by indexing
-        self.evaluation = "auto"  # "merged" | "split" | "auto" (fewer FLOPs; see layers.functional)
+        self.evaluation = "auto"  # "merged" | "split" | "auto" (fewer FLOPs; see rso.layers.functional)
         self._group = None
         self._capture = None
         self._index = None

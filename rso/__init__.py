@@ -4,7 +4,7 @@
     ...an ordinary training loop with any torch optimizer...
     model = rso.unwrap(model)           # plain nn.Linear again, merged
 """
-from layers.subspace_linear import ProjectionGroup, SubspaceLinear
+from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear
 
 from . import distributed, memory, optim, projections, serialization
 from .outer_loop import OuterLoop

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from layers.subspace_linear import SubspaceLinear
+from rso.layers.subspace_linear import SubspaceLinear
 
 __all__ = [
     "CommCounter", "FSDPCommCounter", "counting_allreduce_hook", "ddp", "gradient_bytes", "buffer_bytes",

@@ -18,7 +18,7 @@ import types
 
 import torch.nn.functional as F
 
-from layers.chunked_ce import MODES, chunked_linear_cross_entropy
+from rso.layers.chunked_ce import MODES, chunked_linear_cross_entropy
 
 __all__ = ["causal_lm_loss", "use_chunked_head", "restore_head", "uses_chunked_head"]
 

@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from layers.subspace_linear import ProjectionGroup
+from rso.layers.subspace_linear import ProjectionGroup
 from .projections import CoordinateSampler, ProjectionSampler, generator_for
 
 STATE_POLICIES = ("reset", "keep", "project")

@@ -26,7 +26,7 @@ import pathlib
 import torch
 from torch import nn
 
-from layers.subspace_linear import SubspaceLinear, is_conv1d
+from rso.layers.subspace_linear import SubspaceLinear, is_conv1d
 from .projections import SAMPLERS
 
 __all__ = ["SETTINGS_KEY", "IDENTITY", "wrap_settings", "identity_tensor", "check_checkpoint", "from_pretrained",

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
+from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
 from .outer_loop import STATE_POLICIES, OuterLoop
 from .projections import CoordinateSampler, make_sampler, mix_seed

@@ -117,12 +117,12 @@ def llama():
 
 
 def measure_method(method, cfg, rank, batch, seq, attn="sdpa", dtype=torch.float32, seed=1, **setup_options):
-    """One steady training step of ``train.bench.recipes.setup(method, **setup_options)`` on a LLaMA built from
+    """One steady training step of ``rso.train.bench.recipes.setup(method, **setup_options)`` on a LLaMA built from
     ``cfg``, measured with ``rso.memory.measure_step`` (no peak tracking); returns (report, setup)."""
     import warnings
     from transformers import LlamaConfig, LlamaForCausalLM
     from rso.memory import measure_step
-    from train.bench.recipes import setup
+    from rso.train.bench.recipes import setup
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn)).to(dtype)
     with warnings.catch_warnings():

@@ -18,7 +18,7 @@ import torch
 
 import rso
 from rso.memory import estimate, measure_step
-from train.bench.recipes import setup
+from rso.train.bench.recipes import setup
 
 CFG = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
            num_hidden_layers=2, vocab_size=256)

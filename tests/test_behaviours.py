@@ -11,7 +11,7 @@ from torch import nn
 
 import rso
 from conftest import lm_batch, tiny_gpt2, tiny_llama
-from layers import SubspaceLinear
+from rso.layers import SubspaceLinear
 from rso.projections import CoordinateSampler, GaussianSampler, ProjectionSampler, generator_for
 
 U32 = torch.finfo(torch.float32).eps / 2

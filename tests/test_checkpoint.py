@@ -65,7 +65,7 @@ def test_restore_run_puts_back_every_random_generator(tmp_path):
 
     import numpy as np
 
-    from train.checkpoint import load_run, restore_run, save_run
+    from rso.train.checkpoint import load_run, restore_run, save_run
 
     class Stateful:  # the data position and the logged-loss interval: any object with a state_dict
         def __init__(self):

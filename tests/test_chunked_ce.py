@@ -3,9 +3,9 @@ reductions and divisors), what each mode saves, and the column-major g of its CP
 import pytest
 import torch
 
-import layers.chunked_ce as chunked_ce
+import rso.layers.chunked_ce as chunked_ce
 from conftest import OpRecorder
-from layers.chunked_ce import chunked_linear_cross_entropy
+from rso.layers.chunked_ce import chunked_linear_cross_entropy
 
 
 def float64_reference(h, W, t):

@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import table_command, table_lines  # noqa: E402
-from train import compare_finetune as cf  # noqa: E402
-from train import finetune  # noqa: E402
-from train.compare import run_jobs  # noqa: E402
-from train.finetune import command_settings  # noqa: E402
+from rso.train import compare_finetune as cf  # noqa: E402
+from rso.train import finetune  # noqa: E402
+from rso.train.compare import run_jobs  # noqa: E402
+from rso.train.finetune import command_settings  # noqa: E402
 
 
 class InProcess:
@@ -78,7 +78,7 @@ def test_lr_choice_reads_only_the_validation_split():
 
 
 class FakeFinetune:
-    """A ``train.finetune`` run that only writes its results (with the settings its command means, as the real
+    """A ``rso.train.finetune`` run that only writes its results (with the settings its command means, as the real
     one does, or ``ran_with``'s): validation accuracy peaks at lr 3e-4, held-out accuracy at 1e-3 (and differs
     by seed). ``evaluations[seed]``, where given, is written to ``metrics.jsonl`` as (step, val, held-out) rows."""
 
@@ -180,7 +180,7 @@ def test_early_stopping_reports_each_seeds_evaluation_with_the_best_validation_m
 
 def test_sweep_plot_draws_validation_metric_against_lr_and_rings_the_choice(tmp_path, monkeypatch):
     import matplotlib.axes
-    from train.metrics import plot_sweep
+    from rso.train.metrics import plot_sweep
     drawn = []
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k:
@@ -205,7 +205,7 @@ def test_resume_reads_the_finished_runs_and_runs_the_rest(tmp_path):
     (out / "rso_lr0.001_s0").rmdir()
     (out / "rso_lr0.0003_s1" / "results.json").unlink()
     (out / "rso_lr0.0003_s1" / "checkpoint.pt").write_bytes(b"")
-    (out / "rso_lr0.0001_s0.cmd").write_text("python -m train.finetune --other-args")  # other arguments: rerun
+    (out / "rso_lr0.0001_s0.cmd").write_text("python -m rso.train.finetune --other-args")  # other arguments: rerun
     (out / "rso_lr0.0001_s0" / "checkpoint.pt").write_bytes(b"")  # ... from the start, though it has a checkpoint
     FakeFinetune.calls, FakeFinetune.resumed = [], []
     assert cf.main(["--resume", *argv], spawn=FakeFinetune) == 0
@@ -260,7 +260,7 @@ def test_an_entry_state_sets_the_runs_subspace_state(tmp_path):
 
 
 def test_an_entry_rank_may_be_a_fraction_of_each_layers_input_width(tmp_path):
-    """``rank=1/6`` reaches train.finetune as exactly 1/6 (not 0.166667) and reads as 1/6 in the label, the
+    """``rank=1/6`` reaches rso.train.finetune as exactly 1/6 (not 0.166667) and reads as 1/6 in the label, the
     table's rank column and a file-safe run name; a fraction with a short decimal keeps it."""
     FakeFinetune.calls = []
     out = tmp_path / "cmp"
@@ -365,14 +365,14 @@ def test_two_methods_two_seeds_few_steps_write_table_and_json(tmp_path, capsys, 
     assert rso["label"] == "rso (stiefel), rank 4, tau 2" and adamw["trainable_params"] > rso["trainable_params"]
     text = (out / "table.md").read_text()
     assert "| rso (stiefel), rank 4, tau 2 | 4 |" in text and "| adamw | — | 0.001 (not swept) |" in text
-    assert "python -m train.compare_finetune --model tiny-bert" in text
+    assert "python -m rso.train.compare_finetune --model tiny-bert" in text
     # the loss curves: each method's seed runs at its chosen lr, never a sweep run at another lr
     chosen = f"rso-rank4-tau2_lr{rso['chosen_lr']:g}"
     assert sorted(map(str, plotted[rso["label"]])) == [str(out / f"{chosen}_s{s}" / "metrics.jsonl") for s in (0, 1)]
     assert len(plotted["adamw"]) == 2 and "curves.png" in text and (out / "curves.png").stat().st_size > 10_000
 
 
-# ----------------------------------------------------------------------------- pre-training: train.compare
+# ----------------------------------------------------------------------------- pre-training: rso.train.compare
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     from conftest import write_micro_llama_config
@@ -387,7 +387,7 @@ def _pretrain_argv(micro, out, *extra):
 
 
 def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tmp_path, capsys, restore_threads):
-    from train import compare
+    from rso.train import compare
     out = tmp_path / "cmp"
     rc = compare.main(_pretrain_argv(micro, out, "--methods", "adamw=2e-3,rso:svd=3e-3", "--seeds", "0,1",
                                      "--rank", "4", "--tau", "2", "--eval-every", "2"), spawn=InProcess)
@@ -420,8 +420,8 @@ def test_pretrain_comparison_over_seeds_writes_mean_std_table_and_json(micro, tm
 
 def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_path, capsys, restore_threads):
     """An interrupted comparison: --resume reads what finished, continues a run from its checkpoint
-    (``train.pretrain --resume``) to the loss an uninterrupted run reaches, and runs a changed command anew."""
-    from train import compare
+    (``rso.train.pretrain --resume``) to the loss an uninterrupted run reaches, and runs a changed command anew."""
+    from rso.train import compare
     whole, out = tmp_path / "whole", tmp_path / "cmp"
     methods = ("--methods", "adamw=2e-3,rso:stiefel=3e-3", "--rank", "4", "--tau", "2")
     assert compare.main(_pretrain_argv(micro, whole, *methods), spawn=InProcess) == 0
@@ -430,7 +430,7 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
     assert compare.main(argv, spawn=InProcess) == 1  # no run finished
     assert all((out / n / "checkpoint.pt").exists() and not (out / n / "results.json").exists()
                for n in ("adamw_lr2e-3_s0", "rso-stiefel_lr3e-3_s0"))
-    (out / "rso-stiefel_lr3e-3_s0.cmd").write_text("python -m train.pretrain --other-args")  # not this command
+    (out / "rso-stiefel_lr3e-3_s0.cmd").write_text("python -m rso.train.pretrain --other-args")  # not this command
     calls = []
 
     def spawn(cmd, stdout, stderr):
@@ -469,7 +469,7 @@ def test_pretrain_comparison_resume_continues_a_run_stopped_part_way(micro, tmp_
 def test_eval_curve_keeps_a_resumed_runs_last_record_of_each_step(tmp_path):
     """A run killed after step 3's evaluation and resumed from its step-2 checkpoint logs step 3 again: the curve
     has it once, from the resumed run; training records and a line cut by the kill are skipped."""
-    from train.compare import eval_curve
+    from rso.train.compare import eval_curve
     rows = [{"step": 1, "loss": 9.0}, {"step": 2, "eval_loss": 8.0}, {"step": 3, "eval_loss": 7.5},
             {"step": 3, "eval_loss": 7.0}, {"step": 4, "eval_loss": 6.5}]
     path = tmp_path / "metrics.jsonl"
@@ -480,7 +480,7 @@ def test_eval_curve_keeps_a_resumed_runs_last_record_of_each_step(tmp_path):
 
 def test_comparison_plot_averages_the_seeds_over_the_steps_each_reached(tmp_path, monkeypatch):
     import matplotlib.axes
-    from train.metrics import plot_comparison
+    from rso.train.metrics import plot_comparison
     drawn, bands = [], []
     plot, fill = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.fill_between
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k:
@@ -500,7 +500,7 @@ def test_comparison_plot_averages_the_seeds_over_the_steps_each_reached(tmp_path
 
 
 def test_pretrain_comparison_refuses_bad_seeds_before_any_run(tmp_path, capsys):
-    from train import compare
+    from rso.train import compare
     for seeds in ("1,1", "a", ","):
         with pytest.raises(SystemExit) as e:
             compare.main(["--seeds", seeds, "--output-dir", str(tmp_path / "x")])
@@ -512,7 +512,7 @@ def test_pretrain_comparison_resume_reruns_a_run_the_config_now_sets_otherwise(t
     """Rank, τ and lr left to the config: a finished run is read under --resume while the config says what it
     ran with, and run again once the config's default changes (the command text is the same)."""
     from conftest import micro_llama_config, write_micro_llama_config
-    from train import compare
+    from rso.train import compare
     config = tmp_path / "micro.json"
     write_micro_llama_config(config)
     argv = ["--config", str(config), "--max-steps", "2", "--methods", "rso:stiefel", "--output-dir", str(tmp_path / "cmp"),

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from train.counterexample import (PAPER, METHODS, Settings, main, make_problem, paper_problem, plateau_iteration,
+from rso.train.counterexample import (PAPER, METHODS, Settings, main, make_problem, paper_problem, plateau_iteration,
                                   run_all, run_method, summary_table)
 
 

@@ -4,7 +4,7 @@ import torch
 
 import rso
 from conftest import lm_batch, tiny_llama
-from layers import SubspaceLinear
+from rso.layers import SubspaceLinear
 from rso.projections import StiefelSampler, generator_for
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -115,7 +115,7 @@ def train(model, opt, steps, rank=0, world=1, on_step=None):
 
 
 def _entry_args(out_dir, name, *more):
-    from train.distributed import build_parser
+    from rso.train.distributed import build_parser
     return build_parser().parse_args([
         "--config", os.path.join(out_dir, "cfg.json"), "--method", "rso", "--parallel", "fsdp",
         "--dataset", "synthetic", "--synthetic-tokens", "20000", "--batch-size", "2", "--grad-accum", "1",
@@ -247,7 +247,7 @@ def _worker(rank, out_dir, run_fsdp):
             res["mp_state"] = full_state(mmodel)
             # the torchrun entry point's loop, on this process group: FSDP2, 4 steps in one go, and
             # 2 steps then a checkpoint (--stop-after) that the test process resumes alone
-            from train.distributed import run
+            from rso.train.distributed import run
             res["entry"] = run(_entry_args(out_dir, "entry_full"))
             res["entry_part"] = run(_entry_args(out_dir, "entry", "--stop-after", "2"))
         if rank == 0:
@@ -403,11 +403,11 @@ def test_checkpoint_contents(runs):
 
 
 def test_entry_point_fsdp_resume_on_one_rank(runs):
-    """train.distributed: 2-rank FSDP2 run stopped after 2 steps, resumed by 1 rank (DDP): same losses."""
+    """rso.train.distributed: 2-rank FSDP2 run stopped after 2 steps, resumed by 1 rank (DDP): same losses."""
     if not runs["fsdp"]:
         pytest.skip(fsdp2_available()[1])
     import torch.distributed as dist
-    from train.distributed import run
+    from rso.train.distributed import run
     full, part = runs["r0"]["entry"], runs["r0"]["entry_part"]
     assert full["steps"] == 4 and full["world_size"] == WORLD and full["parallel"] == "fsdp"
     assert part["steps"] == 2 and (runs["dir"] / "entry" / "checkpoints" / "step_2" / ".metadata").exists()

@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import table_command, table_lines  # noqa: E402
-from train import tasks  # noqa: E402
-from train.data import default_cache_dir  # noqa: E402
-from train.finetune import build_parser, encode, load_model_and_tokenizer, main, run  # noqa: E402
-from train.packages import package_file  # noqa: E402
+from rso.train import tasks  # noqa: E402
+from rso.train.data import default_cache_dir  # noqa: E402
+from rso.train.finetune import build_parser, encode, load_model_and_tokenizer, main, run  # noqa: E402
+from rso.train.packages import package_file  # noqa: E402
 
 MICRO_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -38,7 +38,7 @@ def _args(out, *extra):
 @torch.no_grad()
 def _reference_eval(model, examples, causal=False):
     """(mean loss, predictions, top-2 logit margins) of ``model`` on encoded ``examples``, computed apart from
-    ``train.finetune.evaluate``: one example at a time (no padding, no batching), in float64, the cross-entropy
+    ``rso.train.finetune.evaluate``: one example at a time (no padding, no batching), in float64, the cross-entropy
     summed by hand over the examples (classification) or the target tokens (causal LM)."""
     model = model.double().eval()
     total, count, preds, margins = 0.0, 0, [], []
@@ -199,7 +199,7 @@ def test_causal_lm_rso_saves_plain_llama(tmp_path):
     untrained = _untrained(argv, task)
     untrained_loss = _reference_eval(untrained, examples, causal=True)[0]
     assert loss < untrained_loss - 100 * tol, (loss, untrained_loss)
-    # RSO on a causal LM keeps the token embeddings frozen by default (train.finetune.DEFAULTS)
+    # RSO on a causal LM keeps the token embeddings frozen by default (rso.train.finetune.DEFAULTS)
     assert res["freeze_embeddings"] is True
     assert torch.equal(saved.get_input_embeddings().weight, untrained.get_input_embeddings().weight)
 
@@ -207,7 +207,7 @@ def test_causal_lm_rso_saves_plain_llama(tmp_path):
 def test_resume_of_a_checkpoint_from_before_the_freeze_flag_keeps_training_the_embeddings(tmp_path):
     """A causal-LM RSO checkpoint saved before ``--[no-]freeze-embeddings`` existed (no such saved setting) trained
     its embeddings: ``--resume`` goes on training them, although RSO on a causal LM now freezes them by default."""
-    from train.checkpoint import CHECKPOINT_NAME
+    from rso.train.checkpoint import CHECKPOINT_NAME
 
     cfg = tmp_path / "micro-llama.json"
     cfg.write_text(json.dumps(MICRO_LLAMA))
@@ -247,7 +247,7 @@ def test_keep_best_ends_with_the_weights_of_the_best_validation_evaluation(tmp_p
     """--keep-best: the validation accuracy (scripted: 0.5, 0.75, 0.75, 0.6 at steps 2, 4, 6, 8) is best at step 4
     (the tie with step 6 keeps the earlier), so the run ends with step 4's weights: the final evaluation is step
     4's, bit for bit, and that model is saved; the training itself is the run's without the flag."""
-    from train import finetune
+    from rso.train import finetune
 
     real, calls = finetune.evaluate_all, []
 
@@ -288,7 +288,7 @@ def test_keep_best_resumed_equals_uninterrupted_and_needs_a_validation_split(tmp
 
 
 def test_best_weights_keep_the_best_evaluation_and_a_resume_drops_one_from_past_its_checkpoint(tmp_path):
-    from train.best import BestWeights
+    from rso.train.best import BestWeights
 
     loss = {"val_key": "final_val_loss", "higher_is_better": False}
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
@@ -340,7 +340,7 @@ def test_validation_split_is_carved_from_train_and_reported_apart(tmp_path, monk
     def touched(*a, **k):
         raise AssertionError("data was read before the arguments were checked")
 
-    monkeypatch.setattr("train.finetune.load_task", touched)
+    monkeypatch.setattr("rso.train.finetune.load_task", touched)
     assert main(["--val-from-train", "0", "--output-dir", str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err == "error: --val-from-train must be ≥ 1, got 0\n"
 
@@ -560,7 +560,7 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
     golore@X); a given ``--lr`` wins."""
     import pathlib
 
-    from train.finetune import TASK_DEFAULTS
+    from rso.train.finetune import TASK_DEFAULTS
 
     docs = pathlib.Path(__file__).parents[1] / "docs"
     runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]

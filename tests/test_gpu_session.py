@@ -1,8 +1,8 @@
-"""train.bench.gpu_session, the one-call GPU session of issue 14 item 5, tested here without a GPU: the plan the
+"""rso.train.bench.gpu_session, the one-call GPU session of issue 14 item 5, tested here without a GPU: the plan the
 device runs, the runner (timeouts, failures, the fallback's condition, the budget, JSON after every part), and the
 worker paths it adds (memory_frontier's timed steps and planned batch, step's merge timing under torch.compile),
 plus one real part of the CPU dry run end to end. The whole dry run (all parts, a few minutes on two busy cores)
-is ``python -m train.bench.gpu_session --device cpu --dry-run --out DIR``."""
+is ``python -m rso.train.bench.gpu_session --device cpu --dry-run --out DIR``."""
 import json
 import os
 import re
@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from train.bench import gpu_session
-from train.bench.gpu_session import Part, plan, run_parts
+from rso.train.bench import gpu_session
+from rso.train.bench.gpu_session import Part, plan, run_parts
 
 
 def _arg(cmd, flag):
@@ -25,7 +25,7 @@ def test_the_device_plan_runs_the_7b_step_first_and_fits_one_call(tmp_path):
     parts = plan(tmp_path, "cuda")
     assert [p.name for p in parts] == ["7b-16x256", "7b-1x128", "7b-max", "step-eager", "step-compile"]
     goal = parts[0].cmd
-    assert _arg(goal, "-m") == "train.bench.memory_frontier" and _arg(goal, "--device") == "cuda"
+    assert _arg(goal, "-m") == "rso.train.bench.memory_frontier" and _arg(goal, "--device") == "cuda"
     assert (_arg(goal, "--config"), _arg(goal, "--rank"), _arg(goal, "--batch"), _arg(goal, "--seq")) == \
         ("llama-7b", "256", "16", "256")
     assert _arg(goal, "--memory-limit-gb") == "24" and _arg(goal, "--cases") == "rso+ckpt+ce,rso+ckpt"
@@ -34,7 +34,7 @@ def test_the_device_plan_runs_the_7b_step_first_and_fits_one_call(tmp_path):
     assert _arg(parts[2].cmd, "--batch") == "max"
     for part in parts[3:]:
         cmd = part.cmd
-        assert _arg(cmd, "-m") == "train.bench.step" and _arg(cmd, "--dtype") == "bf16"
+        assert _arg(cmd, "-m") == "rso.train.bench.step" and _arg(cmd, "--dtype") == "bf16"
         assert set(_arg(cmd, "--methods").split(",")) == {"rso-stiefel", "adamw", "galore-torch"}
         assert set(_arg(cmd, "--configs").split(",")) == {"350m", "1b"}
         assert int(_arg(cmd, "--merge-every")) >= 3  # cycles with ordinary steps between the merges
@@ -111,8 +111,8 @@ def _affinity():
 def test_worker_paths_of_the_session_on_cpu(_affinity):
     """memory_frontier: the planned batch and the cap's arithmetic; step: the merge timing under torch.compile (no
     recompile after a merge); the summary of such records, an out-of-memory case among them."""
-    from train.bench import memory_frontier as mf
-    from train.bench.step import run_worker
+    from rso.train.bench import memory_frontier as mf
+    from rso.train.bench.step import run_worker
     model = {k: v for k, v in gpu_session.DRY_RUN_MODEL.items() if k not in ("model_type", "training", "rms_norm_eps")}
     usable = mf.estimate_case({"case": "rso+ckpt+ce", "model": model, "rank": 16, "batch": 3, "seq": 16})["total"]
     assert mf.largest_batch("rso+ckpt+ce", model, 16, 16, usable) == 3
@@ -168,7 +168,7 @@ def test_dry_run_cli_runs_a_part_end_to_end(tmp_path):
     stand-in, one measured and one timed step), its JSON, the session JSON and Markdown, and the one-line errors."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(gpu_session.ROOT), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "train.bench.gpu_session", "--device", "cpu", "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "rso.train.bench.gpu_session", "--device", "cpu", "--dry-run",
                            "--only", "7b-max", "--out", str(out), "--budget-s", "200"],
                           capture_output=True, text=True, env=env, cwd=gpu_session.ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

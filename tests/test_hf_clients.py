@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import rso  # noqa: E402
 from conftest import tiny_bert  # noqa: E402
-from train.best import live_tensors as held_tensors  # noqa: E402
+from rso.train.best import live_tensors as held_tensors  # noqa: E402
 
 TAU = 3
 
@@ -39,7 +39,7 @@ def states_close(a, b, atol=1e-6):
 
 
 def live_tensors(model):
-    """A copy of the parameters and buffers as they are now (``train.best.live_tensors``; ``state_dict()`` would
+    """A copy of the parameters and buffers as they are now (``rso.train.best.live_tensors``; ``state_dict()`` would
     first merge B into W₀)."""
     return {k: v.detach().clone() for k, v in held_tensors(model).items()}
 
@@ -131,7 +131,7 @@ def test_trainer_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 def test_trl_sft_trainer_checkpoints_and_resumes(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
-    from train.data import load_documents, load_tokenizer
+    from rso.train.data import load_documents, load_tokenizer
     tok = load_tokenizer("gpt2")
     tok.pad_token = tok.eos_token
     docs = load_documents("xsum", eval_fraction=0.0, max_docs=24)[0]

@@ -5,7 +5,7 @@ from torch import nn
 
 import rso
 from conftest import OpRecorder
-from layers import SubspaceLinear, SubspaceLinearFunction, project
+from rso.layers import SubspaceLinear, SubspaceLinearFunction, project
 from rso.projections import StiefelSampler, generator_for
 
 
@@ -253,7 +253,7 @@ def test_state_dict_keep_vars_returns_the_parameters():
 
 
 def test_gradient_capture_accumulates_low_precision_in_fp32():
-    from layers import GradientCapture
+    from rso.layers import GradientCapture
     g = torch.Generator().manual_seed(0)
     G, X = torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
     cap = GradientCapture()
@@ -284,7 +284,7 @@ def test_effective_weight_and_merge_are_w0_plus_scaled_BP_rounded_once():
 
 
 def _group(n=2, dtype=torch.float64):
-    from layers import ProjectionGroup
+    from rso.layers import ProjectionGroup
     members = [make_layer(in_f=12, out_f=6, rank=3, dtype=dtype, seed=i) for i in range(n)]
     return ProjectionGroup(members), members
 
@@ -301,7 +301,7 @@ def test_group_shares_one_P_stored_once_and_ties_again_after_conversion():
 
 def test_is_conv1d_and_from_module_of_a_conv1d():
     from transformers.pytorch_utils import Conv1D
-    from layers import is_conv1d
+    from rso.layers import is_conv1d
     torch.manual_seed(0)
     conv = Conv1D(6, 8)  # nf=6 outputs, nx=8 inputs, weight stored 8×6
     assert is_conv1d(conv) and not is_conv1d(nn.Linear(8, 6))
@@ -386,7 +386,7 @@ def test_B_grad_is_scale_times_gT_z(scale):
 
 
 def test_use_merged_is_the_flop_rule_at_its_threshold():
-    from layers import use_merged
+    from rso.layers import use_merged
     # merged iff 4·m·n·r < t·(2n + 4m)·r, i.e. t > 4mn / (2n + 4m): t > 4 for m = n = 6, t > 10 for m=10, n=20.
     for rank in (1, 3, 6):
         assert not use_merged(4, 6, 6, rank) and use_merged(5, 6, 6, rank)
@@ -444,7 +444,7 @@ def test_build_defaults_buffers_and_rank_validation():
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_group_of_two_or_more_projects_each_input_once(monkeypatch, n):
-    import layers.subspace_linear as sl
+    import rso.layers.subspace_linear as sl
     calls = []
     real = sl.project
     monkeypatch.setattr(sl, "project", lambda *a: calls.append(1) or real(*a))
@@ -456,7 +456,7 @@ def test_group_of_two_or_more_projects_each_input_once(monkeypatch, n):
 
 
 def test_evaluation_order_chosen_per_call(monkeypatch):
-    import layers.subspace_linear as sl
+    import rso.layers.subspace_linear as sl
     seen = []
     real = sl.SubspaceLinearFunction.apply
     monkeypatch.setattr(sl.SubspaceLinearFunction, "apply", lambda *a: seen.append(a[8]) or real(*a))
@@ -471,7 +471,7 @@ def test_evaluation_order_chosen_per_call(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_gemm_lhs_is_column_major_only_for_low_precision_cpu_tensors(dtype):
-    from layers.functional import gemm_lhs
+    from rso.layers.functional import gemm_lhs
     t = torch.randn(2, 3, 5).to(dtype)
     out = gemm_lhs(t)
     assert out.shape == (6, 5) and torch.equal(out, t.reshape(6, 5))
@@ -483,7 +483,7 @@ def test_gemm_lhs_is_column_major_only_for_low_precision_cpu_tensors(dtype):
 
 @pytest.mark.parametrize("evaluation", ["split", "merged", "coordinate"])
 def test_bf16_backward_hands_column_major_left_operands_and_keeps_the_values(evaluation, monkeypatch):
-    import layers.functional as functional
+    import rso.layers.functional as functional
     layer = make_layer(in_f=32, out_f=16, rank=8, dtype=torch.bfloat16)
     if evaluation == "coordinate":
         P = torch.zeros(8, 32, dtype=torch.bfloat16)

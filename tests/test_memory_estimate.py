@@ -8,7 +8,7 @@ import torch
 
 from conftest import measure_method
 from rso.memory import estimate
-from train.bench.recipes import available
+from rso.train.bench.recipes import available
 
 CFG = dict(hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
            num_hidden_layers=2, vocab_size=512)
@@ -191,7 +191,7 @@ def measured_checkpointed(method, dtype, attn, cfg=CFG, rank=RANK, batch=BATCH, 
     import warnings
     from transformers import LlamaConfig, LlamaForCausalLM
     from rso.memory import measure_step
-    from train.bench.recipes import setup
+    from rso.train.bench.recipes import setup
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn)).to(dtype)
     with warnings.catch_warnings():

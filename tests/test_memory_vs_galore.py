@@ -15,7 +15,7 @@ import rso
 from conftest import measure_method
 from rso.memory import estimate, storage_bytes
 from rso.memory.measure import tensors_in
-from train.bench.recipes import available
+from rso.train.bench.recipes import available
 
 CFG = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4,
            num_hidden_layers=2, vocab_size=256)

@@ -61,7 +61,7 @@ def test_merge_at_tau_with_plain_adamw():
 
 
 def test_float64_merge_keeps_float64_precision():
-    from layers import SubspaceLinear
+    from rso.layers import SubspaceLinear
     torch.manual_seed(0)
     layer = SubspaceLinear(8, 6, 2, dtype=torch.float64)
     with torch.no_grad():

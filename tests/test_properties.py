@@ -9,7 +9,7 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from layers import SubspaceLinear  # noqa: E402
+from rso.layers import SubspaceLinear  # noqa: E402
 from rso.projections import CoordinateSampler, GaussianSampler, StiefelSampler, generator_for  # noqa: E402
 
 FAST = settings(max_examples=30, deadline=None, derandomize=True, database=None)

@@ -1,5 +1,5 @@
 """The entry points' command line: one-line argument errors before any data, the options given
-explicitly, the LR schedule stretched on resume, and --resume under train.distributed (one process)."""
+explicitly, the LR schedule stretched on resume, and --resume under rso.train.distributed (one process)."""
 import json
 import os
 
@@ -9,9 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from train import data, distributed, finetune, pretrain  # noqa: E402
-from train.loop import UsageError, check_rank, given_options  # noqa: E402
-from train.schedule import CosineWithWarmup, cosine_schedule, resize  # noqa: E402
+from rso.train import data, distributed, finetune, pretrain  # noqa: E402
+from rso.train.loop import UsageError, check_rank, given_options  # noqa: E402
+from rso.train.schedule import CosineWithWarmup, cosine_schedule, resize  # noqa: E402
 
 RANK_FORMS = ("--rank: give an integer ≥ 1, or (rso only) a fraction in (0, 1) of each layer's input width: "
               "0.25 or 1/4; got ")
@@ -42,7 +42,7 @@ def no_data(monkeypatch):
         raise AssertionError("data was touched before the arguments were checked")
 
     monkeypatch.setattr(pretrain, "build_pretraining_data", touched)
-    monkeypatch.setattr(data, "build_pretraining_data", touched)  # train.distributed imports it in run()
+    monkeypatch.setattr(data, "build_pretraining_data", touched)  # rso.train.distributed imports it in run()
     monkeypatch.setattr(finetune, "load_task", touched)
     monkeypatch.setattr(distributed, "_init_distributed", touched)
 

@@ -7,8 +7,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from train import data  # noqa: E402
-from train.models import ConfigError, available_configs, build_model, load_config  # noqa: E402
+from rso.train import data  # noqa: E402
+from rso.train.models import ConfigError, available_configs, build_model, load_config  # noqa: E402
 
 
 def test_embedded_corpus_is_real_text_with_disjoint_heldout():

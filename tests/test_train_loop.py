@@ -6,10 +6,10 @@ import types
 import pytest
 import torch
 
-from train.checkpoint import restore_run, save_run
-from train.loop import accumulate_gradients, cli_main, due, fill_step_defaults, optimizer_step
-from train.metrics import IntervalLoss
-from train.models import ConfigError
+from rso.train.checkpoint import restore_run, save_run
+from rso.train.loop import accumulate_gradients, cli_main, due, fill_step_defaults, optimizer_step
+from rso.train.metrics import IntervalLoss
+from rso.train.models import ConfigError
 
 
 class Regressor(torch.nn.Module):

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import micro_llama_config  # noqa: E402
-from train.pretrain import build_parser, main, run  # noqa: E402
+from rso.train.pretrain import build_parser, main, run  # noqa: E402
 
 MICRO = micro_llama_config(hidden_size=64, intermediate_size=128)
 
@@ -72,10 +72,10 @@ def test_one_line_errors_before_any_data(env, tmp_path, capsys):
     assert "--optimizer" in err and "galore" in err
     err = _error(capsys, base + ["--optimizer", "adamw9bit"])
     assert "unknown optimizer 'adamw9bit'" in err and "adamw8bit" in err
-    from train.distributed import main as dist_main
+    from rso.train.distributed import main as dist_main
     err = _error(capsys, base + ["--method", "rso", "--optimizer", "adamw8bit", "--parallel", "fsdp"], dist_main)
     assert "FSDP2" in err and "--parallel ddp" in err
-    from train.finetune import main as ft_main
+    from rso.train.finetune import main as ft_main
     err = _error(capsys, ["--model", "tiny-bert", "--method", "galore", "--optimizer", "adamw8bit",
                           "--output-dir", str(tmp_path / "f")], ft_main)
     assert "--optimizer" in err
@@ -83,8 +83,8 @@ def test_one_line_errors_before_any_data(env, tmp_path, capsys):
 
 
 def test_checkpointing_support_is_checked_from_the_config():
-    from train.loop import UsageError, check_checkpointing
-    from train.methods import MethodError, enable_activation_checkpointing, supports_activation_checkpointing
+    from rso.train.loop import UsageError, check_checkpointing
+    from rso.train.methods import MethodError, enable_activation_checkpointing, supports_activation_checkpointing
     assert supports_activation_checkpointing("llama") and supports_activation_checkpointing("bert")
     assert supports_activation_checkpointing("no-such-model") is None
 
@@ -106,7 +106,7 @@ def test_checkpointing_support_is_checked_from_the_config():
 
 def test_finetune_with_checkpointing_and_8bit(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from train.finetune import build_parser as ft_parser, run as ft_run
+    from rso.train.finetune import build_parser as ft_parser, run as ft_run
     res = ft_run(ft_parser().parse_args(
         ["--model", "tiny-bert", "--max-train", "32", "--max-eval", "16", "--batch-size", "8", "--max-length", "32",
          "--max-steps", "3", "--tau", "2", "--rank", "4", "--output-dir", str(tmp_path), "--no-progress",
@@ -116,10 +116,10 @@ def test_finetune_with_checkpointing_and_8bit(tmp_path):
 
 
 def test_distributed_entry_point_with_checkpointing(tmp_path):
-    """train.distributed on a one-process gloo group: DDP with 8-bit states and FSDP2, each with checkpointing,
+    """rso.train.distributed on a one-process gloo group: DDP with 8-bit states and FSDP2, each with checkpointing,
     train the same losses as without."""
     import torch.distributed as dist
-    from train.distributed import build_parser as dist_parser, run as dist_run
+    from rso.train.distributed import build_parser as dist_parser, run as dist_run
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({**{k: v for k, v in MICRO.items() if k != "training"}, "training": {"lr": 1e-3}}))
 
@@ -154,11 +154,11 @@ def test_distributed_entry_point_with_checkpointing(tmp_path):
 
 
 def test_benchmark_worker_with_checkpointing_and_8bit(capsys):
-    """train.bench.step's worker: --activation-checkpointing and --optimizer adamw8bit measured as the estimator
+    """rso.train.bench.step's worker: --activation-checkpointing and --optimizer adamw8bit measured as the estimator
     predicts them (kept + one block's recomputation; bitsandbytes' state layout), and the one-line error."""
     pytest.importorskip("bitsandbytes")
     from rso.memory import estimate
-    from train.bench.step import main as bench_main, run_worker
+    from rso.train.bench.step import main as bench_main, run_worker
     cfg = {k: v for k, v in MICRO.items() if k != "training"}
     cfg.update(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2)
     spec = {"method": "rso-stiefel", "config_name": "micro", "config": cfg, "rank": 32, "batch": 2, "seq": 16,
@@ -177,10 +177,10 @@ def test_benchmark_worker_with_checkpointing_and_8bit(capsys):
 
 
 def test_memory_frontier_case_matches_the_estimate():
-    """train.bench.memory_frontier's worker on a small LLaMA: bf16 parameters straight from the build, one measured step
+    """rso.train.bench.memory_frontier's worker on a small LLaMA: bf16 parameters straight from the build, one measured step
     with checkpointing, the chunked head and 8-bit states, term by term equal to the estimate."""
     pytest.importorskip("bitsandbytes")
-    from train.bench.memory_frontier import _measured_terms, estimate_case, parse_case, run_case
+    from rso.train.bench.memory_frontier import _measured_terms, estimate_case, parse_case, run_case
     model = {k: v for k, v in MICRO.items() if k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "num_hidden_layers", "vocab_size",
                                                        "tie_word_embeddings", "max_position_embeddings")}

@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import write_micro_llama_config  # noqa: E402
-from train import checkpoint as ckpt_mod  # noqa: E402
-from train.loop import UsageError  # noqa: E402
-from train.pretrain import build_parser, main, run  # noqa: E402
+from rso.train import checkpoint as ckpt_mod  # noqa: E402
+from rso.train.loop import UsageError  # noqa: E402
+from rso.train.pretrain import build_parser, main, run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_subspace_state_sets_what_a_merge_does_to_the_optimizer_state(env, tmp_p
 def test_subspace_state_reaches_the_galore_family_and_is_refused_elsewhere():
     import transformers
 
-    from train.methods import MethodError, MethodOptions, setup_method
+    from rso.train.methods import MethodError, MethodOptions, setup_method
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2)
     for spec, default in (("galore", "keep"), ("golore", "keep"), ("golore@20", "keep")):
@@ -211,12 +211,12 @@ def test_offline_default_cli(env, tmp_path):
     env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": REPO}
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "train.pretrain", "--config", env["config"], "--method", "rso", "--rank", "8",
+            [sys.executable, "-m", "rso.train.pretrain", "--config", env["config"], "--method", "rso", "--rank", "8",
              "--tau", "2", "--max-steps", "3", "--max-docs", "200", "--eval-batches", "2", "--cache-dir",
              env["cache"], "--output-dir", str(tmp_path), "--no-progress", "--threads", "1"],
             cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"train.pretrain hung for {HANG_TIMEOUT_S} s; stderr tail: {(e.stderr or b'')[-2000:]!r}")
+        pytest.fail(f"rso.train.pretrain hung for {HANG_TIMEOUT_S} s; stderr tail: {(e.stderr or b'')[-2000:]!r}")
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["steps"] == 3 and res["method"] == "rso"
@@ -254,8 +254,8 @@ def _lrs(out):
 
 
 def test_resume_with_a_larger_max_steps_extends_the_run(env, tmp_path, capsys, monkeypatch):
-    from train import pretrain
-    from train.schedule import CosineWithWarmup
+    from rso.train import pretrain
+    from rso.train.schedule import CosineWithWarmup
 
     run(_args(env, tmp_path, "--method", "rso", "--projection", "hybrid", "--max-steps", "4", "--log-every", "1"))
     capsys.readouterr()
@@ -302,8 +302,8 @@ def test_resume_refuses_a_new_identity_and_keeps_saved_settings(env, tmp_path, c
 def test_tiny_default_lr_is_the_sweeps_best_per_method():
     """``tiny``'s lr per method family (its ``training.lr`` mapping): AdamW 2e-3 and the subspace methods 3e-3,
     the 300-step sweep's best (docs/training.md); ``--lr`` wins; a plain number applies to every method."""
-    from train.models import load_config
-    from train.pretrain import resolve_args
+    from rso.train.models import load_config
+    from rso.train.pretrain import resolve_args
 
     cfg = load_config("tiny")
     for method, lr in (("adamw", 2e-3), ("rso", 3e-3), ("galore", 3e-3), ("golore@20", 3e-3), ("lora", 3e-3)):

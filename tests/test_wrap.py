@@ -8,7 +8,7 @@ from torch import nn
 
 import rso
 from conftest import assert_close_hf, lm_batch, tiny_bert, tiny_gpt2, tiny_llama
-from layers import SubspaceLinear
+from rso.layers import SubspaceLinear
 
 
 def mlp():

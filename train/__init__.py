@@ -1,5 +1,5 @@
-"""Training pipelines on real data: ``python -m train.pretrain`` (LLaMA from scratch) and
-``python -m train.finetune`` (pretrained encoders and decoders), with every method of the project.
+"""Training pipelines on real data: ``python -m rso.train.pretrain`` (LLaMA from scratch) and
+``python -m rso.train.finetune`` (pretrained encoders and decoders), with every method of the project.
 
 One job per module: ``data`` (corpora, tokenizers, packing, batches), ``models`` (configs, packaged
 models), ``methods`` (AdamW / GaLore / GoLore / RSO / LoRA set-up), ``schedule``, ``checkpoint``,

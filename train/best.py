@@ -1,4 +1,4 @@
-"""Early stopping on the validation split (``train.finetune --keep-best``): keep the weights of the evaluation
+"""Early stopping on the validation split (``rso.train.finetune --keep-best``): keep the weights of the evaluation
 with the best validation metric and end the run with them.
 
 At each evaluation whose validation metric beats every earlier one (ties keep the earlier), every parameter and

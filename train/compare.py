@@ -1,17 +1,17 @@
 """Run several pre-training methods under equal steps and tokens, over seeds, and tabulate their final eval loss.
 
-    python -m train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --seeds 0,1,2 --output-dir runs/compare
+    python -m rso.train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --seeds 0,1,2 --output-dir runs/compare
 
 Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``, ``rso:svd``,
-``golore@20=1e-2``. Every run is an ordinary ``python -m train.pretrain`` process (for a seed: the same
+``golore@20=1e-2``. Every run is an ordinary ``python -m rso.train.pretrain`` process (for a seed: the same
 data order, schedule and token count for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N
 at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes
 ``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std; per
 run, each evaluation's step and loss) and ``curves.png`` (train and eval loss against step, averaged over the seeds).
 ``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
 runs are read (if their settings are still what the command means), a run stopped part-way continues from its
-last checkpoint (``train.pretrain --resume``), the rest run. Fine-tuning has its runner in
-``train.compare_finetune``, on the same job runner (:func:`run_jobs`).
+last checkpoint (``rso.train.pretrain --resume``), the rest run. Fine-tuning has its runner in
+``rso.train.compare_finetune``, on the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def parse_entry(entry: str) -> dict:
 
 
 def command(entry: dict, seed: int, args, extra: list[str], out: pathlib.Path) -> list[str]:
-    cmd = [sys.executable, "-m", "train.pretrain", "--config", args.config, "--method", entry["method"],
+    cmd = [sys.executable, "-m", "rso.train.pretrain", "--config", args.config, "--method", entry["method"],
            "--max-steps", str(args.max_steps), "--output-dir", str(out), "--no-progress", "--seed", str(seed)]
     if args.rank:
         cmd += ["--rank", str(args.rank)]
@@ -231,7 +231,7 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
 
 
 def main(argv=None, *, spawn=subprocess.Popen) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rso.train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
     p.add_argument("--max-steps", type=int, default=300)
@@ -272,7 +272,7 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
                           out / "curves.png", f"{args.config}, {args.max_steps} steps, seeds {args.seeds}")
     if png:
         text += f"\n\nLoss curves: {png}"
-    command_line = display([sys.executable, "-m", "train.compare", *(sys.argv[1:] if argv is None else argv)])
+    command_line = display([sys.executable, "-m", "rso.train.compare", *(sys.argv[1:] if argv is None else argv)])
     (out / "table.md").write_text(text + f"\n\nCommand:\n\n    {command_line}\n\nRuns:\n\n"
                                   + "\n".join(f"    {j['command']}" for j in jobs) + "\n")
     (out / "table.json").write_text(json.dumps(

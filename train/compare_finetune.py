@@ -1,17 +1,17 @@
 """Fine-tune with several methods × learning rates × seeds and tabulate them, the LR chosen on a validation split.
 
-    python -m train.compare_finetune --task rotten_tomatoes --seeds 0,1,2 --val-from-train 500 \\
+    python -m rso.train.compare_finetune --task rotten_tomatoes --seeds 0,1,2 --val-from-train 500 \\
         --jobs 2 --threads-per-job 1 --output-dir runs/ft-compare/rt -- \\
         --max-train 4000 --epochs 1 --batch-size 32 --max-length 64 --max-eval 2000 --eval-every 125
 
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
 (keys: rank (for rso also a fraction of each layer's input width: ``rso[rank=1/6]``), tau, scale, state:
-train.finetune's ``--subspace-state``, embeddings=frozen|trained: ``--[no-]freeze-embeddings``; and ``seeds=N``: this
+rso.train.finetune's ``--subspace-state``, embeddings=frozen|trained: ``--[no-]freeze-embeddings``; and ``seeds=N``: this
 entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
-an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``train.finetune``.
+an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``rso.train.finetune``.
 
-Every run is an ordinary ``python -m train.finetune`` process with ``--val-from-train N``: N training
+Every run is an ordinary ``python -m rso.train.finetune`` process with ``--val-from-train N``: N training
 examples (the same fixed draw for every run) are held out as a validation split and not trained on
 (``--max-train`` then counts the examples left). For each entry with
 more than one LR, the first seed runs at each LR; the LR with the best validation metric (accuracy, or
@@ -20,13 +20,13 @@ held-out set (``task.eval``) is what the table reports, mean ± std over the see
 the choice. A finished run's checkpoint (and ``--keep-best``'s copy) is deleted unless ``--keep-checkpoints``; ``--eval-every`` set to the
 run's length (after ``--``) evaluates once, at the end. Arguments after the runner's own (``--`` first, if you like) go to every run. ``--jobs N``
 runs N at once, each pinned to its own ``--threads-per-job`` cores when ``taskset`` is there (the job
-runner of ``train.compare``). Runs evaluated more than once (``--eval-every``) get a second table, early stopping
+runner of ``rso.train.compare``). Runs evaluated more than once (``--eval-every``) get a second table, early stopping
 on the validation split: each seed's evaluation with the best validation metric and its held-out metric (the lr
 stays the one chosen above). Writes ``table.md``, ``table.json``, ``sweep.png`` (validation metric against lr) and
 ``curves.png`` (each method's loss curves at its chosen lr, mean over seeds) in ``--output-dir``. ``--resume`` in the same
 ``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
 settings are still what the command means: a changed default reruns them), a run stopped part-way continues
-from its checkpoint (``train.finetune --resume``), the rest run.
+from its checkpoint (``rso.train.finetune --resume``), the rest run.
 """
 from __future__ import annotations
 
@@ -65,14 +65,14 @@ def _one_of(*allowed: str):
     return read
 
 
-#: Entry options (their readers) and the train.finetune option each sets (the same name unless named here).
+#: Entry options (their readers) and the rso.train.finetune option each sets (the same name unless named here).
 ENTRY_OPTIONS = {"rank": rank_value, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
                  "embeddings": _one_of("frozen", "trained")}
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 
 
 def _entry_flag(key: str, negated: bool = False) -> str:
-    """The train.finetune flag an entry option sets (``embeddings``: the boolean pair's positive form, or with
+    """The rso.train.finetune flag an entry option sets (``embeddings``: the boolean pair's positive form, or with
     ``negated`` its ``--no-`` form)."""
     flag = option_flag(ENTRY_DESTS.get(key, key))
     return "--no-" + flag[2:] if negated else flag
@@ -80,7 +80,7 @@ def _entry_flag(key: str, negated: bool = False) -> str:
 
 #: Entry options the runner itself reads: ``seeds=N`` runs the entry with the first N of ``--seeds`` only.
 RUNNER_OPTIONS = {"seeds": int}
-#: train.finetune options the runner sets itself (per entry, per job, or with its own flags).
+#: rso.train.finetune options the runner sets itself (per entry, per job, or with its own flags).
 RUNNER_SETS = {"method": "the entries of --methods", "projection": "an entry's method:projection",
                "lr": "an entry's =lr/lr/... or --lr-factors", "seed": "--seeds", "output_dir": "the runner's --output-dir",
                "val_from_train": "the runner's --val-from-train", "resume": "the runner's own --resume, before --",
@@ -90,10 +90,10 @@ _ENTRY = re.compile(r"^(?P<spec>[^\[\]=]+)(?:\[(?P<options>[^\]]*)\])?(?:=(?P<lr
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m train.compare_finetune", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = Parser(prog="python -m rso.train.compare_finetune", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="rotten_tomatoes", help="a train.finetune task")
-    p.add_argument("--model", default=None, help="a train.finetune model (None: minilm for classification, smollm2 for xsum)")
+    p.add_argument("--task", default="rotten_tomatoes", help="a rso.train.finetune task")
+    p.add_argument("--model", default=None, help="a rso.train.finetune model (None: minilm for classification, smollm2 for xsum)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated method[:projection][[key=value,...]][=lr/lr/...] entries")
     p.add_argument("--lr-factors", default="0.5,1,2",
@@ -198,7 +198,7 @@ def _show(value, fraction: bool = False) -> str:
 
 
 def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folder: pathlib.Path) -> list[str]:
-    cmd = [sys.executable, "-m", "train.finetune", "--task", args.task, "--method", entry["method"],
+    cmd = [sys.executable, "-m", "rso.train.finetune", "--task", args.task, "--method", entry["method"],
            "--lr", f"{lr:g}", "--seed", str(seed), "--val-from-train", str(args.val_from_train),
            "--output-dir", str(folder), "--no-progress"]
     if args.model:
@@ -226,7 +226,7 @@ def make_job(entry: dict, lr: float, seed: int, phase: str, args, extra, out: pa
 
 
 def plan(args, extra: list[str]) -> list[dict]:
-    """The entries, every argument checked (each run's command line parsed by ``train.finetune``'s parser,
+    """The entries, every argument checked (each run's command line parsed by ``rso.train.finetune``'s parser,
     its rank checked against the model where the model's config is known) before any run or data."""
     task_key(args.task)  # an unknown task: a DataError now, not in every run
     for dest, low in (("jobs", 1), ("threads_per_job", 1), ("val_from_train", 1)):
@@ -472,7 +472,7 @@ def run(args, extra: list[str], entries: list[dict], spawn=subprocess.Popen) -> 
             "selection": (f"each method's lr: the best validation-split metric of its sweep (seed {seed0}); the "
                           f"validation split is {args.val_from_train} examples carved from the training data (a fixed "
                           f"draw, the same for every run, not trained on); the held-out set is only reported"),
-            "command": display([sys.executable, "-m", "train.compare_finetune", *args.argv]), "extra_args": extra}
+            "command": display([sys.executable, "-m", "rso.train.compare_finetune", *args.argv]), "extra_args": extra}
     text = table(rows, info)
     png = plot_sweep(rows, out / "sweep.png", headline_metric(rows), f"{info['task']}, {info['model']}: lr sweep, seed {seed0} "
                      "(ringed: the chosen lr)")

@@ -13,7 +13,7 @@ fixed point.
 
 All methods run with common random numbers: the same X₀, D and sign sequence ξ_t (a batch of b
 adds b − 1 further signs to the first one, drawn as a binomial count). :func:`run_all` returns the
-curves, :func:`plot` draws them, ``python -m train.counterexample`` (or ``examples/counterexample.py``)
+curves, :func:`plot` draws them, ``python -m rso.train.counterexample`` (or ``examples/counterexample.py``)
 is the command line. ``--preset paper`` runs the authors' settings (:data:`PAPER`); the defaults are a
 fast variant for the tests.
 """
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     d = Settings()
-    ap = argparse.ArgumentParser(prog="python -m train.counterexample",
+    ap = argparse.ArgumentParser(prog="python -m rso.train.counterexample",
                                  description="GoLore counter-example: GaLore vs GoLore vs RSO on "
                                              "f(X) = ½‖AX‖² + ⟨B, X⟩ with noise in the ignored block")
     ap.add_argument("--preset", choices=["fast", "paper"], default="fast",

@@ -1,18 +1,18 @@
-"""Multi-GPU / multi-node pre-training: ``train.pretrain``'s run under ``torchrun`` with DDP or FSDP2.
+"""Multi-GPU / multi-node pre-training: ``rso.train.pretrain``'s run under ``torchrun`` with DDP or FSDP2.
 
-    torchrun --nproc-per-node 8 -m train.distributed --config 60m --method rso --parallel ddp
-    torchrun --nproc-per-node 8 -m train.distributed --config 1b --method rso --parallel fsdp --dtype bf16
+    torchrun --nproc-per-node 8 -m rso.train.distributed --config 60m --method rso --parallel ddp
+    torchrun --nproc-per-node 8 -m rso.train.distributed --config 1b --method rso --parallel fsdp --dtype bf16
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m train.distributed --config 1b --method rso --parallel fsdp
-    torchrun --nproc-per-node 4 -m train.distributed --output-dir runs/x --resume   # any world size
+        -m rso.train.distributed --config 1b --method rso --parallel fsdp
+    torchrun --nproc-per-node 4 -m rso.train.distributed --output-dir runs/x --resume   # any world size
 
-Options are those of ``python -m train.pretrain`` plus ``--parallel ddp|fsdp`` and
+Options are those of ``python -m rso.train.pretrain`` plus ``--parallel ddp|fsdp`` and
 ``--dataset synthetic`` (a learnable token pattern, no data files). ``--batch-size`` is the
 micro-batch per rank; the optimizer step sees ``batch-size × grad-accum × world`` sequences, and
 ``--grad-accum`` defaults to the config's ``total_batch_size / (batch-size × world)``, so the global
 batch, and with it the trajectory, does not depend on the number of GPUs. Every rank draws the
 same global batch and keeps its own rows, so ``--resume`` on a different world size continues on
-the same data; ``--resume`` follows ``train.pretrain``'s rules (a larger ``--max-steps`` extends the
+the same data; ``--resume`` follows ``rso.train.pretrain``'s rules (a larger ``--max-steps`` extends the
 run; the micro-batch and accumulation may change with the world size, the global batch may not).
 
 Writes (rank 0) ``metrics.jsonl`` and ``results.json`` to ``--output-dir``, and sharded
@@ -41,7 +41,7 @@ from .loop import (Parser, UsageError, apply_activation_checkpointing, check_che
 
 __all__ = ["build_parser", "run", "main", "synthetic_tokens", "RUN_ARGS", "IDENTITY_ARGS"]
 
-#: ``train.pretrain``'s, less the micro-batch and accumulation (they follow the world size), plus the global
+#: ``rso.train.pretrain``'s, less the micro-batch and accumulation (they follow the world size), plus the global
 #: batch and the synthetic stream's length; saved in ``args.json``.
 RUN_ARGS = tuple(k for k in pretrain.RUN_ARGS if k not in ("batch_size", "grad_accum")) + (
     "global_batch", "synthetic_tokens")
@@ -52,7 +52,7 @@ IDENTITY_ARGS = tuple(k for k in pretrain.IDENTITY_ARGS if k not in ("batch_size
 
 def build_parser() -> Parser:
     p = pretrain.build_parser()
-    p.prog = "torchrun --nproc-per-node N -m train.distributed"
+    p.prog = "torchrun --nproc-per-node N -m rso.train.distributed"
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
                    help="ddp: replicate, all-reduce trainable gradients; fsdp: FSDP2 fully_shard per block")
@@ -82,8 +82,8 @@ def _init_distributed(backend):
     if dist.is_initialized():
         return False
     if "RANK" not in os.environ:
-        raise SystemExit("train.distributed: start it with torchrun (RANK/WORLD_SIZE are not set), e.g.\n"
-                         "  torchrun --nproc-per-node 2 -m train.distributed --config tiny --method rso")
+        raise SystemExit("rso.train.distributed: start it with torchrun (RANK/WORLD_SIZE are not set), e.g.\n"
+                         "  torchrun --nproc-per-node 2 -m rso.train.distributed --config tiny --method rso")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

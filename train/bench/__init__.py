@@ -1,6 +1,6 @@
 """Measurements, not training: what each method costs in memory and time, one script per question.
 
-``step`` (``python -m train.bench.step``, the ``rso-benchmark`` command) times and measures one training
+``step`` (``python -m rso.train.bench.step``, the ``rso-benchmark`` command) times and measures one training
 step of every method side by side on a LLaMA config, byte by byte, with an optional batch/sequence sweep;
 ``recipes`` sets each method up as its peer's own recipe for ``step``, the profiler and the memory tests;
 ``layer`` times a single linear layer (full, frozen, ``SubspaceLinear`` merged and split); ``profiling``

@@ -2,7 +2,7 @@
 
 On the device (one H100/H200, no internet; see docs/benchmarks.md, "GPU rows", for the ``run`` command)::
 
-    python3 -m train.bench.gpu_session --out $OUT --wheels .whl
+    python3 -m rso.train.bench.gpu_session --out $OUT --wheels .whl
 
 runs, in this order (most valuable first), each part in its own process group under its own timeout,
 going on past a part that fails or times out, all within ``--budget-s`` (default 480 s, so the
@@ -11,13 +11,13 @@ call ends well inside the device's 10 minutes):
 1. ``7b-16x256``: LLaMA-7B RSO (rank 256, bf16) at batch 16 × 256 with activation checkpointing, with
    and without the chunked head, one step under ``rso.memory.measure_step`` with the CUDA caching
    allocator capped at 24 GiB (``torch.cuda.set_per_process_memory_fraction``), the allocator's peak
-   beside the estimator's total, then two timed steps (``train.bench.memory_frontier --device cuda``);
+   beside the estimator's total, then two timed steps (``rso.train.bench.memory_frontier --device cuda``);
 2. ``7b-1x128``: the fallback, batch 1 × 128 — only when the 16 × 256 checkpointed + chunked step
    gave no measurement;
 3. ``7b-max``: the same step at the largest batch the estimator fits in 24 GiB less the planner's
    2 GiB reserve (``--batch max``): the estimate at its edge;
 4. ``step-eager``: LLaMA-350M and 1B at batch 4 × 1024 (as docs/benchmarks.md §5): tokens/s and
-   peak memory of RSO, AdamW and galore-torch (``train.bench.step``); for RSO also the merge step
+   peak memory of RSO, AdamW and galore-torch (``rso.train.bench.step``); for RSO also the merge step
    against an ordinary step (``--merge-every 4 --merge-cycles 3``: three merges, each step timed, and
    ``rso.outer_step`` alone);
 5. ``step-compile``: the same under ``torch.compile`` (inductor), 1B first, with whatever time is left.
@@ -25,7 +25,7 @@ call ends well inside the device's 10 minutes):
 Everything goes under ``--out``: ``gpu_session.log`` (every part's output, also echoed), each part's
 own JSON (``7b_16x256.json``, ``7b_1x128.json``, ``7b_max.json``, ``step_eager/results.json``,
 ``step_compile/results.json``), and ``gpu_session.json`` / ``gpu_session.md`` (what each part did and
-the numbers pulled together; ``train.bench.step``'s own ``results.md`` tables are folded into the
+the numbers pulled together; ``rso.train.bench.step``'s own ``results.md`` tables are folded into the
 Markdown and removed), rewritten after every part so a session cut short keeps what finished: at
 most 8 files, two folders deep at most, as the device tool returns them.
 
@@ -75,7 +75,7 @@ class Part:
     cmd: list
     timeout: int
     result: str | None = None          #: the part's own JSON, relative to the output folder
-    kind: str = "step"                 #: "frontier" (memory_frontier JSON) or "step" (train.bench.step JSON)
+    kind: str = "step"                 #: "frontier" (memory_frontier JSON) or "step" (rso.train.bench.step JSON)
     skip_if: Callable[[dict], str | None] | None = field(default=None, repr=False)  #: records so far -> reason
 
 
@@ -89,8 +89,8 @@ def plan(out: pathlib.Path, device: str = "cuda", dry_run: bool = False, memory_
     """The parts of the session, most valuable first."""
     out = pathlib.Path(out)
     cuda = device == "cuda"
-    mf = [python, "-m", "train.bench.memory_frontier", "--device", device, "--nice", "0"]
-    st = [python, "-m", "train.bench.step", "--device", device, "--dtype", "bf16" if cuda else "fp32", "--no-flops",
+    mf = [python, "-m", "rso.train.bench.memory_frontier", "--device", device, "--nice", "0"]
+    st = [python, "-m", "rso.train.bench.step", "--device", device, "--dtype", "bf16" if cuda else "fp32", "--no-flops",
           "--methods", "rso-stiefel,adamw,galore-torch", "--merge-every", "4" if cuda else "3",
           "--merge-cycles", "3" if cuda else "2", "--no-cycle-step"]
     if dry_run:
@@ -352,7 +352,7 @@ def format_summary(meta: dict, records: dict, summary: dict) -> str:
                          f"{_sec(m['after_merge_s'])} | {_sec(m['outer_step_s'])} |")
     for r in records.values():
         if r.get("markdown"):
-            lines += ["", f"## {r['name']}: train.bench.step's tables", "", r["markdown"].strip()]
+            lines += ["", f"## {r['name']}: rso.train.bench.step's tables", "", r["markdown"].strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -392,7 +392,7 @@ def _install_wheels(wheels: str, site: pathlib.Path, log: _Log) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.bench.gpu_session", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rso.train.bench.gpu_session", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder ($OUT on the device)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dry-run", action="store_true", help="micro LLaMA stand-ins for every part (with --device cpu)")
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     extra = []
     meta = {"device": args.device, "dry_run": args.dry_run, "budget_s": args.budget_s,
             "memory_limit_gb": args.memory_limit_gb, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": "python -m train.bench.gpu_session " + " ".join(
+            "command": "python -m rso.train.bench.gpu_session " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "host": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
             "gpu": _gpu_facts() if args.device == "cuda" else None}

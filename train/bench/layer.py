@@ -1,6 +1,6 @@
 """One linear layer, forward + backward: full, frozen, and ``SubspaceLinear`` in both evaluation orders.
 
-    python -m train.bench.layer --device cuda --dtype bf16 --shapes 2048x2048,5461x2048 --tokens 4096 --rank 512
+    python -m rso.train.bench.layer --device cuda --dtype bf16 --shapes 2048x2048,5461x2048 --tokens 4096 --rank 512
 
 Isolates the layer's own cost from the rest of the model: the frozen layer (no weight gradient) is
 the floor for any method that trains linear layers in a subspace. Prints a Markdown table of median
@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from layers import SubspaceLinear, use_merged
+from rso.layers import SubspaceLinear, use_merged
 from rso.projections import StiefelSampler, generator_for
 
 
@@ -64,7 +64,7 @@ def run(shapes, tokens, rank, device, dtype, steps, warmup):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.bench.layer", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m rso.train.bench.layer", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="2048x2048,5461x2048,2048x5461", help="out x in, comma-separated")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=512)

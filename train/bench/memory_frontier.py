@@ -1,11 +1,11 @@
 """Measured, not only estimated: one real training step of a large LLaMA on this machine, byte by byte.
 
-    python -m train.bench.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
-    python -m train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
+    python -m rso.train.bench.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
+    python -m rso.train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
         --out docs/memory_frontier_7b.json
-    python -m train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
+    python -m rso.train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
         --cases rso+ckpt+ce,rso+ckpt --rank 256 --batch 16 --seq 256 --timed-steps 2
-    python -m train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
+    python -m rso.train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
         --cases rso+ckpt+ce --rank 256 --batch max --seq 256
 
 Each case runs in its own process, which
@@ -15,9 +15,9 @@ Each case runs in its own process, which
    the process then sets a hard address-space limit (``RLIMIT_AS``, as ``prlimit --as`` does) so a miss
    ends that process with an out-of-memory error and nothing else;
 2. builds the model with random init directly in bf16 (``from_config(config, dtype=bfloat16)``: no fp32
-   copy is ever materialized), sets the method up (``train.bench.recipes.setup``; the cycle length is
+   copy is ever materialized), sets the method up (``rso.train.bench.recipes.setup``; the cycle length is
    set past the step, so no merge happens in it), optionally checkpoints every block
-   (``train.methods.enable_activation_checkpointing``) and swaps in 8-bit AdamW;
+   (``rso.train.methods.enable_activation_checkpointing``) and swaps in 8-bit AdamW;
 3. runs one training step under :func:`rso.memory.measure_step` (exact bytes of parameters, gradients,
    optimizer state, saved activations, one block's recomputation, and the peak of live tensors) and
    reads the process's peak resident memory (``ru_maxrss``) and the step's wall time.
@@ -155,8 +155,8 @@ def run_case(spec: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rso.memory import measure_step
-    from train.bench.recipes import setup
-    from train.methods import enable_activation_checkpointing, resolve_optimizer
+    from rso.train.bench.recipes import setup
+    from rso.train.methods import enable_activation_checkpointing, resolve_optimizer
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(spec["threads"])
@@ -262,7 +262,7 @@ def _launch(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    cmd = [sys.executable, "-m", "train.bench.memory_frontier", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "rso.train.bench.memory_frontier", "--worker", json.dumps(spec)]
     if not cuda:  # RLIMIT_AS would starve CUDA, which reserves address space far beyond the memory it uses
         cmd = ["prlimit", f"--as={limit}", "--"] + cmd
     if spec.get("nice"):
@@ -361,7 +361,7 @@ def _parse_batch(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.bench.memory_frontier", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rso.train.bench.memory_frontier", description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", default="llama-1b", help="an rso.memory preset (llama-1b, llama-7b, …) or config.json")
     p.add_argument("--cases", default="rso,rso+ckpt,adamw",
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM",
             "torch": version("torch"), "transformers": version("transformers"),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-            "command": "python -m train.bench.memory_frontier " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m rso.train.bench.memory_frontier " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []
     for case in cases:
         spec = {"case": case, "model": model, "rank": rank, "batch": batch, "seq": args.seq,

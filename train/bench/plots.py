@@ -4,8 +4,8 @@ The estimator reproduces :func:`rso.memory.measure_step` to the byte on the conf
 (``tests/test_memory_estimate.py``), so its curves extend the measured sweep to sizes this machine
 cannot run::
 
-    python -m train.bench.plots --model llama-60m --dtype fp32 --out docs/sweep_estimated_60m.png
-    python -m train.bench.plots --model llama-7b --dtype bf16 --rank 1024 --out docs/sweep_estimated_7b.png
+    python -m rso.train.bench.plots --model llama-60m --dtype fp32 --out docs/sweep_estimated_60m.png
+    python -m rso.train.bench.plots --model llama-7b --dtype bf16 --rank 1024 --out docs/sweep_estimated_7b.png
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def plot(model, dtype, rank, out, seqs=(256, 512, 1024, 2048, 4096), batches=(1,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.bench.plots", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rso.train.bench.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-60m")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--rank", type=int, default=None)

@@ -1,6 +1,6 @@
 """Where a training step's time goes: ``torch.profiler`` over a few steps of each method, side by side.
 
-    python -m train.bench.profiling --config 60m --methods frozen,rso-stiefel --batch 8 --seq 256
+    python -m rso.train.bench.profiling --config 60m --methods frozen,rso-stiefel --batch 8 --seq 256
 
 Prints, per method, the self time of the top operators and a breakdown by part of the model (the
 output head and its loss, attention, the decoder's linear layers, RSO's extra products, elementwise
@@ -19,8 +19,8 @@ def profile(method, cfg_name, batch, seq, steps, threads, rank=None, sort_by="se
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
-    from train.bench.step import _build_model, _pin, load_config, resolve_rank
-    from train.bench.recipes import setup
+    from rso.train.bench.step import _build_model, _pin, load_config, resolve_rank
+    from rso.train.bench.recipes import setup
 
     _pin(threads, None)
     cfg = load_config(cfg_name)
@@ -77,7 +77,7 @@ def by_kind(ops):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.bench.profiling", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rso.train.bench.profiling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="60m")
     parser.add_argument("--methods", default="frozen,rso-stiefel,adamw")
     parser.add_argument("--batch", type=int, default=8)

@@ -1,7 +1,7 @@
-"""Memory and speed of AdamW, GaLore, GoLore, APOLLO, LoRA and RSO side by side (``python -m train.bench.step``).
+"""Memory and speed of AdamW, GaLore, GoLore, APOLLO, LoRA and RSO side by side (``python -m rso.train.bench.step``).
 
 For each LLaMA config and method, one subprocess (threads pinned on CPU) builds the model, sets the
-method up (see :mod:`train.bench.recipes`) and measures in one run:
+method up (see :mod:`rso.train.bench.recipes`) and measures in one run:
 
 * exact bytes of one steady-state step with :func:`rso.memory.measure_step`: parameters, buffers,
   gradients, optimizer state (plus tensors a peer hides in Python objects, e.g. galore-torch's
@@ -29,11 +29,11 @@ the same run.
 
 Examples::
 
-    python -m train.bench.step --configs tiny,60m --batch 8 --seq 256 --threads 2
-    python -m train.bench.step --configs 60m --methods adamw,frozen,rso-stiefel --sweep
-    python -m train.bench.step --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
-    python -m train.bench.step --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
-    python -m train.bench.step --configs 1b --methods rso-stiefel --device cuda --merge-every 4 --merge-cycles 3
+    python -m rso.train.bench.step --configs tiny,60m --batch 8 --seq 256 --threads 2
+    python -m rso.train.bench.step --configs 60m --methods adamw,frozen,rso-stiefel --sweep
+    python -m rso.train.bench.step --configs 350m,1b --device cuda --dtype bf16 --batch 1 --seq 2048
+    python -m rso.train.bench.step --configs 60m --methods adamw,rso-stiefel --activation-checkpointing --optimizer adamw8bit
+    python -m rso.train.bench.step --configs 1b --methods rso-stiefel --device cuda --merge-every 4 --merge-cycles 3
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def run_worker(spec: dict) -> dict:
     """One method on one config in this process: memory, FLOPs, timings (and the sweep)."""
     import torch
     from rso.memory import measure_step
-    from train.bench.recipes import setup
+    from rso.train.bench.recipes import setup
 
     cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
@@ -166,11 +166,11 @@ def run_worker(spec: dict) -> dict:
               chunk_size=spec["chunk_size"], ce_mode=spec["ce_mode"])
     model, opt = s.model, s.optimizer
     if spec.get("activation_checkpointing"):
-        from train.methods import enable_activation_checkpointing
+        from rso.train.methods import enable_activation_checkpointing
         enable_activation_checkpointing(model)
         s.info["activation_checkpointing"] = True
     if spec.get("optimizer", "adamw") != "adamw":  # an 8-bit AdamW with the same groups and learning rate
-        from train.methods import resolve_optimizer
+        from rso.train.methods import resolve_optimizer
         cls = resolve_optimizer(spec["optimizer"])
         opt = cls([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
         s.info["optimizer"] = spec["optimizer"]
@@ -323,7 +323,7 @@ def _launch(spec: dict, timeout: int) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env["PYTHONWARNINGS"] = "ignore"
-    cmd = [sys.executable, "-m", "train.bench.step", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "rso.train.bench.step", "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
@@ -512,7 +512,7 @@ ADAMW_METHODS = ("adamw", "frozen", "lora") + tuple(f"rso-{s}" for s in ("stiefe
 def _check_memory_options(args, methods) -> str | None:
     """The one-line error for --optimizer / --activation-checkpointing values that cannot run, else None."""
     if args.optimizer != "adamw":
-        from train.methods import MethodError, check_optimizer
+        from rso.train.methods import MethodError, check_optimizer
         others = [m for m in methods if m.removesuffix("+ce") not in ADAMW_METHODS]
         if others:
             return (f"--optimizer {args.optimizer}: only for {', '.join(ADAMW_METHODS)} (each also +ce); "
@@ -525,7 +525,7 @@ def _check_memory_options(args, methods) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench.step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rso.train.bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="tiny,60m", help="comma-separated config names (train/configs)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -578,7 +578,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    from train.bench.recipes import METHODS, available
+    from rso.train.bench.recipes import METHODS, available
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     sweep_methods = {m.strip() for m in args.sweep_methods.split(",")} if args.sweep else set()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m train.bench.step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m rso.train.bench.step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     import torch
     meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
             "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
