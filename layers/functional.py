@@ -90,7 +90,7 @@ class SubspaceLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        z, weight, B, P = ctx.saved_tensors[:4]
+        z, weight, B, P, *kept = ctx.saved_tensors  # unpacked once: checkpoint's recompute allows no second read
         s, index = ctx.scale, ctx.index
         need_x, _, _, need_B = ctx.needs_input_grad[:4]
         grad_x = grad_B = grad_bias = None
@@ -112,5 +112,5 @@ class SubspaceLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = _flat(g).sum(0)
         if ctx.capture is not None:
-            ctx.capture.add(g, ctx.saved_tensors[4])
+            ctx.capture.add(g, kept[0])
         return grad_x, None, None, grad_B, None, None, grad_bias, None, None, None

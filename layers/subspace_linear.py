@@ -11,6 +11,7 @@ one ``z``, so that input costs ``rank`` once.
 """
 from __future__ import annotations
 
+import json
 import weakref
 
 import torch
@@ -26,15 +27,26 @@ def is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _settings(tensor) -> dict:
+    """A layer's extra state (UTF-8 JSON bytes in a uint8 tensor) as a dict; {} when empty."""
+    return json.loads(bytes(tensor.tolist()).decode()) if tensor.numel() else {}
+
+
+def _settings_tensor(settings: dict) -> torch.Tensor:
+    """``settings`` as UTF-8 JSON bytes (sorted keys) in a uint8 tensor of its own."""
+    return torch.frombuffer(bytearray(json.dumps(settings, sort_keys=True).encode()), dtype=torch.uint8).clone()
+
+
 class ProjectionGroup:
     """Layers sharing one projection P and, per forward pass, one stored ``z = x Pᵀ``.
 
     Every member's ``P`` buffer is the leader's tensor (one storage; ``tie_`` restores that after a
     ``.to()`` or an assigning ``load_state_dict`` gave members copies). The cached ``z`` is reused only
-    for the very same input tensor (same object, same version, same dtype and grad mode) and is
-    dropped as soon as every member has read it. Under ``torch.compile`` the cache is bypassed: the
-    members' identical ``x Pᵀ`` on one ``P`` tensor are merged by the compiler's common-subexpression
-    elimination instead.
+    for the very same input tensor and projection (same objects, same versions, same dtype and grad
+    mode) and is dropped as soon as every member has read it. An inference tensor keeps no version, so
+    under ``torch.inference_mode`` each member projects its input itself. Under ``torch.compile`` the
+    cache is bypassed: the members' identical ``x Pᵀ`` on one ``P`` tensor are merged by the
+    compiler's common-subexpression elimination instead.
     """
 
     def __init__(self, members):
@@ -69,20 +81,27 @@ class ProjectionGroup:
                 m.P.copy_(P)
             m.coordinate, m._index = coordinate, None
 
+    @staticmethod
+    def _state_of(layer, x, dtype):
+        """What a cached ``z`` depends on besides the objects; None for inference tensors (no version counter)."""
+        if x.is_inference() or layer.P.is_inference():
+            return None
+        return x._version, layer.P._version, dtype, torch.is_grad_enabled()
+
     def lookup(self, layer, x, dtype):
         """The cached ``z`` for ``x`` if a group mate computed it in this pass, else None."""
         if self._key is None or id(layer) in self._consumed:
             return None
-        ref, version, key_dtype, grad = self._key
-        if ref() is not x or x._version != version or key_dtype != dtype or grad != torch.is_grad_enabled():
+        x_ref, P_ref, state = self._key
+        if x_ref() is not x or P_ref() is not layer.P or self._state_of(layer, x, dtype) != state:
             return None
         return self._z
 
     def store(self, layer, x, dtype, z):
-        self._key = (weakref.ref(x), x._version, dtype, torch.is_grad_enabled())
-        self._z = z
-        self._consumed = {id(layer)}
-        self._maybe_clear()
+        state = self._state_of(layer, x, dtype)
+        if state is not None:
+            self._key, self._z, self._consumed = (weakref.ref(x), weakref.ref(layer.P), state), z, {id(layer)}
+            self._maybe_clear()
 
     def consume(self, layer):
         self._consumed.add(id(layer))
@@ -103,6 +122,14 @@ class SubspaceLinear(nn.Module):
 
     Buffers ``step``, ``cycle`` and ``seed`` (int64 scalars) hold the outer loop's counters so a
     ``state_dict`` carries everything needed to resume.
+
+    State dicts: ``weight`` is the effective weight (B merged first), in the wrapped module's layout
+    (a Conv1D's in×out for layout "conv1d"), so the plain model class loads it. Loading a state dict that
+    has this layer's ``weight`` but no ``B`` (a plain model's, or another folder's) makes the layer
+    exactly that weight: W₀ ← weight and B ← 0, P and the counters unchanged. The optimizer is out of
+    the layer's reach, so B's optimizer state (Adam's moments) stays, as a plain model's does after a
+    ``load_state_dict``; they are coordinates in the unchanged P, so the next steps stay in the subspace.
+    Load the optimizer's state as well (or build a new optimizer) when it should not carry over.
     """
 
     def __init__(self, in_features, out_features, rank, bias=True, scale=1.0, device=None, dtype=None):
@@ -171,9 +198,27 @@ class SubspaceLinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self):
-        """W₀ ← W₀ + scale·B P (in fp32, then cast back); B ← 0 in place (same Parameter)."""
-        self.weight.copy_(self.effective_weight())
+        """W₀ ← W₀ + scale·B P (in fp32, then cast back); B ← 0 in place (same Parameter).
+
+        ``FloatingPointError``, W₀ and B unchanged, if the merge would put inf/nan into W₀ (a non-finite B,
+        or a sum that overflows W₀'s dtype)."""
+        merged = self.effective_weight()
+        if merged.device.type != "meta" and not bool(torch.isfinite(merged).all()):
+            self._refuse_non_finite(merged)
+        self.weight.copy_(merged)
         self.B.zero_()
+
+    def _refuse_non_finite(self, merged):
+        if not bool(torch.isfinite(self.B).all()):
+            why = "B holds inf/nan"
+        elif bool((torch.isfinite(self.weight) & ~torch.isfinite(merged)).any()):
+            why = f"W₀ + s·B P overflows {self.weight.dtype}"
+        else:
+            return  # W₀ held inf/nan already; the merge adds none
+        raise FloatingPointError(
+            f"rso: SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}) cannot merge: {why}, W₀ left unchanged; lower the learning rate, enable "
+            f"gradient clipping, or load the last checkpoint")
 
     @torch.no_grad()
     def set_projection_(self, P: torch.Tensor, coordinate: bool = False):
@@ -183,17 +228,24 @@ class SubspaceLinear(nn.Module):
         self._index = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Merge first, so a state dict holds the effective weight under ``weight`` (and B = 0).
+        """Merge first, so a state dict holds the effective weight under ``weight`` (and B = 0), in the
+        wrapped module's layout (Conv1D: in×out, a transposed view with ``keep_vars``, else a copy).
 
         The subspace P is kept: the optimizer state of B stays valid and training goes on as before,
         but B's weight decay and the proximal term restart from the merged point (as at a cycle end)."""
         self.merge_()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "conv1d":
+            weight = destination[prefix + "weight"].T
+            destination[prefix + "weight"] = weight if keep_vars else weight.contiguous()
 
     def get_extra_state(self):
         """The settings that decide how training continues from this state (projection, τ, scale...),
-        as UTF-8 JSON bytes in a uint8 tensor; ``rso`` compares them with the model's before a load."""
-        return self.identity.clone()  # a tensor of its own per layer: safetensors refuses shared storage
+        as UTF-8 JSON bytes in a uint8 tensor; ``rso`` compares them with the model's before a load.
+        A Conv1D's adds ``"layout": "conv1d"`` (its ``weight`` is stored in×out; older rso saved out×in)."""
+        if self.layout != "conv1d":
+            return self.identity.clone()  # a tensor of its own per layer: safetensors refuses shared storage
+        return _settings_tensor({**_settings(self.identity), "layout": "conv1d"})
 
     def set_extra_state(self, state):
         pass  # compared before the load began (rso.serialization.check_checkpoint)
@@ -202,9 +254,25 @@ class SubspaceLinear(nn.Module):
                               error_msgs):
         if "P" in self._non_persistent_buffers_set:  # a group mate's P in an older checkpoint: it is the leader's
             state_dict.pop(prefix + "P", None)
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and self.layout == "conv1d" and self._saved_in_conv1d_layout(state_dict, prefix):
+            state_dict[prefix + "weight"] = weight.T
         state_dict.setdefault(prefix + "_extra_state", self.identity)  # older checkpoints have none
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if weight is not None and prefix + "B" not in state_dict and len(error_msgs) == errors:
+            with torch.no_grad():  # a plain weight is the whole layer now (see the class docstring)
+                self.B.zero_()
+
+    @staticmethod
+    def _saved_in_conv1d_layout(state_dict, prefix) -> bool:
+        """A plain state dict (no rso keys) and a marked rso one hold a Conv1D's weight in×out; older rso
+        state dicts held it out×in."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:
+            return prefix + "B" not in state_dict
+        return _settings(extra).get("layout") == "conv1d"
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -23,7 +23,9 @@ Checkpoints
     :func:`save_checkpoint` / :func:`load_checkpoint` use ``torch.distributed.checkpoint``: sharded
     tensors are written by their owners, replicated ones once. The model part holds W₀, B, P and the
     step / cycle / seed counters; the optimizer part is keyed by parameter name (not position), so
-    a checkpoint loads into DDP, FSDP2 or a single process with any world size.
+    a checkpoint loads into DDP, FSDP2 or a single process with any world size. Loading unpickles
+    nothing but checkpoint metadata, tensors and plain data (a tampered checkpoint cannot run code);
+    ``RSO_TRUST_CHECKPOINT=1`` opts in to a full unpickle (see :mod:`rso.trust`).
 
 Gradient-based projections (``svd``, ``hybrid``): the core captures each rank's *local* full weight
 gradient on the last step of a cycle; :func:`sync_captured_gradients` (installed by :func:`ddp`
@@ -32,9 +34,12 @@ the SVD of the same global gradient, exactly as a single process with the whole 
 """
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
+import os
+import pickle
 import types
 import warnings
 import weakref
@@ -46,6 +51,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rso.layers.subspace_linear import SubspaceLinear
+from rso.trust import TRUST_ENV, CheckpointRefused, trusted, weights_only_refusal
 
 __all__ = [
     "CommCounter", "FSDPCommCounter", "counting_allreduce_hook", "ddp", "gradient_bytes", "buffer_bytes",
@@ -482,15 +488,108 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, *, extra: dict | Non
     dcp.save(state, checkpoint_id=str(path), process_group=process_group)
 
 
-def _read_meta(path) -> tuple[dict, dict]:
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+#: (module, name) of every global a ``torch.distributed.checkpoint`` ``.metadata`` pickles: found by writing
+#: single-process, DDP and FSDP2 (fp32 and bf16) checkpoints of this library with torch 2.13.
+_METADATA_GLOBALS = frozenset(
+    [(_DCP_METADATA, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                  "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout")]
+    + [(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "WindowsPath")]  # StorageMeta's id
+    + [("torch", n) for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.layout, torch.memory_format))])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only :data:`_METADATA_GLOBALS`; any other global is refused before it is even imported."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise CheckpointRefused(f"distributed checkpoint {self.path} refused: it pickles {module}.{name}, which is "
+                                f"not checkpoint metadata, and unpickling it can run code; if you trust the file, "
+                                f"set {TRUST_ENV}=1 to load it in full")
+
+
+@functools.cache
+def _safe_dcp():
+    """(reader, planner) classes for ``dcp.load``: metadata, tensors and plain data only, unless :func:`trusted`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if trusted():
+                return super().read_metadata(*args, **kwargs)
+            rank = kwargs.get("rank")  # torch reads a rank's own __{rank}.metadata when .metadata is missing
+            path = self.fs.concat_path(self.path, ".metadata" if rank is None else f"__{rank}.metadata")
+            with self.fs.create_stream(path, "rb") as file:
+                metadata = _MetadataUnpickler(file, path).load()
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"distributed checkpoint {path} holds a {type(metadata).__name__}, not "
+                                 f"torch.distributed.checkpoint Metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):  # flatten_state_dict=True, DefaultLoadPlanner's default
+        def __init__(self, reader):
+            super().__init__()
+            self.reader = reader
+
+        def load_bytes(self, read_item, value):
+            if trusted():
+                return super().load_bytes(read_item, value)
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                info = self.reader.storage_data[read_item.storage_index]
+                file = os.path.join(str(self.reader.path), info.relative_path)
+                raise CheckpointRefused(f"distributed checkpoint entry {fqn!r} in {file} refused: "
+                                        f"{weights_only_refusal(value, e)}; its non-tensor entries hold plain data "
+                                        f"only, and unpickling anything else can run code; if you trust the file, "
+                                        f"set {TRUST_ENV}=1 to load it in full") from None
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+
+    return SafeReader, SafePlanner
+
+
+def _dcp_load(state: dict, reader, **kwargs) -> None:
+    """``dcp.load`` with :func:`_safe_dcp`'s planner; a refusal is raised as itself, not in a CheckpointException."""
     import torch.distributed.checkpoint as dcp
-    reader = dcp.FileSystemReader(str(path))
-    metadata = reader.read_metadata().state_dict_metadata
+    try:
+        dcp.load(state, storage_reader=reader, planner=_safe_dcp()[1](reader), **kwargs)
+    except dcp.CheckpointException as e:  # torch gathers every rank's error into one multi-line exception
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointRefused)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
+def _read_meta(path) -> tuple[dict, dict]:
+    reader = _safe_dcp()[0](str(path))
+    metadata = reader.read_metadata().state_dict_metadata  # a refusal here, before dcp.load's fallbacks
     holder = {"rso_meta": ""}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(holder, storage_reader=reader, no_dist=True)
+        _dcp_load(holder, reader, no_dist=True)
     return json.loads(holder["rso_meta"]), metadata
+
+
+def _check_tensor_entries(path, state: dict, metadata: dict) -> None:
+    """Model and optimizer entries must be stored as tensors: a tampered one fails here, before any is loaded."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    bad = [k for k in state if not isinstance(metadata[k], TensorStorageMetadata)]
+    if bad:
+        raise ValueError(f"load_checkpoint: {path} stores {len(bad)} model / optimizer entries as other than tensors, "
+                         f"e.g. {bad[:3]}; save_checkpoint writes them as tensors: the checkpoint was altered")
 
 
 def load_checkpoint(path, model: nn.Module, optimizer=None, *, process_group=None, strict: bool = True) -> dict:
@@ -502,7 +601,6 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, *, process_group=Non
     replaced by the saved one, and parameters that had no state when saved (e.g. B right after a
     merge with ``state_on_merge='reset'``) get none.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
     meta, metadata = _read_meta(path)
@@ -535,10 +633,11 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, *, process_group=Non
                     dev = local.device if len(size) else torch.device("cpu")
                     template = torch.zeros(size, dtype=dtype, device=dev)
                 state[k] = template
+    _check_tensor_entries(path, state, metadata)
     with warnings.catch_warnings():
         if not (dist.is_available() and dist.is_initialized()):  # a single process: the intended case
             warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+        _dcp_load(state, _safe_dcp()[0](str(path)), process_group=process_group)
 
     loaded = {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")}
     core.load_state_dict(loaded, strict=strict)

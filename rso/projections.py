@@ -25,6 +25,7 @@ To add a sampler, subclass :class:`ProjectionSampler` and implement :meth:`sampl
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -190,7 +191,8 @@ class HybridSampler(ProjectionSampler):
     def __init__(self, total_steps: int, random_fraction: float = 0.2):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"projection='hybrid' needs total_steps, a positive int; got {total_steps!r}")
-        if not 0.0 <= float(random_fraction) <= 1.0:
+        if isinstance(random_fraction, bool) or not isinstance(random_fraction, numbers.Real) \
+                or not 0.0 <= random_fraction <= 1.0:
             raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction!r}")
         self.total_steps = total_steps
         self.random_fraction = float(random_fraction)

@@ -5,7 +5,9 @@
 effective weight: ``save_pretrained``, ``transformers.Trainer`` / TRL checkpoints, ``accelerate`` and
 ``torch.save(model.state_dict())`` all write the model that was trained, and a plain
 ``AutoModelFor….from_pretrained`` of such a folder loads it (it only warns that the rso keys ``B``, ``P``,
-``step``, ``cycle``, ``seed`` are unused). The merge keeps the subspace, so the optimizer state of B stays
+``step``, ``cycle``, ``seed`` are unused). A wrapped HF ``Conv1D`` (GPT-2 family) writes its weight in
+Conv1D's in×out layout, marked ``"layout": "conv1d"`` in its ``_extra_state``; an unmarked rso checkpoint
+(older rso) holds it out×in and still loads. The merge keeps the subspace, so the optimizer state of B stays
 valid and a resumed run continues exactly as the saving run did. One ``P`` per projection group is
 stored (the group's other members hold it as a non-persistent buffer, re-tied on load), so
 safetensors sees no shared tensors. The wrap arguments go to ``config.rso`` (written to
@@ -15,7 +17,8 @@ safetensors sees no shared tensors. The wrap arguments go to ``config.rso`` (wri
 model wrapped alike: another rank, other wrapped layers, other projection sharing, or other settings
 that decide how training goes on (``IDENTITY``: each layer's ``_extra_state`` holds them) raise a
 ``ValueError`` naming them and the fix, before anything is loaded. A plain state dict (no rso keys)
-loads into a wrapped model as its W₀.
+loads into a wrapped model as its weights: W₀ ← weight, B ← 0 (P, the counters and the optimizer's state
+of B stay; see ``SubspaceLinear``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import pathlib
 import torch
 from torch import nn
 
-from rso.layers.subspace_linear import SubspaceLinear, is_conv1d
+from rso.layers.subspace_linear import SubspaceLinear, _settings, _settings_tensor, is_conv1d
 from .projections import SAMPLERS
 
 __all__ = ["SETTINGS_KEY", "IDENTITY", "wrap_settings", "identity_tensor", "check_checkpoint", "from_pretrained",
@@ -59,12 +62,11 @@ IDENTITY = ("projection", "tau", "scale", "state_on_merge", "proximal")
 def identity_tensor(settings: dict) -> torch.Tensor:
     """The continuation settings (``IDENTITY``, plus the GoLore switch for "hybrid") as JSON bytes in a uint8 tensor."""
     keys = IDENTITY + (("total_steps", "random_fraction") if settings["projection"] == "hybrid" else ())
-    data = json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+    return _settings_tensor({k: settings[k] for k in keys})
 
 
 def _identity(tensor) -> dict:
-    return json.loads(bytes(tensor.tolist()).decode()) if tensor is not None and tensor.numel() else {}
+    return _settings(tensor) if tensor is not None else {}
 
 
 def _plain_linear(module) -> bool:
@@ -142,7 +144,16 @@ def _read(file: pathlib.Path, wanted) -> dict:
         from safetensors import safe_open
         with safe_open(str(file), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
-    return {k: v for k, v in torch.load(file, map_location="cpu", weights_only=True).items() if wanted(k)}
+    import pickle
+    try:  # a weights file holds tensors only: nothing else in it is unpickled (that could run code)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = " ".join(str(e).split()).partition("WeightsUnpickler error:")[2].partition(". ")[0].strip()
+        raise ValueError(f"rso.from_pretrained: {file} refused: torch.load(weights_only=True) cannot read it "
+                         f"({reason or type(e).__name__}); a weights file holds tensors only, and unpickling "
+                         f"anything else can run code: re-save the model as model.safetensors from a copy you "
+                         f"trust") from None
+    return {k: v for k, v in state.items() if wanted(k)}
 
 
 def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_kwargs) -> nn.Module:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from itertools import chain
 
+import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
@@ -29,34 +32,106 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
 
 _LOOP_ATTR = "_rso_outer_loop"
 _HOOK_ATTR = "_rso_load_hooks"
+_NOTES_ATTR = "_rso_wrap_notes"  # what wrap left out (for summary) and changed besides the layers (for unwrap)
+
+
+def _bloom_slices(attention_or_mlp) -> bool:
+    return attention_or_mlp.pretraining_tp > 1 and attention_or_mlp.slow_but_exact
+
+
+#: Modules whose forward reads these linear children's ``.weight`` instead of calling them, so a wrapped child's
+#: B would be ignored: class name (the module's or a base class's, defined in torch or transformers) →
+#: (children, condition on the module, None: always). torch.nn's, and what a scan of transformers' modeling files
+#: for ``self.<linear>.weight`` reads found (CUDA-kernel paths included). nn.TransformerEncoderLayer's fast path
+#: is kept off instead (see ``_keep_off_fast_path``).
+_READ_DIRECTLY = {
+    "MultiheadAttention": (("out_proj",), None),  # F.multi_head_attention_forward(..., out_proj.weight, ...)
+    "BloomAttention": (("dense",), _bloom_slices),
+    "BloomMLP": (("dense_4h_to_h",), _bloom_slices),
+    "DetrMHAttentionMap": (("k_proj",), None),
+    "ConditionalDetrMHAttentionMap": (("k_proj",), None),
+    "MaskFormerDetrMHAttentionMap": (("k_proj",), None),
+    "DabDetrMHAttentionMap": (("k_linear",), None),
+    "TDNNLayer": (("kernel",), None),
+    "WavLMAttention": (("q_proj", "k_proj", "v_proj", "out_proj"), None),
+    "MambaMixer": (("x_proj", "dt_proj", "out_proj"), None),
+    "FalconMambaMixer": (("dt_proj",), None),
+    "JambaMambaMixer": (("dt_proj",), None),
+    **{mixer: (("out_proj",), None) for mixer in ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "NemotronHMamba2Mixer",
+                                                  "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer")},
+    "Gemma3nTextAltUp": (("correction_coefs",), None),
+    "Gemma4AssistantForCausalLM": (("lm_head",), None),
+    "Gemma4UnifiedAssistantForCausalLM": (("lm_head",), None),
+    "LayoutLMv2Encoder": (("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"), None),
+    "LongcatFlashTopkRouter": (("classifier",), None),
+    "MobileBertLMPredictionHead": (("decoder", "dense"), None),
+    "NeoMMEForMaskedLM": (("unembedding_projection",), None),
+    "LSHSelfAttention": (("query_key", "value"), None),
+}
+_FROZEN = "frozen layers (weight.requires_grad=False)"
+_READ = "layers whose weight their parent reads directly, where B would be ignored"
 
 
 def _is_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _listed(items, most=5) -> str:
+    items = list(items)
+    return ", ".join(items[:most]) + (" ..." if len(items) > most else "")
+
+
 def _name_matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return any(_matches_entry(name, p) for p in patterns)
 
 
-def _find_targets(model: nn.Module, target_modules):
-    """(name, module) of the layers to wrap; raises if an explicit selection is empty or not linear."""
-    if target_modules is None:
-        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        targets = []
-        for name, module in model.named_modules():
-            parts = name.split(".")
-            if any(p in DEFAULT_EXCLUDED for p in parts) or not _is_linear(module):
-                continue
-            if id(module.weight) in tied:  # an output layer sharing the embedding matrix
-                continue
+def _matches_entry(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _direct_reader(model: nn.Module, name: str) -> str | None:
+    """The class that reads layer ``name``'s ``.weight`` directly (see ``_READ_DIRECTLY``), or None."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    for cls in type(parent).__mro__:
+        children, when = _READ_DIRECTLY.get(cls.__name__, ((), None))
+        if leaf in children and cls.__module__.partition(".")[0] in ("torch", "transformers") \
+                and (when is None or when(parent)):
+            return cls.__name__
+    return None
+
+
+def _default_targets(model: nn.Module):
+    """Every Linear / Conv1D but output heads, tied heads, frozen layers and layers their parent reads directly;
+    returns (targets, {reason: names left as they are})."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    targets, left_out = [], {_FROZEN: [], _READ: []}
+    for name, module in model.named_modules():
+        if any(p in DEFAULT_EXCLUDED for p in name.split(".")) or not _is_linear(module):
+            continue
+        if id(module.weight) in tied:  # an output layer sharing the embedding matrix
+            continue
+        reader = _direct_reader(model, name)
+        if not module.weight.requires_grad:
+            left_out[_FROZEN].append(name)
+        elif reader is not None:
+            left_out[_READ].append(f"{name} ({reader})")
+        else:
             targets.append((name, module))
-        if not targets:
-            raise ValueError(f"rso.wrap: {type(model).__name__} has no nn.Linear / Conv1D layers to wrap "
-                             f"(output heads {DEFAULT_EXCLUDED} are left out by default)")
-        return targets
+    left_out = {reason: names for reason, names in left_out.items() if names}
+    if not targets:
+        also = "".join(f"; left as they are: {len(n)} {reason}: {_listed(n)}" for reason, n in left_out.items())
+        unfreeze = "; unfreeze those to train (module.requires_grad_(True))" if _FROZEN in left_out else ""
+        raise ValueError(f"rso.wrap: {type(model).__name__} has no nn.Linear / Conv1D layers to wrap "
+                         f"(output heads {DEFAULT_EXCLUDED} are left out by default{also}){unfreeze}")
+    return targets, left_out
+
+
+def _explicit_targets(model: nn.Module, target_modules):
+    """The modules ``target_modules`` selects; raises unless each entry matches and every match is a trainable
+    linear layer that its parent calls."""
     if not isinstance(target_modules, (str, list, tuple, set)) or not all(
             isinstance(t, str) for t in ([target_modules] if isinstance(target_modules, str) else target_modules)):
         raise TypeError(f"rso.wrap: target_modules must be a regex string or a list of names/suffixes, "
@@ -65,11 +140,31 @@ def _find_targets(model: nn.Module, target_modules):
     if not targets:
         raise ValueError(f"rso.wrap: target_modules={target_modules!r} matches no module of "
                          f"{type(model).__name__}")
+    if not isinstance(target_modules, str):
+        unmatched = [e for e in target_modules if not any(_matches_entry(n, e) for n, _ in targets)]
+        if unmatched:
+            raise ValueError(f"rso.wrap: target_modules entries {unmatched} match no module of "
+                             f"{type(model).__name__}; fix or drop them")
     bad = [f"{n} ({type(m).__name__})" for n, m in targets if not _is_linear(m)]
     if bad:
-        raise TypeError(f"rso.wrap: target_modules selects modules that are not nn.Linear / Conv1D: "
-                        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        raise TypeError(f"rso.wrap: target_modules selects modules that are not nn.Linear / Conv1D: {_listed(bad)}")
+    frozen = [n for n, m in targets if not m.weight.requires_grad]
+    if frozen:
+        raise ValueError(f"rso.wrap: target_modules selects frozen layers (weight.requires_grad=False), which would "
+                         f"not train: {_listed(frozen)}; unfreeze them (layer.requires_grad_(True)) or leave them out")
+    read = [f"{n} ({reader} reads its .weight)" for n, _ in targets
+            if (reader := _direct_reader(model, n)) is not None]
+    if read:
+        raise ValueError(f"rso.wrap: target_modules selects layers whose weight their parent reads directly instead "
+                         f"of calling them, so B would be ignored: {_listed(read)}; leave them out (the default does)")
     return targets
+
+
+def _find_targets(model: nn.Module, target_modules):
+    """(targets, left_out): the (name, module) pairs to wrap and {reason: names} of linear layers left as they are."""
+    if target_modules is None:
+        return _default_targets(model)
+    return _explicit_targets(model, target_modules), {}
 
 
 def rank_for_layer(rank: int | float, in_features: int) -> int:
@@ -78,14 +173,47 @@ def rank_for_layer(rank: int | float, in_features: int) -> int:
     return rank if isinstance(rank, int) else max(1, round(rank * in_features))
 
 
-def _layer_rank(name, module, rank) -> int:
+def _layer_rank(name, module, rank, scale) -> int:
+    """The layer's rank; raises if it does not fit the layer or ``scale`` is outside its dtype's normal range
+    (s·B P would flush to zero or overflow)."""
     in_f, out_f = (module.weight.shape[1], module.weight.shape[0]) if isinstance(module, nn.Linear) \
         else tuple(module.weight.shape)
     r = rank_for_layer(rank, in_f)
+    if isinstance(rank, float) and rank * in_f < 0.5:  # below half a channel: nothing to round up
+        raise ValueError(f"rso.wrap: rank={rank!r} rounds to 0 channels of layer '{name}' (in_features={in_f}); "
+                         f"allowed: a fraction ≥ {0.5 / in_f:.3g} here, or an int rank, or leave the layer out "
+                         f"(target_modules)")
     if not 1 <= r <= min(in_f, out_f):
         raise ValueError(f"rso.wrap: rank={rank!r} gives rank {r} for layer '{name}' "
                          f"(in_features={in_f}, out_features={out_f}); allowed: 1 ≤ rank ≤ {min(in_f, out_f)}")
+    dtype = module.weight.dtype
+    info = torch.finfo(dtype) if dtype.is_floating_point else None
+    if info is not None and not info.tiny <= abs(scale) <= info.max:
+        raise ValueError(f"rso.wrap: scale={scale!r} is outside the range of layer '{name}' ({dtype}: "
+                         f"{info.tiny:.3g} ≤ |scale| ≤ {info.max:.3g}), where s·B P would be 0 or inf")
     return r
+
+
+def _check_model(model: nn.Module):
+    """Refuse what wrapping would get wrong: a bare linear layer, PEFT adapters, tensors not materialized yet."""
+    name = type(model).__name__
+    if _is_linear(model):
+        raise TypeError(f"rso.wrap: the model is itself a {name} (rso.wrap replaces child modules in place); "
+                        f"wrap a module that holds it, e.g. nn.Sequential(layer)")
+    peft = next(((n, m) for n, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if peft is not None:
+        where = f"'{peft[0]}' is a {type(peft[1]).__name__}" if peft[0] else f"it is a {name}"
+        raise ValueError(f"rso.wrap: {name} carries PEFT adapter layers ({where}); merge them first, model = "
+                         f"peft_model.merge_and_unload().requires_grad_(True) (PEFT froze the base), "
+                         f"then rso.wrap(model)")
+    for tensor_name, t in chain(model.named_parameters(), model.named_buffers()):
+        if is_lazy(t):
+            raise ValueError(f"rso.wrap: '{tensor_name}' of {name} is an uninitialized lazy tensor (nn.LazyLinear...); "
+                             f"run one forward pass first, then rso.wrap")
+        if t.is_meta:
+            raise ValueError(f"rso.wrap: '{tensor_name}' of {name} is on the meta device; wrap after the weights are "
+                             f"materialized (from_pretrained, load_state_dict(..., assign=True), or to_empty() + "
+                             f"load), or each P would be drawn on meta and be garbage after to_empty()")
 
 
 def _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_projections):
@@ -116,6 +244,32 @@ def _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_p
                         f"e.g. [('q_proj', 'k_proj', 'v_proj')]; got {share_projections!r}")
 
 
+def _check_hybrid_args(projection, total_steps, random_fraction):
+    """``total_steps`` / ``random_fraction`` place the switch of projection="hybrid" and do nothing otherwise."""
+    if isinstance(projection, str) and projection == "hybrid":
+        return  # checked by the sampler
+    given = [f"{k}={v!r}" for k, v, default in (("total_steps", total_steps, None),
+                                                ("random_fraction", random_fraction, 0.2)) if v != default]
+    if given:
+        raise ValueError(f"rso.wrap: {given[0]} applies to projection='hybrid' only (here projection={projection!r}); "
+                         f"drop it, or use projection='hybrid'")
+
+
+def _check_shared_names(share_projections, names):
+    """Each set of ``share_projections`` names two or more layers, every one of them a wrapped layer's name."""
+    if isinstance(share_projections, bool):
+        return
+    for group in share_projections:
+        if len(set(group)) < 2:
+            raise ValueError(f"rso.wrap: share_projections set {tuple(group)!r} names fewer than two layers, so it "
+                             f"shares nothing; name siblings that read one input, e.g. ('q_proj', 'k_proj', 'v_proj')")
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    unknown = sorted({n for group in share_projections for n in group} - set(leaves))
+    if unknown:
+        raise ValueError(f"rso.wrap: share_projections names {unknown}, which match no wrapped layer (wrapped: "
+                         f"{_listed(leaves, 8)}); fix or drop them")
+
+
 def _group_layers(names, layers, share_projections):
     """Partition layers into projection groups: siblings named in one shared set, same shape and rank."""
     if share_projections is False:
@@ -143,36 +297,72 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     """Reparameterize the model's linear layers as ``W₀ + scale·B P`` in place and return the model.
 
     Args:
-        rank: int (absolute) or float in (0, 1) (fraction of each layer's in_features).
+        rank: int (absolute) or float f in (0, 1): each layer gets max(1, round(f · in_features)), so a
+            fraction below 1/in_features still gives rank 1.
         tau: optimizer steps per cycle (merge + resample after each); None: only on ``rso.outer_step``.
         projection: "stiefel" | "gaussian" | "coordinate" | "svd" | "hybrid", or a ``ProjectionSampler``.
         target_modules: None (every Linear/Conv1D but embeddings and output heads), a regex (full match)
-            or a list of names / name suffixes.
-        scale: s in ``W₀ + s·B P``.
+            or a list of names / name suffixes (each must match).
+        scale: s in ``W₀ + s·B P`` (non-zero, within the normal range of the layers' dtype).
         seed: every P is a function of (seed, group, cycle): reproducible and identical across ranks.
         share_projections: layers reading the same input (q/k/v, gate/up) share one P and one stored
-            projection; or a list of sibling-name tuples.
-        total_steps, random_fraction: for "hybrid" (GoLore@x%: SVD, then Stiefel for the last x).
+            projection; or a list of sibling-name tuples (each name a wrapped layer's).
+        total_steps, random_fraction: for "hybrid" only (GoLore@x%: SVD, then Stiefel for the last x).
         state_on_merge: optimizer state of B at a new cycle: "reset" (delete), "keep", "project".
         proximal: η of the optional proximal term ‖B‖²/(2η).
         chunked_head: for a causal LM, compute the output head + cross-entropy in chunks of this many
             tokens, so the vocab-wide logits are never held for the whole batch (``rso.heads``).
+
+    Left as they are by default (listed by ``rso.summary``), refused when ``target_modules`` names them:
+    frozen layers (``weight.requires_grad`` False: nothing of them trains, their bias keeps its flag) and
+    layers whose parent reads ``.weight`` instead of calling them (``nn.MultiheadAttention.out_proj``,
+    the Mamba mixers' projections...; ``_READ_DIRECTLY``), where B would be ignored. ``nn.TransformerEncoderLayer``'s
+    linear1/linear2 are wrapped, its fused eval fast path (and ``nn.TransformerEncoder``'s nested-tensor path) kept
+    off while wrapped. Refused: models with PEFT adapter layers (``merge_and_unload()`` first) and models with
+    tensors on the meta device or lazy ones (wrap once the weights are materialized). Every check runs before the
+    model changes.
     """
     _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_projections)
     if is_wrapped(model):
         raise ValueError(f"rso.wrap: {type(model).__name__} is already wrapped (call rso.unwrap first)")
+    _check_model(model)
+    _check_hybrid_args(projection, total_steps, random_fraction)
     sampler = make_sampler(projection, total_steps=total_steps, random_fraction=random_fraction)
     if chunked_head is not None:
         if isinstance(chunked_head, bool) or not isinstance(chunked_head, int) or chunked_head < 1:
             raise ValueError(f"rso.wrap: chunked_head must be None or a positive int (tokens per chunk), "
                              f"got {chunked_head!r}")
         heads._causal_lm(model)  # raises TypeError for a model without a causal-LM head
-    targets = _find_targets(model, target_modules)
-    ranks = [_layer_rank(name, module, rank) for name, module in targets]
+    targets, left_out = _find_targets(model, target_modules)
+    ranks = [_layer_rank(name, module, rank, scale) for name, module in targets]
+    names = [name for name, _ in targets]
+    _check_shared_names(share_projections, names)
 
     # Build everything first; nothing in the model changes until all of it succeeded.
-    names = [name for name, _ in targets]
     layers = [SubspaceLinear.from_module(module, r, scale) for (_, module), r in zip(targets, ranks)]
+    for name, layer in zip(names, layers):
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
+            layer.register_forward_pre_hook(_keep_off_fast_path)
+    loop = _build_loop(names, layers, sampler, rank, tau, target_modules, scale, seed, share_projections,
+                       total_steps, random_fraction, state_on_merge, proximal, chunked_head)
+
+    for name, layer in zip(names, layers):
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer)
+    object.__setattr__(model, _LOOP_ATTR, loop.attach())
+    object.__setattr__(model, _HOOK_ATTR, (model.register_load_state_dict_pre_hook(_check_before_load),
+                                           model.register_load_state_dict_post_hook(_rearm_after_load)))
+    object.__setattr__(model, _NOTES_ATTR, {"left_out": left_out, "nested": _turn_off_nested_tensors(model)})
+    if _has_hf_config(model):  # config.json then carries the wrap arguments (rso.from_pretrained reads them)
+        setattr(model.config, SETTINGS_KEY, loop.settings)
+    if chunked_head is not None:
+        heads.use_chunked_head(model, chunk_size=chunked_head)
+    return model
+
+
+def _build_loop(names, layers, sampler, rank, tau, target_modules, scale, seed, share_projections, total_steps,
+                random_fraction, state_on_merge, proximal, chunked_head) -> OuterLoop:
+    """Group the new layers, give each its settings, seed and first P; the outer loop over the groups."""
     groups = [ProjectionGroup(members) for members in _group_layers(names, layers, share_projections)]
     loop = OuterLoop(groups, sampler, tau, state_on_merge, proximal)
     loop.settings = wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_projections, total_steps,
@@ -186,19 +376,23 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
             m.seed.fill_(mix_seed(seed, index))
     for group, P in zip(groups, loop.draw(groups, [0] * len(groups))):
         group.set_projection_(P, coordinate=coordinate)
+    return loop
 
-    for name, layer in zip(names, layers):
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, layer)
-    object.__setattr__(model, _LOOP_ATTR, loop.attach())
-    object.__setattr__(model, _HOOK_ATTR, (model.register_load_state_dict_pre_hook(_check_before_load),
-                                           model.register_load_state_dict_post_hook(_rearm_after_load)))
-    if _has_hf_config(model):  # config.json then carries the wrap arguments (rso.from_pretrained reads them)
-        setattr(model.config, SETTINGS_KEY, loop.settings)
-    if chunked_head is not None:
-        heads.use_chunked_head(model, chunk_size=chunked_head)
-    return model
+
+def _keep_off_fast_path(module, args):
+    """A no-op forward pre-hook: ``nn.TransformerEncoderLayer`` takes its fused fast path (eval, no grad), which
+    reads linear1/linear2 ``.weight`` (W₀ without B), only while no submodule has forward hooks."""
+    return None
+
+
+def _turn_off_nested_tensors(model) -> list:
+    """Keep each ``nn.TransformerEncoder`` holding wrapped layers from packing a padded batch into a nested tensor
+    (which only the fast path reads); returns (encoder, its use_nested_tensor) for unwrap."""
+    changed = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)
+               and getattr(m, "use_nested_tensor", False) and any(isinstance(x, SubspaceLinear) for x in m.modules())]
+    for encoder, _ in changed:
+        encoder.use_nested_tensor = False
+    return changed
 
 
 def _has_hf_config(model) -> bool:
@@ -245,8 +439,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     loop.detach()
     for name, module in replacements:
         parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, module)
+        setattr(model.get_submodule(parent_name), leaf, module)
+    for encoder, use_nested in getattr(model, _NOTES_ATTR, {}).get("nested", ()):
+        encoder.use_nested_tensor = use_nested
+    if hasattr(model, _NOTES_ATTR):
+        object.__delattr__(model, _NOTES_ATTR)
     object.__delattr__(model, _LOOP_ATTR)
     for handle in getattr(model, _HOOK_ATTR):
         handle.remove()
@@ -288,8 +485,11 @@ def summary(model: nn.Module) -> str:
     s = state(model)
     ranks = sorted({m.rank for _, m in subspace_layers(model)})
     rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    left_out = getattr(model, _NOTES_ATTR, {}).get("left_out", {})
     return (f"{line}\nrso: {s['layers']} subspace layers in {s['projection_groups']} projection groups, "
-            f"rank {rank_txt}, projection {s['projection']}, tau {s['tau']}, step {s['step']}, cycle {s['cycle']}")
+            f"rank {rank_txt}, projection {s['projection']}, tau {s['tau']}, step {s['step']}, cycle {s['cycle']}"
+            + "".join(f"\nrso: left as they are: {len(names)} {reason}: {_listed(names)}"
+                      for reason, names in left_out.items()))
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

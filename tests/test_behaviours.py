@@ -323,7 +323,8 @@ def test_unwrap_restores_weights_frozen_before_wrapping(kind):
     frozen.weight.requires_grad_(False)
     frozen.bias.requires_grad_(False)
     rso.wrap(model, rank=4, tau=None)
-    assert isinstance(model.get_submodule(path_frozen), SubspaceLinear)
+    assert type(model.get_submodule(path_frozen)) is cls  # frozen: left as it is
+    assert isinstance(model.get_submodule(path_free), SubspaceLinear)
     rso.unwrap(model)
     back, other = model.get_submodule(path_frozen), model.get_submodule(path_free)
     assert type(back) is cls and type(other) is cls

@@ -389,12 +389,15 @@ def test_target_errors_name_the_model_class_and_the_modules():
         rso.wrap(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), rank=1, target_modules=["0", "1"])
 
 
-def test_rank_one_and_a_fraction_that_rounds_to_zero_give_rank_one():
+def test_rank_one_and_a_fraction_that_rounds_to_zero_is_refused():
     model = nn.Sequential(nn.Linear(8, 8))
     rso.wrap(model, rank=1, tau=None)
     assert model[0].rank == 1
+    with pytest.raises(ValueError, match=r"^rso\.wrap: rank=0\.01 rounds to 0 channels of layer '0' "
+                                         r"\(in_features=8\); allowed: a fraction ≥ 0\.0625 here"):
+        rso.wrap(nn.Sequential(nn.Linear(8, 8)), rank=0.01, tau=None)  # round(0.08) = 0
     other = nn.Sequential(nn.Linear(8, 8))
-    rso.wrap(other, rank=0.01, tau=None)  # round(0.08) = 0, raised to 1
+    rso.wrap(other, rank=0.0625, tau=None)  # half a channel: rounded up to one
     assert other[0].rank == 1 and tuple(other[0].P.shape) == (1, 8)
     assert rso.state(other) == {"step": 0, "cycle": 0, "tau": None, "steps_to_merge": None,
                                 "projection": "stiefel", "layers": 1, "projection_groups": 1,

@@ -5,7 +5,8 @@ At each evaluation whose validation metric beats every earlier one (ties keep th
 buffer of the model as it is (for RSO the unmerged W₀, B, P and the outer loop's counters) is written to
 ``<output-dir>/best.pt``, through a temporary file, so a crash never leaves half of one. At the end they are
 copied back in place, so the final evaluation and the saved model are that evaluation's. The copy lives on
-disk (one model's weights), not in memory, and a resumed run reads it back.
+disk (one model's weights), not in memory, and a resumed run reads it back (tensors and plain data only, as
+``rso.train.checkpoint.load_checkpoint`` reads ``checkpoint.pt``: anything else is refused).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pathlib
 
 import torch
 from torch import nn
+
+from .checkpoint import load_checkpoint
 
 BEST_NAME = "best.pt"
 
@@ -32,7 +35,7 @@ class BestWeights:
         self.higher_is_better = headline["higher_is_better"]
         self.step = self.value = None
         if self.path.exists() and resume_step is not None:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = load_checkpoint(self.path)
             if saved["step"] <= resume_step:  # one written after the checkpoint is evaluated again
                 self.step, self.value = saved["step"], saved["value"]
         if self.step is None:
@@ -53,7 +56,7 @@ class BestWeights:
     @torch.no_grad()
     def restore(self, model: nn.Module) -> int:
         """Copy the saved weights back into ``model`` (in place: same tensors, devices and dtypes); their step."""
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(self.path)
         tensors = live_tensors(model)
         if set(tensors) != set(saved["tensors"]):
             raise RuntimeError(f"{self.path}: its tensors are not this model's")

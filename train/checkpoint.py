@@ -3,7 +3,8 @@
 A checkpoint holds the model (for ``rso`` that includes W₀, B, P, seeds and counters), optimizer,
 LR scheduler, data-loader position, every RNG state, the step and the run's arguments. It is written
 to a temporary file in the same directory and moved into place with ``os.replace``, so a run killed
-at any moment leaves either the previous checkpoint or the new one, never a torn file.
+at any moment leaves either the previous checkpoint or the new one, never a torn file. It holds tensors and plain
+data only, and is read back with ``torch.load(weights_only=True)``, so a tampered file cannot run code on ``--resume``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import tempfile
 import numpy as np
 import torch
 
+from rso.trust import TRUST_ENV
+
 __all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "find_checkpoint", "CheckpointError", "load_run", "save_run", "restore_run"]
+           "find_checkpoint", "CheckpointError", "TRUST_ENV", "load_run", "save_run", "restore_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -66,19 +69,43 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> pathlib.Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors, containers and plain Python data.
+
+    That is all :func:`save_run` writes (every RNG state, the run's arguments, the data position, the LR
+    scheduler and the optimizer states of every method and ``--optimizer`` the pipelines support) and all
+    ``best.pt`` holds, so no object in the file is built and nothing in it can run. A file that pickles
+    anything else is refused with a one-line :class:`CheckpointError` naming it and what it pickles;
+    ``RSO_TRUST_CHECKPOINT=1`` in the environment loads it with ``weights_only=False`` (only a file you
+    trust: unpickling can run arbitrary code).
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    trusted = os.environ.get(TRUST_ENV) == "1"
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # Our own file, written by save_checkpoint; an optimizer may keep non-tensor objects in its state.
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+        if isinstance(e, pickle.UnpicklingError) and not trusted:
+            raise CheckpointError(f"checkpoint {path} refused: torch.load(weights_only=True) cannot read it "
+                                  f"({_refusal(path, e)}) and unpickling more than tensors and plain data can run "
+                                  f"code; if you trust the file, set {TRUST_ENV}=1 to load it in full") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _refusal(path: pathlib.Path, error: pickle.UnpicklingError) -> str:
+    """What ``weights_only`` refused: the globals the file pickles beyond the allowed ones, else torch's reason."""
+    try:  # reads the pickle's opcodes, builds nothing; torch >= 2.5 and zip-format files only
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (AttributeError, ValueError, RuntimeError):
+        unsafe = []
+    if unsafe:
+        return "it pickles " + ", ".join(sorted(unsafe))
+    reason = _one_line(error).partition("WeightsUnpickler error:")[2]
+    return reason.partition(". ")[0].partition(" Check the documentation")[0].strip() or _one_line(error)
 
 
 def find_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:
