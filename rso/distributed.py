@@ -323,12 +323,16 @@ def merge_sharded_(layer: SubspaceLinear) -> None:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     W, B, P = layer.weight, layer.B, layer.P
     if not isinstance(W, DTensor):
-        layer.weight.copy_((W.float() + layer.scale * (B.float() @ P.float())).to(W.dtype))
-        layer.B.zero_()
+        SubspaceLinear.merge_(layer)  # the layer's own merge (with its non-finite refusal)
         return
     row_local = (isinstance(B, DTensor) and W.device_mesh == B.device_mesh and W.placements == B.placements
                  and all(isinstance(pl, Shard) and pl.dim == 0 for pl in W.placements))
     w, b = W.to_local(), B.to_local()
+    if not _finite_on_every_rank(b, B.device_mesh if isinstance(B, DTensor) else W.device_mesh):
+        raise FloatingPointError(
+            f"rso: SubspaceLinear(in_features={layer.in_features}, out_features={layer.out_features}, "
+            f"rank={layer.rank}) cannot merge: B holds inf/nan on some rank, W₀ left unchanged; lower the "
+            f"learning rate, enable gradient clipping, or load the last checkpoint")
     if row_local and w.shape[0] == b.shape[0]:
         if w.numel():
             w.copy_((w.float() + layer.scale * (b.float() @ P.float())).to(w.dtype))
@@ -337,6 +341,14 @@ def merge_sharded_(layer: SubspaceLinear) -> None:
         merged = (W.full_tensor().float() + layer.scale * (full_b.float() @ P.float())).to(W.dtype)
         w.copy_(distribute_tensor(merged, W.device_mesh, W.placements).to_local())
     b.zero_()
+
+
+def _finite_on_every_rank(local: torch.Tensor, mesh) -> bool:
+    """True when ``local`` is finite on every rank of ``mesh`` (a MIN all-reduce of one flag per mesh dim)."""
+    flag = torch.isfinite(local).all().to(torch.int32).reshape(1)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+    return bool(flag.item())
 
 
 def _block_units(model: nn.Module):

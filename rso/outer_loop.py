@@ -12,6 +12,9 @@ per step) and steps skipped by a ``GradScaler`` count correctly.
 
 Optional proximal term (RSO paper): minimize f(W₀ + s·B P) + ‖B‖²/(2η) by adding B/η to B's gradient
 just before each step.
+
+Before any step changes anything, an optimizer that would train the model wrongly is refused
+(:meth:`OuterLoop.check_optimizer`), and a merge is refused while a B is not finite.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from rso.layers.subspace_linear import ProjectionGroup
 from .projections import CoordinateSampler, ProjectionSampler, generator_for
+from .state_policy import MERGE_DEFAULT, STATE_POLICIES, check_projectable, check_state_policy, update_state
 
-STATE_POLICIES = ("reset", "keep", "project")
 #: Hook handles of collected loops (inert: their loop is gone). A collection can run while torch iterates the
 #: global hook dicts inside ``Optimizer.step``, so removing them there would mutate the dict being iterated;
 #: the next ``attach`` removes them instead.
 _RETIRED_HANDLES = []
+#: Weak references to parameters and optimizers, by id: a loop's copies and pickles start without them.
+_WEAK = ("_replaced", "_model_params", "_owners", "_without_B")
 
 __all__ = ["OuterLoop", "STATE_POLICIES", "check_state_policy"]
 
@@ -36,15 +41,24 @@ class OuterLoop:
     """Counts optimizer steps per projection group and runs merge + resample every ``tau`` steps."""
 
     def __init__(self, groups: list[ProjectionGroup], sampler: ProjectionSampler, tau: int | None,
-                 state_policy: str = "reset", proximal: float | None = None):
+                 state_policy: str = MERGE_DEFAULT, proximal: float | None = None, *, names=None, model_params=(),
+                 replaced=()):
+        """``names``: {layer: its name in the model}, for messages; ``model_params``: the model's parameters before
+        the wrap, ``replaced``: those the wrap replaced (old weights), both held weakly, to refuse an optimizer
+        created before the wrap (:meth:`check_optimizer`)."""
         self.groups = groups
         self.sampler = sampler
         self.tau = tau
         self.state_policy = state_policy
         self.proximal = proximal
+        self.names = dict(names or {})
         self.settings = {}  # the arguments of rso.wrap, as JSON data (set by wrap)
         self.defer_first_cycle = False  # True when rso.distributed averages the captured gradients first
         self._handles = []
+        self._replaced = {id(p): weakref.ref(p) for p in replaced}
+        self._model_params = {id(p): weakref.ref(p) for p in model_params}
+        self._owners = {}  # id(group) → the optimizer that last stepped it
+        self._without_B = {}  # id(optimizer) → an optimizer that stepped model parameters but no B
 
     # --------------------------------------------------------------- hooks
     def attach(self):
@@ -61,6 +75,7 @@ class OuterLoop:
             loop = ref()
             if loop is None:
                 return
+            loop.check_optimizer(optimizer)
             if loop.proximal is not None:
                 loop.add_proximal_gradient(optimizer)
             if not loop.defer_first_cycle:
@@ -76,10 +91,11 @@ class OuterLoop:
     def __getstate__(self):  # copies and pickles get hooks of their own (see __setstate__)
         state = dict(self.__dict__)
         state["_handles"] = []
+        state.update({key: {} for key in _WEAK})
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"names": {}, **{key: {} for key in _WEAK}, **state})  # older pickles lack these
         if all("_buffers" in m.__dict__ for g in self.groups for m in g.members):
             self.attach()
 
@@ -94,6 +110,60 @@ class OuterLoop:
     def _groups_in(self, optimizer):
         ids = {id(p) for pg in optimizer.param_groups for p in pg["params"]}
         return [g for g in self.groups if any(id(m.B) in ids for m in g.members)]
+
+    def _name(self, layer) -> str:
+        if layer in self.names:
+            return self.names[layer]
+        return f"layer {[m for g in self.groups for m in g.members].index(layer)}"
+
+    # --------------------------------------------------- optimizers that would train the model wrongly
+    def check_optimizer(self, optimizer):
+        """ValueError, before ``optimizer``'s step changes anything, if it holds a weight the wrap replaced (it was
+        created before the wrap), if it shares a projection group with another optimizer (the group's counter would
+        advance twice per step), or if it trains the model's other parameters while no optimizer steps any B."""
+        params = [p for pg in optimizer.param_groups for p in pg["params"]]
+        stale = sum(_held(self._replaced, p) for p in params)
+        if stale:
+            raise ValueError(f"rso: this {type(optimizer).__name__} was created before rso.wrap: it holds {stale} "
+                             "weight(s) of the layers rso.wrap replaced, which no longer train, so the wrapped layers "
+                             "would not train and no merge would run; create the optimizer after rso.wrap(model, ...)")
+        ids = {id(p) for p in params}
+        held = [g for g in self.groups if any(id(m.B) in ids for m in g.members)]
+        for g in held:
+            self._check_one_optimizer(g, optimizer, ids)
+        if not held and any(_held(self._model_params, p) for p in params):
+            self._check_some_B_trains(optimizer)
+
+    def _check_one_optimizer(self, group, optimizer, ids):
+        """Refuse a group whose B's another live optimizer holds and has stepped (it takes over otherwise)."""
+        ref = self._owners.get(id(group))
+        other = ref() if ref is not None else None
+        if other is None or other is optimizer:
+            return
+        theirs = {id(p) for pg in other.param_groups for p in pg["params"]}
+        if not any(id(m.B) in theirs for m in group.members):
+            return
+        both = [m for m in group.members if id(m.B) in theirs and id(m.B) in ids]
+        what = (f"the B of {self._name(both[0])} is in two optimizers" if both else
+                f"{', '.join(self._name(m) for m in group.members)} share one projection and step counter, but "
+                "their B's are in two optimizers")
+        raise ValueError(f"rso: {what} ({type(other).__name__} and {type(optimizer).__name__}): each one's step would "
+                         "advance the cycle counter, so merges would come at the wrong time; give each B, and all "
+                         "B's of layers sharing a projection, to one optimizer (other layers' B's may go to other "
+                         "optimizers), or delete the optimizer you no longer step")
+
+    def _check_some_B_trains(self, optimizer):
+        """Refuse the second step of an optimizer that holds the model's parameters but no B while no optimizer has
+        stepped a B yet (at its first step the B's optimizer may simply not have stepped yet)."""
+        if self._owners or not any(m.B.requires_grad for g in self.groups for m in g.members):
+            return
+        if not _held(self._without_B, optimizer):
+            self._without_B[id(optimizer)] = weakref.ref(optimizer)
+            return
+        raise ValueError(f"rso: this {type(optimizer).__name__} trains parameters of the wrapped model but none of "
+                         "its B's, and no optimizer has stepped a B, so the wrapped layers do not train and no merge "
+                         "runs; create the optimizer after rso.wrap from the parameters that require grad (or freeze "
+                         "every B, B.requires_grad_(False), to train only the others)")
 
     def add_proximal_gradient(self, optimizer):
         with torch.no_grad():
@@ -135,14 +205,15 @@ class OuterLoop:
                     m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
 
     def after_step(self, optimizer):
-        due = []
-        for g in self._groups_in(optimizer):
+        groups = self._groups_in(optimizer)
+        due = [g for g in groups if self.tau is not None and (int(g.members[0].step) + 1) % self.tau == 0]
+        self._check_merge(due, optimizer)  # before the counters move: a refused merge leaves them as they were
+        for g in groups:
+            self._owners[id(g)] = weakref.ref(optimizer)
             for m in g.members:
                 m.step += 1
-            if self.tau is not None and int(g.members[0].step) % self.tau == 0:
-                due.append(g)
         if due:
-            self.resample(due, optimizer)
+            self._merge_and_move(due, optimizer)
         self._arm_captures()
 
     # ---------------------------------------------------------- the merge
@@ -152,10 +223,23 @@ class OuterLoop:
         self._arm_captures()
 
     def resample(self, groups: list[ProjectionGroup], optimizer=None):
-        """Merge each group's B into W₀, then move every group to its next cycle's P (an optimizer whose state
-        'project' cannot map is refused first, before anything changes)."""
-        if optimizer is not None and self.state_policy == "project":
-            self._check_projectable(optimizer, groups)
+        """Merge each group's B into W₀, then move every group to its next cycle's P; refused first, before anything
+        changes, while a B is not finite or where 'project' cannot map the optimizer state."""
+        self._check_merge(groups, optimizer)
+        self._merge_and_move(groups, optimizer)
+
+    def _check_merge(self, groups: list[ProjectionGroup], optimizer) -> None:
+        """FloatingPointError if a B of ``groups`` holds an inf or nan; ValueError if 'project' cannot map the state."""
+        bad = [self._name(m) for g in groups for m in g.members if not bool(torch.isfinite(m.B).all())]
+        if bad:
+            listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise FloatingPointError(f"rso: B is not finite (inf or nan) in {listed}: nothing was merged (W₀, P and "
+                                     "the step counters are as they were); lower the learning rate, clip gradients "
+                                     "(torch.nn.utils.clip_grad_norm_) or resume from the last checkpoint")
+        if groups and optimizer is not None and self.state_policy == "project":
+            check_projectable(optimizer, [m.B for g in groups for m in g.members])
+
+    def _merge_and_move(self, groups: list[ProjectionGroup], optimizer=None):
         with torch.no_grad():
             gradients = []
             for g in groups:
@@ -171,7 +255,7 @@ class OuterLoop:
                 for m in g.members:
                     m.cycle += 1
                     if optimizer is not None:
-                        self._update_optimizer_state(optimizer, m.B, old[i] if old else None, P)
+                        update_state(optimizer, m.B, self.state_policy, old[i] if old else None, P)
 
     def draw(self, groups: list[ProjectionGroup], cycles: list[int], gradients=None) -> list[torch.Tensor]:
         """P for ``cycles[i]`` of ``groups[i]``: a pure function of (seed, cycle[, gradient]).
@@ -192,41 +276,6 @@ class OuterLoop:
             for i, P in zip(idx, Ps):
                 out[i] = P
         return out
-
-    @staticmethod
-    def _check_projectable(optimizer, groups: list[ProjectionGroup]) -> None:
-        """ValueError, before any merge, if 'project' cannot map the optimizer state of a B in ``groups``:
-        an optimizer it does not know, or a state tensor of B's shape that is not a floating-point moment."""
-        check_state_policy(optimizer, "project")
-        for g in groups:
-            for m in g.members:
-                state = optimizer.state.get(m.B)  # .get: the state is a defaultdict, do not add entries
-                if not state:
-                    continue
-                if _is_bitsandbytes(optimizer):
-                    _check_bitsandbytes_state(optimizer, state)
-                    continue
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.shape == m.B.shape and not value.is_floating_point():
-                        raise ValueError(_cannot_project(optimizer, f"its state {key!r} is {value.dtype}, not a "
-                                                                    "floating-point moment"))
-
-    def _update_optimizer_state(self, optimizer, B, old_P, new_P):
-        if self.state_policy == "reset":
-            optimizer.state.pop(B, None)
-        elif self.state_policy == "project" and B in optimizer.state:
-            # Coordinates c in the old basis stand for c·P_old; in the new basis that is c·(P_old P_newᵀ).
-            acc = torch.promote_types(B.dtype, torch.float32)  # fp32, or float64 for a float64 model
-            R = old_P.to(acc) @ new_P.to(acc).T
-            state = optimizer.state[B]
-            if _is_bitsandbytes(optimizer):
-                _project_bitsandbytes_state(optimizer, state, R)
-                return
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == B.shape:  # floating point (_check_projectable)
-                    # Second moments stay non-negative: map them with R∘R.
-                    mat = R * R if "sq" in key else R
-                    value.copy_((value.to(mat.dtype) @ mat).to(value.dtype))
 
     def rearm(self):
         """Re-decide gradient captures from the step counters (after a load_state_dict, say)."""
@@ -249,61 +298,7 @@ class OuterLoop:
                         m.arm_capture()
 
 
-# ------------------------------------------------------------------ bitsandbytes optimizer states
-def _is_bitsandbytes(optimizer) -> bool:
-    return type(optimizer).__module__.startswith("bitsandbytes")
-
-
-def _cannot_project(optimizer, why: str) -> str:
-    return (f"rso: state_on_merge='project' cannot map the optimizer state of {type(optimizer).__name__}: {why}; "
-            f"use state_on_merge='reset' or 'keep' with it (allowed policies: {', '.join(STATE_POLICIES)}; "
-            "'project' works with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or 32-bit)")
-
-
-def check_state_policy(optimizer, state_policy: str) -> None:
-    """ValueError if ``state_policy`` cannot work with ``optimizer`` (checked before training starts):
-    'project' maps moments, which it knows how to do for torch.optim's floating-point states and for
-    bitsandbytes' Adam family (first moment ``state1``, second ``state2``, 8-bit blockwise or 32-bit)."""
-    if state_policy == "project" and _is_bitsandbytes(optimizer) and getattr(optimizer, "optimizer_name", None) != "adam":
-        raise ValueError(_cannot_project(optimizer, f"its states ({getattr(optimizer, 'optimizer_name', '?')}) are not "
-                                                    "Adam's first and second moments"))
-
-
-def _project_bitsandbytes_state(optimizer, state, R):
-    """``state1`` ← state1·R, ``state2`` ← state2·(R∘R) for bitsandbytes' Adam family: fp32 states in place;
-    8-bit blockwise states (uint8 codes, an fp32 absmax per 256 elements, a shared quantization map)
-    dequantized, mapped in fp32 and quantized again with the same map and block size (the layout checked
-    before the merge: :func:`_check_bitsandbytes_state`)."""
-    import bitsandbytes.functional as F
-    with torch.no_grad():
-        for key, mat in (("state1", R), ("state2", R * R)):
-            value = state[key]
-            if value.dtype == torch.float32:
-                value.copy_(value @ mat)
-                continue
-            absmax, code = state[f"absmax{key[-1]}"], state[f"qmap{key[-1]}"]
-            moments = F.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=BNB_BLOCKSIZE).float()
-            codes, quant_state = F.quantize_blockwise((moments @ mat).contiguous(), code=code, blocksize=BNB_BLOCKSIZE)
-            value.copy_(codes)
-            absmax.copy_(quant_state.absmax)
-
-
-BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize in blocks of 256 elements
-
-
-def _check_bitsandbytes_state(optimizer, state) -> None:
-    """ValueError unless ``state1`` and ``state2`` are each fp32, or uint8 codes with a quantization map and one
-    scale per block."""
-    if "state1" not in state or "state2" not in state:
-        raise ValueError(_cannot_project(optimizer, f"its state has no state1/state2 (keys {sorted(state)})"))
-    for key in ("state1", "state2"):
-        value = state[key]
-        if value.dtype == torch.float32:
-            continue
-        absmax, code = state.get(f"absmax{key[-1]}"), state.get(f"qmap{key[-1]}")
-        if value.dtype != torch.uint8 or absmax is None or code is None:
-            raise ValueError(_cannot_project(optimizer, f"its {key} is {value.dtype} without blockwise scales "
-                                                        f"(keys {sorted(state)})"))
-        if absmax.numel() != -(-value.numel() // BNB_BLOCKSIZE):
-            raise ValueError(_cannot_project(optimizer, f"{absmax.numel()} scales for {value.numel()} elements "
-                                                        f"are not blocks of {BNB_BLOCKSIZE}"))
+def _held(refs: dict, obj) -> bool:
+    """Whether ``refs`` (id → weak reference) holds ``obj`` itself (not a later object with a reused id)."""
+    ref = refs.get(id(obj))
+    return ref is not None and ref() is obj

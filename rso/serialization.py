@@ -10,8 +10,8 @@ Conv1D's in×out layout, marked ``"layout": "conv1d"`` in its ``_extra_state``; 
 (older rso) holds it out×in and still loads. The merge keeps the subspace, so the optimizer state of B stays
 valid and a resumed run continues exactly as the saving run did. One ``P`` per projection group is
 stored (the group's other members hold it as a non-persistent buffer, re-tied on load), so
-safetensors sees no shared tensors. The wrap arguments go to ``config.rso`` (written to
-``config.json``) for :func:`from_pretrained`.
+safetensors sees no shared tensors. A wrapped model's ``save_pretrained`` writes its :class:`rso.RSOConfig`
+as ``rso_config.json`` beside the weights, for :func:`rso.from_pretrained` (:mod:`rso.pretrained`).
 
 **What is checked on load.** A state dict with rso keys loaded into a wrapped model must come from a
 model wrapped alike: another rank, other wrapped layers, other projection sharing, or other settings
@@ -22,38 +22,12 @@ of B stay; see ``SubspaceLinear``).
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-
 import torch
 from torch import nn
 
 from rso.layers.subspace_linear import SubspaceLinear, _settings, _settings_tensor, is_conv1d
-from .projections import SAMPLERS
 
-__all__ = ["SETTINGS_KEY", "IDENTITY", "wrap_settings", "identity_tensor", "check_checkpoint", "from_pretrained",
-           "read_settings"]
-
-#: The attribute of an HF model's config (so the key in ``config.json``) that holds the wrap arguments.
-SETTINGS_KEY = "rso"
-_STATE = ("B", "P", "step", "cycle", "seed")
-
-
-def wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_projections, total_steps,
-                  random_fraction, state_on_merge, proximal, chunked_head) -> dict:
-    """The arguments of ``rso.wrap`` as JSON data (a custom sampler is recorded by its class name)."""
-    custom = type(sampler).__name__ if sampler.name not in SAMPLERS or type(sampler) is not SAMPLERS[sampler.name] \
-        else None
-    if isinstance(target_modules, (list, tuple, set)):  # JSON has lists only (a set in a fixed order)
-        target_modules = sorted(target_modules) if isinstance(target_modules, set) else list(target_modules)
-    return {"rank": rank, "tau": tau, "projection": custom or sampler.name, "custom_projection": custom is not None,
-            "target_modules": target_modules, "scale": float(scale), "seed": seed,
-            "share_projections": share_projections if isinstance(share_projections, bool)
-            else [list(g) for g in share_projections],
-            "total_steps": total_steps, "random_fraction": random_fraction, "state_on_merge": state_on_merge,
-            "proximal": proximal, "chunked_head": chunked_head}
-
+__all__ = ["IDENTITY", "identity_tensor", "check_checkpoint"]
 
 #: The wrap arguments that decide how training continues from a saved state (compared on load).
 IDENTITY = ("projection", "tau", "scale", "state_on_merge", "proximal")
@@ -113,100 +87,4 @@ def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict[str
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ValueError(f"rso: this checkpoint was saved from a model wrapped with other arguments: {shown}. "
                          f"Wrap with the checkpoint's arguments (rso.from_pretrained(model, path) reads them "
-                         f"from its config.json).")
-
-
-# ----------------------------------------------------------------------------- from_pretrained
-def read_settings(path) -> dict:
-    """The wrap arguments saved in ``<path>/config.json`` by a wrapped model's ``save_pretrained``."""
-    config = pathlib.Path(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"rso.from_pretrained: no config.json in {path}")
-    settings = json.loads(config.read_text()).get(SETTINGS_KEY)
-    if not isinstance(settings, dict):
-        raise ValueError(f"rso.from_pretrained: {config} has no '{SETTINGS_KEY}' entry: the folder was not saved "
-                         f"from a model wrapped by rso.wrap (load it with the model class's from_pretrained)")
-    return settings
-
-
-def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            return [path / f for f in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return [path / single]
-    raise FileNotFoundError(f"rso.from_pretrained: no model.safetensors or pytorch_model.bin (or index) in {path}")
-
-
-def _read(file: pathlib.Path, wanted) -> dict:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
-    import pickle
-    try:  # a weights file holds tensors only: nothing else in it is unpickled (that could run code)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = " ".join(str(e).split()).partition("WeightsUnpickler error:")[2].partition(". ")[0].strip()
-        raise ValueError(f"rso.from_pretrained: {file} refused: torch.load(weights_only=True) cannot read it "
-                         f"({reason or type(e).__name__}); a weights file holds tensors only, and unpickling "
-                         f"anything else can run code: re-save the model as model.safetensors from a copy you "
-                         f"trust") from None
-    return {k: v for k, v in state.items() if wanted(k)}
-
-
-def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_kwargs) -> nn.Module:
-    """Rebuild a wrapped model from a folder written by ``save_pretrained`` or a Trainer checkpoint.
-
-    ``model`` is either an HF model class (``AutoModelForCausalLM``, ``LlamaForCausalLM``...), whose
-    ``from_pretrained(path, **load_kwargs)`` loads the weights, or a model instance of the same
-    architecture, not yet wrapped (its weights are replaced by the folder's) or already wrapped (its
-    arguments must then equal the saved ones). The model is wrapped with the arguments saved in
-    ``config.json`` and gets the saved B, P, seeds and counters, so training resumes where it was.
-    ``projection``: the sampler instance for a model saved with a custom ``ProjectionSampler``.
-    """
-    from .wrapping import is_wrapped, subspace_layers, wrap, _loop
-    path = pathlib.Path(path)
-    settings = read_settings(path)
-    files = _weight_files(path)
-    loaded_by_class = isinstance(model, type)
-    if loaded_by_class:
-        if not hasattr(model, "from_pretrained"):
-            raise TypeError(f"rso.from_pretrained: model must be a model instance or a class with from_pretrained, "
-                            f"got {model.__name__}")
-        model = model.from_pretrained(str(path), **load_kwargs)
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"rso.from_pretrained: model must be an nn.Module or an HF model class, got {type(model).__name__}")
-    kwargs = {k: v for k, v in settings.items() if k != "custom_projection"}
-    if settings.get("custom_projection"):
-        if projection is None:
-            raise ValueError(f"rso.from_pretrained: {path} was saved with a custom sampler "
-                             f"({settings['projection']}); pass projection=<an instance of it>")
-    if projection is not None:
-        kwargs["projection"] = projection
-    if is_wrapped(model):
-        current = getattr(_loop(model, "from_pretrained"), "settings", {})
-        differ = [f"{k}={current.get(k)!r} here, {v!r} saved" for k, v in settings.items()
-                  if k not in ("custom_projection",) and current.get(k) != v and not (k == "projection" and projection)]
-        if differ:
-            raise ValueError(f"rso.from_pretrained: the model is wrapped with other arguments than {path}: "
-                             f"{'; '.join(differ)} (pass an unwrapped model to wrap it as saved)")
-    else:
-        wrap(model, **kwargs)
-    names = {n for n, _ in subspace_layers(model)}
-    if loaded_by_class:  # the weights are in place already: only the rso state is missing
-        wanted = lambda k: k.rpartition(".")[0] in names and k.rpartition(".")[2] in _STATE  # noqa: E731
-    else:
-        wanted = lambda k: True  # noqa: E731
-    missing = None
-    for file in files:
-        result = model.load_state_dict(_read(file, wanted), strict=False)
-        missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    needed = {k for k in missing if k not in tied} if not loaded_by_class else \
-        {k for k in missing if k.rpartition(".")[0] in names and k.rpartition(".")[2] in _STATE}
-    if needed:
-        shown = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
-        raise ValueError(f"rso.from_pretrained: {path} lacks {len(needed)} entries this model needs: {shown}")
-    return model
+                         f"from its rso_config.json).")

@@ -6,9 +6,9 @@ failing call leaves the model untouched.
 """
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 import re
+import types
 from itertools import chain
 
 import torch
@@ -17,12 +17,14 @@ from torch.nn.parameter import is_lazy
 
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
-from .outer_loop import STATE_POLICIES, OuterLoop
-from .projections import CoordinateSampler, make_sampler, mix_seed
-from .serialization import SETTINGS_KEY, check_checkpoint, identity_tensor, wrap_settings
+from .config import LEGACY_CONFIG_KEY, RSOConfig
+from .outer_loop import OuterLoop
+from .projections import CoordinateSampler, mix_seed
+from .serialization import check_checkpoint, identity_tensor
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
-           "state", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED", "DEFAULT_SHARED_INPUTS"]
+           "state", "get_config", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED",
+           "DEFAULT_SHARED_INPUTS"]
 
 #: Output heads left as they are by default (with everything inside them).
 DEFAULT_EXCLUDED = ("lm_head", "score", "classifier")
@@ -216,45 +218,6 @@ def _check_model(model: nn.Module):
                              f"load), or each P would be drawn on meta and be garbage after to_empty()")
 
 
-def _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_projections):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"rso.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TypeError(f"rso.wrap: rank must be an int ≥ 1 or a float in (0, 1), got {rank!r}")
-    if isinstance(rank, float) and not 0.0 < rank < 1.0:
-        raise ValueError(f"rso.wrap: a float rank is a fraction of in_features and must be in (0, 1), got {rank}")
-    if isinstance(rank, int) and rank < 1:
-        raise ValueError(f"rso.wrap: rank must be ≥ 1, got {rank}")
-    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int) or tau < 1):
-        raise ValueError(f"rso.wrap: tau (optimizer steps per cycle) must be an int ≥ 1 or None "
-                         f"(merge only on explicit rso.outer_step), got {tau!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"rso.wrap: scale must be a finite non-zero number, got {scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"rso.wrap: seed must be an int, got {seed!r}")
-    if state_on_merge not in STATE_POLICIES:
-        raise ValueError(f"rso.wrap: state_on_merge must be one of {STATE_POLICIES}, got {state_on_merge!r}")
-    if proximal is not None and (isinstance(proximal, bool) or not isinstance(proximal, numbers.Real)
-                                 or not proximal > 0):
-        raise ValueError(f"rso.wrap: proximal (η of the ‖B‖²/(2η) term) must be a positive number or None, "
-                         f"got {proximal!r}")
-    if not (isinstance(share_projections, bool) or (isinstance(share_projections, (list, tuple)) and all(
-            isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in share_projections))):
-        raise TypeError("rso.wrap: share_projections must be a bool or a list of tuples of sibling layer names, "
-                        f"e.g. [('q_proj', 'k_proj', 'v_proj')]; got {share_projections!r}")
-
-
-def _check_hybrid_args(projection, total_steps, random_fraction):
-    """``total_steps`` / ``random_fraction`` place the switch of projection="hybrid" and do nothing otherwise."""
-    if isinstance(projection, str) and projection == "hybrid":
-        return  # checked by the sampler
-    given = [f"{k}={v!r}" for k, v, default in (("total_steps", total_steps, None),
-                                                ("random_fraction", random_fraction, 0.2)) if v != default]
-    if given:
-        raise ValueError(f"rso.wrap: {given[0]} applies to projection='hybrid' only (here projection={projection!r}); "
-                         f"drop it, or use projection='hybrid'")
-
-
 def _check_shared_names(share_projections, names):
     """Each set of ``share_projections`` names two or more layers, every one of them a wrapped layer's name."""
     if isinstance(share_projections, bool):
@@ -290,28 +253,11 @@ def _group_layers(names, layers, share_projections):
     return groups
 
 
-def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel", target_modules=None,
-         scale: float = 1.0, seed: int = 0, *, share_projections=True, total_steps: int | None = None,
-         random_fraction: float = 0.2, state_on_merge: str = "reset", proximal: float | None = None,
-         chunked_head: int | None = None):
+def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Module:
     """Reparameterize the model's linear layers as ``W₀ + scale·B P`` in place and return the model.
 
-    Args:
-        rank: int (absolute) or float f in (0, 1): each layer gets max(1, round(f · in_features)), so a
-            fraction below 1/in_features still gives rank 1.
-        tau: optimizer steps per cycle (merge + resample after each); None: only on ``rso.outer_step``.
-        projection: "stiefel" | "gaussian" | "coordinate" | "svd" | "hybrid", or a ``ProjectionSampler``.
-        target_modules: None (every Linear/Conv1D but embeddings and output heads), a regex (full match)
-            or a list of names / name suffixes (each must match).
-        scale: s in ``W₀ + s·B P`` (non-zero, within the normal range of the layers' dtype).
-        seed: every P is a function of (seed, group, cycle): reproducible and identical across ranks.
-        share_projections: layers reading the same input (q/k/v, gate/up) share one P and one stored
-            projection; or a list of sibling-name tuples (each name a wrapped layer's).
-        total_steps, random_fraction: for "hybrid" only (GoLore@x%: SVD, then Stiefel for the last x).
-        state_on_merge: optimizer state of B at a new cycle: "reset" (delete), "keep", "project".
-        proximal: η of the optional proximal term ‖B‖²/(2η).
-        chunked_head: for a causal LM, compute the output head + cross-entropy in chunks of this many
-            tokens, so the vocab-wide logits are never held for the whole batch (``rso.heads``).
+    ``rso.wrap(model, RSOConfig(rank=64))``, ``rso.wrap(model, rank=64, ...)`` or both (the keywords replace
+    the config's fields): :class:`rso.RSOConfig` defines, validates and documents every argument.
 
     Left as they are by default (listed by ``rso.summary``), refused when ``target_modules`` names them:
     frozen layers (``weight.requires_grad`` False: nothing of them trains, their bias keeps its flag) and
@@ -322,29 +268,24 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     tensors on the meta device or lazy ones (wrap once the weights are materialized). Every check runs before the
     model changes.
     """
-    _check_args(model, rank, tau, scale, seed, state_on_merge, proximal, share_projections)
+    config = _config_of(model, config, kwargs)
     if is_wrapped(model):
         raise ValueError(f"rso.wrap: {type(model).__name__} is already wrapped (call rso.unwrap first)")
     _check_model(model)
-    _check_hybrid_args(projection, total_steps, random_fraction)
-    sampler = make_sampler(projection, total_steps=total_steps, random_fraction=random_fraction)
-    if chunked_head is not None:
-        if isinstance(chunked_head, bool) or not isinstance(chunked_head, int) or chunked_head < 1:
-            raise ValueError(f"rso.wrap: chunked_head must be None or a positive int (tokens per chunk), "
-                             f"got {chunked_head!r}")
+    sampler = config.sampler()
+    if config.chunked_head is not None:
         heads._causal_lm(model)  # raises TypeError for a model without a causal-LM head
-    targets, left_out = _find_targets(model, target_modules)
-    ranks = [_layer_rank(name, module, rank, scale) for name, module in targets]
+    targets, left_out = _find_targets(model, config.target_modules)
+    ranks = [_layer_rank(name, module, config.rank, config.scale) for name, module in targets]
     names = [name for name, _ in targets]
-    _check_shared_names(share_projections, names)
+    _check_shared_names(config.share_projections, names)
 
     # Build everything first; nothing in the model changes until all of it succeeded.
-    layers = [SubspaceLinear.from_module(module, r, scale) for (_, module), r in zip(targets, ranks)]
+    layers = [SubspaceLinear.from_module(module, r, config.scale) for (_, module), r in zip(targets, ranks)]
     for name, layer in zip(names, layers):
         if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
             layer.register_forward_pre_hook(_keep_off_fast_path)
-    loop = _build_loop(names, layers, sampler, rank, tau, target_modules, scale, seed, share_projections,
-                       total_steps, random_fraction, state_on_merge, proximal, chunked_head)
+    loop = _build_loop(model, targets, layers, config, sampler)
 
     for name, layer in zip(names, layers):
         parent_name, _, leaf = name.rpartition(".")
@@ -353,27 +294,55 @@ def wrap(model: nn.Module, rank=128, tau: int | None = 200, projection="stiefel"
     object.__setattr__(model, _HOOK_ATTR, (model.register_load_state_dict_pre_hook(_check_before_load),
                                            model.register_load_state_dict_post_hook(_rearm_after_load)))
     object.__setattr__(model, _NOTES_ATTR, {"left_out": left_out, "nested": _turn_off_nested_tensors(model)})
-    if _has_hf_config(model):  # config.json then carries the wrap arguments (rso.from_pretrained reads them)
-        setattr(model.config, SETTINGS_KEY, loop.settings)
-    if chunked_head is not None:
-        heads.use_chunked_head(model, chunk_size=chunked_head)
+    if _has_hf_config(model) and hasattr(model.config, LEGACY_CONFIG_KEY):  # an older checkpoint's entry
+        delattr(model.config, LEGACY_CONFIG_KEY)
+    if hasattr(model, "save_pretrained"):  # rso_config.json beside the weights (PEFT's adapter_config.json)
+        object.__setattr__(model, "save_pretrained", types.MethodType(_save_pretrained_with_config, model))
+    if config.chunked_head is not None:
+        heads.use_chunked_head(model, chunk_size=config.chunked_head)
     return model
 
 
-def _build_loop(names, layers, sampler, rank, tau, target_modules, scale, seed, share_projections, total_steps,
-                random_fraction, state_on_merge, proximal, chunked_head) -> OuterLoop:
+def _config_of(model, config, kwargs) -> RSOConfig:
+    """The RSOConfig of ``wrap(model, config, **kwargs)`` (keywords replace the config's fields)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"rso.wrap: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(config, (int, float)) and not isinstance(config, bool) and "rank" not in kwargs:
+        config, kwargs = None, {**kwargs, "rank": config}  # rso.wrap(model, 64): the rank
+    if config is not None and not isinstance(config, RSOConfig):
+        raise TypeError(f"rso.wrap: config must be an rso.RSOConfig (or pass its fields as keywords), "
+                        f"got {type(config).__name__}")
+    fields = {f.name for f in dataclasses.fields(RSOConfig)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"rso.wrap: unknown argument(s) {unknown}; allowed: {sorted(fields)}")
+    return dataclasses.replace(config, **kwargs) if config is not None else RSOConfig(**kwargs)
+
+
+def _save_pretrained_with_config(model, save_directory, *args, **kwargs):
+    """The model class's ``save_pretrained``, then ``rso_config.json`` beside the weights (main process only)."""
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        get_config(model).save_pretrained(save_directory)
+    return result
+
+
+def _build_loop(model, targets, layers, config: RSOConfig, sampler) -> OuterLoop:
     """Group the new layers, give each its settings, seed and first P; the outer loop over the groups."""
-    groups = [ProjectionGroup(members) for members in _group_layers(names, layers, share_projections)]
-    loop = OuterLoop(groups, sampler, tau, state_on_merge, proximal)
-    loop.settings = wrap_settings(rank, tau, sampler, target_modules, scale, seed, share_projections, total_steps,
-                                  random_fraction, state_on_merge, proximal, chunked_head)
+    names = [name for name, _ in targets]
+    groups = [ProjectionGroup(members) for members in _group_layers(names, layers, config.share_projections)]
+    loop = OuterLoop(groups, sampler, config.tau, config.state_on_merge, config.proximal,
+                     names=dict(zip(layers, names)), model_params=model.parameters(),
+                     replaced=[module.weight for _, module in targets])
+    loop.config = config
+    loop.settings = config.to_dict()
     identity = identity_tensor(loop.settings)
     for layer in layers:
         layer.identity = identity
     coordinate = isinstance(sampler, CoordinateSampler)
     for index, group in enumerate(groups):
         for m in group.members:
-            m.seed.fill_(mix_seed(seed, index))
+            m.seed.fill_(mix_seed(config.seed, index))
     for group, P in zip(groups, loop.draw(groups, [0] * len(groups))):
         group.set_projection_(P, coordinate=coordinate)
     return loop
@@ -448,8 +417,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     for handle in getattr(model, _HOOK_ATTR):
         handle.remove()
     object.__delattr__(model, _HOOK_ATTR)
-    if _has_hf_config(model) and hasattr(model.config, SETTINGS_KEY):
-        delattr(model.config, SETTINGS_KEY)
+    if "save_pretrained" in model.__dict__:
+        object.__delattr__(model, "save_pretrained")
     if heads.uses_chunked_head(model):
         heads.restore_head(model)
     return model
@@ -461,6 +430,11 @@ merge_and_unload = unwrap
 def outer_step(model: nn.Module, optimizer=None):
     """Merge B into W₀, resample P and update ``optimizer``'s state for B now, for every layer."""
     _loop(model, "outer_step").outer_step(optimizer)
+
+
+def get_config(model: nn.Module) -> RSOConfig:
+    """The :class:`RSOConfig` the model was wrapped with."""
+    return _loop(model, "get_config").config
 
 
 def state(model: nn.Module) -> dict:

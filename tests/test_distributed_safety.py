@@ -180,3 +180,25 @@ def test_trust_opt_in_loads_unlisted_meta_entry(saved, ckpt, monkeypatch):
     monkeypatch.setenv(TRUST_ENV, "1")
     extra, losses = load_and_resume(ckpt)
     assert extra == {"step": SAVED_AT} and losses == saved["losses"][SAVED_AT:]
+
+
+def test_sharded_merge_refuses_a_non_finite_B_before_W0_changes(group):
+    """FSDP2 layers merge with ``merge_sharded_``: a nan in B (on any rank) raises, every W₀ and B as they were."""
+    import rso
+    pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2").fully_shard
+    model = rd.fully_shard_model(rso.wrap(tiny_llama(num_hidden_layers=1), rank=4, tau=2, seed=3))
+    layers = rso.subspace_layers(model)
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.B.to_local().normal_()
+        layers[-1][1].B.to_local()[0, 0] = float("nan")
+    before = {n: (m.weight.to_local().clone(), m.B.to_local().clone()) for n, m in layers}
+    for name, layer in layers[:-1]:
+        layer.merge_()  # finite ones merge
+        assert not torch.equal(layer.weight.to_local(), before[name][0])
+    with pytest.raises(FloatingPointError, match=r"^rso: SubspaceLinear\(.*\) cannot merge: B holds inf/nan on some "
+                                                 r"rank, W₀ left unchanged; lower the learning rate"):
+        layers[-1][1].merge_()
+    name, layer = layers[-1]
+    assert torch.equal(layer.weight.to_local(), before[name][0])
+    assert torch.allclose(layer.B.to_local(), before[name][1], rtol=0, atol=0, equal_nan=True)

@@ -354,12 +354,12 @@ def test_a_bare_linear_layer_is_refused_and_edge_values_that_work_do():
     half = nn.Sequential(nn.Linear(8, 8)).half()
     refused(half, ValueError, r"^rso\.wrap: scale=100000\.0 is outside the range of layer '0' \(torch\.float16: "
             r"6\.1e-05 ≤ \|scale\| ≤ 6\.55e\+04\)", rank=2, scale=1e5)
-    # tau=1 merges after every step; a negative scale is a valid reparameterization; a fraction below 1/in_features
-    # gives rank 1 (documented: max(1, round(f·in_features))).
+    # tau=1 merges after every step; a negative scale is a valid reparameterization; a fraction of at least half a
+    # channel gives rank 1 (documented: max(1, round(f·in_features))).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
-    rso.wrap(model, rank=0.001, tau=1, scale=-0.5)
-    assert [layer.rank for _, layer in rso.subspace_layers(model)] == [1, 1]
+    rso.wrap(model, rank=0.0625, tau=1, scale=-0.5)
+    assert [layer.rank for _, layer in rso.subspace_layers(model)] == [4, 1]  # round(4.0), round(0.5) → 1
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):

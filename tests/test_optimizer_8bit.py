@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rso
+from rso.state_policy import _cannot_project
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -99,8 +100,8 @@ def test_project_refused_for_bitsandbytes_states_it_cannot_map():
 
 
 # ---------------------------------------------------------------- found by mutation testing (docs/mutation.md)
-PROJECT_HINT = ("use state_on_merge='reset' or 'keep' with it (allowed policies: reset, keep, project; 'project' works "
-                "with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or 32-bit)")
+# The way out the refusal gives (the known optimizers depend on the installed torch: read from the module).
+PROJECT_HINT = _cannot_project(None, "").split("; ", 1)[1]
 
 
 def adam8bit_state(shape=(130, 32)):
@@ -156,7 +157,7 @@ def test_project_refuses_a_bitsandbytes_optimizer_that_is_not_adam_with_the_full
      "'state2', 'step'])"),
 ], ids=["no_state2", "no_state1", "fp16_state1", "no_absmax1", "no_qmap2", "wrong_block_count", "fp16_state2"])
 def test_project_refuses_a_state_layout_it_does_not_know(corrupt, why):
-    from rso.outer_loop import _check_bitsandbytes_state
+    from rso.state_policy import _check_bitsandbytes_state
     opt, state = adam8bit_state()
     corrupt(state)
     with pytest.raises(ValueError) as err:
@@ -186,7 +187,7 @@ def test_a_merge_with_an_unknown_state_layout_is_refused_before_anything_changes
 
 def test_project_maps_8bit_states_whose_size_is_not_a_whole_number_of_blocks():
     """4160 = 16¼ blocks of 256: 17 scales (the last block partial), mapped like any other."""
-    from rso.outer_loop import _project_bitsandbytes_state
+    from rso.state_policy import _project_bitsandbytes_state
     opt, state = adam8bit_state()
     assert state["state1"].dtype == torch.uint8 and state["absmax1"].numel() == 17
     m1, m2 = moments(state, 1), moments(state, 2)

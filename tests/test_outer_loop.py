@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import rso
+from rso.state_policy import _cannot_project
 from conftest import lm_batch, tiny_llama
 
 
@@ -416,9 +417,7 @@ def test_project_policy_refuses_integer_state_before_anything_changes():
         rso.outer_step(model, opt)
     assert str(err.value) == (
         "rso: state_on_merge='project' cannot map the optimizer state of CountingSGD: its state 'visits' is "
-        "torch.int32, not a floating-point moment; use state_on_merge='reset' or 'keep' with it (allowed policies: "
-        "reset, keep, project; 'project' works with torch.optim's Adam/AdamW and bitsandbytes' Adam/AdamW, 8- or "
-        "32-bit)")
+        "torch.int32, not a floating-point moment; " + _cannot_project(None, "").split("; ", 1)[1])
     for i, (W, B, P) in zip((0, 2), before):
         assert torch.equal(model[i].weight, W) and torch.equal(model[i].B, B) and torch.equal(model[i].P, P)
     assert rso.state(model)["cycle"] == 0

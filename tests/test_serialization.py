@@ -49,7 +49,8 @@ def test_save_pretrained_writes_the_effective_weight_and_plain_from_pretrained_l
     saved = load_file(tmp_path / "model.safetensors")
     assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], effective)
     assert "model.layers.0.self_attn.q_proj.P" in saved and "model.layers.0.self_attn.k_proj.P" not in saved
-    assert json.loads((tmp_path / "config.json").read_text())["rso"]["rank"] == 8
+    assert json.loads((tmp_path / "rso_config.json").read_text())["rank"] == 8
+    assert "rso" not in json.loads((tmp_path / "config.json").read_text())  # a plain re-save carries nothing stale
 
     plain = LlamaForCausalLM.from_pretrained(tmp_path)
     assert not rso.is_wrapped(plain)
@@ -83,12 +84,12 @@ def test_rso_from_pretrained_restores_the_wrapped_model_exactly(tmp_path, projec
         assert attn.k_proj.P is attn.q_proj.P and attn.v_proj.P is attn.q_proj.P  # shared storage re-tied
         for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
             assert torch.equal(a, b), k
-        assert back.config.rso == model.config.rso
+        assert rso.get_config(back) == rso.get_config(model)
 
 
 def test_rso_from_pretrained_wraps_the_saved_target_modules_only(tmp_path):
     model, _ = trained(target_modules=["q_proj", "v_proj"])
-    assert model.config.rso["target_modules"] == ["q_proj", "v_proj"]
+    assert rso.get_config(model).target_modules == ["q_proj", "v_proj"]
     model.save_pretrained(tmp_path)
     back = rso.from_pretrained(LlamaForCausalLM, tmp_path)
     assert [n for n, _ in rso.subspace_layers(back)] == [n for n, _ in rso.subspace_layers(model)] == [
@@ -101,7 +102,7 @@ def test_the_saved_settings_are_the_wrap_arguments():
     model = rso.wrap(tiny_llama(), rank=4, tau=7, projection="hybrid", target_modules=["q_proj", "v_proj"],
                      scale=2.0, seed=3, share_projections=[("q_proj", "v_proj")], total_steps=50,
                      random_fraction=0.3, state_on_merge="keep", proximal=0.5, chunked_head=9)
-    assert model.config.rso == {
+    assert rso.get_config(model).to_dict() == {
         "rank": 4, "tau": 7, "projection": "hybrid", "custom_projection": False, "target_modules": ["q_proj", "v_proj"],
         "scale": 2.0, "seed": 3, "share_projections": [["q_proj", "v_proj"]], "total_steps": 50,
         "random_fraction": 0.3, "state_on_merge": "keep", "proximal": 0.5, "chunked_head": 9}
@@ -157,18 +158,19 @@ def test_a_plain_state_dict_loads_into_a_wrapped_model_as_W0():
 def test_from_pretrained_errors(tmp_path):
     plain = tiny_llama()
     plain.save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="not saved from a model wrapped by rso.wrap"):
+    with pytest.raises(FileNotFoundError, match="has no rso_config.json: it was not saved from a model wrapped by rso.wrap"):
         rso.from_pretrained(LlamaForCausalLM, tmp_path / "plain")
     model, _ = trained()
     model.save_pretrained(tmp_path / "wrapped")
     with pytest.raises(ValueError, match=r"rank=4 here, 8 saved"):
         rso.from_pretrained(rso.wrap(tiny_llama(), rank=4, tau=3), tmp_path / "wrapped")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nothing has no rso_config.json"):
         rso.from_pretrained(LlamaForCausalLM, tmp_path / "nothing")
 
 
-def test_unwrap_removes_the_saved_settings():
+def test_unwrap_removes_the_saved_settings(tmp_path):
     model = rso.wrap(tiny_llama(), rank=8)
-    assert model.config.rso["projection"] == "stiefel" and model.config.rso["share_projections"] is True
+    assert rso.get_config(model).projection == "stiefel" and rso.get_config(model).share_projections is True
     rso.unwrap(model)
-    assert not hasattr(model.config, "rso")
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "rso_config.json").exists() and "rso" not in json.loads((tmp_path / "config.json").read_text())

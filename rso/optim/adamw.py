@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..state_policy import FIRST, SECOND, register_moments
 from .base import COMPAT_MODES, SubspaceOptimizer
 
 __all__ = ["SubspaceAdamW", "GaLoreAdamW", "GoLoreAdamW"]
@@ -106,16 +107,8 @@ class SubspaceAdamW(SubspaceOptimizer):
         for key in ("exp_avg", "exp_avg_sq", "moment_step"):
             state.pop(key, None)
 
-    def _transfer_state(self, state, q, side):
-        if "exp_avg" not in state:
-            return
-        q2 = q * q
-        if side == "left":
-            state["exp_avg"] = q @ state["exp_avg"]
-            state["exp_avg_sq"] = q2 @ state["exp_avg_sq"]
-        else:
-            state["exp_avg"] = state["exp_avg"] @ q.T
-            state["exp_avg_sq"] = state["exp_avg_sq"] @ q2.T
+
+register_moments(SubspaceAdamW, {"exp_avg": FIRST, "exp_avg_sq": SECOND})
 
 
 class GaLoreAdamW(SubspaceAdamW):

@@ -13,10 +13,11 @@ step where it switches from SVD to random. Random samples come from a generator 
 tensors and integers, ``state_dict()`` loads with ``torch.load(weights_only=True)``, and a run that
 resumes from it continues bit for bit.
 
-What happens to the inner optimizer's state when ``P`` changes is the group's ``state_on_switch``:
-``keep`` (reuse the low-rank state in the new coordinates, as galore-torch does), ``reset`` (start
-from zero) or ``project`` (carry it over through ``Q = P_new P_oldᵀ``; subclasses say how each
-state tensor transforms).
+What happens to the inner optimizer's state when ``P`` changes is the group's ``state_on_switch``
+(:mod:`rso.state_policy`): ``keep`` (the default: reuse the low-rank state in the new coordinates, as
+galore-torch does), ``reset`` (start from zero) or ``project`` (carry it over through ``Q = P_new P_oldᵀ``;
+each subclass registers which state tensors are first and second moments with
+:func:`rso.state_policy.register_moments`).
 
 A group's ``compat`` names whose numerics it follows. ``"torch"``: the ``torch.optim`` formula,
 ``X ← decay(X) − lr·scale·Δ``. ``"galore-torch"`` (AdamW only): galore-torch 1.0's order of
@@ -33,12 +34,12 @@ from torch.optim import Optimizer
 
 from ..projections import (HybridSampler, ProjectionSampler, SAMPLERS, SVDSampler, generator_for,
                            make_sampler)
+from ..state_policy import STATE_POLICIES, SWITCH_DEFAULT, map_moments, moments_of, policy_names
 
 __all__ = ["SubspaceOptimizer", "PROJ_SIDES", "STATE_POLICIES", "GALORE_PROJ_TYPES", "COMPAT_MODES",
            "galore_svd_factor"]
 
 PROJ_SIDES = ("auto", "left", "right", "reverse")
-STATE_POLICIES = ("keep", "reset", "project")
 # galore-torch's ``proj_type`` names the side; "full" (two-sided) has no equivalent here.
 GALORE_PROJ_TYPES = {"std": "auto", "reverse_std": "reverse", "left": "left", "right": "right"}
 # Whose numerics a group follows (see the module docstring).
@@ -48,7 +49,7 @@ COMPAT_MODES = ("torch", "galore-torch")
 PROJECTION_DEFAULTS = {
     "update_proj_gap": 200,
     "scale": 1.0,
-    "state_on_switch": "keep",
+    "state_on_switch": SWITCH_DEFAULT,
     "seed": 0,
     "random_fraction": 0.2,
     "total_steps": None,
@@ -94,8 +95,8 @@ class SubspaceOptimizer(Optimizer):
     """Base class: param-group validation, projection sampling and the state-switch policy.
 
     Subclasses implement :meth:`_inner_step` (ρ on the low-rank or full gradient, returning the
-    direction to subtract and its step size), :meth:`_apply_weight_decay`, and :meth:`_transfer_state` /
-    :meth:`_reset_state` for the ``project`` / ``reset`` policies.
+    direction to subtract and its step size), :meth:`_apply_weight_decay` and :meth:`_reset_state` (the
+    ``reset`` policy), and register their moments (:func:`rso.state_policy.register_moments`) for ``project``.
     """
 
     #: projection used by groups that have a ``rank`` but no ``projection`` key.
@@ -157,8 +158,11 @@ class SubspaceOptimizer(Optimizer):
         if group["proj_side"] not in PROJ_SIDES:
             raise ValueError(f"proj_side must be one of {list(PROJ_SIDES)}, got {group['proj_side']!r}")
         if group["state_on_switch"] not in STATE_POLICIES:
-            raise ValueError(f"state_on_switch must be one of {list(STATE_POLICIES)}, "
+            raise ValueError(f"state_on_switch must be one of {list(policy_names(SWITCH_DEFAULT))}, "
                              f"got {group['state_on_switch']!r}")
+        if group["state_on_switch"] == "project" and moments_of(type(self)) is None:
+            raise ValueError(f"state_on_switch='project' needs to know {type(self).__name__}'s moments: register them "
+                             "with rso.state_policy.register_moments, or use 'keep' or 'reset'")
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
         projection = group["projection"]
@@ -328,4 +332,6 @@ class SubspaceOptimizer(Optimizer):
         raise NotImplementedError
 
     def _transfer_state(self, state, q: torch.Tensor, side: str) -> None:
-        raise NotImplementedError
+        """The ``project`` policy with ``q = P_new P_oldᵀ``: the registered moments map by ``R = qᵀ``
+        (:func:`rso.state_policy.map_moments`)."""
+        map_moments(state, moments_of(type(self)), q.T, side)

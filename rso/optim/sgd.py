@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..state_policy import FIRST, register_moments
 from .base import SubspaceOptimizer
 
 __all__ = ["SubspaceSGD", "GaLoreSGD", "GoLoreSGD"]
@@ -64,10 +65,8 @@ class SubspaceSGD(SubspaceOptimizer):
     def _reset_state(self, state):
         state.pop("momentum_buffer", None)
 
-    def _transfer_state(self, state, q, side):
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            state["momentum_buffer"] = q @ buf if side == "left" else buf @ q.T
+
+register_moments(SubspaceSGD, {"momentum_buffer": FIRST})
 
 
 class GaLoreSGD(SubspaceSGD):

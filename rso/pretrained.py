@@ -1,0 +1,121 @@
+"""``rso.from_pretrained``: rebuild a wrapped model from a folder written by ``save_pretrained`` or a Trainer.
+
+The folder holds the weights (the effective weight under ``weight``; B, P, seeds and counters beside it) and
+``rso_config.json`` (:class:`rso.RSOConfig`); folders written before that file existed keep the config under
+the ``"rso"`` key of ``config.json`` and still load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+
+import torch
+from torch import nn
+
+from .config import RSOConfig
+from .wrapping import _default_targets, get_config, is_wrapped, subspace_layers, wrap
+
+__all__ = ["from_pretrained"]
+
+#: The keys of a wrapped layer's state that are rso's own (a plain loader leaves them unused).
+_STATE = ("B", "P", "step", "cycle", "seed")
+
+
+def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            return [path / f for f in sorted(set(json.loads((path / index).read_text())["weight_map"].values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    raise FileNotFoundError(f"rso.from_pretrained: no model.safetensors or pytorch_model.bin (or index) in {path}")
+
+
+def _read(file: pathlib.Path, wanted) -> dict:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
+    try:  # a weights file holds tensors only: nothing else in it is unpickled (that could run code)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = " ".join(str(e).split()).partition("WeightsUnpickler error:")[2].partition(". ")[0].strip()
+        raise ValueError(f"rso.from_pretrained: {file} refused: torch.load(weights_only=True) cannot read it "
+                         f"({reason or type(e).__name__}); a weights file holds tensors only, and unpickling "
+                         f"anything else can run code: re-save the model as model.safetensors from a copy you "
+                         f"trust") from None
+    return {k: v for k, v in state.items() if wanted(k)}
+
+
+def _saved_layers(files) -> list[str]:
+    """The names of the layers the checkpoint holds a B for (the layers that were wrapped)."""
+    names = set()
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(file), framework="pt") as f:
+                names.update(k[:-2] for k in f.keys() if k.endswith(".B"))
+        else:
+            names.update(k[:-2] for k in _read(file, lambda k: k.endswith(".B")))
+    return sorted(names)
+
+
+def _config_for(model, config: RSOConfig, files) -> RSOConfig:
+    """``config``, with the saved layers named when the defaults would now pick others (layers frozen when the
+    model was wrapped are trainable again in a freshly loaded model)."""
+    if config.target_modules is not None:
+        return config
+    saved = _saved_layers(files)
+    chosen = sorted(name for name, _ in _default_targets(model)[0])
+    return config if chosen == saved else RSOConfig.from_dict({**config.to_dict(), "target_modules": saved},
+                                                               config.projection if config.custom_projection else None)
+
+
+def _check_same_config(model, config: RSOConfig, path):
+    current, saved = get_config(model).to_dict(), config.to_dict()
+    differ = [f"{k}={current.get(k)!r} here, {v!r} saved" for k, v in saved.items() if current.get(k) != v]
+    if differ:
+        raise ValueError(f"rso.from_pretrained: the model is wrapped with other arguments than {path}: "
+                         f"{'; '.join(differ)} (pass an unwrapped model to wrap it as saved)")
+
+
+def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_kwargs) -> nn.Module:
+    """Rebuild a wrapped model from a folder written by ``save_pretrained`` or a Trainer checkpoint.
+
+    ``model`` is either an HF model class (``AutoModelForCausalLM``, ``LlamaForCausalLM``...), whose
+    ``from_pretrained(path, **load_kwargs)`` loads the weights, or a model instance of the same
+    architecture, not yet wrapped (its weights are replaced by the folder's) or already wrapped (its
+    config must then equal the saved one). The model is wrapped with the saved :class:`RSOConfig` and gets
+    the saved B, P, seeds and counters, so training resumes where it was.
+    ``projection``: the sampler instance for a model saved with a custom ``ProjectionSampler``.
+    """
+    path = pathlib.Path(path)
+    config = RSOConfig.from_pretrained(path, projection)
+    files = _weight_files(path)
+    loaded_by_class = isinstance(model, type)
+    if loaded_by_class:
+        if not hasattr(model, "from_pretrained"):
+            raise TypeError(f"rso.from_pretrained: model must be a model instance or a class with from_pretrained, "
+                            f"got {model.__name__}")
+        model = model.from_pretrained(str(path), **load_kwargs)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"rso.from_pretrained: model must be an nn.Module or an HF model class, got {type(model).__name__}")
+    if is_wrapped(model):
+        _check_same_config(model, config, path)
+    else:
+        wrap(model, _config_for(model, config, files))
+    names = {n for n, _ in subspace_layers(model)}
+    ours = lambda k: k.rpartition(".")[0] in names and k.rpartition(".")[2] in _STATE  # noqa: E731
+    wanted = ours if loaded_by_class else (lambda k: True)  # by class, the weights are in place already
+    missing = None
+    for file in files:
+        result = model.load_state_dict(_read(file, wanted), strict=False)
+        missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    needed = {k for k in missing if ours(k)} if loaded_by_class else {k for k in missing if k not in tied}
+    if needed:
+        shown = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
+        raise ValueError(f"rso.from_pretrained: {path} lacks {len(needed)} entries this model needs: {shown}")
+    return model
