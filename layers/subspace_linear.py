@@ -274,8 +274,36 @@ class SubspaceLinear(nn.Module):
             return prefix + "B" not in state_dict
         return _settings(extra).get("layout") == "conv1d"
 
+    # ------------------------------------------------------------ copies
+    #: In a copy of a wrapped model (deepcopy, pickle): B's version when it last changed in a known way, else None.
+    _copy_guard = None
+
+    def __setstate__(self, state):
+        """A copy (``copy.deepcopy``, ``AveragedModel``, a pickled model) guards its B from here on: see ``forward``."""
+        super().__setstate__(state)
+        self._copy_guard = self.B._version
+
+    def note_update_(self):
+        """B changed in a known way: an optimizer step or a load (the outer loop calls it), or by hand where a copy
+        is set to another wrapped model's W₀, B and P all three (call it then)."""
+        if self._copy_guard is not None:
+            self._copy_guard = self.B._version
+
+    def _refuse_outside_change(self):
+        """A copy's B changed in place, not by an optimizer step: an average of (W₀, B) pairs across subspaces
+        (``torch.optim.swa_utils.AveragedModel``, a parameter-wise EMA) is not the average of W₀ + s·B P."""
+        if self.B.device.type != "meta" and torch.count_nonzero(self.B.detach()) == 0:
+            self._copy_guard = self.B._version  # B = 0 (a merged source): the average is exact
+            return
+        raise RuntimeError(
+            f"rso: B of SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}) in a copy of "
+            f"a wrapped model changed outside an optimizer step (AveragedModel / a parameter-wise EMA?): averaging W₀ "
+            f"and B across subspaces is not the average model; average the merged weights instead (model.state_dict() "
+            f"into rso.unwrap(copy.deepcopy(model)), see docs/compatibility.md)")
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        self.note_update_()  # a conversion may give B a new tensor
         if self._group is not None:  # a conversion gives each member its own copy of P: share again
             self._group.tie_()
         return self
@@ -290,6 +318,8 @@ class SubspaceLinear(nn.Module):
         return self._index[1]
 
     def forward(self, x):
+        if self._copy_guard is not None and self.B._version != self._copy_guard:
+            self._refuse_outside_change()
         device_type = x.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             # Cast once here; inside the function every op then already sees the autocast dtype.

@@ -212,6 +212,7 @@ class OuterLoop:
             self._owners[id(g)] = weakref.ref(optimizer)
             for m in g.members:
                 m.step += 1
+                m.note_update_()
         if due:
             self._merge_and_move(due, optimizer)
         self._arm_captures()
@@ -282,6 +283,7 @@ class OuterLoop:
         for g in self.groups:
             for m in g.members:
                 m._capture = None
+                m.note_update_()
         self._arm_captures()
 
     def _arm_captures(self):

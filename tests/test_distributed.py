@@ -310,6 +310,8 @@ def mixed_precision_reference(steps, world=WORLD):
                 low_params[n].copy_(p)
             for n, b in master.named_buffers():
                 low_buffers[n].copy_(b)
+            for _, layer in rso.subspace_layers(low):  # a copy set to the master's W₀, B and P: a known change
+                layer.note_update_()
         grads, rank_losses = {}, []
         for rank in range(world):
             ids = batch(step, rank, world)
