@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import RSOConfig
+from .trust import weights_only_refusal
 from .wrapping import _default_targets, get_config, is_wrapped, subspace_layers, wrap
 
 __all__ = ["from_pretrained"]
@@ -41,9 +42,8 @@ def _read(file: pathlib.Path, wanted) -> dict:
     try:  # a weights file holds tensors only: nothing else in it is unpickled (that could run code)
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = " ".join(str(e).split()).partition("WeightsUnpickler error:")[2].partition(". ")[0].strip()
         raise ValueError(f"rso.from_pretrained: {file} refused: torch.load(weights_only=True) cannot read it "
-                         f"({reason or type(e).__name__}); a weights file holds tensors only, and unpickling "
+                         f"({weights_only_refusal(file, e)}); a weights file holds tensors only, and unpickling "
                          f"anything else can run code: re-save the model as model.safetensors from a copy you "
                          f"trust") from None
     return {k: v for k, v in state.items() if wanted(k)}

@@ -1,6 +1,5 @@
 import json
 import os
-import shlex
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,18 +29,6 @@ def _restore_global_state():
     if dict(os.environ) != env:
         os.environ.clear()
         os.environ.update(env)
-
-
-def table_lines(section: str) -> list[str]:
-    """The data rows of the first markdown table in ``section`` (before its command), bold marks kept."""
-    return [line for line in section[:section.index("```bash")].splitlines()
-            if line.startswith("| ") and not line.startswith("| method")]
-
-
-def table_command(section: str) -> list[str]:
-    """The words of the first bash block in ``section`` (the command beside its table) as bash splits them:
-    backslash-newline continuations removed, quotes honoured."""
-    return shlex.split(section[section.index("```bash") + 8:].split("```")[0].replace("\\\n", ""))
 
 
 def tiny_llama(dtype=torch.float32, seed=0, **overrides):

@@ -2,9 +2,8 @@
 import json
 import math
 import os
-import shlex
+import pathlib
 import statistics
-from fractions import Fraction
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,7 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import table_command, table_lines  # noqa: E402
 from rso.train import tasks  # noqa: E402
 from rso.train.data import default_cache_dir  # noqa: E402
 from rso.train.finetune import build_parser, encode, load_model_and_tokenizer, main, run  # noqa: E402
@@ -29,9 +27,11 @@ MAX_TRAIN, MAX_EVAL, MAX_LENGTH = 48, 20, 32
 
 
 def _args(out, *extra):
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "rso"
+    subspace = {"adamw": [], "lora": ["--rank", "4"]}.get(method, ["--tau", "2", "--rank", "4"])  # what it reads
     return build_parser().parse_args(
         ["--model", "tiny-bert", "--max-train", str(MAX_TRAIN), "--max-eval", "24", "--batch-size", "8",
-         "--max-length", str(MAX_LENGTH), "--max-steps", "4", "--tau", "2", "--rank", "4", "--output-dir", str(out),
+         "--max-length", str(MAX_LENGTH), "--max-steps", "4", *subspace, "--output-dir", str(out),
          "--no-progress", "--threads", "1", *extra])
 
 
@@ -388,12 +388,13 @@ def test_finetune_resume_with_more_epochs_extends(tmp_path, capsys):
 
 def test_classification_defaults_are_the_sweeps_choice():
     """A user who passes only ``--method`` gets the lr (and rank) the Rotten Tomatoes sweep chose on its
-    validation split, as recorded in docs/finetune_rotten_tomatoes.json; LoRA's rank: of 8 and 16, the one with
+    validation split, as recorded in docs/results/finetune-rotten-tomatoes/finetune_rotten_tomatoes.json; LoRA's rank: of 8 and 16, the one with
     the better validation accuracy averaged over the seeds at its chosen lr (validation numbers only)."""
     import pathlib
     import statistics
 
-    record = json.loads((pathlib.Path(__file__).parents[1] / "docs" / "finetune_rotten_tomatoes.json").read_text())
+    record = json.loads((pathlib.Path(__file__).parents[1] / "docs" / "results" / "finetune-rotten-tomatoes"
+                         / "finetune_rotten_tomatoes.json").read_text())
     rows = {r["name"]: r for r in record["methods"]}
     runs = {r["name"]: r for r in record["runs"]}
 
@@ -418,152 +419,43 @@ def test_classification_defaults_are_the_sweeps_choice():
     assert (args.rank, args.lr) == (4, 1e-3)
 
 
-def _lr_text(lr: float) -> str:
-    """An lr as the BoolQ docs write it: 1e-4, 2.5e-4."""
-    return f"{lr:.1e}".replace(".0e", "e").replace("e-0", "e-")
+BOOLQ = pathlib.Path(__file__).parents[1] / "docs" / "results" / "finetune-boolq"
+XSUM = pathlib.Path(__file__).parents[1] / "docs" / "results" / "finetune-xsum"
 
 
-def _rank_text(rank: float) -> str:
-    """A rank as the BoolQ docs write it: 64, 1/6 (a fractional rank is stored as its float)."""
-    return str(Fraction(rank).limit_denominator(1000))
-
-
-def test_boolq_three_epoch_table_is_the_runs_results():
-    """docs/finetune_boolq.md's three-epoch table gives each saved run's own numbers (lr, validation and dev
-    accuracy, both losses, trainable parameters, peak RSS, step time) on a row whose label names the run's
-    method, its rank, and "embeddings frozen" exactly when they were; every run is three whole epochs of all
-    the training rows at batch 32."""
-    import pathlib
-
-    docs = pathlib.Path(__file__).parents[1] / "docs"
-    lines = (docs / "finetune_boolq.md").read_text().replace("**", "").splitlines()  # bold marks a choice
-    runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
+def test_boolq_three_epoch_runs_are_three_whole_epochs():
+    """docs/results/finetune-boolq/finetune_boolq_3epochs*.json: every run is three whole epochs of all the
+    training rows at batch 32, with the 500-row validation split and the first 2,000 dev rows."""
+    runs = [run for path in sorted(BOOLQ.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
     assert {run["method"] for run in runs} >= {"adamw", "lora", "rso"}
-    names = {"adamw": "AdamW", "lora": "LoRA", "galore": "GaLore", "golore@": "GoLore@", "rso": "RSO"}
     for run in runs:
         assert (run["task"], run["train_examples"], run["val_examples"], run["eval_examples"]) == ("boolq", 8927, 500, 2000)
         assert run["steps"] == 3 * (run["train_examples"] // 32), run["name"]
-        lr = _lr_text(run["lr"])
-        row = (f" | {lr} | {100 * run['final_val_accuracy']:.2f}% | {100 * run['final_accuracy']:.2f}% | "
-               f"{run['final_val_loss']:.4f} | {run['final_eval_loss']:.4f} | {run['trainable_params'] / 1e6:.2f}M | "
-               f"{run['peak_rss_mb']:,.0f} | {run['median_step_s']:.2f} |")
-        found = [line for line in lines if line.endswith(row)]
-        assert len(found) == 1, (run["name"], row)
-        label = found[0][2:-len(row)]
-        name = next(v for k, v in names.items() if run["method"].startswith(k))
-        assert label.startswith(name), (run["name"], label)
-        assert run["method"] == "adamw" or f"rank {_rank_text(run['rank'])}" in label, (run["name"], label)
-        assert run["method"] in ("adamw", "lora") or f"τ {run['tau']}," in label + ",", (run["name"], label)
-        assert ("embeddings frozen" in label) == run["freeze_embeddings"], (run["name"], label)
 
 
-def test_boolq_early_stopping_table_is_the_runs_best_validation_epochs():
-    """docs/finetune_boolq.md's early-stopping table gives, for each method run with more than one seed, the dev
-    accuracy at each seed's best-validation epoch as the runner found it (``early_stop`` in its JSON) beside the
-    last epoch's mean; a seed that stops at its last epoch has its final accuracy."""
-    import pathlib
-
-    docs = pathlib.Path(__file__).parents[1] / "docs"
-    text = (docs / "finetune_boolq.md").read_text().replace("**", "")
-    section = text[text.index("### Early stopping on the validation split"):]
-    section = section[:section.index("\n#")]
-    rows = [(path, row) for path in sorted(docs.glob("finetune_boolq_3epochs*.json"))
+def test_boolq_early_stops_are_the_runs_evaluations():
+    """In the same files, for each method run with more than one seed, each seed's early stop is one of its
+    evaluations; a stop at the last step has the run's final accuracy."""
+    rows = [(path, row) for path in sorted(BOOLQ.glob("finetune_boolq_3epochs*.json"))
             for row in json.loads(path.read_text())["methods"] if row.get("n", 0) > 1]
     assert {row["method"] for _, row in rows} >= {"adamw", "rso", "lora", "galore"}
     for path, row in rows:
         runs = {run["name"]: run for run in json.loads(path.read_text())["runs"]}
-        stop, steps = row["early_stop"], [runs[name]["steps"] for name in row["runs"]]
-        epochs = [3 * step // total for step, total in zip(stop["steps"], steps)]
-        for name, value, step in zip(row["runs"], stop["values"], stop["steps"]):  # a stop at the end: the final number
-            assert step < runs[name]["steps"] or value == runs[name]["final_accuracy"], (name, step)
-        lr = _lr_text(row["chosen_lr"])
-        cell = (f" | {lr} | {100 * stop['mean']:.2f} ± {100 * stop['std']:.2f}% | "
-                + ", ".join(f"{100 * v:.2f} ({e})" for v, e in zip(stop["values"], epochs))
-                + f" | {100 * row['mean']:.2f} ± {100 * row['std']:.2f}% |")
-        assert sum(line.endswith(cell) for line in section.splitlines()) == 1, (path.name, cell)
-
-
-def test_readme_boolq_table_is_the_runners_tables():
-    """README's BoolQ table: each method's row is its runner table (docs/finetune_boolq_3epochs_<file>.json): the
-    chosen and swept lrs (with those of its ``_sweep`` file, run later at seed 0), dev accuracy after the last epoch
-    and early-stopped (mean ± std, the seed count where under three), each seed's, trainable parameters, peak
-    RSS and step time."""
-    import pathlib
-
-    root = pathlib.Path(__file__).parents[1]
-    text = (root / "README.md").read_text()
-    section = text[text.index("### Fine-tuning MiniLM on BoolQ"):]
-    files = [("AdamW (full)", "adamw"), ("RSO (Stiefel)", "rso"), ("RSO (Stiefel)", "rso_rank1of6"),
-             ("RSO (hybrid)", "rso_hybrid"), ("GaLore", "galore"),
-             ("GoLore@20%", "golore"), ("LoRA", "lora"), ("LoRA", "lora_r16")]
-    table = table_lines(section)
-    assert [line.split(" | ")[0][2:] for line in table] == [label for label, _ in files]
-
-    def accuracy(stats, n):
-        if n == 1:
-            return f"{100 * stats['mean']:.2f}% (one seed)"
-        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%" + (" (two seeds)" if n == 2 else "")
-
-    for line, (label, name) in zip(table, files):
-        row = json.loads((root / "docs" / f"finetune_boolq_3epochs_{name}.json").read_text())["methods"][0]
-        lrs = set(row["lrs"])
-        sweep = root / "docs" / f"finetune_boolq_3epochs_{name}_sweep.json"  # seed-0 lrs run after the seeds
-        if sweep.exists():
-            lrs |= set(json.loads(sweep.read_text())["methods"][0]["lrs"])
-        lrs = sorted(lrs)
-        swept = f" of {_lr_text(lrs[0])} … {_lr_text(lrs[-1])}" if len(lrs) > 1 else " (not swept)"
-        rank = "—" if row["method"] == "adamw" else _rank_text(row["rank"])
-        expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])}{swept} | {accuracy(row, row['n'])} | "
-                    + ", ".join(f"{100 * v:.2f}" for v in row["values"])
-                    + f" | {accuracy(row['early_stop'], row['n'])} | {row['trainable_params'] / 1e6:.2f}M | "
-                    f"{row['peak_memory_mb']:,.0f} | {row['median_step_s']:.2f} |")
-        assert line == expected
-
-
-def test_readme_rotten_tomatoes_table_is_the_runners_table():
-    """README's Rotten Tomatoes table is the runner's (docs/finetune_rotten_tomatoes.json), row for row: rank, chosen
-    and swept lrs, held-out accuracy mean ± std and per seed, trainable parameters, peak RSS, step time; the best
-    mean is bold (and nothing else); the command beside it is the JSON's (its --resume aside)."""
-    import pathlib
-
-    root = pathlib.Path(__file__).parents[1]
-    record = json.loads((root / "docs" / "finetune_rotten_tomatoes.json").read_text())
-    text = (root / "README.md").read_text()
-    section = text[text.index("### Fine-tuning (packaged MiniLM on Rotten Tomatoes"):]
-    rows = {r["name"]: r for r in record["methods"]}
-    labels = {"adamw": "AdamW (full)", "rso-stiefel-rank64": "RSO (Stiefel)", "galore-rank64": "GaLore",
-              "lora-rank8": "LoRA", "lora-rank16": "LoRA", "rso-hybrid-rank64": "RSO (hybrid)",
-              "goloreat20-rank64": "GoLore@20%",
-              "goloreat20-rank4-scale4-tau500": "GoLore@20%, GLUE protocol (scale 4, τ 500)"}
-    table = table_lines(section)
-    assert len(table) == len(rows) == len(labels)
-    best = max(rows.values(), key=lambda r: r["mean"])
-    for line, name in zip(table, labels):
-        row = rows[name]
-        accuracy = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
-        label = labels[name]
-        if row is best:
-            label, accuracy = f"**{label}**", f"**{accuracy}**"
-        rank = "—" if row["rank"] is None else _rank_text(row["rank"])
-        expected = (f"| {label} | {rank} | {_lr_text(row['chosen_lr'])} of {_lr_text(min(row['lrs']))} … "
-                    f"{_lr_text(max(row['lrs']))} | {accuracy} | " + ", ".join(f"{100 * v:.2f}" for v in row["values"])
-                    + f" | {row['trainable_params'] / 1e6:.2f}M | {row['peak_memory_mb']:,.0f} | "
-                    f"{row['median_step_s']:.2f} |")
-        assert line == expected
-    assert table_command(section) == [word for word in shlex.split(record["command"]) if word != "--resume"]
+        stop = row["early_stop"]
+        for name, value, step in zip(row["runs"], stop["values"], stop["steps"]):
+            assert step < runs[name]["steps"] or value == runs[name]["final_accuracy"], (path.name, name, step)
 
 
 def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
     """``--task boolq`` with only ``--method``: for each method, the lr of best validation accuracy (ties to the
     smaller lr, as the runner chooses) among its seed-0 three-epoch runs at its default rank and τ with the embeddings
-    trained (docs/finetune_boolq_3epochs*.json), a sweep of at least two lrs (GoLore's: GoLore@20%'s, for every
+    trained (docs/results/finetune-boolq/finetune_boolq_3epochs*.json), a sweep of at least two lrs (GoLore's: GoLore@20%'s, for every
     golore@X); a given ``--lr`` wins."""
     import pathlib
 
     from rso.train.finetune import TASK_DEFAULTS
 
-    docs = pathlib.Path(__file__).parents[1] / "docs"
-    runs = [run for path in sorted(docs.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
+    runs = [run for path in sorted(BOOLQ.glob("finetune_boolq_3epochs*.json")) for run in json.loads(path.read_text())["runs"]]
     assert set(TASK_DEFAULTS["boolq"]) == {"adamw", "galore", "golore", "rso", "rso:hybrid", "lora"}
 
     def choice(candidates):  # the runner's rule: the best validation accuracy, ties to the smaller lr
@@ -571,7 +463,8 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
 
     for key in TASK_DEFAULTS["boolq"]:
         method, _, projection = key.partition(":")
-        args = build_parser().parse_args(["--task", "boolq", "--method", method, "--projection", projection or "stiefel"])
+        args = build_parser().parse_args(["--task", "boolq", "--method", method,
+                                          *(["--projection", projection or "stiefel"] if method == "rso" else [])])
         sweep = [run for run in runs if run["method"].partition("@")[0] == method and run["seed"] == 0
                  and not run["freeze_embeddings"] and run["rank"] == args.rank and run["tau"] == args.tau
                  and run["projection"] in ({projection or "stiefel"} if method == "rso" else {None})]
@@ -596,14 +489,14 @@ def test_boolq_defaults_are_the_three_epoch_sweeps_choice():
 
 def test_causal_lm_defaults_are_the_xsum_sweeps_choice():
     """``--task xsum`` with only ``--method``: the setting the SmolLM2 XSum sweeps chose on their validation split.
-    AdamW and LoRA: the lr of lowest seed-0 validation loss of the 32-step grid (docs/finetune_xsum.json), the
+    AdamW and LoRA: the lr of lowest seed-0 validation loss of the 32-step grid (finetune_xsum.json), the
     embeddings trained (LoRA keeps them anyway). RSO: the rank and τ of the grid's row whose chosen lr did best
     (rank 8 at τ 100, rank 32 and 64 at τ 8), the token embeddings frozen, and the lr of lowest seed-0 validation
-    loss over the one-epoch frozen runs (docs/finetune_xsum_epoch_frozen*.json). GaLore and GoLore, not swept
+    loss over the one-epoch frozen runs (finetune_xsum_epoch_frozen*.json; both in docs/results/finetune-xsum). GaLore and GoLore, not swept
     there, keep 2e-4 at rank 8. A given ``--[no-]freeze-embeddings`` wins."""
     import pathlib
 
-    docs = pathlib.Path(__file__).parents[1] / "docs"
+    docs = XSUM
     record = json.loads((docs / "finetune_xsum.json").read_text())
     rows = {}
     for row in record["methods"]:  # per method, the row whose chosen lr did best on the validation split

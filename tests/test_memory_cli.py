@@ -1,56 +1,18 @@
-"""``python -m rso.memory``: the documented transcripts, JSON equal to the library's numbers, every error's
+"""``python -m rso.memory``: JSON equal to the library's numbers, every error's
 exact message, and the text reports (``format_fit``, ``MemoryReport.table``)."""
 import json
 import re
-import shlex
-from pathlib import Path
 
 import pytest
 
 from rso.memory import MemoryReport, estimate, fit, format_fit, main
 from rso.memory.estimate import GPU_RESERVE, METHODS
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-PROMPT = "$ python -m rso.memory "
-
-
-def transcripts():
-    """(command, expected output) of each prompt line in docs/benchmarks.md's fenced blocks: the output runs to
-    the next ``$`` line or the end of the block."""
-    pairs = []
-    for block in re.findall(r"^```\n(.*?)^```$", DOCS.read_text(), flags=re.S | re.M):
-        for part in re.split(r"^(?=\$ )", block, flags=re.M):
-            if part.startswith(PROMPT):
-                command, _, output = part.partition("\n")
-                pairs.append((command, output))
-    return pairs
-
 
 def run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def test_docs_hold_the_transcripts():
-    commands = [c for c, _ in transcripts()]
-    assert len(commands) == 7 and f"{PROMPT}--help" in commands
-
-
-@pytest.mark.parametrize("command,expected", transcripts(),
-                         ids=lambda v: v[len(PROMPT):][:60] if v.startswith(PROMPT) else "")
-def test_docs_transcript_is_what_the_command_prints(command, expected, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps --help to the terminal's width
-    argv = shlex.split(command[len(PROMPT):])
-    if argv == ["--help"]:
-        with pytest.raises(SystemExit) as exit_:
-            main(argv)
-        assert exit_.value.code == 0
-        out = capsys.readouterr().out
-    else:
-        code, out, err = run(capsys, *argv)
-        assert (code, err) == (0, "")
-    assert out.rstrip("\n").split("\n") == expected.rstrip("\n").split("\n")
 
 
 def test_defaults_are_llama_7b_rso_batch_1_seq_2048_bf16_sdpa(capsys):

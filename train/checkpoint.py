@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
-from rso.trust import TRUST_ENV
+from rso.trust import TRUST_ENV, weights_only_refusal
 
 __all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
            "find_checkpoint", "CheckpointError", "TRUST_ENV", "load_run", "save_run", "restore_run"]
@@ -87,25 +87,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and not trusted:
             raise CheckpointError(f"checkpoint {path} refused: torch.load(weights_only=True) cannot read it "
-                                  f"({_refusal(path, e)}) and unpickling more than tensors and plain data can run "
+                                  f"({weights_only_refusal(path, e)}) and unpickling more than tensors and plain data can run "
                                   f"code; if you trust the file, set {TRUST_ENV}=1 to load it in full") from None
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {_one_line(e)})") from e
 
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
-
-
-def _refusal(path: pathlib.Path, error: pickle.UnpicklingError) -> str:
-    """What ``weights_only`` refused: the globals the file pickles beyond the allowed ones, else torch's reason."""
-    try:  # reads the pickle's opcodes, builds nothing; torch >= 2.5 and zip-format files only
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (AttributeError, ValueError, RuntimeError):
-        unsafe = []
-    if unsafe:
-        return "it pickles " + ", ".join(sorted(unsafe))
-    reason = _one_line(error).partition("WeightsUnpickler error:")[2]
-    return reason.partition(". ")[0].partition(" Check the documentation")[0].strip() or _one_line(error)
 
 
 def find_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:

@@ -27,7 +27,8 @@ import time
 
 from . import pretrain
 from .checkpoint import CHECKPOINT_NAME
-from .loop import rank_value
+from .loop import UsageError, option_flag, rank_value
+from .methods import MethodError, option_applies
 from .metrics import MetricsLog, plot_comparison
 
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
@@ -43,10 +44,9 @@ def parse_entry(entry: str) -> dict:
 def command(entry: dict, seed: int, args, extra: list[str], out: pathlib.Path) -> list[str]:
     cmd = [sys.executable, "-m", "rso.train.pretrain", "--config", args.config, "--method", entry["method"],
            "--max-steps", str(args.max_steps), "--output-dir", str(out), "--no-progress", "--seed", str(seed)]
-    if args.rank:
-        cmd += ["--rank", str(args.rank)]
-    if args.tau:
-        cmd += ["--tau", str(args.tau)]
+    for dest in ("rank", "tau"):  # for the methods that read them: an adamw row trains without
+        if getattr(args, dest) and option_applies(dest, entry["method"]):
+            cmd += [option_flag(dest), str(getattr(args, dest))]
     if entry["projection"]:
         cmd += ["--projection", entry["projection"]]
     lr = entry["lr"] if entry["lr"] is not None else args.lr
@@ -235,8 +235,8 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     p.add_argument("--config", default="tiny")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
     p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--rank", type=rank_value, default=None)
-    p.add_argument("--tau", type=int, default=None)
+    p.add_argument("--rank", type=rank_value, default=None, help="passed to the runs whose method takes a rank")
+    p.add_argument("--tau", type=int, default=None, help="passed to the runs whose method takes a τ")
     p.add_argument("--lr", type=float, default=None, help="LR for entries without their own")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each entry runs once per seed")
     p.add_argument("--jobs", type=int, default=1)
@@ -252,15 +252,19 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     if args.jobs < 1:
         p.error(f"--jobs must be ≥ 1, got {args.jobs}")
     out = pathlib.Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     entries = [parse_entry(e) for e in args.methods.split(",") if e]
     jobs = []
     for seed in seeds:  # seed-major: every method has a first seed before any has a second
         for entry in entries:
             name = f"{entry['name']}_s{seed}"
             cmd = command(entry, seed, args, extra, out / name)
+            try:  # each run's command line checked by rso.train.pretrain's parser, before any run
+                settings = pretrain.command_settings(cmd[3:])
+            except (UsageError, MethodError) as e:
+                p.error(f"--methods entry {entry['name']!r}: {e}")
             jobs.append({"name": name, "entry_name": entry["name"], "run_seed": seed, "output": out / name,
-                         "cmd": cmd, "settings": pretrain.command_settings(cmd[3:])})
+                         "cmd": cmd, "settings": settings})
+    out.mkdir(parents=True, exist_ok=True)
     run_jobs(jobs, out, args.jobs, args.threads_per_job, reuse=args.resume, spawn=spawn, poll_s=0.5,
              summary=lambda e: f"eval loss {e['final_eval_loss']:.4f}, ppl {e['final_eval_ppl']:.2f}")
     rows = [summarize(e, jobs) for e in entries]

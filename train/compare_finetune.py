@@ -48,7 +48,7 @@ from .checkpoint import CHECKPOINT_NAME
 from .compare import display, mean_std, parse_entry, parse_seeds, run_jobs, run_records
 from .data import DataError
 from .loop import Parser, UsageError, check_rank, given_options, option_flag, rank_value
-from .methods import MethodError, parse_method
+from .methods import MethodError, option_applies, parse_method
 from .metrics import MetricsLog, plot_comparison, plot_sweep
 from .models import ConfigError
 from .tasks import task_key
@@ -102,9 +102,12 @@ def build_parser() -> Parser:
     p.add_argument("--val-from-train", type=int, default=500,
                    help="training examples held out as the validation split the LR is chosen on")
     p.add_argument("--rank", type=rank_value, default=None,
-                   help="rank for entries without their own (an int, or for rso a fraction of each layer's input width)")
-    p.add_argument("--tau", type=int, default=None, help="steps per subspace for entries without their own")
-    p.add_argument("--scale", type=float, default=None, help="scale for entries without their own")
+                   help="rank for entries without their own whose method takes one (an int, or for rso a fraction "
+                        "of each layer's input width)")
+    p.add_argument("--tau", type=int, default=None,
+                   help="steps per subspace for entries without their own whose method takes one")
+    p.add_argument("--scale", type=float, default=None,
+                   help="scale for entries without their own whose method takes one")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads-per-job", type=int, default=None, help="CPU threads (and pinned cores) per run")
     p.add_argument("--save-models", action="store_true",
@@ -207,6 +210,8 @@ def job_command(entry: dict, lr: float, seed: int, args, extra: list[str], folde
         cmd += ["--projection", entry["projection"]]
     for key in ENTRY_OPTIONS:
         value = entry["options"].get(key, getattr(args, key, None))
+        if key not in entry["options"] and not option_applies(ENTRY_DESTS.get(key, key), entry["method"]):
+            value = None  # the runner's --rank / --tau / --scale: for the entries whose method reads it
         if key == "embeddings" and value is not None:
             cmd += [_entry_flag(key, negated=value == "trained")]
         elif value is not None:

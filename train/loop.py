@@ -23,19 +23,22 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from rso.outer_loop import STATE_POLICIES
+from rso.state_policy import STATE_POLICIES
+from rso.trust import CheckpointRefused
 from rso.projections import SAMPLERS
 from rso.wrapping import rank_for_layer
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .data import DataError
-from .methods import (MethodError, MethodOptions, check_optimizer, check_subspace_state,
-                      enable_activation_checkpointing, is_bitsandbytes, parse_method, supports_activation_checkpointing)
+from .methods import (OPTION_PURPOSE, MethodError, MethodOptions, check_optimizer, check_subspace_state,
+                      enable_activation_checkpointing, is_bitsandbytes, methods_with, option_applies, parse_method,
+                      supports_activation_checkpointing)
 from .metrics import MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
 from .schedule import resize
 
-__all__ = ["UsageError", "Parser", "given_options", "rank_value", "check_args", "check_rank", "check_checkpointing",
+__all__ = ["UsageError", "Parser", "given_options", "rank_value", "check_args", "check_method_options",
+           "check_distributed", "check_rank", "check_checkpointing",
            "apply_activation_checkpointing", "add_optimizer_args",
            "add_session_args", "add_runtime_args", "cli_main", "resume_args", "resume_schedule", "steps_for_epochs",
            "fill_step_defaults", "setup_device", "method_options", "eval_mode", "due", "accumulate_gradients",
@@ -114,7 +117,8 @@ def option_flag(dest: str) -> str:
 
 def check_args(args) -> None:
     """A UsageError naming the option for any value that cannot work: numbers out of range, an unknown
-    ``--method``, ``--projection``, ``--optimizer`` (or one the method cannot use) or ``--device``."""
+    ``--method``, ``--projection``, ``--optimizer`` (or one the method cannot use) or ``--device``, a flag given
+    for a method that does not read it (:func:`check_method_options`), a ``--parallel`` that cannot run the run."""
     for dest, low in INT_MIN.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
@@ -133,6 +137,11 @@ def check_args(args) -> None:
             method, _ = parse_method(args.method)
         except MethodError as e:
             raise UsageError(f"--method: {e}") from None
+        try:
+            check_subspace_state(method, getattr(args, "subspace_state", None), args.method)
+        except MethodError as e:
+            raise UsageError(str(e)) from None
+        check_method_options(args)
         if isinstance(rank, float) and method != "rso":
             raise UsageError(f"--rank {rank:g}: a fraction of each layer's input width is for --method rso only; "
                              f"{args.method} takes an integer rank")
@@ -140,16 +149,7 @@ def check_args(args) -> None:
             check_optimizer(method, args.optimizer)
         except MethodError as e:
             raise UsageError(f"--optimizer: {e}") from None
-        try:
-            check_subspace_state(method, getattr(args, "subspace_state", None), args.method)
-        except MethodError as e:
-            raise UsageError(str(e)) from None
-        if not getattr(args, "share_projections", True) and method != "rso":
-            raise UsageError(f"--no-share-projections is for --method rso only (its layers' projections P); "
-                             f"{args.method} has none to share")
-    if getattr(args, "parallel", None) == "fsdp" and is_bitsandbytes(getattr(args, "optimizer", "")):
-        raise UsageError(f"--optimizer {args.optimizer}: bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded "
-                         "(DTensor) parameters; use --parallel ddp")
+    check_distributed(args)
     if getattr(args, "projection", None) is not None and args.projection not in SAMPLERS:
         raise UsageError(f"--projection: unknown projection {args.projection!r}; choose one of: "
                          f"{', '.join(sorted(SAMPLERS))}")
@@ -162,10 +162,48 @@ def check_args(args) -> None:
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
 
 
+def _flag_text(dest: str, value) -> str:
+    """The flag of ``dest`` as given with ``value``: ``--no-share-projections``, ``--rank 0.25``, ``--tau 5``."""
+    flag = option_flag(dest)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def check_method_options(args) -> None:
+    """A UsageError for the first option given on the command line (``args.given``) that ``--method`` does not
+    read (``methods.METHOD_OPTIONS``): it names the flag, the methods it is for, and the method."""
+    for dest in getattr(args, "given", ()):
+        if not option_applies(dest, args.method):
+            raise UsageError(f"{_flag_text(dest, getattr(args, dest))} is for --method {', '.join(methods_with(dest))} "
+                             f"only ({OPTION_PURPOSE[dest]}); {args.method} has none to set: leave it out")
+
+
+def check_distributed(args, settled: bool = False) -> None:
+    """``rso.train.distributed``: a UsageError for a ``--parallel`` that cannot run the method or optimizer, for
+    ``--reshard-after-forward`` given without ``--parallel fsdp`` (DDP has nothing to reshard), and for
+    ``--synthetic-tokens`` given without ``--dataset synthetic`` (with ``--resume``, once the run's settings are
+    ``settled``: the dataset may be the checkpoint's)."""
+    given, parallel = getattr(args, "given", ()), getattr(args, "parallel", None)
+    dataset_known = settled or "dataset" in given or not args.resume
+    if "synthetic_tokens" in given and args.dataset != "synthetic" and dataset_known:
+        raise UsageError(f"--synthetic-tokens is for --dataset synthetic only; --dataset {args.dataset} reads its "
+                         "own text: leave it out")
+    if parallel == "fsdp" and is_bitsandbytes(getattr(args, "optimizer", "")):
+        raise UsageError(f"--optimizer {args.optimizer}: bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded "
+                         "(DTensor) parameters; use --parallel ddp")
+    if parallel == "fsdp" and parse_method(args.method)[0] in ("galore", "golore", "golore@"):
+        raise UsageError(f"--method {args.method} projects whole weight gradients (SVD / P·G), which FSDP2 shards; "
+                         "use --parallel ddp for the GaLore family")
+    if parallel is not None and parallel != "fsdp" and "reshard_after_forward" in given:
+        raise UsageError(f"--reshard-after-forward is for --parallel fsdp only; --parallel {parallel} has nothing "
+                         "to reshard: leave it out")
+
+
 def check_rank(args, cfg: dict | None) -> None:
     """A UsageError if ``--rank`` (an int, or a fraction of each layer's input width) gives a block linear
     layer of the model that ``cfg`` (a ``transformers`` config dict; None: unknown) describes a rank above
-    its smaller dimension."""
+    its smaller dimension, or a fraction that rounds to 0 channels."""
     if cfg is None or "hidden_size" not in cfg or parse_method(args.method)[0] == "adamw":
         return
     dims = {"hidden_size": cfg["hidden_size"]}
@@ -179,6 +217,10 @@ def check_rank(args, cfg: dict | None) -> None:
         shapes = [(hidden, hidden)] + [(hidden, kv)] * bool(kv) + [(hidden, inner), (inner, hidden)] * bool(inner)
         for n_in, n_out in shapes:
             layer_rank = rank_for_layer(args.rank, n_in)
+            if round(args.rank * n_in) < 1:  # rso.wrap would make it rank 1: not the fraction asked for
+                raise UsageError(f"--rank {args.rank:g} gives the model's {n_in} → {n_out} linear layers "
+                                 f"{args.rank * n_in:.3g} channels, which rounds to 0; give a fraction ≥ "
+                                 f"{1 / n_in:.3g} (one channel) or an integer rank")
             if layer_rank > min(n_in, n_out):
                 raise UsageError(f"--rank {args.rank:g} gives rank {layer_rank} to the model's {n_in} → {n_out} "
                                  f"linear layers, more than their smaller dimension {min(n_in, n_out)}")
@@ -269,7 +311,7 @@ def cli_main(run, parser: argparse.ArgumentParser, argv=None) -> int:
     line ``error: ...`` to stderr, exit status 2."""
     try:
         run(parser.parse_args(argv))
-    except (UsageError, ConfigError, DataError, MethodError, CheckpointError) as e:
+    except (UsageError, ConfigError, DataError, MethodError, CheckpointError, CheckpointRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -299,7 +341,8 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
     A flag in ``args.given`` that is in ``identity`` and differs from the saved value is a UsageError.
     ``--max-steps`` (or ``--epochs``, with the saved ``steps_per_epoch``) sets a new length, at least
     ``step``; ``subspace_total_steps`` (the GoLore / hybrid switch) stays the saved one. Every other saved
-    setting wins over a given flag. Logs the settings the run goes on with, and the given flags that lost.
+    setting wins over a given flag; a given flag the saved method does not read is a UsageError. Logs the settings
+    the run goes on with, and the given flags that lost.
     """
     given, lost = getattr(args, "given", ()), []
     for dest in run_args:
@@ -326,6 +369,8 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
         raise UsageError(f"{asked} is below the saved run's step {step} (a resumed run goes on from there; "
                          "use a new --output-dir to start over)")
     args.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])  # older checkpoints: saved length
+    check_method_options(args)  # the given flags against the saved method (parsing assumed the default one)
+    check_distributed(args, settled=True)
 
     def setting(dest):
         text = f"{dest} {_show(getattr(args, dest))}"

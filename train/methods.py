@@ -17,7 +17,8 @@ with :func:`register`. ``opts`` is a :class:`MethodOptions`.
 (:func:`enable_activation_checkpointing`) recomputes each decoder block in the backward pass.
 
 The subspace methods act on the linear layers of the transformer blocks (attention and MLP); the
-embeddings, norms and output head train in full, as in the papers.
+embeddings, norms and output head train in full, as in the papers. Which of the command lines' options each
+method reads is :data:`METHOD_OPTIONS`; a flag given for a method that does not read it is refused.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 __all__ = ["MethodError", "MethodOptions", "METHODS", "register", "parse_method", "setup_method",
-           "resolve_optimizer", "check_optimizer", "check_subspace_state", "matrix_parameters", "method_names",
+           "resolve_optimizer", "check_optimizer", "check_subspace_state", "METHOD_OPTIONS", "OPTION_PURPOSE",
+           "methods_with", "option_applies", "matrix_parameters", "method_names",
            "BITSANDBYTES_OPTIMIZERS", "is_bitsandbytes", "enable_activation_checkpointing", "supports_activation_checkpointing"]
 
 #: Leaf names of the block linear layers (LLaMA, BERT, GPT-2 style) the subspace methods act on.
@@ -37,8 +39,38 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                  "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
                  "c_attn", "c_proj", "c_fc")
 HEADS = ("lm_head", "classifier", "score", "pooler")
+#: The options (argparse destinations of the training commands) that only some methods use, by method (a
+#: :func:`parse_method` name): a method reads the options in its row and no other of them. An option in no row
+#: (``--lr``, ``--optimizer``, ``--weight-decay``, ...) is every method's. Checked once after parsing
+#: (``loop.check_method_options``): a flag given for a method whose row lacks it is refused.
+_SUBSPACE_OPTIONS = ("rank", "tau", "scale", "subspace_state", "freeze_embeddings")
+METHOD_OPTIONS = {
+    "adamw": ("freeze_embeddings",),
+    "galore": _SUBSPACE_OPTIONS,
+    "golore": _SUBSPACE_OPTIONS,
+    "golore@": _SUBSPACE_OPTIONS,
+    "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections"),
+    "lora": ("rank", "scale"),  # lora keeps every base weight, the embeddings too, frozen in fine-tuning
+}
+#: What each option of :data:`METHOD_OPTIONS` sets, as a refusal says it.
+OPTION_PURPOSE = {"rank": "the rank of a subspace or adapter", "tau": "steps between subspace changes",
+                  "scale": "the update scale; LoRA's alpha = scale·rank",
+                  "subspace_state": "the optimizer state at a subspace change",
+                  "freeze_embeddings": "whether the token embeddings train; LoRA's stay frozen",
+                  "projection": "how RSO draws its projections P", "share_projections": "its layers' projections P"}
 #: Methods whose weights change subspace, so ``--subspace-state`` means something for them.
-SUBSPACE_METHODS = ("galore", "golore", "golore@", "rso")
+SUBSPACE_METHODS = tuple(m for m, options in METHOD_OPTIONS.items() if "subspace_state" in options)
+
+
+def methods_with(option: str) -> list[str]:
+    """The methods (as ``--method`` spells them: ``golore@X``) whose row of :data:`METHOD_OPTIONS` has ``option``."""
+    return [m.replace("golore@", "golore@X") for m, options in METHOD_OPTIONS.items() if option in options]
+
+
+def option_applies(option: str, method: str) -> bool:
+    """Whether ``method`` (a spec: ``golore@20``) reads ``option``: one in its row, or one in no row."""
+    name = parse_method(method)[0]
+    return option in METHOD_OPTIONS[name] or not any(option in row for row in METHOD_OPTIONS.values())
 
 
 class MethodError(ValueError):
@@ -98,7 +130,7 @@ def check_subspace_state(name: str, state: str | None, spec: str) -> None:
     whose weights never change subspace."""
     if state is not None and name not in SUBSPACE_METHODS:
         raise MethodError(f"--subspace-state {state} applies to the subspace methods "
-                          f"({', '.join(SUBSPACE_METHODS).replace('golore@', 'golore@X')}), not to {spec}")
+                          f"({', '.join(methods_with('subspace_state'))}), not to {spec}")
 
 
 def setup_method(spec: str, model: nn.Module, opts: MethodOptions):
@@ -250,9 +282,10 @@ def _rso(model, opts):
     import rso
 
     targets = _block_linear_names(model)
+    hybrid = ({"total_steps": opts.total_steps, "random_fraction": opts.random_fraction}
+              if opts.projection == "hybrid" else {})  # the switch's place: what only hybrid reads
     model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
-                     target_modules=targets or None, scale=opts.scale, seed=opts.seed,
-                     total_steps=opts.total_steps, random_fraction=opts.random_fraction,
+                     target_modules=targets or None, scale=opts.scale, seed=opts.seed, **hybrid,
                      state_on_merge=opts.subspace_state or "reset", share_projections=opts.share_projections)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)

@@ -4,22 +4,35 @@
         --activation-checkpointing --optimizer-bits 8
     python -m rso.memory --model llama-7b --fit 24GB                 # every method: largest batch × seq, recipe
     python -m rso.memory --model llama-7b --fit 24GB --rank 1024,256 --batch 16 --seq 256   # does 16 × 256 fit?
+
+``--rank`` goes with a method that has one (galore, rso, lora; ``all``); one above a layer's smaller dimension
+is refused, naming the widest rank the model allows (as ``rso.wrap`` and the training commands refuse it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
-from .estimate import GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, estimate, format_estimate, gigabytes
+from .estimate import (GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, RANK_METHODS, check_rank, estimate, format_estimate,
+                       gigabytes)
 from .planner import FIT_METHODS, _largest_batch, fit, format_fit, parse_size
 
 __all__ = ["main"]
 
 
 def _rank(text):
-    value = float(text)
-    return int(value) if value >= 1 else value
+    """An int ≥ 1 (``64`` or ``64.0``) or a fraction in (0, 1); anything else (``64.5``, ``nan``) is refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"give an int ≥ 1 or a fraction in (0, 1) of in_features, got {text!r}")
 
 
 def _ranks(text):
@@ -78,6 +91,7 @@ def main(argv=None) -> int:
             if getattr(args, name) is not None and len(getattr(args, name)) != 1:
                 raise ValueError(f"--{name} takes one value without --fit")
         args.method = args.method or "rso"
+        _check_ranks(args, methods=RANK_METHODS if args.method == "all" else (args.method,))
         args.rank = args.rank[0] if args.rank else None
         args.seq = args.seq[0] if args.seq else 2048
         args.batch = 1 if args.batch is None else args.batch
@@ -113,6 +127,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _check_ranks(args, methods) -> None:
+    """A ValueError for a ``--rank`` that none of ``methods`` (estimator methods) reads, or that is wider than a
+    layer of ``--model`` allows (the message names the widest rank allowed)."""
+    if args.rank is None or not methods:  # no method known: that is the error to report
+        return
+    if not set(methods) & set(RANK_METHODS):
+        raise ValueError(f"--rank: {', '.join(sorted(methods))} has no rank (it is for {', '.join(RANK_METHODS)}): "
+                         "leave it out")
+    for rank in args.rank:
+        try:
+            check_rank(args.model, rank)
+        except ValueError as e:  # "rank 300 gives ...": "--rank 300 gives ..."
+            raise ValueError(f"--{e}") from None
+
+
 def _options(args) -> dict:
     return dict(dtype=args.dtype, attn=args.attn, master_weights=args.master_weights, fp32_states=args.fp32_states,
                 chunked_ce=args.chunked_ce, activation_checkpointing=args.activation_checkpointing,
@@ -132,6 +161,7 @@ def _plan(args) -> int:
     methods = None
     if args.method and args.method != "all":
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    _check_ranks(args, methods={FIT_METHODS[m][0] for m in methods or FIT_METHODS if m in FIT_METHODS})
     reserve = GPU_RESERVE if args.reserve is None else (0 if str(args.reserve).strip() in ("0", "0.0")
                                                         else parse_size(args.reserve))
     rows = fit(args.model, args.fit, methods=methods, seqs=tuple(args.seq or (256, 2048)), batch=args.batch,

@@ -43,12 +43,19 @@ fp32 copy of the trainable parameters and ``fp32_states=True`` keeps the moments
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["estimate", "PRESETS", "METHODS", "llama_dims", "LlamaDims", "fits", "format_estimate", "GPU_SIZES"]
+__all__ = ["estimate", "check_rank", "default_rank", "PRESETS", "METHODS", "RANK_METHODS", "UNCAPPED_RANK_METHODS",
+           "llama_dims", "LlamaDims", "fits", "format_estimate", "GPU_SIZES"]
 
 METHODS = ("adamw", "galore", "rso", "lora", "frozen")
+#: The methods whose step depends on the rank.
+RANK_METHODS = ("galore", "rso", "lora")
+#: Those whose rank may not exceed a layer's smaller dimension (``rso.wrap`` refuses it; a LoRA adapter gains
+#: nothing from it); the GaLore optimizers cap it per layer instead (``rso.optim``, galore-torch).
+UNCAPPED_RANK_METHODS = ("rso", "lora")
 
 #: The LLaMA shapes the GaLore / GoLore / RSO papers pre-train (vocab 32000, untied head), plus a tiny one.
 PRESETS = {
@@ -153,9 +160,42 @@ def _bytes_of(dtype) -> int:
     return _DTYPE_BYTES[key]
 
 
+def _layer_rank(rank, in_f):
+    """A layer's rank as ``rso.wrap`` gives it: an int as it is, a fraction f as max(1, round(f · in_f))."""
+    return rank if isinstance(rank, int) else max(1, round(rank * in_f))
+
+
 def _rank_for(rank, out_f, in_f):
-    r = rank if isinstance(rank, int) else max(1, round(rank * in_f))
-    return min(r, out_f, in_f)
+    """:func:`_layer_rank` capped at min(out_f, in_f), as the GaLore optimizers cap it (for rso and lora
+    :func:`check_rank` refuses more)."""
+    return min(_layer_rank(rank, in_f), out_f, in_f)
+
+
+def default_rank(config) -> int:
+    """The peers' rank for a preset (:data:`PEER_RANKS`), else hidden/4, at most the narrowest layer's width."""
+    _, preset = _load_config(config)
+    dims = llama_dims(config)
+    return PEER_RANKS.get(preset, max(1, min(dims.hidden // 4, *(min(o, n) for _, o, n, _ in dims.linears))))
+
+
+def check_rank(config, rank, method: str = "rso") -> None:
+    """ValueError unless ``rank`` is an int ≥ 1 or a fraction f in (0, 1) of each layer's in_features and, for
+    :data:`UNCAPPED_RANK_METHODS`, gives every linear layer of ``config`` a rank r ≤ min(in, out), as ``rso.wrap``
+    requires (nothing is clamped). The message starts ``rank`` and names the widest rank allowed."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0 \
+            or (isinstance(rank, float) and rank >= 1):
+        raise ValueError(f"rank must be an int ≥ 1 or a float in (0, 1), got {rank!r}")
+    if method not in UNCAPPED_RANK_METHODS:
+        return
+    lin = llama_dims(config).linears
+    for name, o, n, _ in lin:
+        r = _layer_rank(rank, n)
+        if r > min(o, n):
+            widest = min(min(o, n) for _, o, n, _ in lin)
+            fraction = math.floor(1e4 * min(min(o, n) / n for _, o, n, _ in lin)) / 1e4  # rounded down: safe
+            raise ValueError(f"rank {rank!r} gives {name} ({n} → {o}) rank {r}, more than its smaller dimension "
+                             f"{min(o, n)}; the widest rank this config allows is {widest}"
+                             + (f", or a fraction of in_features up to {fraction:g}" if fraction < 1 else ""))
 
 
 def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int = 2048, dtype="bf16", *,
@@ -172,7 +212,9 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
             ``"rso"`` (every decoder linear layer wrapped), ``"lora"`` (adapters on every decoder linear
             layer, everything else frozen) or ``"frozen"`` (linear weights frozen: the floor).
         rank: int, or a float fraction of each layer's in_features; default: the peers' rank for a preset,
-            else hidden/4.
+            else hidden/4 (at most the narrowest layer's width). For rso and lora a rank above a layer's
+            min(in, out) is a ValueError naming the widest allowed (:func:`check_rank`; ``rso.wrap`` refuses
+            it); GaLore's is capped at each layer's min(in, out), as its optimizers cap it.
         dtype: ``"fp32"`` or ``"bf16"``: weights, gradients, states and activations.
         attn: ``"sdpa"`` (flash / efficient kernels: no seq² matrix) or ``"eager"``.
         master_weights: add an fp32 copy of every trainable parameter (mixed precision).
@@ -210,13 +252,12 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     for name, value in (("batch", batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rso.memory.estimate: {name} must be a positive int, got {value!r}")
-    _, preset = _load_config(config)
     dims = llama_dims(config)
-    if rank is None:
-        rank = PEER_RANKS.get(preset, max(1, dims.hidden // 4))
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0 \
-            or (isinstance(rank, float) and rank >= 1):
-        raise ValueError(f"rso.memory.estimate: rank must be an int ≥ 1 or a float in (0, 1), got {rank!r}")
+    rank = default_rank(config) if rank is None else rank
+    try:
+        check_rank(config, rank, method)
+    except ValueError as e:
+        raise ValueError(f"rso.memory.estimate: {e}") from None
     if optimizer_bits not in (None, 8, 16, 32):
         raise ValueError(f"rso.memory.estimate: optimizer_bits must be 8, 16, 32 or None, got {optimizer_bits!r}")
     wb = _bytes_of(dtype)           # weights, gradients, activations

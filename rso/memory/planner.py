@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import re
 
-from .estimate import GPU_RESERVE, PEER_RANKS, _load_config, estimate, llama_dims
+from .estimate import GPU_RESERVE, check_rank, default_rank, estimate, llama_dims
 
 __all__ = ["fit", "format_fit", "parse_size", "FIT_METHODS"]
 
@@ -109,7 +109,7 @@ def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int |
         seqs: sequence lengths to plan for.
         batch: instead of the largest batch, the cheapest recipe that fits ``batch`` × each seq.
         rank: the subspace / adapter rank, or a list of ranks (rows for each; default: the peers' rank for a
-            preset, else hidden/4).
+            preset, else hidden/4); one above a layer's min(in, out) is a ValueError naming the widest allowed.
         reserve: bytes left aside from ``capacity`` (default 2 GiB; 0 for a host with nothing else on it).
 
     Returns one dict per (method, seq): ``method``, ``seq``, ``batch`` (largest that fits with ``recipe``;
@@ -129,10 +129,12 @@ def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int |
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"rso.memory.fit: batch must be a positive int, got {batch!r}")
     llama_dims(config)  # a clear error for a config that is not a LLaMA-family decoder
-    _, preset = _load_config(config)
-    if rank is None:
-        rank = PEER_RANKS.get(preset, max(1, llama_dims(config).hidden // 4))
-    ranks = list(rank) if isinstance(rank, (list, tuple)) else [rank]
+    ranks = list(rank) if isinstance(rank, (list, tuple)) else [default_rank(config) if rank is None else rank]
+    try:  # every rank checked against the config, for each method that reads it, before any row is planned
+        for r, method in itertools.product(ranks, {FIT_METHODS[m][0] for m in methods}):
+            check_rank(config, r, method)
+    except ValueError as e:
+        raise ValueError(f"rso.memory.fit: {e}") from None
     rows = []
     for label, rank in ((label, r) for label in methods
                         for r in (ranks[:1] if FIT_METHODS[label][0] == "adamw" else ranks)):
