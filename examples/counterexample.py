@@ -1,6 +1,6 @@
 """The GoLore counter-example: GaLore stalls, GoLore / large-batch GaLore / RSO converge.
 
-    python examples/counterexample.py --preset paper --png docs/counterexample.png --json docs/counterexample.json
+    python examples/counterexample.py --preset paper --png docs/results/counterexample/counterexample.png --json docs/results/counterexample/counterexample.json
 
 Every flag: ``python examples/counterexample.py --help``; the logic is in :mod:`rso.train.counterexample`.
 """

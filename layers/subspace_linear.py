@@ -341,7 +341,11 @@ class SubspaceLinear(nn.Module):
             group.consume(self)
         merged = self.evaluation == "merged" or self.evaluation == "auto" and use_merged(
             x.numel() // self.in_features, self.out_features, self.in_features, self.rank)
-        return SubspaceLinearFunction.apply(xc, z, weight, B, P, index, bias, self.scale, merged, self._capture)
+        # Flat (tokens × features) through the function, shaped outside it: an output viewed inside a custom
+        # function could not be modified in place by the model (``y /= 2``).
+        y = SubspaceLinearFunction.apply(xc.reshape(-1, self.in_features), z.reshape(-1, z.shape[-1]), weight, B, P,
+                                         index, bias, self.scale, merged, self._capture)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def arm_capture(self):
         """Keep x on the coming step and accumulate the full weight gradient gᵀx (for SVD)."""

@@ -34,11 +34,26 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     raise FileNotFoundError(f"rso.from_pretrained: no model.safetensors or pytorch_model.bin (or index) in {path}")
 
 
-def _read(file: pathlib.Path, wanted) -> dict:
+def _renamer(model):
+    """file key → the model's key: transformers' load-time renamings (its save_pretrained writes some models' keys
+    under older names, e.g. ViT's ``encoder.layer.0.attention.attention.key`` for ``layers.0.attention.k_proj``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # older transformers, or not an HF model: keys as saved
+        return lambda key: key
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda key: rename_source_key(key, renamings, [], prefix)[0] if renamings else key
+
+
+def _read(file: pathlib.Path, wanted, rename=lambda key: key) -> dict:
+    """The tensors of ``file`` whose renamed key is ``wanted``, under that key."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
+            keys = {k: rename(k) for k in f.keys()}
+            return {new: f.get_tensor(k) for k, new in keys.items() if wanted(new)}
     try:  # a weights file holds tensors only: nothing else in it is unpickled (that could run code)
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -46,29 +61,21 @@ def _read(file: pathlib.Path, wanted) -> dict:
                          f"({weights_only_refusal(file, e)}); a weights file holds tensors only, and unpickling "
                          f"anything else can run code: re-save the model as model.safetensors from a copy you "
                          f"trust") from None
-    return {k: v for k, v in state.items() if wanted(k)}
+    return {rename(k): v for k, v in state.items() if wanted(rename(k))}
 
 
-def _saved_layers(files) -> list[str]:
+def _saved_layers(files, rename) -> list[str]:
     """The names of the layers the checkpoint holds a B for (the layers that were wrapped)."""
-    names = set()
-    for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(file), framework="pt") as f:
-                names.update(k[:-2] for k in f.keys() if k.endswith(".B"))
-        else:
-            names.update(k[:-2] for k in _read(file, lambda k: k.endswith(".B")))
-    return sorted(names)
+    return sorted(k[:-2] for file in files for k in _read(file, lambda k: k.endswith(".B"), rename))
 
 
-def _config_for(model, config: RSOConfig, files) -> RSOConfig:
+def _config_for(model, config: RSOConfig, files, rename) -> RSOConfig:
     """``config``, with the saved layers named when the defaults would now pick others (layers frozen when the
     model was wrapped are trainable again in a freshly loaded model)."""
     if config.target_modules is not None:
         return config
-    saved = _saved_layers(files)
-    chosen = sorted(name for name, _ in _default_targets(model)[0])
+    saved = _saved_layers(files, rename)
+    chosen = sorted(name for name, _ in _default_targets(model, config.rank)[0])
     return config if chosen == saved else RSOConfig.from_dict({**config.to_dict(), "target_modules": saved},
                                                                config.projection if config.custom_projection else None)
 
@@ -102,16 +109,17 @@ def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_k
         model = model.from_pretrained(str(path), **load_kwargs)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"rso.from_pretrained: model must be an nn.Module or an HF model class, got {type(model).__name__}")
+    rename = _renamer(model)
     if is_wrapped(model):
         _check_same_config(model, config, path)
     else:
-        wrap(model, _config_for(model, config, files))
+        wrap(model, _config_for(model, config, files, rename))
     names = {n for n, _ in subspace_layers(model)}
     ours = lambda k: k.rpartition(".")[0] in names and k.rpartition(".")[2] in _STATE  # noqa: E731
     wanted = ours if loaded_by_class else (lambda k: True)  # by class, the weights are in place already
     missing = None
     for file in files:
-        result = model.load_state_dict(_read(file, wanted), strict=False)
+        result = model.load_state_dict(_read(file, wanted, rename), strict=False)
         missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     needed = {k for k in missing if ours(k)} if loaded_by_class else {k for k in missing if k not in tied}

@@ -26,8 +26,9 @@ __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print
            "state", "get_config", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED",
            "DEFAULT_SHARED_INPUTS"]
 
-#: Output heads left as they are by default (with everything inside them).
-DEFAULT_EXCLUDED = ("lm_head", "score", "classifier")
+#: Output heads left as they are by default (with everything inside them), besides the model's output embeddings.
+DEFAULT_EXCLUDED = ("lm_head", "score", "classifier", "classification_head", "sequence_summary", "logits_proj",
+                    "qa_outputs")
 #: Sibling layers that read the same input tensor and may share one projection.
 DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
                          ("query", "key", "value"), ("wq", "wk", "wv"), ("w1", "w3"))
@@ -72,10 +73,53 @@ _READ_DIRECTLY = {
 }
 _FROZEN = "frozen layers (weight.requires_grad=False)"
 _READ = "layers whose weight their parent reads directly, where B would be ignored"
+_OWN_FORWARD = "nn.Linear subclasses with a forward of their own, which B would not reach"
+_TIED = "layers whose weight another module holds too (tied), which would go on reading W₀ alone"
+_NARROW = "layers narrower than the rank (kept trainable in full)"
+_FUSED = "layers transformers' save_pretrained fuses with others (its weight converters would mix their B and P)"
 
 
 def _is_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _own_forward(module) -> bool:
+    """An nn.Linear subclass that computes something else than x Wᵀ + b in its own forward (a router, a grouped
+    linear...): wrapped, that forward would be replaced."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied embeddings and heads, shared projections)."""
+    owners = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def _fused_on_save(model: nn.Module):
+    """A predicate on module names: True for layers a transformers weight converter fuses on save (q/k/v into one
+    qkv, up/gate...), whose rso keys it would fuse too."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+        patterns = [re.compile(p) for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)
+                    for p in t.target_patterns]
+    except (ImportError, AttributeError, TypeError, re.error):  # older transformers, not an HF model
+        patterns = []
+    return lambda name: any(p.search(name) for p in patterns)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """The output embeddings (an HF model's ``get_output_embeddings()``) and everything under ``DEFAULT_EXCLUDED``."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        head = None
+    return {n for n, m in model.named_modules() if m is head and head is not None}
 
 
 def _listed(items, most=5) -> str:
@@ -105,30 +149,48 @@ def _direct_reader(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _default_targets(model: nn.Module):
-    """Every Linear / Conv1D but output heads, tied heads, frozen layers and layers their parent reads directly;
-    returns (targets, {reason: names left as they are})."""
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    targets, left_out = [], {_FROZEN: [], _READ: []}
+def _default_targets(model: nn.Module, rank=None):
+    """Every Linear / Conv1D but output heads and the layers listed in ``_why_left_out``; returns
+    (targets, {reason: names left as they are})."""
+    heads, tied, fused = _head_names(model), _tied_weights(model), _fused_on_save(model)
+    targets, left_out = [], {}
     for name, module in model.named_modules():
-        if any(p in DEFAULT_EXCLUDED for p in name.split(".")) or not _is_linear(module):
+        if any(p in DEFAULT_EXCLUDED for p in name.split(".")) or name in heads or not _is_linear(module):
             continue
-        if id(module.weight) in tied:  # an output layer sharing the embedding matrix
-            continue
-        reader = _direct_reader(model, name)
-        if not module.weight.requires_grad:
-            left_out[_FROZEN].append(name)
-        elif reader is not None:
-            left_out[_READ].append(f"{name} ({reader})")
-        else:
+        reason = (_FUSED, name) if fused(name) else _why_left_out(model, name, module, tied, rank)
+        if reason is None:
             targets.append((name, module))
-    left_out = {reason: names for reason, names in left_out.items() if names}
+        elif reason[0] is not None:
+            left_out.setdefault(reason[0], []).append(reason[1])
     if not targets:
         also = "".join(f"; left as they are: {len(n)} {reason}: {_listed(n)}" for reason, n in left_out.items())
         unfreeze = "; unfreeze those to train (module.requires_grad_(True))" if _FROZEN in left_out else ""
         raise ValueError(f"rso.wrap: {type(model).__name__} has no nn.Linear / Conv1D layers to wrap "
                          f"(output heads {DEFAULT_EXCLUDED} are left out by default{also}){unfreeze}")
     return targets, left_out
+
+
+def _why_left_out(model, name, module, tied, rank):
+    """None to wrap the layer, else (reason listed by ``rso.summary`` or None to leave it out silently, entry)."""
+    if id(module.weight) in tied:
+        embedding = any(isinstance(m, nn.Embedding) and m.weight is module.weight for m in model.modules())
+        return (None if embedding else _TIED), name  # an output layer sharing the embedding matrix: a head
+    reader = _direct_reader(model, name)
+    if not module.weight.requires_grad:
+        return _FROZEN, name
+    if reader is not None:
+        return _READ, f"{name} ({reader})"
+    if _own_forward(module):
+        return _OWN_FORWARD, f"{name} ({type(module).__name__})"
+    if rank is not None and rank_for_layer(rank, _in_out(module)[0]) > min(_in_out(module)):
+        return _NARROW, f"{name} ({'×'.join(map(str, _in_out(module)))})"
+    return None
+
+
+def _in_out(module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
 
 
 def _explicit_targets(model: nn.Module, target_modules):
@@ -159,13 +221,20 @@ def _explicit_targets(model: nn.Module, target_modules):
     if read:
         raise ValueError(f"rso.wrap: target_modules selects layers whose weight their parent reads directly instead "
                          f"of calling them, so B would be ignored: {_listed(read)}; leave them out (the default does)")
+    tied, fused = _tied_weights(model), _fused_on_save(model)
+    why = lambda n, m: ("its own forward" if _own_forward(m) else "a tied weight" if id(m.weight) in tied  # noqa: E731
+                        else "fused with others on save" if fused(n) else None)
+    other = [f"{n} ({type(m).__name__}: {why(n, m)})" for n, m in targets if why(n, m)]
+    if other:
+        raise ValueError(f"rso.wrap: target_modules selects layers that B would not reach: {_listed(other)}; "
+                         f"leave them out (the default does)")
     return targets
 
 
-def _find_targets(model: nn.Module, target_modules):
+def _find_targets(model: nn.Module, target_modules, rank):
     """(targets, left_out): the (name, module) pairs to wrap and {reason: names} of linear layers left as they are."""
     if target_modules is None:
-        return _default_targets(model)
+        return _default_targets(model, rank)
     return _explicit_targets(model, target_modules), {}
 
 
@@ -178,8 +247,7 @@ def rank_for_layer(rank: int | float, in_features: int) -> int:
 def _layer_rank(name, module, rank, scale) -> int:
     """The layer's rank; raises if it does not fit the layer or ``scale`` is outside its dtype's normal range
     (s·B P would flush to zero or overflow)."""
-    in_f, out_f = (module.weight.shape[1], module.weight.shape[0]) if isinstance(module, nn.Linear) \
-        else tuple(module.weight.shape)
+    in_f, out_f = _in_out(module)
     r = rank_for_layer(rank, in_f)
     if isinstance(rank, float) and rank * in_f < 0.5:  # below half a channel: nothing to round up
         raise ValueError(f"rso.wrap: rank={rank!r} rounds to 0 channels of layer '{name}' (in_features={in_f}); "
@@ -275,7 +343,7 @@ def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Modu
     sampler = config.sampler()
     if config.chunked_head is not None:
         heads._causal_lm(model)  # raises TypeError for a model without a causal-LM head
-    targets, left_out = _find_targets(model, config.target_modules)
+    targets, left_out = _find_targets(model, config.target_modules, config.rank)
     ranks = [_layer_rank(name, module, config.rank, config.scale) for name, module in targets]
     names = [name for name, _ in targets]
     _check_shared_names(config.share_projections, names)

@@ -83,7 +83,7 @@ def test_saves_only_the_projection():
     layer = make_layer(in_f=64, out_f=32, rank=8, dtype=torch.float32)
     x = torch.randn(3, 7, 64, requires_grad=True)
     saved = saved_activations(lambda: layer(x), list(layer.parameters()) + list(layer.buffers()))
-    assert saved == [(3, 7, 8)]  # z = x Pᵀ, never the 64-wide x
+    assert saved == [(21, 8)]  # z = x Pᵀ (3 × 7 tokens), never the 64-wide x
 
 
 @pytest.mark.parametrize("evaluation", ["split", "merged"])
@@ -192,7 +192,7 @@ def test_shared_projection_stores_one_z_and_matches_unshared_gradients():
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
     params = list(block.parameters()) + list(block.buffers())
     saved = saved_activations(lambda: [block[n](x).sum().backward() for n in block], params)
-    assert saved.count((2, 3, 4)) == 3  # autograd saves the same z three times...
+    assert saved.count((6, 4)) == 3  # autograd saves the same z (2 × 3 tokens) three times...
     store = set()
 
     def pack(t):

@@ -229,7 +229,7 @@ def test_checkpointed_estimate_agrees_with_measure_step(method, dtype, attn):
 
 @pytest.mark.parametrize("batch,seq", [(1, 8), (3, 40), (5, 17)])
 def test_checkpointed_rso_estimate_is_exact_at_other_token_counts(batch, seq):
-    # The measured 7B step (docs/benchmarks.md §7) is 1 × 128 tokens; the goal is 16 × 256: the activation
+    # The measured 7B step (docs/results/memory-frontier) is 1 × 128 tokens; the goal is 16 × 256: the activation
     # terms must follow the tokens exactly, not only at the one shape the other tests use.
     r = measured_checkpointed("rso-stiefel+ce", torch.bfloat16, "sdpa", batch=batch, seq=seq)
     est = estimate(CFG, method="rso", rank=RANK, batch=batch, seq=seq, dtype="bf16", attn="sdpa",

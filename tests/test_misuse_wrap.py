@@ -367,3 +367,41 @@ def test_a_bare_linear_layer_is_refused_and_edge_values_that_work_do():
         opt.step()
         opt.zero_grad()
     assert rso.state(model)["cycle"] == 2 and all(torch.count_nonzero(m.B) == 0 for _, m in rso.subspace_layers(model))
+
+
+# ------------------------------------------------------------------ found by the architecture zoo
+class Router(nn.Linear):
+    """An nn.Linear subclass with a forward of its own (as Llama4's and PhiMoE's routers): B would not reach it."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(-1)
+
+
+def test_linear_subclasses_with_their_own_forward_tied_weights_and_narrow_layers_are_left_out_and_listed():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict(dict(a=nn.Linear(8, 8), router=Router(8, 8), tied=nn.Linear(8, 8), gate=nn.Linear(8, 2)))
+    model.tied.weight = shared.weight
+    model.add_module("other", shared)
+    rso.wrap(model, rank=4)
+    assert sorted(n for n, _ in rso.subspace_layers(model)) == ["a"]
+    text = rso.summary(model)
+    assert "router (Router)" in text and "nn.Linear subclasses with a forward of their own" in text
+    assert "tied" in text and "other" in text and "(tied)" in text
+    assert "gate (8×2)" in text and "narrower than the rank (kept trainable in full)" in text
+    assert model.gate.weight.requires_grad and model.router.weight.requires_grad
+    rso.unwrap(model)
+    for name, why in (("router", "its own forward"), ("tied", "a tied weight")):
+        with pytest.raises(ValueError, match=rf"^rso\.wrap: target_modules selects layers that B would not reach: "
+                                             rf"{name} \(\w+: {why}\); leave them out"):
+            rso.wrap(model, rank=4, target_modules=[name])
+
+
+def test_a_layer_output_may_be_modified_in_place_by_the_model():
+    torch.manual_seed(0)
+    layer = rso.SubspaceLinear.from_module(nn.Linear(16, 16).to(F64), 4)
+    x = torch.randn(2, 5, 16, dtype=F64, requires_grad=True)
+    y = layer(x)
+    y /= 2  # roc_bert, longformer, swinv2 do this
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (layer.weight.sum(0) / 2).expand(2, 5, 16))

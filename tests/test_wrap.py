@@ -140,7 +140,7 @@ def snapshot(model):
 BAD = [
     (dict(rank=0), ValueError, "rank"),
     (dict(rank=-3), ValueError, "rank"),
-    (dict(rank=17), ValueError, "k_proj"),           # k/v are 32 → 16: rank 17 does not fit
+    (dict(rank=17, target_modules=["k_proj"]), ValueError, "k_proj"),  # k/v are 32 → 16: rank 17 does not fit
     (dict(rank=1.5), ValueError, r"\(0, 1\)"),
     (dict(rank="8"), TypeError, "rank"),
     (dict(projection="random"), ValueError, "stiefel"),
@@ -376,8 +376,8 @@ def test_default_targets_skip_tied_heads_and_everything_under_an_excluded_name()
 
 def test_target_errors_name_the_model_class_and_the_modules():
     with pytest.raises(ValueError, match=r"^rso\.wrap: ModuleDict has no nn\.Linear / Conv1D layers to wrap "
-                                         r"\(output heads \('lm_head', 'score', 'classifier'\) are left out by "
-                                         r"default\)$"):
+                                         r"\(output heads \('lm_head', 'score', 'classifier', 'classification_head', "
+                                         r"'sequence_summary', 'logits_proj', 'qa_outputs'\) are left out by default\)$"):
         rso.wrap(nn.ModuleDict(dict(lm_head=nn.Linear(2, 2), e=nn.Embedding(3, 2))), rank=1)
     for bad in ([1], 5):
         with pytest.raises(TypeError, match="^" + re.escape("rso.wrap: target_modules must be a regex string or a "
