@@ -105,7 +105,10 @@ class RSOConfig:
             if given:
                 _fail(ValueError, f"{given[0]} applies to projection='hybrid' only (here projection={projection!r}); "
                                   f"drop it, or use projection='hybrid'")
-        self.sampler()  # the sampler's own checks (hybrid: total_steps given, a real fraction)
+        try:  # the sampler's own checks (hybrid: total_steps given, a real fraction)
+            self.sampler()
+        except (TypeError, ValueError) as e:
+            _fail(type(e), str(e))
 
     def _check_selection(self):
         targets = self.target_modules

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
+import weakref
 from itertools import chain
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
@@ -23,7 +25,7 @@ from .projections import CoordinateSampler, mix_seed
 from .serialization import check_checkpoint, identity_tensor
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
-           "state", "get_config", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED",
+           "state", "get_config", "effective_state_dict", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED",
            "DEFAULT_SHARED_INPUTS"]
 
 #: Output heads left as they are by default (with everything inside them), besides the model's output embeddings.
@@ -202,8 +204,10 @@ def _explicit_targets(model: nn.Module, target_modules):
                         f"got {target_modules!r}")
     targets = [(n, m) for n, m in model.named_modules() if n and _name_matches(n, target_modules)]
     if not targets:
+        how = " (a string is a regex the whole module name must match; a list takes names or suffixes)" \
+            if isinstance(target_modules, str) else ""
         raise ValueError(f"rso.wrap: target_modules={target_modules!r} matches no module of "
-                         f"{type(model).__name__}")
+                         f"{type(model).__name__}{how}")
     if not isinstance(target_modules, str):
         unmatched = [e for e in target_modules if not any(_matches_entry(n, e) for n, _ in targets)]
         if unmatched:
@@ -489,10 +493,48 @@ def unwrap(model: nn.Module) -> nn.Module:
         object.__delattr__(model, "save_pretrained")
     if heads.uses_chunked_head(model):
         heads.restore_head(model)
+    _refuse_stale_optimizers([layer.B for _, layer in pairs])
     return model
 
 
 merge_and_unload = unwrap
+
+
+def _refuse_stale_optimizers(removed) -> None:
+    """After ``unwrap``: an optimizer still holding the removed layers' B's would train nothing of those layers (the
+    plain weights are new Parameters); its next step raises. The hook goes inert once the B's are collected."""
+    refs = {id(B): weakref.ref(B) for B in removed}
+
+    def pre(optimizer, args, kwargs):
+        alive = [r for r in refs.values() if r() is not None]
+        if not alive:
+            return
+        held = sum(1 for g in optimizer.param_groups for p in g["params"] if (r := refs.get(id(p))) and r() is p)
+        if held:
+            raise ValueError(f"rso: this {type(optimizer).__name__} holds {held} B parameter(s) of layers rso.unwrap "
+                             f"replaced, so it would train nothing of them; create the optimizer again over the "
+                             f"unwrapped model's parameters")
+
+    register_optimizer_step_pre_hook(pre)
+
+
+def effective_state_dict(model: nn.Module) -> dict:
+    """The unwrapped model's state dict (each wrapped layer's ``weight`` = W₀ + s·B P, in its module's layout; no rso
+    entries), computed without merging: unlike ``model.state_dict()`` (which merges B into W₀, so weight decay on B
+    restarts from there) it leaves the model and its training untouched. For EMAs, logging, exports."""
+    state = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, SubspaceLinear):
+            weight = module.effective_weight()
+            state[prefix + "weight"] = weight.T if module.layout == "conv1d" else weight
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach()
+            continue
+        state.update({prefix + k: v.detach() for k, v in module._parameters.items() if v is not None})
+        state.update({prefix + k: v for k, v in module._buffers.items()
+                      if v is not None and k not in module._non_persistent_buffers_set})
+    return state
 
 
 def outer_step(model: nn.Module, optimizer=None):

@@ -55,8 +55,8 @@ def test_the_ema_of_the_merged_weights_is_the_average_model():
         for k in expected:  # the reference: the EMA of the effective weights, computed by hand
             current = effective.get(k, model.state_dict(keep_vars=True).get(k))
             expected[k] = decay * expected[k] + (1 - decay) * current.detach()
-        with torch.no_grad():  # the recipe: state_dict() holds the merged weights (B ← 0, P kept)
-            merged = model.state_dict()
+        with torch.no_grad():  # the recipe: the effective weights, without merging (training untouched)
+            merged = rso.effective_state_dict(model)
             for k, v in ema.state_dict().items():
                 v.lerp_(merged[k], 1 - decay)
     for k, v in ema.state_dict().items():
@@ -86,3 +86,30 @@ def test_a_copy_trained_with_its_own_optimizer_trains_and_merges():
     assert rso.state(other)["cycle"] == 1 and rso.state(model)["step"] == 0
     other.load_state_dict(model.state_dict())  # a load is a known change too
     other(x)
+
+
+def test_the_effective_state_dict_is_the_unwrapped_model_s_and_changes_nothing():
+    model, (x, y) = wrapped(), data()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    step(model, opt, x, y)
+    B = model[0].B.detach().clone()
+    state = rso.effective_state_dict(model)
+    assert torch.equal(model[0].B, B)  # no merge: weight decay on B goes on from the same point
+    plain = rso.unwrap(copy.deepcopy(model))
+    assert state.keys() == plain.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_an_optimizer_kept_after_unwrap_refuses_to_step():
+    model, (x, y) = wrapped(), data()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step(model, opt, x, y)
+    rso.unwrap(model)
+    with pytest.raises(ValueError, match=r"^rso: this AdamW holds 2 B parameter\(s\) of layers rso\.unwrap replaced, "
+                                         r"so it would train nothing of them; create the optimizer again"):
+        step(model, opt, x, y)
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = model[0].weight.detach().clone()
+    step(model, fresh, x, y)
+    assert not torch.equal(model[0].weight, before)
