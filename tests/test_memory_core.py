@@ -16,7 +16,8 @@ def test_each_wrapped_layer_saves_batch_seq_rank_elements():
 
     def hook(name):
         def fn(module, args, output):
-            saved = output.grad_fn.saved_tensors  # z, W₀, B
+            function = output.grad_fn.next_functions[0][0]  # the layer's output is a view of the function's
+            saved = function.saved_tensors  # z, W₀, B
             per_layer[name] = [t.numel() for t in saved if t.untyped_storage().data_ptr() not in params]
         return fn
 

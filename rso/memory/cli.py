@@ -44,6 +44,23 @@ def _ints(text):
 
 
 def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.fit is not None:
+            return _plan(args)
+        results = _estimates(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for res in results:
+        _print_estimate(args, res)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rso.memory",
         description="Estimate weights, gradients, optimizer states and activations of one training step "
@@ -79,52 +96,48 @@ def main(argv=None) -> int:
     parser.add_argument("--reserve", default=None,
                         help=f"with --fit: left aside for CUDA (default {GPU_RESERVE // 2 ** 30}GiB; 0 on a host)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        if args.fit is not None:
-            return _plan(args)
-        if args.reserve is not None:
-            raise ValueError("--reserve goes with --fit")
-        if args.method is not None and args.method != "all" and args.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)} or 'all', got {args.method!r}")
-        for name in ("rank", "seq"):
-            if getattr(args, name) is not None and len(getattr(args, name)) != 1:
-                raise ValueError(f"--{name} takes one value without --fit")
-        args.method = args.method or "rso"
-        _check_ranks(args, methods=RANK_METHODS if args.method == "all" else (args.method,))
-        args.rank = args.rank[0] if args.rank else None
-        args.seq = args.seq[0] if args.seq else 2048
-        args.batch = 1 if args.batch is None else args.batch
-        methods = METHODS if args.method == "all" else (args.method,)
-        results = []
-        for method in methods:
-            results.append(estimate(args.model, method=method, rank=args.rank, batch=args.batch, seq=args.seq,
-                                    **_options(args)))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
-        return 0
-    for res in results:
-        rank = f" · rank {res['rank']}" if res["method"] in ("galore", "rso", "lora") else ""
-        print(format_estimate(res, title=f"{args.model} · {res['method']}{rank} · "
-                                         f"batch {args.batch} × seq {args.seq} · {args.dtype}"
-                                         f"{' + fp32 master' if args.master_weights else ''}"
-                                         f"{' · chunked CE' if args.chunked_ce else ''}"
-                                         f"{' · checkpointing' if args.activation_checkpointing else ''}"
-                                         f"{' · 8-bit states' if args.optimizer_bits == 8 else ''}"
-                                         f"{' · per-layer updates' if args.per_layer_updates else ''}"))
-        if args.activation_checkpointing:
-            print(f"  (activations: {gigabytes(res['activations_kept'])} kept + "
-                  f"{gigabytes(res['activations_recompute'])} for one block's recomputation)")
-        for gpu, cap in GPU_SIZES.items():
-            most, _ = _largest_batch(args.model, res["method"], dict(rank=args.rank, **_options(args)), args.seq,
-                                     cap - GPU_RESERVE)
-            print(f"largest batch at seq {args.seq} on a {gpu}: {most}"
-                  f"{'' if most else ' (the model state alone does not fit)'}")
-        print()
-    return 0
+    return parser
+
+
+def _estimates(args) -> list:
+    """Without ``--fit``: one estimate per method asked for (``all``: every method). Fills in the defaults on
+    ``args`` (method rso, one rank, seq 2048, batch 1); a ValueError for flags that do not go together."""
+    if args.reserve is not None:
+        raise ValueError("--reserve goes with --fit")
+    if args.method is not None and args.method != "all" and args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)} or 'all', got {args.method!r}")
+    for name in ("rank", "seq"):
+        if getattr(args, name) is not None and len(getattr(args, name)) != 1:
+            raise ValueError(f"--{name} takes one value without --fit")
+    args.method = args.method or "rso"
+    _check_ranks(args, methods=RANK_METHODS if args.method == "all" else (args.method,))
+    args.rank = args.rank[0] if args.rank else None
+    args.seq = args.seq[0] if args.seq else 2048
+    args.batch = 1 if args.batch is None else args.batch
+    methods = METHODS if args.method == "all" else (args.method,)
+    return [estimate(args.model, method=method, rank=args.rank, batch=args.batch, seq=args.seq, **_options(args))
+            for method in methods]
+
+
+def _print_estimate(args, res) -> None:
+    """One estimate's table, the activation split with checkpointing, and the largest batch per GPU size."""
+    rank = f" · rank {res['rank']}" if res["method"] in RANK_METHODS else ""
+    print(format_estimate(res, title=f"{args.model} · {res['method']}{rank} · "
+                                     f"batch {args.batch} × seq {args.seq} · {args.dtype}"
+                                     f"{' + fp32 master' if args.master_weights else ''}"
+                                     f"{' · chunked CE' if args.chunked_ce else ''}"
+                                     f"{' · checkpointing' if args.activation_checkpointing else ''}"
+                                     f"{' · 8-bit states' if args.optimizer_bits == 8 else ''}"
+                                     f"{' · per-layer updates' if args.per_layer_updates else ''}"))
+    if args.activation_checkpointing:
+        print(f"  (activations: {gigabytes(res['activations_kept'])} kept + "
+              f"{gigabytes(res['activations_recompute'])} for one block's recomputation)")
+    for gpu, cap in GPU_SIZES.items():
+        most, _ = _largest_batch(args.model, res["method"], dict(rank=args.rank, **_options(args)), args.seq,
+                                 cap - GPU_RESERVE)
+        print(f"largest batch at seq {args.seq} on a {gpu}: {most}"
+              f"{'' if most else ' (the model state alone does not fit)'}")
+    print()
 
 
 def _check_ranks(args, methods) -> None:

@@ -45,17 +45,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["estimate", "check_rank", "default_rank", "PRESETS", "METHODS", "RANK_METHODS", "UNCAPPED_RANK_METHODS",
            "llama_dims", "LlamaDims", "fits", "format_estimate", "GPU_SIZES"]
-
-METHODS = ("adamw", "galore", "rso", "lora", "frozen")
-#: The methods whose step depends on the rank.
-RANK_METHODS = ("galore", "rso", "lora")
-#: Those whose rank may not exceed a layer's smaller dimension (``rso.wrap`` refuses it; a LoRA adapter gains
-#: nothing from it); the GaLore optimizers cap it per layer instead (``rso.optim``, galore-torch).
-UNCAPPED_RANK_METHODS = ("rso", "lora")
 
 #: The LLaMA shapes the GaLore / GoLore / RSO papers pre-train (vocab 32000, untied head), plus a tiny one.
 PRESETS = {
@@ -104,6 +98,109 @@ class LlamaDims:
         if name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             return self.attention_bias
         return self.mlp_bias
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one estimate is about: the shapes, byte sizes and options every term reads."""
+    dims: LlamaDims
+    wb: int                 # bytes of a weight, gradient or activation element
+    sb: int                 # bytes of an optimizer moment element
+    ab: int                 # bytes of a trained per-layer element (a LoRA adapter's; else wb)
+    ranks: dict             # linear layer name -> its rank, capped at min(out, in)
+    groups: dict            # RSO projection group -> (rank, in_features): one stored P and one saved z each
+    trains_others: bool     # embeddings, norms, biases and head train
+    attn: str
+    seq: int
+    galore_projector: str
+
+    @property
+    def inputs(self) -> dict:
+        """Per token bytes of each projection group's input that a trained linear weight saves: q/k/v's and
+        gate/up's (wb·h, shared), down's (wb·i) and o_proj's (wb·a·e, only with eager attention: SDPA saves it)."""
+        d, wb = self.dims, self.wb
+        o_input = 0 if self.attn == "sdpa" else wb * d.heads * d.head_dim
+        return {"qkv": wb * d.hidden, "o": o_input, "gate_up": wb * d.hidden, "down": wb * d.intermediate}
+
+
+@dataclass(frozen=True)
+class _Method:
+    """What a training method changes in a step; :data:`_METHODS` holds one per method.
+
+    ``tensors(s)``: element counts of the tensors trained in place of one decoder layer's linear weights;
+    ``saved(s)``: per token bytes one layer's linear layers save for backward beyond the floor;
+    ``trains_weight``: those tensors are the weights W themselves (else new tensors beside a frozen W);
+    ``rank``: None, ``"capped"`` (capped per layer at min(in, out)) or ``"uncapped"`` (refused above it);
+    ``step_tensor``: its optimizer keeps torch.optim.AdamW's 4-byte ``step`` tensor per parameter;
+    ``moments(s)``: (elements with subspace moments per layer, projector elements per layer), default
+    (``tensors(s)``, 0); ``buffers(s)``: bytes of its per-layer buffers; ``trains_others(lora_train_other)``;
+    ``adapter_dtype(lora_dtype)``: the dtype of its trained per-layer tensors (None: the model's)."""
+    tensors: Callable[[_Step], list]
+    saved: Callable[[_Step], int]
+    trains_weight: bool = False
+    rank: str | None = None
+    step_tensor: bool = True
+    moments: Callable[[_Step], tuple] | None = None
+    buffers: Callable[[_Step], int] = lambda s: 0
+    trains_others: Callable[[bool], bool] = lambda lora_train_other: True
+    adapter_dtype: Callable[[object], object] = lambda lora_dtype: None
+
+
+def _weights(s: _Step) -> list:
+    """W of every linear layer: out·in elements."""
+    return [o * n for _, o, n, _ in s.dims.linears]
+
+
+def _rso_tensors(s: _Step) -> list:
+    """RSO's B of each layer: out·r."""
+    return [o * s.ranks[name] for name, o, _, _ in s.dims.linears]
+
+
+def _lora_tensors(s: _Step) -> list:
+    """LoRA's A (r·in) and B (out·r) of each layer."""
+    return [x for name, o, n, _ in s.dims.linears for x in (s.ranks[name] * n, o * s.ranks[name])]
+
+
+def _galore_moments(s: _Step) -> tuple:
+    """Projected moments r·max(m, n) per weight and an r·min(m, n) projector; with ``galore_projector="peer"``
+    in fp32 the projector is a slice of the whole SVD factor (U[:, :r] / Vh[:r]): min(m, n)² kept alive."""
+    lin = s.dims.linears
+    moments = [s.ranks[name] * max(o, n) for name, o, n, _ in lin]
+    if s.galore_projector == "peer" and s.wb == 4:
+        return moments, sum(min(o, n) ** 2 for _, o, n, _ in lin)
+    return moments, sum(s.ranks[name] * min(o, n) for name, o, n, _ in lin)
+
+
+def _rso_buffers(s: _Step) -> int:
+    """One P (r·in) per projection group, and an int64 step, cycle and seed per layer."""
+    return sum(r * n for r, n in s.groups.values()) * s.wb + len(s.dims.linears) * 3 * 8
+
+
+def _lora_saved(s: _Step) -> int:
+    """Each adapter saves its input x (the layer inputs a trained W saves, :attr:`_Step.inputs`; with fp32 adapters
+    in a lower-precision model an fp32 copy per adapter, ab·in) and A x (ab·r)."""
+    inputs = sum(s.inputs.values()) if s.ab == s.wb else s.ab * sum(n for _, _, n, _ in s.dims.linears)
+    return inputs + s.ab * sum(s.ranks.values())
+
+
+#: method -> what it changes; adding a method is one entry (and its name in the docs of ``estimate``).
+_METHODS = {
+    "adamw": _Method(tensors=_weights, saved=lambda s: sum(s.inputs.values()), trains_weight=True),
+    "galore": _Method(tensors=_weights, saved=lambda s: sum(s.inputs.values()), trains_weight=True, rank="capped",
+                      step_tensor=False, moments=_galore_moments),
+    "rso": _Method(tensors=_rso_tensors, saved=lambda s: s.wb * sum(r for r, _ in s.groups.values()),
+                   rank="uncapped", buffers=_rso_buffers),
+    "lora": _Method(tensors=_lora_tensors, saved=_lora_saved, rank="uncapped",
+                    trains_others=lambda lora_train_other: lora_train_other,
+                    adapter_dtype=lambda lora_dtype: lora_dtype),
+    "frozen": _Method(tensors=lambda s: [], saved=lambda s: 0),
+}
+METHODS = tuple(_METHODS)
+#: The methods whose step depends on the rank.
+RANK_METHODS = tuple(m for m, rule in _METHODS.items() if rule.rank)
+#: Those whose rank may not exceed a layer's smaller dimension (``rso.wrap`` refuses it; a LoRA adapter gains
+#: nothing from it); the GaLore optimizers cap it per layer instead (``rso.optim``, galore-torch).
+UNCAPPED_RANK_METHODS = tuple(m for m, rule in _METHODS.items() if rule.rank == "uncapped")
 
 
 def _get(cfg, key, default=None):
@@ -243,6 +340,39 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
             accumulated, and the gradient freed (GaLore's "per-layer weight updates"): ``gradients`` is
             the largest single gradient.
     """
+    _check_options(method, attn, galore_projector, batch, seq)
+    rank = _checked_rank(config, rank, method)
+    if optimizer_bits not in (None, 8, 16, 32):
+        raise ValueError(f"rso.memory.estimate: optimizer_bits must be 8, 16, 32 or None, got {optimizer_bits!r}")
+    rule = _METHODS[method]
+    s = _step(config, rule, rank, seq, dtype, attn=attn, share_projections=share_projections,
+              sb32=fp32_states or optimizer_bits == 32, lora_train_other=lora_train_other, lora_dtype=lora_dtype,
+              galore_projector=galore_projector)
+    if chunked_ce not in (False, None, True, "recompute", "fused"):
+        raise ValueError(f"rso.memory.estimate: chunked_ce must be False, True, 'recompute' or 'fused', "
+                         f"got {chunked_ce!r}")
+    p = _parameters(s, rule)
+    step_tensors = (rule.step_tensor and optimizer_bits != 8) if step_tensors is None else step_tensors
+    optimizer, subspace, gradients = _optimizer(s, rule, p, optimizer_bits == 8, step_tensors, per_layer_updates)
+    kept, recompute = _activations(s, rule, batch, chunked_ce, activation_checkpointing)
+    weights = p["n_all"] * s.wb + p["buffers"] + p["adapter_extra"]
+    master = p["trainable"] * 4 if (master_weights and s.wb != 4) else 0
+    activations = kept + recompute
+    total = weights + master + gradients + optimizer + activations
+    return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
+            "activations": activations, "total": total,
+            "parameters": p["n_all"] * s.wb, "trainable_parameters": p["trainable"] * s.wb,
+            "buffers": p["buffers"], "master_weights": master,
+            "activations_kept": kept, "activations_recompute": recompute,
+            "optimizer_subspace": subspace,
+            "n_parameters": p["n_all"], "n_trainable": p["trainable"],
+            "method": method, "rank": rank, "batch": batch, "seq": seq, "dtype": str(dtype), "attn": attn,
+            "activation_checkpointing": bool(activation_checkpointing), "chunked_ce": chunked_ce,
+            "optimizer_bits": optimizer_bits, "per_layer_updates": bool(per_layer_updates)}
+
+
+def _check_options(method, attn, galore_projector, batch, seq) -> None:
+    """ValueError for a method, attention, projector, batch or seq :func:`estimate` does not know."""
     if method not in METHODS:
         raise ValueError(f"rso.memory.estimate: method must be one of {METHODS}, got {method!r}")
     if attn not in ("sdpa", "eager"):
@@ -252,168 +382,132 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     for name, value in (("batch", batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rso.memory.estimate: {name} must be a positive int, got {value!r}")
-    dims = llama_dims(config)
+
+
+def _checked_rank(config, rank, method):
+    """``rank``, or the default one (:func:`default_rank`), after :func:`check_rank` (and the config's shapes)."""
+    llama_dims(config)  # the config's own error comes before the rank's
     rank = default_rank(config) if rank is None else rank
     try:
         check_rank(config, rank, method)
     except ValueError as e:
         raise ValueError(f"rso.memory.estimate: {e}") from None
-    if optimizer_bits not in (None, 8, 16, 32):
-        raise ValueError(f"rso.memory.estimate: optimizer_bits must be 8, 16, 32 or None, got {optimizer_bits!r}")
-    wb = _bytes_of(dtype)           # weights, gradients, activations
-    sb = 4 if (fp32_states or optimizer_bits == 32) else wb   # optimizer moments
-    eight_bit = optimizer_bits == 8
-    d = dims
-    L, h, i, V = d.layers, d.hidden, d.intermediate, d.vocab
-    T = batch * seq
-    if step_tensors is None:
-        step_tensors = method != "galore" and not eight_bit  # bitsandbytes keeps an int step
+    return rank
 
-    # ---------------------------------------------------------------- parameters
-    lin = d.linears
-    lin_weights = sum(o * n for _, o, n, _ in lin)
-    lin_biases = sum(o for name, o, _, _ in lin if d.bias(name))
-    layer_norms = 2 * h
-    embed = V * h
-    head = 0 if d.tied else V * h
-    n_params = embed + head + h + L * (lin_weights + lin_biases + layer_norms)
-    # tensors: per layer 7 weights + biases + 2 norms; embed, final norm, head
-    n_tensors_other = 2 + (0 if d.tied else 1) + L * (2 + sum(1 for name, *_ in lin if d.bias(name)))
-    buffers = 2 * (d.head_dim // 2) * wb  # RoPE inv_freq and original_inv_freq, cast with the model by .to(dtype)
 
-    ranks = {name: _rank_for(rank, o, n) for name, o, n, _ in lin}
-    # RSO's projection groups: (rank, in_features) of each; q/k/v share one P and one stored z, gate/up one
-    projection_groups = {(grp, ranks[name]) if share_projections else name: (ranks[name], n)
-                         for name, _, n, grp in lin}
-    extra_weights = 0
-    if method in ("adamw", "galore"):
-        trainable, n_trainable_tensors = n_params, n_tensors_other + L * len(lin)
-    elif method == "frozen":
-        trainable, n_trainable_tensors = n_params - L * lin_weights, n_tensors_other
-    elif method == "rso":
-        B = sum(o * ranks[name] for name, o, _, _ in lin)
-        P = sum(r * n for r, n in projection_groups.values())
-        extra_weights = L * B
-        buffers += L * (P * wb + len(lin) * 3 * 8)  # one P per group, int64 step/cycle/seed per layer
-        trainable = n_params - L * lin_weights + L * B
-        n_trainable_tensors = n_tensors_other + L * len(lin)
-    else:  # lora
-        AB = sum(ranks[name] * (o + n) for name, o, n, _ in lin)
-        extra_weights = L * AB
-        trainable = L * AB + (n_params - L * lin_weights if lora_train_other else 0)
-        n_trainable_tensors = 2 * L * len(lin) + (n_tensors_other if lora_train_other else 0)
-    ab = _bytes_of(lora_dtype) if (method == "lora" and lora_dtype) else wb  # adapter bytes
-    adapter_extra = (ab - wb) * extra_weights if method == "lora" else 0
+def _step(config, rule, rank, seq, dtype, *, attn, share_projections, sb32, lora_train_other, lora_dtype,
+          galore_projector) -> _Step:
+    """The shapes and byte sizes of one estimate. Moments are 4 bytes with ``sb32``, else ``dtype``'s; a trained
+    per-layer tensor has its method's adapter dtype (None: ``dtype``). RSO's q/k/v share one projection group,
+    and gate/up one, when ``share_projections`` (each layer its own otherwise)."""
+    d = llama_dims(config)
+    wb = _bytes_of(dtype)
+    adapter_dtype = rule.adapter_dtype(lora_dtype)
+    ranks = {name: _rank_for(rank, o, n) for name, o, n, _ in d.linears}
+    groups = {(grp, ranks[name]) if share_projections else name: (ranks[name], n) for name, _, n, grp in d.linears}
+    return _Step(dims=d, wb=wb, sb=4 if sb32 else wb, ab=_bytes_of(adapter_dtype) if adapter_dtype else wb,
+                 ranks=ranks, groups=groups, trains_others=rule.trains_others(lora_train_other), attn=attn, seq=seq,
+                 galore_projector=galore_projector)
 
-    weights = (n_params + extra_weights) * wb + buffers + adapter_extra
-    master = trainable * 4 if (master_weights and wb != 4) else 0
-    gradients = trainable * wb + adapter_extra
-    # the tensors an optimizer keeps moments for: (elements, whether it is a subspace tensor), per layer and once
-    other_tensors = [V * h] + ([] if d.tied else [V * h]) + [h]
-    layer_other = [h, h] + [o for name, o, _, _ in lin if d.bias(name)]
-    if method in ("adamw", "galore"):
-        layer_sub = [o * n for _, o, n, _ in lin]
-    elif method == "rso":
-        layer_sub = [o * ranks[name] for name, o, _, _ in lin]
-    elif method == "lora":
-        layer_sub = [x for name, o, n, _ in lin for x in (ranks[name] * n, o * ranks[name])]
-    else:
-        layer_sub = []
-    if method == "lora" and not lora_train_other:
-        other_tensors, layer_other = [], []
-    if method == "galore":  # projected weights keep r·max(m, n) moments and an r·min(m, n) projector
-        moment_sub = [ranks[name] * max(o, n) for name, o, n, _ in lin]
-        projector = sum(ranks[name] * min(o, n) for name, o, n, _ in lin)
-        if galore_projector == "peer" and wb == 4:  # U[:, :r] / Vh[:r] keep the whole factor alive
-            projector = sum(min(o, n) ** 2 for _, o, n, _ in lin)
-    else:
-        moment_sub, projector = layer_sub, 0
+
+def _parameters(s: _Step, rule: _Method) -> dict:
+    """Element counts: ``n_params`` (the model: embeddings, head unless tied, final norm, per layer the linear
+    weights, biases and two norms), ``n_all`` (plus new per-layer tensors: L·Σ tensors unless the method trains
+    W itself), ``trainable`` (L·Σ tensors, plus everything but the linear weights when the rest trains) and
+    ``n_tensors`` (trainable tensors); ``buffers`` in bytes (RoPE's two inv_freq, in the model's dtype, and the
+    method's); ``adapter_extra``: bytes the new tensors take beyond ``wb`` each, (ab − wb)·their elements."""
+    d, L = s.dims, s.dims.layers
+    lin_weights = sum(_weights(s))
+    n_biases = [o for name, o, _, _ in d.linears if d.bias(name)]
+    n_params = d.vocab * d.hidden * (1 if d.tied else 2) + d.hidden + L * (lin_weights + sum(n_biases) + 2 * d.hidden)
+    n_tensors_other = 2 + (0 if d.tied else 1) + L * (2 + len(n_biases))
+    tensors = rule.tensors(s)
+    extra = 0 if rule.trains_weight else L * sum(tensors)
+    others = s.trains_others
+    return {"n_params": n_params, "n_all": n_params + extra,
+            "trainable": L * sum(tensors) + (n_params - L * lin_weights if others else 0),
+            "n_tensors": L * len(tensors) + (n_tensors_other if others else 0),
+            "buffers": 2 * (d.head_dim // 2) * s.wb + L * rule.buffers(s),
+            "adapter_extra": (s.ab - s.wb) * extra}
+
+
+def _optimizer(s: _Step, rule: _Method, p: dict, eight_bit: bool, step_tensors: bool, per_layer_updates: bool):
+    """(optimizer bytes, the subspace tensors' moment bytes, gradient bytes). Moments are kept for the
+    embeddings, head and final norm, each layer's norms and biases (when they train) and the method's tensors
+    (or its projected moments, plus wb bytes per projector element); 4 bytes per trainable tensor with
+    ``step_tensors``. Gradients: every trainable element (ab bytes for the method's new tensors), or with
+    ``per_layer_updates`` only the largest single gradient."""
+    d, L = s.dims, s.dims.layers
+    other = ([d.vocab * d.hidden] * (1 if d.tied else 2) + [d.hidden]) if s.trains_others else []
+    layer_other = ([d.hidden, d.hidden] + [o for name, o, _, _ in d.linears if d.bias(name)]
+                   if s.trains_others else [])
+    tensors = rule.tensors(s)
+    moment_sub, projector = rule.moments(s) if rule.moments else (tensors, 0)
     if eight_bit:
-        def states(numel):  # bitsandbytes AdamW8bit: uint8 moments + fp32 absmax per 256 (≥ 4096 elements)
-            return 2 * numel + 2 * 4 * -(-numel // 256) if numel >= 4096 else 8 * numel
-        moments = [*other_tensors, *(layer_other + moment_sub) * L]
-        subspace_states = L * sum(states(x) for x in moment_sub)
-        optimizer = subspace_states + sum(states(x) for x in other_tensors) + L * sum(states(x) for x in layer_other)
-        optimizer += 2 * 256 * 4 if any(x >= 4096 for x in moments) else 0  # the two quantization maps
+        subspace = L * sum(_states_8bit(x) for x in moment_sub)
+        optimizer = subspace + sum(_states_8bit(x) for x in other) + L * sum(_states_8bit(x) for x in layer_other)
+        optimizer += 2 * 256 * 4 if any(x >= 4096 for x in [*other, *(layer_other + moment_sub) * L]) else 0
     else:
-        msb = max(sb, ab) if method == "lora" else sb
-        subspace_states = 2 * msb * L * sum(moment_sub)
-        optimizer = subspace_states + 2 * sb * (sum(other_tensors) + L * sum(layer_other))
-    optimizer += wb * L * projector
-    if step_tensors:
-        optimizer += 4 * n_trainable_tensors
+        subspace = 2 * max(s.sb, s.ab) * L * sum(moment_sub)
+        optimizer = subspace + 2 * s.sb * (sum(other) + L * sum(layer_other))
+    optimizer += s.wb * L * projector + (4 * p["n_tensors"] if step_tensors else 0)
     if per_layer_updates:  # a gradient lives only until its own optimizer step
-        gradients = max([*other_tensors, *layer_other, *layer_sub]) * (ab if method == "lora" else wb)
+        return optimizer, subspace, max([*other, *layer_other, *tensors]) * s.ab
+    return optimizer, subspace, p["trainable"] * s.wb + p["adapter_extra"]
 
-    # ---------------------------------------------------------------- activations (per token)
+
+def _states_8bit(numel: int) -> int:
+    """bitsandbytes AdamW8bit's state bytes of one tensor: two uint8 moments plus an fp32 absmax per 256 elements
+    of each when it has ≥ 4096 elements, else two fp32 moments (the quantization maps are counted once)."""
+    return 2 * numel + 2 * 4 * -(-numel // 256) if numel >= 4096 else 8 * numel
+
+
+def _layer_activations(s: _Step, rule: _Method) -> int:
+    """Per token bytes one decoder layer saves: two RMSNorms (trained: 4h + 4 + wb·h; frozen: 4h + 4), the
+    attention (SDPA: q, k, v, output, fp32 log-sum-exp; eager: q, k, v, the fp32 softmax of size a·seq and its
+    low-precision copy), the MLP's gate, SiLU(gate) and up (3·wb·i), and what the method's linear layers save."""
+    d, wb = s.dims, s.wb
     e, a, g = d.head_dim, d.heads, d.kv_heads
-    norm = 4 * h + 4 + wb * h  # RMSNorm: its input in fp32 (4h), rstd (4), the normalized output (wb·h)
-    if attn == "sdpa":
+    norm = 4 * d.hidden + 4 + (wb * d.hidden if s.trains_others else 0)
+    if s.attn == "sdpa":
         attention = wb * (2 * a * e + 2 * g * e) + 4 * a
-        o_input = 0  # the SDPA output, saved by SDPA itself
     else:
-        attention = wb * 3 * a * e + 4 * a * seq + (wb * a * seq if wb != 4 else 0)
-        o_input = wb * a * e
-    mlp = 3 * wb * i
-    inputs = {"qkv": wb * h, "o": o_input, "gate_up": wb * h, "down": wb * i}
-    floor = 2 * norm + attention + mlp
-    if method in ("adamw", "galore"):
-        layer = floor + sum(inputs.values())
-    elif method == "frozen":
-        layer = floor
-    elif method == "rso":
-        layer = floor + wb * sum(r for r, _ in projection_groups.values())
-    else:  # lora: adapters save their input x (an fp32 copy each if adapters are fp32) and A x
-        if ab == wb:
-            adapter_inputs = sum(inputs.values())
-        else:
-            adapter_inputs = ab * sum(n for _, _, n, _ in lin)
-        adapter = adapter_inputs + ab * sum(ranks.values())
-        if lora_train_other:
-            layer = floor + adapter
-        else:  # frozen norms save only x (its fp32 copy) and rsqrt; layer 0's input norm sees no grad
-            frozen_norm = 4 * h + 4
-            layer = floor - 2 * norm + 2 * frozen_norm + adapter
-    others_train = method != "lora" or lora_train_other
-    final_norm = norm if others_train else 4 * h + 4
-    if chunked_ce not in (False, None, True, "recompute", "fused"):
-        raise ValueError(f"rso.memory.estimate: chunked_ce must be False, True, 'recompute' or 'fused', "
-                         f"got {chunked_ce!r}")
-    ids = 8 if others_train else 0
-    first_norm = 0 if others_train else -(4 * h + 4)
-    if chunked_ce == "fused":  # d loss/d h per token, and the head's weight gradient (if it trains)
-        head_loss, fixed = wb * h, (V * h * wb if others_train else 0)
-    elif chunked_ce:  # h, fp32 log-sum-exp, int64 target
-        head_loss, fixed = wb * h + 4 + 8, 0
-    else:  # the head's input (if it trains), fp32 log-softmax, int64 target, a scalar
-        head_loss, fixed = (wb * h if others_train else 0) + 4 * V + 8, 4
-    if chunked_ce != "fused" and batch == 1:
-        # Hugging Face shifts the labels by padding one ignore_index and slicing [..., 1:]: at batch 1 the slice
-        # is contiguous, so the saved targets keep the padded storage, one int64 more than the tokens.
-        fixed += 8
-    rope = 2 * seq * e * wb  # cos and sin, saved by every layer's rotary embedding (one storage each)
-    if not activation_checkpointing:
-        per_token = ids + L * layer + first_norm + final_norm + head_loss
-        kept, recompute = T * per_token + rope + fixed, 0
-    else:
-        # kept: each block's input (checkpoint saves it), and what runs outside the blocks (the embedding's
-        # output requires grad under checkpointing, so no block is special). recomputed: one block's own
-        # saved tensors, less what is kept already (an fp32 RMSNorm saves its input itself), and cos / sin
-        kept = T * (ids + L * wb * h + final_norm + head_loss) + fixed
-        recompute = T * (layer - (4 * h if wb == 4 else 0)) + rope
-    activations = kept + recompute
+        attention = wb * 3 * a * e + 4 * a * s.seq + (wb * a * s.seq if wb != 4 else 0)
+    return 2 * norm + attention + 3 * wb * d.intermediate + rule.saved(s)
 
-    total = weights + master + gradients + optimizer + activations
-    return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
-            "activations": activations, "total": total,
-            "parameters": (n_params + extra_weights) * wb, "trainable_parameters": trainable * wb,
-            "buffers": buffers, "master_weights": master,
-            "activations_kept": kept, "activations_recompute": recompute,
-            "optimizer_subspace": subspace_states,
-            "n_parameters": n_params + extra_weights, "n_trainable": trainable,
-            "method": method, "rank": rank, "batch": batch, "seq": seq, "dtype": str(dtype), "attn": attn,
-            "activation_checkpointing": bool(activation_checkpointing), "chunked_ce": chunked_ce,
-            "optimizer_bits": optimizer_bits, "per_layer_updates": bool(per_layer_updates)}
+
+def _head_activations(s: _Step, batch: int, chunked_ce) -> tuple:
+    """(per token bytes, fixed bytes) of the loss head: ``"fused"``: d loss/d h per token and the head's weight
+    gradient (if it trains); chunked: h, an fp32 log-sum-exp and the int64 target; else the head's input (if it
+    trains), the fp32 log-softmax (4V), the target and a 4-byte scalar. At batch 1 (not fused) the shifted labels
+    keep their padded storage: 8 bytes more (Hugging Face pads one ignore_index and slices [..., 1:])."""
+    d, wb, others = s.dims, s.wb, s.trains_others
+    if chunked_ce == "fused":
+        per_token, fixed = wb * d.hidden, (d.vocab * d.hidden * wb if others else 0)
+    elif chunked_ce:
+        per_token, fixed = wb * d.hidden + 4 + 8, 0
+    else:
+        per_token, fixed = (wb * d.hidden if others else 0) + 4 * d.vocab + 8, 4
+    return per_token, fixed + (8 if chunked_ce != "fused" and batch == 1 else 0)
+
+
+def _activations(s: _Step, rule: _Method, batch: int, chunked_ce, checkpointing: bool) -> tuple:
+    """(kept, recompute) activation bytes over T = batch·seq tokens. Besides L layers: the token ids (8 per token)
+    and the final norm (4h + 4 + wb·h, or 4h + 4 frozen), the head, RoPE's cos and sin (2·seq·e·wb); with frozen
+    norms layer 0's input norm sees no grad (4h + 4 less). With checkpointing kept is each block's input (wb·h per
+    layer) and what runs outside the blocks, recompute one block's own saved tensors less what is kept already
+    (an fp32 RMSNorm saves its input itself: 4h) plus cos and sin."""
+    d, wb, T = s.dims, s.wb, batch * s.seq
+    layer = _layer_activations(s, rule)
+    frozen_norm = 4 * d.hidden + 4
+    final_norm = frozen_norm + (wb * d.hidden if s.trains_others else 0)
+    ids, first_norm = (8, 0) if s.trains_others else (0, -frozen_norm)
+    head, fixed = _head_activations(s, batch, chunked_ce)
+    rope = 2 * s.seq * d.head_dim * wb
+    if not checkpointing:
+        return T * (ids + d.layers * layer + first_norm + final_norm + head) + rope + fixed, 0
+    kept = T * (ids + d.layers * wb * d.hidden + final_norm + head) + fixed
+    return kept, T * (layer - (4 * d.hidden if wb == 4 else 0)) + rope
 
 
 def fits(result: dict, capacity: int, reserve: int = GPU_RESERVE) -> bool:

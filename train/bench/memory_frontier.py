@@ -70,7 +70,7 @@ def parse_case(case: str) -> dict:
 
 
 def model_config(name: str, seq: int) -> dict:
-    from rso.memory.estimate import PRESETS, _load_config
+    from rso.memory.estimate import _load_config
     cfg, _ = _load_config(name)
     cfg = dict(cfg)
     cfg.setdefault("vocab_size", 32000)
@@ -148,15 +148,9 @@ def _phase_peaks(torch, info, phase):
 
 def run_case(spec: dict) -> dict:
     """One case in this process (the worker): build, set up, one measured step (and ``timed_steps`` more)."""
-    import statistics
     import warnings
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rso.memory import measure_step
-    from rso.train.bench.recipes import setup
-    from rso.train.methods import enable_activation_checkpointing, resolve_optimizer
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(spec["threads"])
@@ -165,11 +159,7 @@ def run_case(spec: dict) -> dict:
     cuda = device.startswith("cuda")
     out = {"case": spec["case"], "threads": spec["threads"], "device": device, "batch": spec["batch"],
            "seq": spec["seq"]}
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    info = None
     if cuda:
         out["cuda"] = info = _cuda_cap(torch, spec.get("memory_limit"))
         if "error" in info:
@@ -178,52 +168,13 @@ def run_case(spec: dict) -> dict:
     limit = spec.get("memory_limit")
     phase = "build"
     try:
-        t0 = time.perf_counter()
-        config = LlamaConfig(**spec["model"], attn_implementation="sdpa")
-        torch.manual_seed(0)
-        with torch.device(device):  # random init in bf16 where the model runs: no fp32 copy, no host copy
-            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-        model.train()
-        out["build_s"] = round(time.perf_counter() - t0, 1)
-        out["rss_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-        out["parameter_devices"] = sorted({str(p.device) for p in model.parameters()})
-        method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
-        s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
-        model, opt = s.model, s.optimizer
-        if c["checkpointing"]:
-            enable_activation_checkpointing(model)
-        if c["eight_bit"]:
-            opt = resolve_optimizer("adamw8bit")([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        model, opt, ids = _build_case(spec, c, out)
         if cuda:
             _phase_peaks(torch, info, "build")
         phase = "measured step"
-        sync()
-        t0 = time.perf_counter()
-        report = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=True)
-        sync()
-        out["step_s"] = round(time.perf_counter() - t0, 3 if cuda else 1)
-        out["measured"] = report.as_dict()
-        if cuda:
-            _phase_peaks(torch, info, "measured step")
+        _measured_step(torch, model, opt, ids, out, info)
         phase = "timed steps"
-        times = []
-        for _ in range(spec.get("timed_steps", 0)):
-            sync()
-            t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-        if times:
-            out["timed_steps_s"] = times
-            out["tokens_per_s"] = spec["batch"] * spec["seq"] / statistics.median(times)
-            if cuda:
-                _phase_peaks(torch, info, "timed steps")
+        _timed_steps(torch, model, opt, ids, spec, out, info)
     except torch.OutOfMemoryError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
         cap = f"the {limit / GiB:.1f} GiB cap" if limit else "the device's memory"
@@ -235,6 +186,78 @@ def run_case(spec: dict) -> dict:
         info["cap_respected"] = all(p["reserved"] <= limit for p in info.get("peaks", {}).values())
     out["rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+def _build_case(spec: dict, c: dict, out: dict):
+    """(model, optimizer, input ids): the model built with random init in bf16 on its device (no fp32 copy, no
+    host copy), the method set up (no merge within the step), checkpointing and 8-bit AdamW as the case asks;
+    the build's time, resident memory and parameter dtypes / devices go to ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rso.train.bench.recipes import setup
+    from rso.train.methods import enable_activation_checkpointing, resolve_optimizer
+
+    device = spec.get("device", "cpu")
+    t0 = time.perf_counter()
+    config = LlamaConfig(**spec["model"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.train()
+    out["build_s"] = round(time.perf_counter() - t0, 1)
+    out["rss_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    out["parameter_devices"] = sorted({str(p.device) for p in model.parameters()})
+    method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
+    s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
+    model, opt = s.model, s.optimizer
+    if c["checkpointing"]:
+        enable_activation_checkpointing(model)
+    if c["eight_bit"]:
+        opt = resolve_optimizer("adamw8bit")([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
+    return model, opt, ids
+
+
+def _sync(torch, info):
+    """Wait for the GPU (``info``: the CUDA record, None on CPU)."""
+    if info is not None:
+        torch.cuda.synchronize()
+
+
+def _measured_step(torch, model, opt, ids, out: dict, info) -> None:
+    """One step under :func:`rso.memory.measure_step` (with the peak of live tensors): its bytes and wall time."""
+    from rso.memory import measure_step
+    _sync(torch, info)
+    t0 = time.perf_counter()
+    report = measure_step(model, {"input_ids": ids, "labels": ids}, opt, track_peak=True)
+    _sync(torch, info)
+    out["step_s"] = round(time.perf_counter() - t0, 1 if info is None else 3)
+    out["measured"] = report.as_dict()
+    if info is not None:
+        _phase_peaks(torch, info, "measured step")
+
+
+def _timed_steps(torch, model, opt, ids, spec: dict, out: dict, info) -> None:
+    """``spec["timed_steps"]`` ordinary steps, each timed: their times and tokens/s at the median."""
+    import statistics
+    times = []
+    for _ in range(spec.get("timed_steps", 0)):
+        _sync(torch, info)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(torch, info)
+        times.append(time.perf_counter() - t0)
+    if times:
+        out["timed_steps_s"] = times
+        out["tokens_per_s"] = spec["batch"] * spec["seq"] / statistics.median(times)
+        if info is not None:
+            _phase_peaks(torch, info, "timed steps")
 
 
 def _estimate_terms(est: dict) -> dict:

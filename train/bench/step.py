@@ -149,8 +149,6 @@ def _flops(model, batch):
 def run_worker(spec: dict) -> dict:
     """One method on one config in this process: memory, FLOPs, timings (and the sweep)."""
     import torch
-    from rso.memory import measure_step
-    from rso.train.bench.recipes import setup
 
     cores = _pin(spec["threads"], spec.get("cores")) if spec["device"] == "cpu" else None
     out = {"method": spec["method"], "config": spec["config_name"], "device": spec["device"], "dtype": spec["dtype"],
@@ -158,9 +156,40 @@ def run_worker(spec: dict) -> dict:
            "cores": cores, "attn": spec["attn"], "torch": torch.__version__, "compile": bool(spec.get("compile"))}
     if spec.get("compile"):
         out["compile_backend"] = spec.get("compile_backend") or "inductor"
+    model, opt, config = _worker_model(spec, out)
+    batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
+    device = spec["device"]
+    stepper = torch.compile(model, backend=spec.get("compile_backend") or "inductor") if spec.get("compile") else model
+
+    _sync(device)
+    t0 = time.perf_counter()
+    _train_step(stepper, opt, batch)  # creates optimizer state (GaLore's first SVD, APOLLO's projection)
+    _sync(device)
+    out["first_step_s"] = time.perf_counter() - t0
+    _worker_memory(spec, model, opt, batch, out)
+
+    if spec["steps"] == 0:  # --steps 0: memory only (does it fit?), no timing
+        if spec.get("sweep"):
+            out["sweep"] = _sweep(spec, model, opt, config)
+        return out
+    _time_steps(spec, stepper, opt, batch, out)
+    _time_cycle_end(spec, stepper, model, opt, batch, out)
+    if spec.get("sweep"):
+        out["sweep"] = _sweep(spec, model, opt, config)
+    if spec.get("compile"):  # graphs dynamo compiled over the whole run (more than one: a recompile)
+        from torch._dynamo.utils import counters
+        out["dynamo"] = dict(counters["stats"])
+    return out
+
+
+def _worker_model(spec: dict, out: dict):
+    """(model, optimizer, config): the model built, the method set up with its cycle-ending step right after the
+    timed ones (first step, measured step, warm-up, timed), checkpointing and the optimizer as ``spec`` asks;
+    the parameter count and the setup's facts go to ``out``."""
+    from rso.train.bench.recipes import setup
+
     model, config = _build_model(spec)
     out["n_parameters"] = sum(p.numel() for p in model.parameters())
-    # Cycle-ending step placed right after the timed ones: first step, measured step, warm-up, timed.
     boundary = 2 + spec["warmup"] + spec["steps"]
     s = setup(spec["method"], model, rank=spec["rank"], gap=boundary, tau=boundary + 1, seed=spec["seed"],
               chunk_size=spec["chunk_size"], ce_mode=spec["ce_mode"])
@@ -175,17 +204,15 @@ def run_worker(spec: dict) -> dict:
         opt = cls([{"params": g["params"], "lr": g["lr"]} for g in opt.param_groups])
         s.info["optimizer"] = spec["optimizer"]
     out["setup"] = s.info
-    batch = _batch(spec, spec["batch"], spec["seq"], config.vocab_size)
-    device = spec["device"]
-    stepper = torch.compile(model, backend=spec.get("compile_backend") or "inductor") if spec.get("compile") else model
+    return model, opt, config
 
-    _sync(device)
-    t0 = time.perf_counter()
-    _train_step(stepper, opt, batch)  # creates optimizer state (GaLore's first SVD, APOLLO's projection)
-    _sync(device)
-    out["first_step_s"] = time.perf_counter() - t0
 
-    if device.startswith("cuda"):
+def _worker_memory(spec: dict, model, opt, batch, out: dict) -> None:
+    """Exact bytes of one step (:func:`rso.memory.measure_step`) and, unless ``--no-flops``, its FLOPs."""
+    import torch
+    from rso.memory import measure_step
+
+    if spec["device"].startswith("cuda"):
         torch.cuda.empty_cache()
     report = measure_step(model, batch, opt, track_peak=spec["track_peak"])
     out["memory"] = {"parameters": report.parameters, "trainable": report.trainable_parameters,
@@ -196,12 +223,15 @@ def run_worker(spec: dict) -> dict:
     if spec["flops"]:
         out["flops"] = _flops(model, batch)
 
-    if spec["steps"] == 0:  # --steps 0: memory only (does it fit?), no timing
-        if spec.get("sweep"):
-            out["sweep"] = _sweep(spec, model, opt, config)
-        return out
+
+def _time_steps(spec: dict, stepper, opt, batch, out: dict) -> None:
+    """``warmup`` steps, then ``steps`` timed ones: wall and process CPU time (median, min, max), tokens/s at the
+    median and, on CUDA, the allocator's peak over them (the compiled model's under ``--compile``)."""
+    import torch
+
+    device = spec["device"]
     times, cpu = [], []
-    if device.startswith("cuda"):  # the timed steps' own peak: that of the compiled model under --compile
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
@@ -218,6 +248,11 @@ def run_worker(spec: dict) -> dict:
     if device.startswith("cuda"):
         out["timed_peak"] = torch.cuda.max_memory_allocated()
 
+
+def _time_cycle_end(spec: dict, stepper, model, opt, batch, out: dict) -> None:
+    """The step that ends a cycle: with ``--merge-every`` (rso-*) the merge phase (:func:`_time_merges`), else
+    one step timed for the methods that have a cycle (merge + resample / SVD / new random projection)."""
+    device = spec["device"]
     base = spec["method"].removesuffix("+ce")
     if spec.get("merge_every") and base.startswith("rso-"):
         out["merge"] = _time_merges(stepper, model, opt, batch, device, spec["merge_every"],
@@ -227,18 +262,12 @@ def run_worker(spec: dict) -> dict:
     elif base not in ("adamw", "frozen", "lora") and not spec.get("no_cycle_step"):
         _sync(device)
         t0 = time.perf_counter()
-        _train_step(stepper, opt, batch)  # ends a cycle: merge + resample / SVD / new random projection
+        _train_step(stepper, opt, batch)
         _sync(device)
         out["cycle_step_s"] = time.perf_counter() - t0
         if base.startswith("rso-"):
             import rso
             out["cycle_check"] = rso.state(model)["cycle"]  # 1: the merge happened in that step
-    if spec.get("sweep"):
-        out["sweep"] = _sweep(spec, model, opt, config)
-    if spec.get("compile"):  # graphs dynamo compiled over the whole run (more than one: a recompile)
-        from torch._dynamo.utils import counters
-        out["dynamo"] = dict(counters["stats"])
-    return out
 
 
 def _stats(times):
@@ -363,6 +392,9 @@ def _fmt_peak(memory):
 
 
 def format_markdown(results: list[dict], command: str, meta: dict) -> str:
+    """``results.md``: the command, the run's setting, then per config a table of every method (ratios to AdamW
+    and to the frozen floor from the same run), merge timings, the spread over rounds, memory relative to AdamW
+    and the activation sweep."""
     lines = [f"Command: `{command}`", "",
              f"{meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, batch {meta['batch']} × seq "
              f"{meta['seq']}, {meta['attn']} attention"
@@ -372,82 +404,91 @@ def format_markdown(results: list[dict], command: str, meta: dict) -> str:
              + (f", {meta['threads']} threads pinned per method (one process each)" if meta["device"] == "cpu" else ""),
              ""]
     for config in dict.fromkeys(r["config"] for r in results):
-        rows = [r for r in results if r["config"] == config]
-        ok = {r["method"]: r for r in rows if "error" not in r}
-        ref = ok.get("adamw")
-        floor = ok.get("frozen")
-        rank = next((r["rank"] for r in ok.values()), None)
-        lines += [f"### {config} (rank {rank})", "",
-                  "| method | trainable | gradients | optimizer state | activations | peak | GFLOP f+b | "
-                  "step s: median (min–max) | × AdamW | × floor | CPU s/step (× AdamW) | tokens/s | "
-                  "cycle-end step s (× median) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['method']} | {r['error']} |" + " |" * 11)
-                continue
-            m = r["memory"]
-            if "step_s" not in r:  # memory only
-                lines.append(f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
-                             f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_act(m)} | "
-                             f"{_fmt_peak(m)} | memory only (--steps 0) |" + " |" * 6)
-                continue
-            st = r["step_s"]
-            ref = ref if ref and "step_s" in ref else None
-            floor = floor if floor and "step_s" in floor else None
-            ratio = f"{st['median'] / ref['step_s']['median']:.3f}" if ref else "—"
-            fr = f"{st['median'] / floor['step_s']['median']:.3f}" if floor else "—"
-            cyc = (f"{r['cycle_step_s']:.3f} ({r['cycle_step_s'] / st['median']:.2f}×)"
-                   if "cycle_step_s" in r else "—")
-            flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "—"
-            cpu = r.get("step_cpu_s", {}).get("median")
-            cpu_txt = "—" if cpu is None or meta["device"] != "cpu" else (
-                f"{cpu:.2f} ({cpu / ref['step_cpu_s']['median']:.3f})" if ref and "step_cpu_s" in ref else f"{cpu:.2f}")
-            lines.append(
-                f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
-                f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_act(m)} | {_fmt_peak(m)} | "
-                f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | {cpu_txt} | "
-                f"{r['tokens_per_s']:,.0f} | {cyc} |")
-        ref = ref if ref and "step_s" in ref else None
-        merged = [(name, r["merge"]) for name, r in ok.items() if r.get("merge")]
-
-        def r_step(name):
-            return ok[name]["step_s"]["median"]
-        for name, m in merged:
-            def _med(key, m=m):
-                return f"{m[key]['median']:.3f} s" if m.get(key) else "—"
-            ratio = f" ({m['merge_over_ordinary']:.2f}×)" if "merge_over_ordinary" in m else ""
-            ordinary = _med("ordinary_s") if m.get("ordinary_s") else f"{r_step(name):.3f} s (the timed steps)"
-            lines += ["", f"Merge step, {name} (cycle {m['every']} steps, {m['cycles']} merges, state on merge "
-                      f"{m['state_on_merge']}): ordinary step {ordinary}, merge step {_med('merge_step_s')}"
-                      f"{ratio}, step after a merge {_med('after_merge_s')}, merge + resample alone "
-                      f"(rso.outer_step) {_med('outer_step_s')}"]
-        spread = [f"{name} {min(r['round_medians']):.3f}–{max(r['round_medians']):.3f}"
-                  for name, r in ok.items() if len(r.get("round_medians", [])) > 1]
-        if spread:
-            lines += ["", "Median step time across rounds (the table keeps each method's fastest round): "
-                      + ", ".join(spread)]
-        mem_ref = ok.get("adamw")
-        if mem_ref:
-            lines += ["", "Memory relative to AdamW: " + ", ".join(
-                f"{name} activations {r['memory']['activations'] / mem_ref['memory']['activations']:.3f} / "
-                f"optimizer {r['memory']['optimizer_state'] / mem_ref['memory']['optimizer_state']:.3f}"
-                for name, r in ok.items() if name != "adamw")]
-        sweeps = [r for r in rows if r.get("sweep")]
-        if sweeps:
-            lines += ["", f"Activation sweep ({config}): activations / peak", "",
-                      "| batch × seq | " + " | ".join(r["method"] for r in sweeps) + " |",
-                      "|---|" + "---|" * len(sweeps)]
-            points = [(p["batch"], p["seq"]) for p in sweeps[0]["sweep"]]
-            for b, s in points:
-                cells = []
-                for r in sweeps:
-                    p = next((q for q in r["sweep"] if (q["batch"], q["seq"]) == (b, s)), None)
-                    cells.append("—" if p is None or p.get("activations") is None else
-                                 f"{_fmt_bytes(p['activations'])} / {_fmt_bytes(p['peak'])}")
-                lines.append(f"| {b} × {s} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _config_section(config, [r for r in results if r["config"] == config], meta)
     return "\n".join(lines)
+
+
+def _config_section(config: str, rows: list[dict], meta: dict) -> list[str]:
+    """One config's table and the notes under it."""
+    ok = {r["method"]: r for r in rows if "error" not in r}
+    ref, floor = (ok[name] if name in ok and "step_s" in ok[name] else None for name in ("adamw", "frozen"))
+    rank = next((r["rank"] for r in ok.values()), None)
+    lines = [f"### {config} (rank {rank})", "",
+             "| method | trainable | gradients | optimizer state | activations | peak | GFLOP f+b | "
+             "step s: median (min–max) | × AdamW | × floor | CPU s/step (× AdamW) | tokens/s | "
+             "cycle-end step s (× median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_method_row(r, ref, floor, meta) for r in rows]
+    lines += _merge_lines(ok)
+    spread = [f"{name} {min(r['round_medians']):.3f}–{max(r['round_medians']):.3f}"
+              for name, r in ok.items() if len(r.get("round_medians", [])) > 1]
+    if spread:
+        lines += ["", "Median step time across rounds (the table keeps each method's fastest round): "
+                  + ", ".join(spread)]
+    mem_ref = ok.get("adamw")
+    if mem_ref:
+        lines += ["", "Memory relative to AdamW: " + ", ".join(
+            f"{name} activations {r['memory']['activations'] / mem_ref['memory']['activations']:.3f} / "
+            f"optimizer {r['memory']['optimizer_state'] / mem_ref['memory']['optimizer_state']:.3f}"
+            for name, r in ok.items() if name != "adamw")]
+    return lines + _sweep_lines(config, rows) + [""]
+
+
+def _method_row(r: dict, ref: dict | None, floor: dict | None, meta: dict) -> str:
+    """A method's table row: its error, its memory only (``--steps 0``), or memory and timings, the median step
+    as a ratio to AdamW's (``ref``) and to the frozen floor's (``floor``; None: not timed in this run)."""
+    if "error" in r:
+        return f"| {r['method']} | {r['error']} |" + " |" * 11
+    m = r["memory"]
+    memory = (f"| {r['method']} | {_fmt_bytes(m['trainable'])} | {_fmt_bytes(m['gradients'])} | "
+              f"{_fmt_bytes(m['optimizer_state'])} | {_fmt_act(m)} | {_fmt_peak(m)} | ")
+    if "step_s" not in r:
+        return memory + "memory only (--steps 0) |" + " |" * 6
+    st = r["step_s"]
+    ratio = f"{st['median'] / ref['step_s']['median']:.3f}" if ref else "—"
+    fr = f"{st['median'] / floor['step_s']['median']:.3f}" if floor else "—"
+    cyc = f"{r['cycle_step_s']:.3f} ({r['cycle_step_s'] / st['median']:.2f}×)" if "cycle_step_s" in r else "—"
+    flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "—"
+    cpu = r.get("step_cpu_s", {}).get("median")
+    cpu_txt = "—" if cpu is None or meta["device"] != "cpu" else (
+        f"{cpu:.2f} ({cpu / ref['step_cpu_s']['median']:.3f})" if ref and "step_cpu_s" in ref else f"{cpu:.2f}")
+    return (memory + f"{flops} | {st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {ratio} | {fr} | "
+            f"{cpu_txt} | {r['tokens_per_s']:,.0f} | {cyc} |")
+
+
+def _merge_lines(ok: dict) -> list[str]:
+    """One line per rso-* method timed with ``--merge-every``: ordinary, merge and after-merge steps, and the
+    merge + resample alone (the ordinary step is the timed steps' median when the merge phase had none)."""
+    lines = []
+    for name, m in ((name, r["merge"]) for name, r in ok.items() if r.get("merge")):
+        def _med(key, m=m):
+            return f"{m[key]['median']:.3f} s" if m.get(key) else "—"
+        ratio = f" ({m['merge_over_ordinary']:.2f}×)" if "merge_over_ordinary" in m else ""
+        ordinary = (_med("ordinary_s") if m.get("ordinary_s")
+                    else f"{ok[name]['step_s']['median']:.3f} s (the timed steps)")
+        lines += ["", f"Merge step, {name} (cycle {m['every']} steps, {m['cycles']} merges, state on merge "
+                  f"{m['state_on_merge']}): ordinary step {ordinary}, merge step {_med('merge_step_s')}"
+                  f"{ratio}, step after a merge {_med('after_merge_s')}, merge + resample alone "
+                  f"(rso.outer_step) {_med('outer_step_s')}"]
+    return lines
+
+
+def _sweep_lines(config: str, rows: list[dict]) -> list[str]:
+    """The activation sweep: activations / peak per batch × seq (the first swept method's points) and method."""
+    sweeps = [r for r in rows if r.get("sweep")]
+    if not sweeps:
+        return []
+    lines = ["", f"Activation sweep ({config}): activations / peak", "",
+             "| batch × seq | " + " | ".join(r["method"] for r in sweeps) + " |",
+             "|---|" + "---|" * len(sweeps)]
+    for b, s in [(p["batch"], p["seq"]) for p in sweeps[0]["sweep"]]:
+        cells = []
+        for r in sweeps:
+            p = next((q for q in r["sweep"] if (q["batch"], q["seq"]) == (b, s)), None)
+            cells.append("—" if p is None or p.get("activations") is None else
+                         f"{_fmt_bytes(p['activations'])} / {_fmt_bytes(p['peak'])}")
+        lines.append(f"| {b} × {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_sweep(results: list[dict], path: pathlib.Path, config: str):
@@ -525,6 +566,46 @@ def _check_memory_options(args, methods) -> str | None:
 
 
 def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        result = run_worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    from rso.train.bench.recipes import METHODS
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+    error = _check_memory_options(args, methods)
+    if error is None and (args.merge_every < 0 or args.merge_cycles < 1):
+        error = f"--merge-every must be ≥ 0 and --merge-cycles ≥ 1, got {args.merge_every} and {args.merge_cycles}"
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m rso.train.bench.step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    import torch
+    meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
+            "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
+            "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,
+            "merge_every": args.merge_every, "command": command,
+            "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer}
+    results = []
+    for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        results.extend(_run_config(args, config_name, methods, dtype, results, meta, out_dir))
+        (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    md = format_markdown(results, command, meta)
+    (out_dir / "results.md").write_text(md)
+    for config_name in dict.fromkeys(r["config"] for r in results):
+        png = plot_sweep(results, out_dir / f"sweep_{config_name}.png", config_name)
+        if png:
+            print(f"plot: {png}")
+    print(md)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rso.train.bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="tiny,60m", help="comma-separated config names (train/configs)")
@@ -571,97 +652,81 @@ def main(argv=None) -> int:
                         help="run the method list this many times, interleaved; keep each method's fastest "
                              "round (less exposed to other load on a shared machine) and report the spread")
     parser.add_argument("--out", default="bench_results", help="output folder")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.worker:
-        result = run_worker(json.loads(args.worker))
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
 
-    from rso.train.bench.recipes import METHODS, available
-    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    methods = list(METHODS) + ["frozen+ce", "rso-stiefel+ce"] if args.methods == "all" else \
-        [m.strip() for m in args.methods.split(",") if m.strip()]
-    error = _check_memory_options(args, methods)
-    if error is None and (args.merge_every < 0 or args.merge_cycles < 1):
-        error = f"--merge-every must be ≥ 0 and --merge-cycles ≥ 1, got {args.merge_every} and {args.merge_cycles}"
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _run_config(args, config_name: str, methods: list, dtype: str, done: list, meta: dict, out_dir) -> list:
+    """Every method on one config, ``--rounds`` times interleaved: each method's fastest round (its first
+    error, or why it was skipped), in ``methods``' order; ``results.json`` (``done`` and these) rewritten
+    after each run."""
+    from rso.train.bench.recipes import available
+    cfg = load_config(config_name)
+    run = {"config_name": config_name, "config": cfg, "rank": resolve_rank(args.rank, cfg), "dtype": dtype,
+           "sweep_seqs": [int(x) for x in args.sweep_seqs.split(",")],
+           "sweep_batches": [int(x) for x in args.sweep_batches.split(",")]}
+    best: dict[str, dict] = {}
+    medians: dict[str, list] = {}
+    for round_ in range(args.rounds):
+        for method in methods:
+            reason = available(method)
+            if reason:
+                if round_ == 0:
+                    print(f"[{config_name}] {method}: skipped ({reason})", flush=True)
+                    best[method] = {"method": method, "config": config_name, "error": f"skipped: {reason}"}
+                continue
+            print(f"[{config_name}] round {round_ + 1}/{args.rounds} {method} ...", end=" ", flush=True)
+            res = _launch(_spec(args, method, round_, run), args.timeout)
+            res["sweep_batch_seq"] = args.sweep_batch_seq
+            if "error" in res:
+                print(res["error"], flush=True)
+                best.setdefault(method, res)
+                continue
+            timed = "step_s" in res
+            print((f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
+                   if timed else "") + f"activations {_fmt_bytes(res['memory']['activations'])}, "
+                  f"peak {_fmt_peak(res['memory'])} ({res['wall_s']:.0f} s)", flush=True)
+            medians.setdefault(method, []).append(res["step_s"]["median"] if timed else 0.0)
+            _keep_faster(best, method, res)
+            best[method]["round_medians"] = medians[method]
+            snapshot = done + [best[m] for m in methods if m in best]
+            (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": snapshot}, indent=1))
+    return [best[m] for m in methods if m in best]
+
+
+def _spec(args, method: str, round_: int, run: dict) -> dict:
+    """The worker's instructions for one method in round ``round_`` (FLOPs and the sweep in the first round
+    only); ``run``: the config's name, fields, rank, dtype and sweep grid."""
     sweep_methods = {m.strip() for m in args.sweep_methods.split(",")} if args.sweep else set()
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m rso.train.bench.step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    import torch
-    meta = {"device": args.device, "device_name": _device_name(args.device), "torch": torch.__version__,
-            "dtype": dtype, "batch": args.batch, "seq": args.seq, "attn": args.attn, "threads": args.threads,
-            "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,
-            "merge_every": args.merge_every, "command": command,
-            "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer}
-    results = []
-    for config_name in [c.strip() for c in args.configs.split(",") if c.strip()]:
-        cfg = load_config(config_name)
-        rank = resolve_rank(args.rank, cfg)
-        sweep_seqs = [int(x) for x in args.sweep_seqs.split(",")]
-        sweep_batches = [int(x) for x in args.sweep_batches.split(",")]
-        best: dict[str, dict] = {}
-        medians: dict[str, list] = {}
-        for round_ in range(args.rounds):
-            for method in methods:
-                reason = available(method)
-                if reason:
-                    if round_ == 0:
-                        print(f"[{config_name}] {method}: skipped ({reason})", flush=True)
-                        best[method] = {"method": method, "config": config_name, "error": f"skipped: {reason}"}
-                    continue
-                spec = {"method": method, "config_name": config_name, "config": cfg, "rank": rank,
-                        "batch": args.batch, "seq": args.seq, "dtype": dtype, "device": args.device,
-                        "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
-                        "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
-                        "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "compile": args.compile,
-                        "compile_backend": args.compile_backend, "merge_every": args.merge_every,
-                        "merge_cycles": args.merge_cycles, "no_cycle_step": args.no_cycle_step,
-                        "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer,
-                        "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
-                        "sweep": method in sweep_methods and round_ == 0,
-                        "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
-                        "sweep_batch_seq": args.sweep_batch_seq,
-                        "max_seq": max([args.seq] + (sweep_seqs + [args.sweep_batch_seq] if args.sweep else []))}
-                print(f"[{config_name}] round {round_ + 1}/{args.rounds} {method} ...", end=" ", flush=True)
-                res = _launch(spec, args.timeout)
-                res["sweep_batch_seq"] = args.sweep_batch_seq
-                if "error" in res:
-                    print(res["error"], flush=True)
-                    best.setdefault(method, res)
-                    continue
-                timed = "step_s" in res
-                print((f"step {res['step_s']['median']:.3f} s (cpu {res['step_cpu_s']['median']:.3f} s), "
-                       if timed else "") + f"activations {_fmt_bytes(res['memory']['activations'])}, "
-                      f"peak {_fmt_peak(res['memory'])} ({res['wall_s']:.0f} s)", flush=True)
-                medians.setdefault(method, []).append(res["step_s"]["median"] if timed else 0.0)
-                prev = best.get(method)
-                if prev is None or "error" in prev or not timed or res["step_s"]["median"] < prev["step_s"]["median"]:
-                    for key in ("flops", "sweep"):
-                        if prev is not None and key in prev and key not in res:
-                            res[key] = prev[key]
-                    best[method] = res
-                else:
-                    for key in ("flops", "sweep"):
-                        if key in res and key not in prev:
-                            prev[key] = res[key]
-                best[method]["round_medians"] = medians[method]
-                snapshot = results + [best[m] for m in methods if m in best]
-                (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": snapshot}, indent=1))
-        results.extend(best[m] for m in methods if m in best)
-        (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    md = format_markdown(results, command, meta)
-    (out_dir / "results.md").write_text(md)
-    for config_name in dict.fromkeys(r["config"] for r in results):
-        png = plot_sweep(results, out_dir / f"sweep_{config_name}.png", config_name)
-        if png:
-            print(f"plot: {png}")
-    print(md)
-    return 0
+    sweep_seqs, sweep_batches = run["sweep_seqs"], run["sweep_batches"]
+    return {"method": method, "config_name": run["config_name"], "config": run["config"], "rank": run["rank"],
+            "batch": args.batch, "seq": args.seq, "dtype": run["dtype"], "device": args.device,
+            "attn": args.attn, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+            "seed": args.seed, "cores": [int(c) for c in args.cores.split(",")] if args.cores else None,
+            "chunk_size": args.chunk_size, "ce_mode": args.ce_mode, "compile": args.compile,
+            "compile_backend": args.compile_backend, "merge_every": args.merge_every,
+            "merge_cycles": args.merge_cycles, "no_cycle_step": args.no_cycle_step,
+            "activation_checkpointing": args.activation_checkpointing, "optimizer": args.optimizer,
+            "flops": not args.no_flops and round_ == 0, "track_peak": not args.no_peak,
+            "sweep": method in sweep_methods and round_ == 0,
+            "sweep_seqs": sweep_seqs, "sweep_batches": sweep_batches,
+            "sweep_batch_seq": args.sweep_batch_seq,
+            "max_seq": max([args.seq] + (sweep_seqs + [args.sweep_batch_seq] if args.sweep else []))}
+
+
+def _keep_faster(best: dict, method: str, res: dict) -> None:
+    """``best[method]`` becomes ``res`` when it has no timed result yet or ``res`` is faster (median step);
+    the FLOPs and sweep of the first round move to whichever result is kept."""
+    prev = best.get(method)
+    timed = "step_s" in res
+    if prev is None or "error" in prev or not timed or res["step_s"]["median"] < prev["step_s"]["median"]:
+        for key in ("flops", "sweep"):
+            if prev is not None and key in prev and key not in res:
+                res[key] = prev[key]
+        best[method] = res
+    else:
+        for key in ("flops", "sweep"):
+            if key in res and key not in prev:
+                prev[key] = res[key]
 
 
 if __name__ == "__main__":
