@@ -85,10 +85,15 @@ def _is_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+#: nn.Linear subclasses whose own forward is x Wᵀ + b all the same (read in transformers' modeling files).
+_SAME_AS_LINEAR = ("FalconLinear",)
+
+
 def _own_forward(module) -> bool:
     """An nn.Linear subclass that computes something else than x Wᵀ + b in its own forward (a router, a grouped
     linear...): wrapped, that forward would be replaced."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+        and type(module).__name__ not in _SAME_AS_LINEAR
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
