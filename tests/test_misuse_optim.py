@@ -90,14 +90,20 @@ def test_an_optimizer_created_before_wrap_is_refused_at_its_first_step(build, se
     assert not opt.state and set(counters(model)) == {(0, 0)}
 
 
+def train_steps(model, x, y, steps, *optimizers):
+    """``steps`` training steps, each optimizer stepping in the order given."""
+    for _ in range(steps):
+        loss_of(model, x, y).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad()
+
+
 def test_an_optimizer_created_after_wrap_trains_and_merges():
     model, x, y = regression()
     wrap(model, rank=4, tau=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(4):
-        loss_of(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, x, y, 4, opt)
     assert set(counters(model)) == {(4, 2)}
 
 
@@ -124,11 +130,7 @@ def test_biases_and_B_in_separate_optimizers_train_and_merge():
     wrap(model, rank=4, tau=2)
     biases = torch.optim.SGD([model[0].bias, model[2].bias], lr=0.1)
     bs = torch.optim.SGD([model[0].B, model[2].B], lr=0.1)
-    for _ in range(4):
-        loss_of(model, x, y).backward()
-        biases.step()
-        bs.step()
-        model.zero_grad()
+    train_steps(model, x, y, 4, biases, bs)
     assert set(counters(model)) == {(4, 2)}
 
 
@@ -138,10 +140,7 @@ def test_frozen_B_with_an_optimizer_of_the_other_parameters_is_not_refused():
     wrap(model, rank=4, tau=2)
     for _, layer in rso.subspace_layers(model):
         layer.B.requires_grad_(False)
-    for _ in range(3):
-        loss_of(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, x, y, 3, opt)
     assert set(counters(model)) == {(0, 0)}
 
 
