@@ -60,7 +60,6 @@ def test_resume_is_bit_for_bit_and_restores_the_saved_seed():
 def test_restore_run_puts_back_every_random_generator(tmp_path):
     """``save_run`` / ``restore_run``: after a resume the Python, NumPy and torch generators draw what the
     uninterrupted run draws next (dropout masks, shuffles), whatever was drawn in between."""
-    import argparse
     import random
 
     import numpy as np
@@ -84,7 +83,7 @@ def test_restore_run_puts_back_every_random_generator(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_run(tmp_path, 5, model, optimizer, scheduler, Stateful(), Stateful(), argparse.Namespace(seed=0), ("seed",))
+    save_run(tmp_path, 5, model, optimizer, scheduler, Stateful(), Stateful(), {"seed": 0})
     expected = draws()
     draws(), draws()  # the generators move on, as in a process that ran further (or a new one)
     assert restore_run(load_run(tmp_path), model, optimizer, scheduler, Stateful(), Stateful()) == 5

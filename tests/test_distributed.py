@@ -124,6 +124,27 @@ def _entry_args(out_dir, name, *more):
         *more])
 
 
+#: rso.train.distributed sessions of one run across world sizes: steps 1-2 on 1 process, 3-4 on WORLD, 5-6 on 1.
+WORLD_RUN = ("--max-steps", "6", "--save-every", "6", "--stop-after", "2")  # a checkpoint where it stops
+
+
+def _world_args(out_dir, *more, resume=True):
+    args = _entry_args(out_dir, "world", *WORLD_RUN, *(("--resume",) if resume else ()), *more)
+    if resume:
+        args.batch_size = args.grad_accum = None  # resume picks them to keep the global batch
+    return args
+
+
+@contextlib.contextmanager
+def one_process_group():
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------- worker
 def _worker(rank, out_dir, run_fsdp):
     torch.set_num_threads(WORKER_THREADS)
@@ -250,6 +271,9 @@ def _worker(rank, out_dir, run_fsdp):
             from rso.train.distributed import run
             res["entry"] = run(_entry_args(out_dir, "entry_full"))
             res["entry_part"] = run(_entry_args(out_dir, "entry", "--stop-after", "2"))
+        # the middle session of a run saved on one process (the test process), continued here on WORLD
+        from rso.train.distributed import run
+        res["world_mid"] = run(_world_args(out_dir, "--parallel", "fsdp" if run_fsdp else "ddp"))
         if rank == 0:
             torch.save(res, os.path.join(out_dir, "rank0.pt"))
         else:
@@ -268,9 +292,17 @@ def runs(tmp_path_factory):
         "num_hidden_layers": 1, "vocab_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False,
         "training": {"lr": 1e-3}}))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from rso.train.distributed import run
+    world = {}
+    with threads(WORKER_THREADS), one_process_group():  # one process: the whole run, and its first session
+        world["full"] = run(_entry_args(str(out), "world_full", "--max-steps", "6", "--parallel", "ddp"))
+        world["first"] = run(_world_args(str(out), "--parallel", "ddp", resume=False))
     mp.start_processes(_worker, args=(str(out), run_fsdp), nprocs=WORLD, start_method="spawn")
     r0 = torch.load(out / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "rank1.pt", weights_only=False)
+    with threads(WORKER_THREADS), one_process_group():  # and back on one process
+        world["last"] = run(_world_args(str(out), "--parallel", "ddp"))
+    world["mid"] = r0["world_mid"]
 
     # single-process reference on the same global batches, on the workers' thread count
     ref = {}
@@ -285,7 +317,7 @@ def runs(tmp_path_factory):
         opt = make_opt(model)
         ref["svd_losses"] = train(model, opt, range(1, STEPS + 1))
         ref["svd_P"] = projections(model)
-    return {"r0": r0, "r1": r1, "ref": ref, "dir": out, "fsdp": run_fsdp}
+    return {"r0": r0, "r1": r1, "ref": ref, "dir": out, "fsdp": run_fsdp, "world": world}
 
 
 def mixed_precision_reference(steps, world=WORLD):
@@ -412,7 +444,7 @@ def test_entry_point_fsdp_resume_on_one_rank(runs):
     from rso.train.distributed import run
     full, part = runs["r0"]["entry"], runs["r0"]["entry_part"]
     assert full["steps"] == 4 and full["world_size"] == WORLD and full["parallel"] == "fsdp"
-    assert part["steps"] == 2 and (runs["dir"] / "entry" / "checkpoints" / "step_2" / ".metadata").exists()
+    assert part["steps"] == 2 and (runs["dir"] / "entry" / "checkpoint.pt").exists()
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         args = _entry_args(str(runs["dir"]), "entry", "--resume", "--parallel", "ddp")
@@ -423,6 +455,20 @@ def test_entry_point_fsdp_resume_on_one_rank(runs):
     assert resumed["steps"] == 4 and resumed["world_size"] == 1
     torch.testing.assert_close(torch.tensor(part["train_losses"] + resumed["train_losses"]),
                                torch.tensor(full["train_losses"]), atol=1e-5, rtol=1e-5)
+
+
+def test_entry_point_run_moves_between_one_process_and_two(runs):
+    """rso.train.distributed, one checkpoint format: steps 1-2 on one process, 3-4 resumed on 2 ranks (FSDP2, or
+    DDP without it), 5-6 resumed on one process again give the losses of the run done in one go on one process.
+    Equal up to float rounding, not bit for bit: 2 ranks average their rows' mean losses and gradients
+    (all-reduce), one process takes the mean over all rows (another summation order)."""
+    w = runs["world"]
+    assert (w["first"]["steps"], w["mid"]["steps"], w["last"]["steps"]) == (2, 4, 6)
+    assert (w["first"]["world_size"], w["mid"]["world_size"], w["last"]["world_size"]) == (1, WORLD, 1)
+    assert w["full"]["steps"] == 6 and len(w["mid"]["train_losses"]) == 2
+    torch.testing.assert_close(torch.tensor(w["first"]["train_losses"] + w["mid"]["train_losses"]
+                                            + w["last"]["train_losses"]),
+                               torch.tensor(w["full"]["train_losses"]), atol=ATOL, rtol=RTOL)
 
 
 def test_checkpoint_resume_same_world_size(runs):

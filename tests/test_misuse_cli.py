@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 
 from rso.memory import cli as memory_cli  # noqa: E402
@@ -95,13 +97,14 @@ def test_a_refusal_is_one_line_with_status_2_before_any_data(monkeypatch, tmp_pa
 
 def test_resume_checks_the_given_flags_against_the_saved_method():
     """With ``--resume`` and no ``--method``, parsing assumes the default (rso); the saved run's method decides."""
-    args = pretrain.build_parser().parse_args(["--resume", "--rank", "64"])
+    from rso.train.config import RunConfig
+    args = RunConfig.from_namespace(pretrain.build_parser().parse_args(["--resume", "--rank", "64"]))
     saved = {"method": "adamw", "rank": 64, "max_steps": 10}
     with pytest.raises(UsageError, match=r"^--rank 64 is for --method .* only .*; adamw has none to set"):
-        resume_args(args, saved, 5, pretrain.RUN_ARGS, pretrain.IDENTITY_ARGS, log=lambda line: None)
-    args = pretrain.build_parser().parse_args(["--resume", "--rank", "64"])
-    resume_args(args, {**saved, "method": "rso"}, 5, pretrain.RUN_ARGS, pretrain.IDENTITY_ARGS, log=lambda line: None)
-    assert args.method == "rso" and args.rank == 64
+        resume_args(args, saved, 5, log=lambda line: None)
+    args = RunConfig.from_namespace(pretrain.build_parser().parse_args(["--resume", "--rank", "64"]))
+    resume_args(args, {**saved, "method": "rso"}, 5, log=lambda line: None)
+    assert args.rso.method == "rso" and args.rso.rank == 64
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -219,3 +222,10 @@ def test_memory_api_refuses_what_rso_wrap_refuses_and_caps_galore_as_its_optimiz
     narrow = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=1,
                   num_hidden_layers=1, vocab_size=64)  # k/v 64 → 8: hidden/4 = 16 would not fit
     assert estimate(narrow, method="rso", seq=8)["rank"] == 8
+
+
+@pytest.mark.parametrize("key, flag", [("lr", "--lr"), ("weight_decay", "--weight-decay")])
+def test_optimizer_args_may_not_set_what_has_a_flag_of_its_own(key, flag):
+    """Before: '{"lr": 1}' trained at lr 1 while the run printed and recorded --lr's 0.003."""
+    with pytest.raises(UsageError, match=rf"^--optimizer-args: sets {key} \(use {flag}\): those have flags of their own$"):
+        pretrain.build_parser().parse_args(["--optimizer-args", json.dumps({key: 1.0})])

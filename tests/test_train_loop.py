@@ -53,9 +53,11 @@ def test_optimizer_step_clips_steps_and_clears():
 
 def test_due_and_step_defaults():
     assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
-    args = types.SimpleNamespace(max_steps=100, warmup=None, eval_every=None, save_every=None)
-    fill_step_defaults(args, warmup=6, evals_per_run=4)
-    assert (args.warmup, args.eval_every, args.save_every) == (6, 25, 25)
+    from rso.train.config import RunConfig
+    c = RunConfig()
+    c.training.max_steps = 100
+    fill_step_defaults(c, warmup=6, evals_per_run=4)
+    assert (c.optimizer.warmup, c.logging.eval_every, c.checkpoint.save_every) == (6, 25, 25)
 
 
 def test_interval_loss_survives_a_checkpoint(tmp_path):
@@ -66,8 +68,7 @@ def test_interval_loss_survives_a_checkpoint(tmp_path):
     losses = IntervalLoss()
     losses.add(1.0)
     losses.add(2.0)
-    args = types.SimpleNamespace(lr=0.1, seed=3)
-    save_run(tmp_path, 5, model, optimizer, scheduler, data, losses, args, ("lr", "seed"), config={"a": 1})
+    save_run(tmp_path, 5, model, optimizer, scheduler, data, losses, {"lr": 0.1, "seed": 3}, config={"a": 1})
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert list(ckpt) == ["step", "model", "optimizer", "scheduler", "data", "rng", "log_interval", "args", "config"]
     assert ckpt["log_interval"] == [3.0, 2] and ckpt["args"] == {"lr": 0.1, "seed": 3}

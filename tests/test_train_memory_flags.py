@@ -88,11 +88,12 @@ def test_checkpointing_support_is_checked_from_the_config():
     assert supports_activation_checkpointing("llama") and supports_activation_checkpointing("bert")
     assert supports_activation_checkpointing("no-such-model") is None
 
-    class Args:
-        activation_checkpointing = True
+    from rso.train.config import RunConfig
+    args = RunConfig()
+    args.runtime.activation_checkpointing = True
 
-    check_checkpointing(Args(), {"model_type": "llama"})
-    check_checkpointing(Args(), None)  # unknown before the model is built: checked then
+    check_checkpointing(args, {"model_type": "llama"})
+    check_checkpointing(args, None)  # unknown before the model is built: checked then
     import transformers.models.auto.modeling_auto as auto
     auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["nockpt"] = "NoSuchClassAnywhere"
     try:

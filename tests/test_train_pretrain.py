@@ -153,6 +153,16 @@ def test_resume_continues_identically(env, tmp_path, method, extra):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoint(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(_args(env, out, "--method", "rso", "--max-steps", "2", "--tau", "2"))
+    saved = (out / "checkpoint.pt").read_bytes()
+    err = _error(capsys, *map(str, ["--config", env["config"], "--output-dir", out, "--cache-dir", env["cache"],
+                                    "--no-progress", "--max-steps", "1"]))
+    assert "holds the checkpoint of an earlier run, which this run would overwrite: --resume continues it" in err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     ckpt_mod.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -308,7 +318,7 @@ def test_tiny_default_lr_is_the_sweeps_best_per_method():
 
     cfg = load_config("tiny")
     for method, lr in (("adamw", 2e-3), ("rso", 3e-3), ("galore", 3e-3), ("golore@20", 3e-3), ("lora", 3e-3)):
-        assert resolve_args(build_parser().parse_args(["--method", method]), cfg).lr == lr, method
-    assert resolve_args(build_parser().parse_args(["--method", "adamw", "--lr", "5e-4"]), cfg).lr == 5e-4
+        assert resolve_args(build_parser().parse_args(["--method", method]), cfg).optimizer.lr == lr, method
+    assert resolve_args(build_parser().parse_args(["--method", "adamw", "--lr", "5e-4"]), cfg).optimizer.lr == 5e-4
     flat = {**cfg, "training": {**cfg["training"], "lr": 1e-3}}
-    assert resolve_args(build_parser().parse_args(["--method", "adamw"]), flat).lr == 1e-3
+    assert resolve_args(build_parser().parse_args(["--method", "adamw"]), flat).optimizer.lr == 1e-3

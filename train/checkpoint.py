@@ -109,14 +109,14 @@ def load_run(output_dir: pathlib.Path) -> dict:
     return load_checkpoint(path)
 
 
-def save_run(output_dir: pathlib.Path, step: int, model, optimizer, scheduler, data, train_loss, args,
-             run_args: tuple[str, ...], **extra) -> None:
-    """Write ``<output_dir>/checkpoint.pt``: the run's states, every RNG state, the step, ``run_args`` and ``extra``."""
+def save_run(output_dir: pathlib.Path, step: int, model, optimizer, scheduler, data, train_loss, settings: dict,
+             **extra) -> None:
+    """Write ``<output_dir>/checkpoint.pt``: the run's states, every RNG state, the step, its ``settings``
+    (``RunConfig.saved()``, stored as ``"args"``) and ``extra``."""
     save_checkpoint(output_dir / CHECKPOINT_NAME, {
         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": rng_state(),
-        "log_interval": train_loss.state_dict(),
-        "args": {k: getattr(args, k) for k in run_args}, **extra})
+        "log_interval": train_loss.state_dict(), "args": dict(settings), **extra})
 
 
 def restore_run(ckpt: dict | None, model, optimizer, scheduler, data, train_loss) -> int:

@@ -24,36 +24,24 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from .best import BestWeights
-from .checkpoint import load_run, restore_run, save_run
+from .checkpoint import load_run
+from .config import RunConfig
 from .data import DataError, default_cache_dir, load_tokenizer
-from .loop import (Parser, Progress, UsageError, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
-                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step, rank_value,
-                   resume_args, resume_schedule, run_settings, setup_device, steps_for_epochs, stop_early)
+from .loop import (Parser, UsageError, add_optimizer_args, add_runtime_args, add_session_args,
+                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, eval_mode,
+                   fill_step_defaults, method_options, rank_value, resume_args, run_settings, setup_device,
+                   start_session, steps_for_epochs, train_loop)
 from .methods import MethodError, describe, parse_method, setup_method, unwrap_for_saving
-from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
+from .metrics import MetricsLog, perplexity, plot_curves
 from .models import ConfigError, build_model, load_config, load_smollm2
 from .packages import minilm_dir
-from .schedule import cosine_schedule
 from .tasks import CAUSAL_LM_TASKS, EpochSampler, Task, compute_metrics, load_task, task_key
-
-#: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
-RUN_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
-            "share_projections", "freeze_embeddings", "lr", "weight_decay", "optimizer", "optimizer_args",
-            "batch_size", "grad_accum", "max_length", "max_steps", "epochs", "steps_per_epoch", "subspace_total_steps",
-            "warmup", "grad_clip", "seed", "max_train", "val_from_train", "max_eval", "eval_every", "save_every",
-            "log_every", "dtype", "keep_best")
-#: Those that make the run what it is: --resume refuses another value for them.
-IDENTITY_ARGS = ("task", "model", "tokenizer", "method", "projection", "rank", "tau", "scale", "subspace_state",
-                 "share_projections", "freeze_embeddings", "optimizer", "optimizer_args", "batch_size", "grad_accum",
-                 "max_length", "seed", "max_train", "val_from_train", "keep_best")
 
 class MethodDefaults(NamedTuple):
     """A method's settings when ``--lr`` / ``--rank`` / ``--tau`` / ``--[no-]freeze-embeddings`` are not given."""
@@ -190,18 +178,20 @@ def model_config(spec: str | None) -> dict | None:
         return None
 
 
-def load_model_and_tokenizer(args, task: Task, cache_dir):
+def load_model_and_tokenizer(c, task: Task, cache_dir):
     """(model, tokenizer, model_class) for ``--model`` and the task's kind."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    c = RunConfig.from_namespace(c)
+    tokenizer, seed = c.model.tokenizer, c.training.seed
     causal = task.kind == "causal_lm"
-    spec = args.model or ("smollm2" if causal else "minilm")
+    spec = c.model.model or ("smollm2" if causal else "minilm")
     head = {} if causal else {"num_labels": task.num_labels}
     if spec == "smollm2":
         if not causal:
             raise ConfigError("--model smollm2 is a decoder for the causal-LM task (--task xsum)")
         model = load_smollm2()
-        tok = load_tokenizer(args.tokenizer or "smollm2", cache_dir)
+        tok = load_tokenizer(tokenizer or "smollm2", cache_dir)
     elif spec == "minilm":
         if causal:
             raise ConfigError("--model minilm is an encoder: use a classification task, or --model smollm2 for xsum")
@@ -216,16 +206,16 @@ def load_model_and_tokenizer(args, task: Task, cache_dir):
             if not (pathlib.Path(spec).exists() or "/" in spec):
                 raise
         if cfg is not None:  # a config: random initialization (tests, from-scratch baselines)
-            tok = load_tokenizer(args.tokenizer or cfg["training"].get("tokenizer", "gpt2"), cache_dir)
+            tok = load_tokenizer(tokenizer or cfg["training"].get("tokenizer", "gpt2"), cache_dir)
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             model = build_model(cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **head)
         else:
             cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
             try:
                 model = cls.from_pretrained(spec, **head)
-                tok = load_tokenizer(args.tokenizer or spec, cache_dir)
+                tok = load_tokenizer(tokenizer or spec, cache_dir)
             except OSError as e:
                 raise ConfigError(f"cannot load model {spec!r}: {e}") from e
     if tok.pad_token_id is None:
@@ -340,130 +330,132 @@ def headline(task: Task) -> dict:
     return {"metric": "loss", "higher_is_better": False, "eval_key": "final_eval_loss", "val_key": "final_val_loss"}
 
 
-def evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast) -> dict:
+def evaluate_all(model, task, eval_set, val_set, batch_size, pad_id, device, autocast) -> dict:
     """The held-out metrics, and the validation split's (``val_*``) where there is one."""
-    result = evaluate(model, task, eval_set, args.batch_size, pad_id, device, autocast)
+    result = evaluate(model, task, eval_set, batch_size, pad_id, device, autocast)
     if val_set:
-        result.update(as_validation(evaluate(model, task, val_set, args.batch_size, pad_id, device, autocast)))
+        result.update(as_validation(evaluate(model, task, val_set, batch_size, pad_id, device, autocast)))
     return result
 
 
 # ----------------------------------------------------------------------------- the run
-def run(args) -> dict:
-    out = pathlib.Path(args.output_dir)
-    log = tqdm.write
-    ckpt = load_run(out) if args.resume else None
+def settle(c: RunConfig, log) -> dict | None:
+    """With ``--resume``, the checkpoint's settings into ``c``; the argument checks that need them. The checkpoint."""
+    ckpt = load_run(pathlib.Path(c.checkpoint.output_dir)) if c.checkpoint.resume else None
     if ckpt is not None:
         # a checkpoint from before --[no-]freeze-embeddings trained the embeddings, whatever the default is now
-        resume_args(args, {"freeze_embeddings": False, "keep_best": False, **ckpt["args"]}, ckpt["step"], RUN_ARGS,
-                    IDENTITY_ARGS, log)
-    check_finetune_args(args, settled=True)
-    check_checkpointing(args, model_config(args.model))
-    check_rank(args, model_config(args.model))  # the last argument check: nothing before this reads data
-    device, use_bf16, autocast = setup_device(args)
-    cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        resume_args(c, {"freeze_embeddings": False, "keep_best": False, **ckpt["args"]}, ckpt["step"], log)
+    check_finetune_args(argparse.Namespace(val_from_train=c.data.val_from_train, keep_best=c.checkpoint.keep_best,
+                                           resume=c.checkpoint.resume), settled=True)
+    check_checkpointing(c, model_config(c.model.model))
+    check_rank(c.rso, model_config(c.model.model))  # the last argument check: nothing before this reads data
+    return ckpt
 
-    # ---- task, model, tokenizer
-    task = load_task(args.task, args.max_train, args.max_eval, val_from_train=args.val_from_train)
-    torch.manual_seed(args.seed)
-    model, tok, model_cls = load_model_and_tokenizer(args, task, cache_dir)
+
+class Data(NamedTuple):
+    task: Task
+    train: list
+    eval: list
+    val: list
+    pad_id: int
+
+
+def load_data(c: RunConfig, log):
+    """(data, model, tokenizer, model class): the task encoded, the model on no device yet; fills the run length."""
+    d, t = c.data, c.training
+    task = load_task(d.task, d.max_train, d.max_eval, val_from_train=d.val_from_train)
+    torch.manual_seed(t.seed)
+    cache_dir = pathlib.Path(c.runtime.cache_dir) if c.runtime.cache_dir else default_cache_dir()
+    model, tok, model_cls = load_model_and_tokenizer(c, task, cache_dir)
+    data = Data(task, *(encode(task, tok, rows, d.max_length) for rows in (task.train, task.eval, task.validation)),
+                tok.pad_token_id)
+    t.steps_per_epoch = max(1, len(data.train) // (d.batch_size * d.grad_accum))
+    if t.max_steps is None:
+        t.max_steps = steps_for_epochs(t.epochs, t.steps_per_epoch)
+    fill_step_defaults(c, warmup=int(0.06 * t.max_steps), evals_per_run=4)
+    log(f"task {task.name}: {len(data.train):,} train / "
+        + (f"{len(data.val):,} validation (carved from train) / " if data.val else "")
+        + f"{len(data.eval):,} {task.eval_split} examples; {task.notes}")
+    return data, model, tok, model_cls
+
+
+def run(c) -> dict:
+    """Fine-tune as ``c`` (a RunConfig, or parsed flags) says; returns the results (also in ``results.json``)."""
+    log, c = tqdm.write, RunConfig.from_namespace(c)
+    ckpt = settle(c, log)
+    device, use_bf16, autocast = setup_device(c)
+    data, model, tok, model_cls = load_data(c, log)
     model.to(device)
-    train_set = encode(task, tok, task.train, args.max_length)
-    eval_set = encode(task, tok, task.eval, args.max_length)
-    val_set = encode(task, tok, task.validation, args.max_length)
-    pad_id = tok.pad_token_id
-    args.steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum))
-    if args.max_steps is None:
-        args.max_steps = steps_for_epochs(args.epochs, args.steps_per_epoch)
-    fill_step_defaults(args, warmup=int(0.06 * args.max_steps), evals_per_run=4)
-    log(f"task {task.name}: {len(train_set):,} train / "
-        + (f"{len(val_set):,} validation (carved from train) / " if val_set else "")
-        + f"{len(eval_set):,} {task.eval_split} examples; {task.notes}")
-
-    # ---- method
-    if args.freeze_embeddings:  # before the optimizer is built: every method trains only what requires grad
+    if c.rso.freeze_embeddings:  # before the optimizer is built: every method trains only what requires grad
         model.get_input_embeddings().weight.requires_grad_(False)
-    opts = method_options(args, task="causal_lm" if task.kind == "causal_lm" else "seq_cls", train_embeddings=False)
-    model, optimizer = setup_method(args.method, model, opts)
-    model = apply_activation_checkpointing(args, model, log)
-    scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, min_ratio=0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    sampler = EpochSampler(len(train_set), args.batch_size, seed=args.seed)
-    log(f"model {args.model or type(model).__name__}, method {args.method}: {describe(model, optimizer)}")
-    log(f"{args.max_steps} steps (batch {args.batch_size} x accum {args.grad_accum}), lr {args.lr:g}, "
-        f"warm-up {args.warmup}, device {device}{' (bf16 autocast)' if use_bf16 else ''}")
+    kind = data.task.kind
+    opts = method_options(c, task="causal_lm" if kind == "causal_lm" else "seq_cls", train_embeddings=False)
+    model, optimizer = setup_method(c.rso.method, model, opts)
+    model = apply_activation_checkpointing(c, model, log)
+    batch_size, grad_accum = c.data.batch_size, c.data.grad_accum
+    sampler = EpochSampler(len(data.train), batch_size, seed=c.training.seed)
+    log(f"model {c.model.model or type(model).__name__}, method {c.rso.method}: {describe(model, optimizer)}")
+    log(f"{c.training.max_steps} steps (batch {batch_size} x accum {grad_accum}), lr {c.optimizer.lr:g}, "
+        f"warm-up {c.optimizer.warmup}, device {device}{' (bf16 autocast)' if use_bf16 else ''}")
+    s = start_session(c, ckpt, model, optimizer, sampler, device, autocast, min_lr_ratio=0.0,
+                      desc=f"{data.task.name}/{c.rso.method}", log=log)
+    best = BestWeights(pathlib.Path(c.checkpoint.output_dir), headline(data.task),
+                       resume_step=s.step if s.resumed else None) if c.checkpoint.keep_best else None
 
-    train_loss = IntervalLoss()
-    step = start_step = restore_run(ckpt, model, optimizer, scheduler, sampler, train_loss)
-    if ckpt is not None:
-        resume_schedule(scheduler, args, step, log)
-    progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=f"{task.name}/{args.method}")
-    best = BestWeights(out, headline(task), resume_step=step if ckpt is not None else None) if args.keep_best else None
+    def measure():
+        return evaluate_all(model, data.task, data.eval, data.val, batch_size, data.pad_id, device, autocast)
 
-    # ---- the loop
-    model.train()
-    last_eval, tokens_seen = None, 0  # tokens: since the last log line
-    step_times, interval_time = [], IntervalLoss()  # seconds per optimizer step (this session), and since the last log
-    step_model = torch.compile(model) if args.compile else model
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        micro_batches = [collate([train_set[i] for i in sampler.next_indices()], pad_id, task.kind)
-                         for _ in range(args.grad_accum)]
-        tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        loss_sum = accumulate_gradients(step_model, micro_batches, device, autocast)
-        _, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
-        step += 1
-        train_loss.add(loss_sum)
-        step_times.append(time.perf_counter() - t0)
-        interval_time.add(step_times[-1])
-
-        if due(step, args.log_every, args.max_steps):
-            progress.log_train(step, train_loss.pop_mean(), lr, tokens_seen, step_s=round(interval_time.pop_mean(), 4))
-            tokens_seen = 0
-        progress.bar.update(1)
-        if due(step, args.eval_every, args.max_steps):
-            result = evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast)
-            last_eval = (step, result)
-            progress.log_eval(step, result, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            if best is not None:
-                best.consider(step, result, model)
-        if due(step, args.save_every, args.max_steps):
-            save_run(out, step, model, optimizer, scheduler, sampler, train_loss, args, RUN_ARGS)
-        if stop_early(args, step, start_step, progress):
-            return {"stopped_at": step}
-    progress.bar.close()
-    if last_eval is None or last_eval[0] != step:
-        last_eval = (step, evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast))
+    def evaluate_now(step):
+        result = measure()
+        s.progress.log_eval(step, result, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if best is not None:
-            best.consider(step, last_eval[1], model)
-    if best is not None and best.step != step:
+            best.consider(step, result, model)
+        return result
+
+    done = train_loop(s, lambda: [collate([data.train[i] for i in sampler.next_indices()], data.pad_id, kind)
+                                  for _ in range(grad_accum)],
+                      evaluate_now, lambda step, norm, step_s: {"step_s": round(step_s, 4)})
+    if done.stopped:
+        return {"stopped_at": done.step}
+    last_eval = done.last_eval
+    if last_eval is None or last_eval[0] != done.step:
+        last_eval = (done.step, measure())
+        if best is not None:
+            best.consider(done.step, last_eval[1], model)
+    if best is not None and best.step != done.step:
         kept = best.restore(model)
-        log(f"--keep-best: the weights of step {kept} ({best.key} {best.value:.4f}, the best), not of step {step}")
-        last_eval = (kept, evaluate_all(model, task, eval_set, val_set, args, pad_id, device, autocast))
-    png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{task.name} / {args.method}")
+        log(f"--keep-best: the weights of step {kept} ({best.key} {best.value:.4f}, the best), not of step {done.step}")
+        last_eval = (kept, measure())
+    return finish(c, s, data, done, last_eval, best, tok, model_cls)
+
+
+def finish(c: RunConfig, s, data: Data, done, last_eval, best, tok, model_cls) -> dict:
+    """``results.json``: the run's numbers, and (unless ``--no-save-model``) the merged model saved and reloaded."""
+    out, task = pathlib.Path(c.checkpoint.output_dir), data.task
+    png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{task.name} / {c.rso.method}")
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    results = {"task": task.name, "model": args.model or ("smollm2" if task.kind == "causal_lm" else "minilm"),
-               **run_settings(args), "freeze_embeddings": args.freeze_embeddings, "steps": step,
-               "train_examples": len(train_set), "val_examples": len(val_set), "eval_examples": len(eval_set),
+    key = s.progress.memory_key
+    results = {"task": task.name, "model": c.model.model or ("smollm2" if task.kind == "causal_lm" else "minilm"),
+               **run_settings(c), "freeze_embeddings": c.rso.freeze_embeddings, "steps": done.step,
+               "train_examples": len(data.train), "val_examples": len(data.val), "eval_examples": len(data.eval),
                "eval_split": task.eval_split, "headline": headline(task),
                **({"best_step": best.step} if best is not None else {}),
                **{f"final_{k}": v for k, v in last_eval[1].items()},
-               "trainable_params": sum(p.numel() for p in params),
-               f"peak_{progress.memory_key}": max((r.get(progress.memory_key, 0) for r in records), default=None),
-               "median_step_s": statistics.median(step_times) if step_times else None,
+               "trainable_params": sum(p.numel() for p in s.params),
+               f"peak_{key}": max((r.get(key, 0) for r in records), default=None),
+               "median_step_s": statistics.median(done.step_times) if done.step_times else None,
                "median_tokens_per_s": statistics.median(speeds) if speeds else None,
-               "wall_s_this_session": round(progress.elapsed(), 1),
+               "wall_s_this_session": round(s.progress.elapsed(), 1),
                "metrics": str(out / "metrics.jsonl"), "plot": str(png) if png else None}
-
-    # ---- unwrap, save a plain HF model, reload it and compare predictions
-    if not args.no_save_model:
-        results.update(save_and_verify(model, tok, model_cls, task, eval_set, args, pad_id, device, out / "final"))
+    if not c.checkpoint.no_save_model:  # unwrap, save a plain HF model, reload it and compare predictions
+        results.update(save_and_verify(s.model, tok, model_cls, task, data.eval, c.data.batch_size, data.pad_id,
+                                       s.device, out / "final"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     head = task.metrics[0] if task.metrics else "eval_ppl"
-    value = results.get(f"final_{head}")
-    print(f"final {head} {value:.4f}, eval loss {results['final_eval_loss']:.4f} after {step} steps")
-    if val_set:
+    print(f"final {head} {results.get(f'final_{head}'):.4f}, eval loss {results['final_eval_loss']:.4f} after "
+          f"{done.step} steps")
+    if data.val:
         key = results["headline"]["val_key"]
         print(f"validation split (carved from train): {key.removeprefix('final_')} {results[key]:.4f}")
     if "saved_model" in results:
@@ -473,17 +465,17 @@ def run(args) -> dict:
     return results
 
 
-def save_and_verify(model, tok, model_cls, task, eval_set, args, pad_id, device, folder) -> dict:
+def save_and_verify(model, tok, model_cls, task, eval_set, batch_size, pad_id, device, folder) -> dict:
     """Unwrap (merge) the model, ``save_pretrained`` it, reload with ``from_pretrained``, compare logits."""
-    probe = eval_set[: min(len(eval_set), 4 if task.kind == "causal_lm" else 2 * args.batch_size)]
+    probe = eval_set[: min(len(eval_set), 4 if task.kind == "causal_lm" else 2 * batch_size)]
     fp32 = contextlib.nullcontext
-    before = predict(model, probe, args.batch_size, pad_id, task.kind, device, fp32)
+    before = predict(model, probe, batch_size, pad_id, task.kind, device, fp32)
     plain = unwrap_for_saving(model)
-    merged = predict(plain, probe, args.batch_size, pad_id, task.kind, device, fp32)
+    merged = predict(plain, probe, batch_size, pad_id, task.kind, device, fp32)
     plain.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     reloaded = model_cls.from_pretrained(str(folder)).to(device)
-    after = predict(reloaded, probe, args.batch_size, pad_id, task.kind, device, fp32)
+    after = predict(reloaded, probe, batch_size, pad_id, task.kind, device, fp32)
 
     def same(a, b):
         return bool(torch.equal(a.argmax(-1), b.argmax(-1))) if a.shape[-1] > 1 else bool(torch.allclose(a, b, atol=1e-4))
@@ -496,7 +488,7 @@ def save_and_verify(model, tok, model_cls, task, eval_set, args, pad_id, device,
 
 def command_settings(argv: list[str]) -> dict:
     """The :func:`loop.run_settings` that ``rso-finetune argv`` trains with (a fresh run: the defaults filled)."""
-    return run_settings(build_parser().parse_args(argv))
+    return run_settings(RunConfig.from_namespace(build_parser().parse_args(argv)))
 
 
 def main(argv=None) -> int:

@@ -1,17 +1,20 @@
-"""The pieces that ``rso.train.pretrain``, ``rso.train.finetune`` and ``rso.train.distributed`` share around their loops.
+"""The one training loop of ``rso.train.pretrain``, ``rso.train.finetune`` and ``rso.train.distributed``, and the
+pieces around it.
 
-One job each: the command line (the common options, a parser whose errors are one line and whose
-arguments are checked before any data is read, ``main``'s handling of user errors, what ``--resume``
+One job each: the command line (the common options, ``--config-file``, a parser whose errors are one line and
+whose arguments are checked before any data is read, ``main``'s handling of user errors, what ``--resume``
 keeps and what it lets change), device and autocast, the method's options, when a periodic action is
 due, gradient accumulation, the optimizer step, the progress record (``metrics.jsonl`` and the tqdm
-bar) and ``--stop-after``. Saving and restoring a run is in ``rso.train.checkpoint``; the loops
-themselves stay in the entry points.
+bar), ``--stop-after``, and the session (:func:`start_session`) its loop (:func:`train_loop`) runs; a
+process group enters as :class:`Parallel` components. The parsed flags become a ``config.RunConfig``;
+saving and restoring a run is in ``rso.train.checkpoint``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import pathlib
@@ -28,21 +31,24 @@ from rso.trust import CheckpointRefused
 from rso.projections import SAMPLERS
 from rso.wrapping import rank_for_layer
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, find_checkpoint, restore_run, save_run
+from .config import RUN_TOML, ConfigFileError, RunConfig, load_toml, to_toml
 from .data import DataError
 from .methods import (OPTION_PURPOSE, MethodError, MethodOptions, check_optimizer, check_subspace_state,
                       enable_activation_checkpointing, is_bitsandbytes, methods_with, option_applies, parse_method,
                       supports_activation_checkpointing)
-from .metrics import MetricsLog, Throughput, memory_label, memory_mb
+from .metrics import IntervalLoss, MetricsLog, Throughput, memory_label, memory_mb
 from .models import ConfigError
-from .schedule import resize
+from .schedule import cosine_schedule, resize
 
 __all__ = ["UsageError", "Parser", "given_options", "rank_value", "check_args", "check_method_options",
            "check_distributed", "check_rank", "check_checkpointing",
            "apply_activation_checkpointing", "add_optimizer_args",
-           "add_session_args", "add_runtime_args", "cli_main", "resume_args", "resume_schedule", "steps_for_epochs",
+           "add_session_args", "add_runtime_args", "cli_main", "resume_args", "write_run_toml", "resume_schedule",
+           "steps_for_epochs",
            "fill_step_defaults", "setup_device", "method_options", "eval_mode", "due", "accumulate_gradients",
-           "optimizer_step", "Progress", "stop_early"]
+           "optimizer_step", "Progress", "stop_early", "Parallel", "Session", "start_session", "train_loop",
+           "LoopResult"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -58,10 +64,24 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
 
     def parse_known_args(self, args=None, namespace=None):
+        file = _config_file(args)
+        if file is not None and namespace is None:  # the file's values replace the defaults; flags win over them
+            dests = {a.dest for a in self._actions}
+            try:
+                namespace = argparse.Namespace(**load_toml(file, dests))
+            except ConfigFileError as e:
+                raise UsageError(str(e)) from None
         parsed, rest = super().parse_known_args(args, namespace)
         parsed.given = given_options(self, args)
         check_args(parsed)
         return parsed, rest
+
+
+def _config_file(argv) -> str | None:
+    """The ``--config-file`` of ``argv`` (default: ``sys.argv[1:]``), if any."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config-file", default=None)
+    return pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].config_file
 
 
 def given_options(parser: argparse.ArgumentParser, argv=None) -> tuple[str, ...]:
@@ -231,19 +251,19 @@ def check_rank(args, cfg: dict | None) -> None:
                          f"({name} {smallest})")
 
 
-def check_checkpointing(args, cfg: dict | None) -> None:
+def check_checkpointing(c: RunConfig, cfg: dict | None) -> None:
     """A UsageError if ``--activation-checkpointing`` is asked for a model type (``cfg['model_type']``; None:
     unknown, checked once the model is built) whose ``transformers`` class cannot checkpoint its blocks."""
-    if not getattr(args, "activation_checkpointing", False) or not cfg:
+    if not c.runtime.activation_checkpointing or not cfg:
         return
     if supports_activation_checkpointing(cfg.get("model_type")) is False:
         raise UsageError(f"--activation-checkpointing: {cfg['model_type']} models do not support activation "
                          "checkpointing in transformers")
 
 
-def apply_activation_checkpointing(args, model, log=None):
+def apply_activation_checkpointing(c: RunConfig, model, log=None):
     """``--activation-checkpointing``: checkpoint every decoder block of ``model`` (after the method's set-up)."""
-    if not getattr(args, "activation_checkpointing", False):
+    if not c.runtime.activation_checkpointing:
         return model
     try:
         enable_activation_checkpointing(model)
@@ -264,11 +284,24 @@ def _json_object(text: str) -> dict:
     return value
 
 
+#: Optimizer keywords that have flags of their own (the flag is what the run records, prints and schedules).
+_OWN_FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay"}
+
+
+def _optimizer_args(text: str) -> dict:
+    """``--optimizer-args``: a JSON object of extra optimizer keywords, none of those that have a flag."""
+    value = _json_object(text)
+    taken = [f"{k} (use {_OWN_FLAGS[k]})" for k in value if k in _OWN_FLAGS]
+    if taken:
+        raise argparse.ArgumentTypeError(f"sets {', '.join(taken)}: those have flags of their own")
+    return value
+
+
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", default="adamw",
                    help="any torch.optim or torch_optimizer class by name, or adamw8bit / adam8bit (bitsandbytes)")
-    p.add_argument("--optimizer-args", type=_json_object, default="{}",
+    p.add_argument("--optimizer-args", type=_optimizer_args, default="{}",
                    help='extra optimizer keywords as a JSON object, e.g. \'{"momentum": 0.9}\'')
     p.add_argument("--subspace-state", choices=STATE_POLICIES, default=None,
                    help="the optimizer state of a projected weight when its subspace changes: reset (delete), keep, "
@@ -304,13 +337,16 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="keep only each decoder block's input and recompute the block in the backward pass "
                         "(non-reentrant torch.utils.checkpoint; same gradients, about a third more compute)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--config-file", default=None, metavar="TOML",
+                   help="read the options from a TOML file (sections model, data, optimizer, rso, training, "
+                        "checkpoint, logging, runtime, as the run.toml a run writes); flags win over it")
 
 
 def cli_main(run, parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse ``argv`` and ``run`` it; a user error (arguments, config, data, method, checkpoint) prints one
     line ``error: ...`` to stderr, exit status 2."""
     try:
-        run(parser.parse_args(argv))
+        run(RunConfig.from_namespace(parser.parse_args(argv)))
     except (UsageError, ConfigError, DataError, MethodError, CheckpointError, CheckpointRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -335,51 +371,66 @@ def _same(dest: str, given, saved) -> bool:
     return given == saved
 
 
-def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identity: tuple[str, ...], log) -> None:
-    """``--resume`` at ``step``: set ``args``'s ``run_args`` to the saved run's settings ``saved``, except its length.
+def resume_args(c: RunConfig, saved: dict, step: int, log, exempt: tuple[str, ...] = ()) -> None:
+    """``--resume`` at ``step``: set ``c``'s saved fields (:meth:`RunConfig.saved`, less ``exempt``) to the saved
+    run's values ``saved``, except its length.
 
-    A flag in ``args.given`` that is in ``identity`` and differs from the saved value is a UsageError.
-    ``--max-steps`` (or ``--epochs``, with the saved ``steps_per_epoch``) sets a new length, at least
-    ``step``; ``subspace_total_steps`` (the GoLore / hybrid switch) stays the saved one. Every other saved
+    A flag in ``c.given`` whose field is an identity field (``config.IDENTITY``) and differs from the saved value
+    is a UsageError. ``--max-steps`` (or ``--epochs``, with the saved ``steps_per_epoch``) sets a new length, at
+    least ``step``; ``subspace_total_steps`` (the GoLore / hybrid switch) stays the saved one. Every other saved
     setting wins over a given flag; a given flag the saved method does not read is a UsageError. Logs the settings
     the run goes on with, and the given flags that lost.
     """
-    given, lost = getattr(args, "given", ()), []
+    identity = set(c.names("identity")) - set(exempt)
+    run_args = [n for n in c.saved() if n not in exempt and n in saved]
+    lost = []
     for dest in run_args:
-        if dest not in saved:
+        value = c.get(dest)
+        if dest in c.given and dest in ("max_steps", "epochs"):
             continue
-        value = getattr(args, dest, None)
-        if dest in given and dest in ("max_steps", "epochs"):
-            continue
-        if dest in given and not _same(dest, value, saved[dest]):
+        if dest in c.given and not _same(dest, value, saved[dest]):
             if dest in identity:
                 raise UsageError(f"{option_flag(dest)} {_show(value)} differs from the saved run's {dest} {saved[dest]!r} "
                                  "(a resumed run keeps its identity; use a new --output-dir)")
             lost.append(f"{option_flag(dest)} {_show(value)} (kept {saved[dest]!r})")
-        setattr(args, dest, saved[dest])
-    asked = None
-    if "max_steps" in given:
-        asked = f"--max-steps {args.max_steps}"
-    elif "epochs" in given:
-        if "steps_per_epoch" not in saved:
-            raise UsageError("--epochs: this checkpoint predates saved epoch lengths; give --max-steps instead")
-        args.max_steps = steps_for_epochs(args.epochs, saved["steps_per_epoch"])
-        asked = f"--epochs {args.epochs:g} ({args.max_steps} steps)"
-    if asked is not None and args.max_steps < step:
-        raise UsageError(f"{asked} is below the saved run's step {step} (a resumed run goes on from there; "
-                         "use a new --output-dir to start over)")
-    args.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])  # older checkpoints: saved length
-    check_method_options(args)  # the given flags against the saved method (parsing assumed the default one)
-    check_distributed(args, settled=True)
+        c.set(dest, saved[dest])
+    _resume_length(c, saved, step)
+    c.training.subspace_total_steps = saved.get("subspace_total_steps", saved["max_steps"])  # older: saved length
+    settled = argparse.Namespace(**{n: c.get(n) for n in c.options}, given=c.given)  # the parse-time checks again
+    check_method_options(settled)  # the given flags against the saved method (parsing assumed the default one)
+    check_distributed(settled, settled=True)
 
     def setting(dest):
-        text = f"{dest} {_show(getattr(args, dest))}"
-        return text + (f" (saved {saved[dest]})" if dest == "max_steps" and args.max_steps != saved[dest] else "")
+        text = f"{dest} {_show(c.get(dest))}"
+        return text + (f" (saved {saved[dest]})" if dest == "max_steps" and c.get(dest) != saved[dest] else "")
 
     log(f"--resume: continuing at step {step} with the saved settings: "
-        f"{', '.join(setting(dest) for dest in run_args if dest in saved)}")
+        f"{', '.join(setting(dest) for dest in run_args)}")
     if lost:
         log(f"--resume: the saved settings win over {', '.join(lost)}")
+
+
+def _resume_length(c: RunConfig, saved: dict, step: int) -> None:
+    """``--max-steps`` / ``--epochs`` given with ``--resume``: the new length, refused below ``step``."""
+    asked = None
+    if "max_steps" in c.given:
+        asked = f"--max-steps {c.training.max_steps}"
+    elif "epochs" in c.given:
+        if "steps_per_epoch" not in saved:
+            raise UsageError("--epochs: this checkpoint predates saved epoch lengths; give --max-steps instead")
+        c.training.max_steps = steps_for_epochs(c.training.epochs, saved["steps_per_epoch"])
+        asked = f"--epochs {c.training.epochs:g} ({c.training.max_steps} steps)"
+    if asked is not None and c.training.max_steps < step:
+        raise UsageError(f"{asked} is below the saved run's step {step} (a resumed run goes on from there; "
+                         "use a new --output-dir to start over)")
+
+
+def write_run_toml(c: RunConfig, out: pathlib.Path) -> pathlib.Path:
+    """``<out>/run.toml``: the run's flags in sections; ``--config-file`` reads it back."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN_TOML
+    path.write_text(to_toml(c))
+    return path
 
 
 #: The settings that say what a run trained, in its ``results.json``. The comparison runners reuse a finished
@@ -387,64 +438,68 @@ def resume_args(args, saved: dict, step: int, run_args: tuple[str, ...], identit
 RUN_SETTINGS = ("method", "projection", "rank", "tau", "scale", "lr", "seed")
 
 
-def run_settings(args) -> dict:
-    """:data:`RUN_SETTINGS` of the resolved ``args``; the projection is None for a method other than RSO."""
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
-    if parse_method(args.method)[0] != "rso":
+def run_settings(c: RunConfig) -> dict:
+    """:data:`RUN_SETTINGS` of the resolved config; the projection is None for a method other than RSO."""
+    c = RunConfig.from_namespace(c)
+    settings = {k: c.get(k) for k in RUN_SETTINGS}
+    if parse_method(c.rso.method)[0] != "rso":
         settings["projection"] = None
     return settings
 
 
-def resume_schedule(scheduler, args, step: int, log) -> None:
+def resume_schedule(scheduler, c: RunConfig, step: int, log) -> None:
     """After restoring a run at ``step`` whose length ``--resume`` changed: rebuild its cosine schedule for
-    ``args.max_steps`` (``schedule.resize``) and say so, with the LR at ``step`` under both schedules."""
-    change = resize(scheduler, args.max_steps)
+    ``c.training.max_steps`` (``schedule.resize``) and say so, with the LR at ``step`` under both schedules."""
+    max_steps, total = c.training.max_steps, c.training.subspace_total_steps
+    change = resize(scheduler, max_steps)
     if change is None:
         return
     old, before, after = change
-    line = (f"--resume: the run {'extends' if args.max_steps > old else 'shortens'} from {old} to {args.max_steps} "
-            f"steps; the cosine LR schedule is rebuilt for {args.max_steps} steps: LR at step {step} {before:.4g} "
+    line = (f"--resume: the run {'extends' if max_steps > old else 'shortens'} from {old} to {max_steps} "
+            f"steps; the cosine LR schedule is rebuilt for {max_steps} steps: LR at step {step} {before:.4g} "
             f"on the old schedule, {after:.4g} on the new one")
-    name, extra = parse_method(args.method)
-    if name == "golore@" or (name == "rso" and args.projection == "hybrid"):
+    name, extra = parse_method(c.rso.method)
+    if name == "golore@" or (name == "rso" and c.rso.projection == "hybrid"):
         fraction = extra.get("random_fraction", MethodOptions.random_fraction)
-        switch = int(round((1 - fraction) * args.subspace_total_steps))
+        switch = int(round((1 - fraction) * total))
         line += (f"; the switch from SVD to random projections stays at step {switch}, placed in the original "
-                 f"{args.subspace_total_steps} steps")
+                 f"{total} steps")
     log(line)
 
 
 # ----------------------------------------------------------------------------- set-up
-def fill_step_defaults(args, warmup: int, evals_per_run: int) -> None:
+def fill_step_defaults(c: RunConfig, warmup: int, evals_per_run: int) -> None:
     """Fill ``--warmup``, ``--eval-every`` (``evals_per_run`` evaluations), ``--save-every`` (= eval-every) and
     ``subspace_total_steps`` (the length the GoLore / hybrid switch is placed in: ``--max-steps``) if unset."""
-    if getattr(args, "subspace_total_steps", None) is None:
-        args.subspace_total_steps = args.max_steps
-    if args.warmup is None:
-        args.warmup = warmup
-    if args.eval_every is None:
-        args.eval_every = max(1, args.max_steps // evals_per_run)
-    if args.save_every is None:
-        args.save_every = args.eval_every
+    t = c.training
+    if t.subspace_total_steps is None:
+        t.subspace_total_steps = t.max_steps
+    if c.optimizer.warmup is None:
+        c.optimizer.warmup = warmup
+    if c.logging.eval_every is None:
+        c.logging.eval_every = max(1, t.max_steps // evals_per_run)
+    if c.checkpoint.save_every is None:
+        c.checkpoint.save_every = c.logging.eval_every
 
 
-def setup_device(args) -> tuple[torch.device, bool, Callable]:
+def setup_device(c: RunConfig) -> tuple[torch.device, bool, Callable]:
     """Apply ``--threads``; (device, whether bf16 autocast is on, a fresh autocast context per call)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_bf16 = device.type == "cuda" and args.dtype == "bf16"
+    if c.runtime.threads:
+        torch.set_num_threads(c.runtime.threads)
+    device = torch.device(c.runtime.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_bf16 = device.type == "cuda" and c.training.dtype == "bf16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     return device, use_bf16, autocast
 
 
-def method_options(args, **entry_point_options) -> MethodOptions:
+def method_options(c: RunConfig, **entry_point_options) -> MethodOptions:
     """The method's options from the shared flags, plus those only one entry point sets; the GoLore / hybrid
     switch is placed in ``subspace_total_steps`` (a resumed run's original length)."""
-    return MethodOptions(rank=args.rank, tau=args.tau, scale=args.scale, lr=args.lr, weight_decay=args.weight_decay,
-                         optimizer=args.optimizer, optimizer_args=dict(args.optimizer_args),
-                         projection=args.projection, total_steps=args.subspace_total_steps, seed=args.seed,
-                         subspace_state=args.subspace_state, share_projections=args.share_projections,
+    r, o = c.rso, c.optimizer
+    return MethodOptions(rank=r.rank, tau=r.tau, scale=r.scale, lr=o.lr, weight_decay=o.weight_decay,
+                         optimizer=o.optimizer, optimizer_args=dict(o.optimizer_args), projection=r.projection,
+                         total_steps=c.training.subspace_total_steps, seed=c.training.seed,
+                         subspace_state=r.subspace_state, share_projections=r.share_projections,
                          **entry_point_options)
 
 
@@ -465,15 +520,17 @@ def due(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
-def accumulate_gradients(model, micro_batches: list[dict], device, autocast) -> float:
+def accumulate_gradients(model, micro_batches: list[dict], device, autocast, sync=None) -> float:
     """Forward and backward each micro-batch (the model's inputs, moved to ``device``), its loss divided by
-    their number so that the gradients add up to the step's mean; returns the step's loss."""
+    their number so that the gradients add up to the step's mean; returns the step's loss. ``sync(last)``: a
+    context for a micro-batch's passes that lets only the last one reduce gradients across processes."""
     loss_sum = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            loss = model(**batch).loss / len(micro_batches)
-        loss.backward()
+        with sync(i == len(micro_batches) - 1) if sync else contextlib.nullcontext():
+            with autocast():
+                loss = model(**batch).loss / len(micro_batches)
+            loss.backward()
         loss_sum += loss.item()
     return loss_sum
 
@@ -484,6 +541,7 @@ def optimizer_step(loss: float, step: int, params, grad_clip: float, optimizer, 
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -495,13 +553,17 @@ class Progress:
     """What a session reports as it trains: records in ``<out>/metrics.jsonl`` (on resume, those past the
     checkpoint's step dropped), the tqdm bar, and throughput and memory with each training record."""
 
-    def __init__(self, out: pathlib.Path, device: torch.device, step: int, resumed: bool, args, desc: str):
-        if resumed:
+    def __init__(self, out: pathlib.Path, device: torch.device, step: int, resumed: bool, c: RunConfig, desc: str,
+                 writer: bool = True):
+        if resumed and writer:
             tqdm.write(f"resumed from {out / CHECKPOINT_NAME} at step {step}")
-        self.metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resumed else None)
+        self.writer = writer  # one process of a process group writes the records
+        self.echo = False  # also print each training record (torchrun's logs, which have no bar)
+        self.metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resumed else None) if writer else None
         self.device = device
         self.memory_key = memory_label(device)
-        self.bar = tqdm(total=args.max_steps, initial=step, desc=desc, dynamic_ncols=True, disable=args.no_progress,
+        self.bar = tqdm(total=c.training.max_steps, initial=step, desc=desc, dynamic_ncols=True,
+                        disable=c.logging.no_progress,
                         file=sys.stderr)
         self.throughput = Throughput()
         self.started = time.perf_counter()
@@ -513,22 +575,160 @@ class Progress:
     def log_train(self, step: int, loss: float, lr: float, new_tokens: int, **extra) -> None:
         """A training record (``extra`` after the LR); ``new_tokens``: tokens trained on since the last one."""
         tokens_per_s, mem = self.throughput(new_tokens), memory_mb(self.device)
-        self.metrics.log({"step": step, "loss": loss, "lr": lr, **extra, "tokens_per_s": round(tokens_per_s, 1),
-                          self.memory_key: round(mem, 1), "elapsed_s": round(self.elapsed(), 2)})
+        if self.metrics is None:
+            return
+        record = {"step": step, "loss": loss, "lr": lr, **extra, "tokens_per_s": round(tokens_per_s, 1),
+                  self.memory_key: round(mem, 1), "elapsed_s": round(self.elapsed(), 2)}
+        self.metrics.log(record)
+        if self.echo:
+            tqdm.write(json.dumps(record))
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{mem:,.0f}MB", refresh=False)
 
     def log_eval(self, step: int, result: dict, line: str) -> None:
         """An evaluation record and its log line; its time does not count as training throughput."""
-        self.metrics.log({"step": step, **result})
-        tqdm.write(line)
+        if self.metrics is not None:
+            self.metrics.log({"step": step, **result})
+            tqdm.write(line)
         self.throughput(0)
 
 
-def stop_early(args, step: int, start_step: int, progress: Progress) -> bool:
+def stop_early(c: RunConfig, step: int, start_step: int, progress: Progress) -> bool:
     """``--stop-after N``: once this session has run N steps short of the end, close the bar, say so, return True."""
-    if args.stop_after is None or step - start_step < args.stop_after or step >= args.max_steps:
+    after = c.checkpoint.stop_after
+    if after is None or step - start_step < after or step >= c.training.max_steps:
         return False
     progress.bar.close()
-    tqdm.write(f"stopped after {args.stop_after} steps at step {step} (--stop-after); last checkpoint: "
-               f"{pathlib.Path(args.output_dir) / CHECKPOINT_NAME}")
+    if progress.writer:
+        tqdm.write(f"stopped after {after} steps at step {step} (--stop-after); last checkpoint: "
+                   f"{pathlib.Path(c.checkpoint.output_dir) / CHECKPOINT_NAME}")
     return True
+
+
+# ----------------------------------------------------------------------------- the session and its loop
+@dataclasses.dataclass
+class Parallel:
+    """How a session runs on its process group (defaults: one process). ``train_model`` runs forward and backward
+    (a DDP wrapper, or the model); ``sync(last)`` lets only a step's last micro-batch reduce gradients;
+    ``reduce_loss`` averages a loss over the processes; ``model_state`` / ``optimizer_state`` give and take the
+    full (unsharded) states a checkpoint holds; only the ``writer`` writes files (and prints the training records,
+    if ``echo``)."""
+    train_model: torch.nn.Module | None = None
+    sync: Callable | None = None
+    reduce_loss: Callable[[float], float] = float
+    model_state: object = None
+    optimizer_state: object = None
+    writer: bool = True
+    world: int = 1
+    echo: bool = False
+
+
+@dataclasses.dataclass
+class Session:
+    """One training session: the run's pieces, where it starts (``step``), and what its checkpoint adds (``extra``)."""
+    c: RunConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: object  # the training data's position: state_dict() / load_state_dict()
+    device: torch.device
+    autocast: Callable
+    progress: Progress
+    train_loss: IntervalLoss
+    step: int
+    resumed: bool
+    extra: dict
+    parallel: Parallel
+
+    @property
+    def params(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, step: int) -> None:
+        """``checkpoint.pt`` (the one format: full states, whatever the process group); collective."""
+        model, optimizer = self.parallel.model_state, self.parallel.optimizer_state
+        if self.parallel.writer:
+            save_run(pathlib.Path(self.c.checkpoint.output_dir), step, model, optimizer, self.scheduler,
+                     self.data, self.train_loss, self.c.saved(), **self.extra)
+        else:  # the states' gathers are collectives: every process takes part
+            model.state_dict(), optimizer.state_dict()
+
+
+def start_session(c: RunConfig, ckpt: dict | None, model, optimizer, data, device, autocast, *, min_lr_ratio: float,
+                  desc: str, log, extra: dict | None = None, parallel: Parallel | None = None) -> Session:
+    """The LR schedule, the checkpoint ``ckpt`` (if resuming) restored into the pieces, the progress record and
+    ``run.toml`` written beside the checkpoint."""
+    if ckpt is None and find_checkpoint(c.checkpoint.output_dir) is not None:
+        raise CheckpointError(f"{c.checkpoint.output_dir} holds the checkpoint of an earlier run, which this run would "
+                              f"overwrite: --resume continues it; a new run needs another --output-dir (or delete "
+                              f"{CHECKPOINT_NAME} there)")
+    par = parallel or Parallel()
+    par.train_model = par.train_model or model
+    par.model_state, par.optimizer_state = par.model_state or model, par.optimizer_state or optimizer
+    scheduler = cosine_schedule(optimizer, c.optimizer.warmup, c.training.max_steps, min_lr_ratio)
+    train_loss = IntervalLoss()
+    step = restore_run(ckpt, par.model_state, par.optimizer_state, scheduler, data, train_loss)
+    if ckpt is not None:
+        resume_schedule(scheduler, c, step, log)
+    out = pathlib.Path(c.checkpoint.output_dir)
+    progress = Progress(out, device, step, resumed=ckpt is not None, c=c, desc=desc, writer=par.writer)
+    progress.echo = par.echo
+    if par.writer:
+        write_run_toml(c, out)
+    return Session(c, model, optimizer, scheduler, data, device, autocast, progress, train_loss, step,
+                   ckpt is not None, extra or {}, par)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int
+    stopped: bool  # --stop-after ended the session
+    last_eval: tuple[int, dict] | None
+    step_times: list[float]
+    losses: list[float]  # this session's, one per step
+
+
+def _tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def train_loop(s: Session, micro_batches: Callable[[], list[dict]], evaluate: Callable[[int], dict],
+               log_fields: Callable[[int, float, float], dict], save_on_stop: bool = False) -> LoopResult:
+    """The one training loop: each step forward/backward over ``micro_batches()`` (accumulated), clip, optimizer
+    and LR step; every ``--log-every`` steps a record (``log_fields(step, grad_norm, seconds per step)`` added),
+    every ``--eval-every`` ``evaluate(step)``, every ``--save-every`` a checkpoint (each also at the end);
+    ``--stop-after`` ends the session early (as if killed; ``save_on_stop``: with a checkpoint, as a preemption
+    would)."""
+    c, step, start = s.c, s.step, s.step
+    last_eval, tokens, step_times, losses, interval_time = None, 0, [], [], IntervalLoss()
+    par = s.parallel
+    step_model = torch.compile(par.train_model) if c.runtime.compile else par.train_model
+    params, max_steps = s.params, c.training.max_steps
+    s.model.train()
+    while step < max_steps:
+        t0 = time.perf_counter()
+        batches = micro_batches()
+        tokens += sum(_tokens(b) for b in batches) * par.world
+        loss_sum = par.reduce_loss(accumulate_gradients(step_model, batches, s.device, s.autocast, par.sync))
+        grad_norm, lr = optimizer_step(loss_sum, step + 1, params, c.optimizer.grad_clip, s.optimizer, s.scheduler)
+        step += 1
+        s.train_loss.add(loss_sum)
+        losses.append(loss_sum)
+        step_times.append(time.perf_counter() - t0)
+        interval_time.add(step_times[-1])
+        if due(step, c.logging.log_every, max_steps):
+            s.progress.log_train(step, s.train_loss.pop_mean(), lr, tokens,
+                                 **log_fields(step, float(grad_norm), interval_time.pop_mean()))
+            tokens = 0
+        s.progress.bar.update(1)
+        if due(step, c.logging.eval_every, max_steps):
+            last_eval = (step, evaluate(step))
+        saved = due(step, c.checkpoint.save_every, max_steps)
+        if saved:
+            s.save(step)
+        if stop_early(c, step, start, s.progress):
+            if save_on_stop and not saved:
+                s.save(step)
+            return LoopResult(step, True, last_eval, step_times, losses)
+    s.progress.bar.close()
+    return LoopResult(step, False, last_eval, step_times, losses)

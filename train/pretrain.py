@@ -20,28 +20,16 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, load_run, restore_run, save_run
+from .checkpoint import CHECKPOINT_NAME, load_run
+from .config import RunConfig
 from .data import build_pretraining_data, default_cache_dir
-from .loop import (Parser, Progress, accumulate_gradients, add_optimizer_args, add_runtime_args, add_session_args,
-                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, due, eval_mode,
-                   fill_step_defaults, method_options, optimizer_step, rank_value,
-                   resume_args, resume_schedule, run_settings, setup_device, stop_early)
+from .loop import (Parser, UsageError, add_optimizer_args, add_runtime_args, add_session_args,
+                   apply_activation_checkpointing, check_checkpointing, check_rank, cli_main, eval_mode,
+                   fill_step_defaults, method_options, rank_value, resume_args, run_settings, setup_device,
+                   start_session, train_loop)
 from .methods import describe, parse_method, setup_method
-from .metrics import IntervalLoss, MetricsLog, perplexity, plot_curves
+from .metrics import MetricsLog, perplexity, plot_curves
 from .models import build_model, load_config
-from .schedule import cosine_schedule
-
-#: The run's settings, saved in its checkpoint; on --resume they come from there (``loop.resume_args``).
-RUN_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections", "lr",
-            "weight_decay", "optimizer", "optimizer_args", "batch_size", "grad_accum", "seq_len", "max_steps",
-            "subspace_total_steps", "warmup", "min_lr_ratio", "grad_clip", "seed", "tokenizer", "dataset",
-            "text_field", "eval_fraction", "max_docs", "eval_every", "eval_batches", "save_every", "log_every",
-            "dtype")
-#: Those that make the run what it is: --resume refuses another value for them.
-IDENTITY_ARGS = ("config", "method", "projection", "rank", "tau", "scale", "subspace_state", "share_projections",
-                 "optimizer", "optimizer_args", "batch_size", "grad_accum", "seq_len", "seed", "tokenizer", "dataset",
-                 "text_field", "eval_fraction", "max_docs")
-
 
 def build_parser() -> Parser:
     p = Parser(prog="rso-pretrain", description=__doc__.split("\n\n")[0],
@@ -78,23 +66,24 @@ def build_parser() -> Parser:
     return p
 
 
-def resolve_args(args, cfg: dict) -> argparse.Namespace:
-    """Fill the options left unset from the config's ``training`` section."""
-    tr = cfg["training"]
-    args.rank = args.rank if args.rank is not None else tr.get("rank", 128)
-    args.tau = args.tau if args.tau is not None else tr.get("tau", 200)
-    if args.lr is None:  # a number, or per method family: {"adamw": ..., "default": ...}
+def resolve_args(c, cfg: dict) -> RunConfig:
+    """Fill the options left unset from the config's ``training`` section (``c``: a RunConfig or parsed flags)."""
+    c = RunConfig.from_namespace(c)
+    tr, d, o = cfg["training"], c.data, c.optimizer
+    c.rso.rank = c.rso.rank if c.rso.rank is not None else tr.get("rank", 128)
+    c.rso.tau = c.rso.tau if c.rso.tau is not None else tr.get("tau", 200)
+    if o.lr is None:  # a number, or per method family: {"adamw": ..., "default": ...}
         lr = tr.get("lr", 1e-3)
-        args.lr = lr.get(parse_method(args.method)[0], lr["default"]) if isinstance(lr, dict) else lr
-    args.seq_len = args.seq_len or tr.get("seq_len", 256)
-    args.tokenizer = args.tokenizer or tr.get("tokenizer", "llama2")
-    args.max_steps = args.max_steps or tr.get("max_steps", 1000)
-    if args.batch_size is None:
-        args.batch_size = tr.get("batch_size", min(tr.get("total_batch_size", 64), 64))
-    if args.grad_accum is None:
-        args.grad_accum = max(1, tr.get("total_batch_size", args.batch_size) // args.batch_size)
-    fill_step_defaults(args, warmup=max(0, args.max_steps // 10), evals_per_run=5)
-    return args
+        o.lr = lr.get(parse_method(c.rso.method)[0], lr["default"]) if isinstance(lr, dict) else lr
+    d.seq_len = d.seq_len or tr.get("seq_len", 256)
+    c.model.tokenizer = c.model.tokenizer or tr.get("tokenizer", "llama2")
+    c.training.max_steps = c.training.max_steps or tr.get("max_steps", 1000)
+    if d.batch_size is None:
+        d.batch_size = tr.get("batch_size", min(tr.get("total_batch_size", 64), 64))
+    if d.grad_accum is None:
+        d.grad_accum = max(1, tr.get("total_batch_size", d.batch_size) // d.batch_size)
+    fill_step_defaults(c, warmup=max(0, c.training.max_steps // 10), evals_per_run=5)
+    return c
 
 
 @torch.no_grad()
@@ -112,90 +101,86 @@ def evaluate(model, loader, device, autocast, max_batches=None) -> float:
     return total / max(count, 1)
 
 
-def run(args) -> dict:
-    """Train as ``args`` say; returns the final results (also written to ``results.json``)."""
-    out = pathlib.Path(args.output_dir)
-    log = tqdm.write
-    ckpt = load_run(out) if args.resume else None
+def settle(c: RunConfig, log) -> tuple[RunConfig, dict, dict | None]:
+    """The run's settings (with ``--resume``: the checkpoint's), checked before any data is read; (config,
+    the model config, the checkpoint or None)."""
+    ckpt = load_run(pathlib.Path(c.checkpoint.output_dir)) if c.checkpoint.resume else None
     if ckpt is not None:
-        resume_args(args, ckpt["args"], ckpt["step"], RUN_ARGS, IDENTITY_ARGS, log)
-    cfg = load_config(args.config)
-    args = resolve_args(args, cfg)
-    check_checkpointing(args, cfg)
-    check_rank(args, cfg)  # the last argument check: nothing before this reads data
-    device, use_bf16, autocast = setup_device(args)
-    torch.manual_seed(args.seed)
+        resume_args(c, ckpt["args"], ckpt["step"], log)
+    cfg = load_config(c.model.config)
+    c = resolve_args(c, cfg)
+    d, saved_batch = c.data, ckpt["args"].get("global_batch") if ckpt is not None else None
+    if saved_batch is not None and saved_batch != d.batch_size * d.grad_accum:
+        raise UsageError(f"--resume: the run's global batch is {saved_batch} sequences (saved by "
+                         f"{ckpt.get('world_size')} processes of rso.train.distributed); one process here takes "
+                         f"{d.batch_size} x {d.grad_accum}: resume it with rso.train.distributed "
+                         "(torchrun --nproc-per-node 1 works), which fits the micro-batch to the world size")
+    d.global_batch = d.batch_size * d.grad_accum
+    check_checkpointing(c, cfg)
+    check_rank(c.rso, cfg)  # the last argument check: nothing before this reads data
+    return c, cfg, ckpt
 
-    # ---- data
-    cache_dir = pathlib.Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+def run(c) -> dict:
+    """Train as ``c`` (a RunConfig, or parsed flags) says; returns the final results (also in ``results.json``)."""
+    log = tqdm.write
+    c, cfg, ckpt = settle(RunConfig.from_namespace(c), log)
+    device, use_bf16, autocast = setup_device(c)
+    torch.manual_seed(c.training.seed)
+    d = c.data
+    cache_dir = pathlib.Path(c.runtime.cache_dir) if c.runtime.cache_dir else default_cache_dir()
     tok, train_loader, eval_loader = build_pretraining_data(
-        args.dataset, args.tokenizer, args.seq_len, args.batch_size, args.seed, cache_dir,
-        args.eval_fraction, args.max_docs, args.text_field, log=log)
-
-    # ---- model + method
+        d.dataset, c.model.tokenizer, d.seq_len, d.batch_size, c.training.seed, cache_dir,
+        d.eval_fraction, d.max_docs, d.text_field, log=log)
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos
-    torch.manual_seed(args.seed)
+    torch.manual_seed(c.training.seed)
     model = build_model(cfg, vocab_size=len(tok), bos_token_id=bos, eos_token_id=eos).to(device)
-    model, optimizer = setup_method(args.method, model, method_options(args))
-    model = apply_activation_checkpointing(args, model, log)
-    scheduler = cosine_schedule(optimizer, args.warmup, args.max_steps, args.min_lr_ratio)
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
-    log(f"model {args.config} ({cfg['training']['_name']}), method {args.method}: {describe(model, optimizer)}")
-    log(f"{args.max_steps} steps x {tokens_per_step:,} tokens (batch {args.batch_size} x accum {args.grad_accum} "
-        f"x seq {args.seq_len}), lr {args.lr:g}, warm-up {args.warmup}, device {device}"
+    model, optimizer = setup_method(c.rso.method, model, method_options(c))
+    model = apply_activation_checkpointing(c, model, log)
+    tokens_per_step = d.batch_size * d.grad_accum * d.seq_len
+    log(f"model {c.model.config} ({cfg['training']['_name']}), method {c.rso.method}: {describe(model, optimizer)}")
+    log(f"{c.training.max_steps} steps x {tokens_per_step:,} tokens (batch {d.batch_size} x accum {d.grad_accum} "
+        f"x seq {d.seq_len}), lr {c.optimizer.lr:g}, warm-up {c.optimizer.warmup}, device {device}"
         f"{' (bf16 autocast)' if use_bf16 else ''}")
-
-    train_loss = IntervalLoss()
-    step = start_step = restore_run(ckpt, model, optimizer, scheduler, train_loader, train_loss)
-    if ckpt is not None:
-        resume_schedule(scheduler, args, step, log)
-    progress = Progress(out, device, step, resumed=ckpt is not None, args=args, desc=args.method)
+    s = start_session(c, ckpt, model, optimizer, train_loader, device, autocast, min_lr_ratio=c.optimizer.min_lr_ratio,
+                      desc=c.rso.method, log=log, extra={"config": cfg})
     if ckpt is None:
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        (pathlib.Path(c.checkpoint.output_dir) / "args.json").write_text(
+            json.dumps(c.flat(), indent=2, default=str))
 
-    # ---- the loop
-    model.train()
-    last_eval = None
-    step_model = torch.compile(model) if args.compile else model
-    while step < args.max_steps:
-        blocks = [train_loader.next_batch().to(device) for _ in range(args.grad_accum)]
-        loss_sum = accumulate_gradients(step_model, [{"input_ids": b, "labels": b} for b in blocks], device, autocast)
-        grad_norm, lr = optimizer_step(loss_sum, step + 1, params, args.grad_clip, optimizer, scheduler)
-        step += 1
-        train_loss.add(loss_sum)
+    def evaluate_and_log(step):
+        loss = evaluate(model, eval_loader, device, autocast, c.logging.eval_batches)
+        s.progress.log_eval(step, {"eval_loss": loss, "eval_ppl": perplexity(loss)},
+                            f"step {step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+        return loss
 
-        if due(step, args.log_every, args.max_steps):
-            steps_logged = args.log_every if step % args.log_every == 0 else step % args.log_every
-            progress.log_train(step, train_loss.pop_mean(), lr, tokens_per_step * steps_logged,
-                               grad_norm=float(grad_norm), tokens=step * tokens_per_step)
-        progress.bar.update(1)
-        if due(step, args.eval_every, args.max_steps):
-            eval_loss = evaluate(model, eval_loader, device, autocast, args.eval_batches)
-            last_eval = (step, eval_loss)
-            progress.log_eval(step, {"eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)},
-                              f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
-        if due(step, args.save_every, args.max_steps):
-            save_run(out, step, model, optimizer, scheduler, train_loader, train_loss, args, RUN_ARGS, config=cfg)
-        if stop_early(args, step, start_step, progress):
-            return {"stopped_at": step}
-    progress.bar.close()
+    done = train_loop(s, lambda: [{"input_ids": b, "labels": b} for b in
+                                  (train_loader.next_batch() for _ in range(d.grad_accum))],
+                      evaluate_and_log, lambda step, norm, _: {"grad_norm": norm, "tokens": step * tokens_per_step})
+    if done.stopped:
+        return {"stopped_at": done.step}
+    last_eval = done.last_eval
+    if last_eval is None or last_eval[0] != done.step:  # e.g. resumed at the end
+        last_eval = (done.step, evaluate(model, eval_loader, device, autocast, c.logging.eval_batches))
+    return write_results(c, s, done.step, last_eval[1], tokens_per_step)
 
-    # ---- results
-    if last_eval is None or last_eval[0] != step:  # e.g. resumed at the end
-        last_eval = (step, evaluate(model, eval_loader, device, autocast, args.eval_batches))
-    png = plot_curves(out / "metrics.jsonl", out / "loss.png",
-                      f"{args.config} / {args.method}" + (f" ({args.projection})" if args.method == "rso" else ""))
+
+def write_results(c: RunConfig, s, step: int, eval_loss: float, tokens_per_step: int) -> dict:
+    """``results.json`` (and the loss plot) of a finished run; prints where everything is."""
+    out = pathlib.Path(c.checkpoint.output_dir)
+    png = plot_curves(out / "metrics.jsonl", out / "loss.png", f"{c.model.config} / {c.rso.method}"
+                      + (f" ({c.rso.projection})" if c.rso.method == "rso" else ""))
     records = MetricsLog.read(out / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    results = {"config": args.config, **run_settings(args), "steps": step, "tokens": step * tokens_per_step,
-               "final_eval_loss": last_eval[1], "final_eval_ppl": perplexity(last_eval[1]),
+    key = s.progress.memory_key
+    results = {"config": c.model.config, **run_settings(c), "steps": step, "tokens": step * tokens_per_step,
+               "final_eval_loss": eval_loss, "final_eval_ppl": perplexity(eval_loss),
                "final_train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
                "median_tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
-               f"peak_{progress.memory_key}": max((r.get(progress.memory_key, 0) for r in records), default=None),
-               "wall_s_this_session": round(progress.elapsed(), 1),
-               "trainable_params": sum(p.numel() for p in params),
+               f"peak_{key}": max((r.get(key, 0) for r in records), default=None),
+               "wall_s_this_session": round(s.progress.elapsed(), 1),
+               "trainable_params": sum(p.numel() for p in s.params),
                "metrics": str(out / "metrics.jsonl"), "plot": str(png) if png else None,
                "checkpoint": str(out / CHECKPOINT_NAME)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -208,8 +193,8 @@ def run(args) -> dict:
 
 def command_settings(argv: list[str]) -> dict:
     """The :func:`loop.run_settings` that ``rso-pretrain argv`` trains with (a fresh run: the config's defaults filled)."""
-    args = build_parser().parse_args(argv)
-    return run_settings(resolve_args(args, load_config(args.config)))
+    c = RunConfig.from_namespace(build_parser().parse_args(argv))
+    return run_settings(resolve_args(c, load_config(c.model.config)))
 
 
 def main(argv=None) -> int:
