@@ -189,7 +189,10 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
                     continue
                 print(f"rerun {job['name']}: its results.json has {stale}", flush=True)
                 same = False  # from the start: its checkpoint, if kept, has the old settings too
-            resume = same and (pathlib.Path(job["output"]) / CHECKPOINT_NAME).exists()
+            checkpoint = pathlib.Path(job["output"]) / CHECKPOINT_NAME
+            resume = same and checkpoint.exists()
+            if not resume:  # a run from the start: the runner's own folder, its old checkpoint is stale
+                checkpoint.unlink(missing_ok=True)
             cmd_file.write_text(job["command"])
             slot = slots.pop(0)
             if resume:
