@@ -107,16 +107,20 @@ def _tied_weights(model: nn.Module) -> set[int]:
 
 
 def _fused_on_save(model: nn.Module):
-    """A predicate on module names: True for layers a transformers weight converter fuses on save (q/k/v into one
-    qkv, up/gate...), whose rso keys it would fuse too."""
+    """A predicate on module names: True for layers whose rso keys transformers' save / load conversions would not
+    carry with the layer: a weight converter fuses the layer on save (q/k/v into one qkv, up/gate...) and would
+    fuse its B and P too, or a load-time renaming moves the layer's keys (its model-side keys are not fixed)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
-        patterns = [re.compile(p) for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)
-                    for p in t.target_patterns]
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+        patterns = [re.compile(p) for t in transforms if isinstance(t, WeightConverter) for p in t.target_patterns]
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     except (ImportError, AttributeError, TypeError, re.error):  # older transformers, not an HF model
-        patterns = []
-    return lambda name: any(p.search(name) for p in patterns)
+        return lambda name: False
+    prefix = getattr(model, "base_model_prefix", None)
+    moved = lambda key: bool(renamings) and rename_source_key(key, renamings, [], prefix)[0] != key  # noqa: E731
+    return lambda name: any(p.search(name) for p in patterns) or moved(f"{name}.B")
 
 
 def _head_names(model: nn.Module) -> set[str]:

@@ -405,3 +405,19 @@ def test_a_layer_output_may_be_modified_in_place_by_the_model():
     y /= 2  # roc_bert, longformer, swinv2 do this
     y.sum().backward()
     torch.testing.assert_close(x.grad, (layer.weight.sum(0) / 2).expand(2, 5, 16))
+
+
+def test_layers_whose_keys_transformers_renames_on_load_are_left_out(tmp_path):
+    """Inkling2's load renames ``sconv.weight_proj`` → ``sconv.weight_proj.weight``: a wrapped layer there would have
+    its B and P renamed away from it on reload, so it is left out (listed); the rest round-trips."""
+    from rso.train import zoo
+    model = zoo.build("inkling2_text", "Inkling2ForCausalLM")
+    rso.wrap(model, rank=4, tau=2)
+    names = [n for n, _ in rso.subspace_layers(model)]
+    assert names and not any(n.endswith("sconv.weight_proj") for n in names)
+    assert "sconv.weight_proj" in rso.summary(model)
+    batch = zoo.make_batch("causal-lm", model.config)
+    model.eval().save_pretrained(tmp_path)
+    back = rso.from_pretrained(type(model), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, model(**batch).logits)

@@ -120,7 +120,7 @@ SIZES = {
     **_names(1, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "n_group", "topk_group",
              "num_expert_group", "first_k_dense_replace", "num_dense_layers", "mamba_expand", "expand",
              "mamba_n_groups", "mamba_ngroups", "n_groups", "decoder_sparse_step", "interleave_moe_layer_step"),
-    **_names(VOCAB, "vocab_size", "decoder_vocab_size", "src_vocab_size", "tgt_vocab_size"),
+    **_names(VOCAB, "vocab_size", "decoder_vocab_size", "src_vocab_size", "tgt_vocab_size", "unpadded_vocab_size"),
     **_names(64, "max_position_embeddings", "n_positions", "n_ctx", "max_source_positions", "max_target_positions",
              "max_seq_len", "context_length"),
     **_names(IMAGE, "image_size"),
