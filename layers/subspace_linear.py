@@ -298,8 +298,8 @@ class SubspaceLinear(nn.Module):
         raise RuntimeError(
             f"rso: B of SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}) in a copy of "
             f"a wrapped model changed outside an optimizer step (AveragedModel / a parameter-wise EMA?): averaging W₀ "
-            f"and B across subspaces is not the average model; average the merged weights instead (model.state_dict() "
-            f"into rso.unwrap(copy.deepcopy(model)), see docs/compatibility.md)")
+            f"and B across subspaces is not the average model; average the effective weights instead "
+            f"(rso.effective_state_dict(model) into rso.unwrap(copy.deepcopy(model)), see docs/compatibility.md)")
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

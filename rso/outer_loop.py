@@ -300,6 +300,30 @@ class OuterLoop:
                         m.arm_capture()
 
 
+def refuse_stale_optimizers(removed) -> None:
+    """After ``rso.unwrap``: an optimizer still holding the removed layers' B's (``removed``) would train nothing of
+    those layers (their plain weights are new Parameters), so its next step raises. The hook is retired (removed at
+    the next ``attach``) once every B is collected."""
+    refs = {id(B): weakref.ref(B) for B in removed}
+
+    def pre(optimizer, args, kwargs):
+        held = sum(_held(refs, p) for g in optimizer.param_groups for p in g["params"])
+        if held:
+            raise ValueError(f"rso: this {type(optimizer).__name__} holds {held} B parameter(s) of layers rso.unwrap "
+                             f"replaced, so it would train nothing of them; create the optimizer again over the "
+                             f"unwrapped model's parameters")
+
+    handle, left = register_optimizer_step_pre_hook(pre), [len(refs)]
+
+    def collected():
+        left[0] -= 1
+        if left[0] == 0:
+            _RETIRED_HANDLES.append(handle)
+
+    for B in removed:
+        weakref.finalize(B, collected)
+
+
 def _held(refs: dict, obj) -> bool:
     """Whether ``refs`` (id → weak reference) holds ``obj`` itself (not a later object with a reused id)."""
     ref = refs.get(id(obj))

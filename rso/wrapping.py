@@ -9,18 +9,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
-import weakref
 from itertools import chain
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
 from .config import LEGACY_CONFIG_KEY, RSOConfig
-from .outer_loop import OuterLoop
+from .outer_loop import OuterLoop, refuse_stale_optimizers
 from .projections import CoordinateSampler, mix_seed
 from .serialization import check_checkpoint, identity_tensor
 
@@ -502,29 +500,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         object.__delattr__(model, "save_pretrained")
     if heads.uses_chunked_head(model):
         heads.restore_head(model)
-    _refuse_stale_optimizers([layer.B for _, layer in pairs])
+    refuse_stale_optimizers([layer.B for _, layer in pairs])
     return model
 
 
 merge_and_unload = unwrap
-
-
-def _refuse_stale_optimizers(removed) -> None:
-    """After ``unwrap``: an optimizer still holding the removed layers' B's would train nothing of those layers (the
-    plain weights are new Parameters); its next step raises. The hook goes inert once the B's are collected."""
-    refs = {id(B): weakref.ref(B) for B in removed}
-
-    def pre(optimizer, args, kwargs):
-        alive = [r for r in refs.values() if r() is not None]
-        if not alive:
-            return
-        held = sum(1 for g in optimizer.param_groups for p in g["params"] if (r := refs.get(id(p))) and r() is p)
-        if held:
-            raise ValueError(f"rso: this {type(optimizer).__name__} holds {held} B parameter(s) of layers rso.unwrap "
-                             f"replaced, so it would train nothing of them; create the optimizer again over the "
-                             f"unwrapped model's parameters")
-
-    register_optimizer_step_pre_hook(pre)
 
 
 def effective_state_dict(model: nn.Module) -> dict:
