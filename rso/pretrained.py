@@ -64,9 +64,18 @@ def _read(file: pathlib.Path, wanted, rename=lambda key: key) -> dict:
     return {rename(k): v for k, v in state.items() if wanted(rename(k))}
 
 
+def _keys(file: pathlib.Path) -> list[str]:
+    """The keys of a weights file (safetensors: read from its header, no tensor loaded)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    return list(_read(file, lambda k: True))
+
+
 def _saved_layers(files, rename) -> list[str]:
     """The names of the layers the checkpoint holds a B for (the layers that were wrapped)."""
-    return sorted(k[:-2] for file in files for k in _read(file, lambda k: k.endswith(".B"), rename))
+    return sorted(name[:-2] for file in files for name in map(rename, _keys(file)) if name.endswith(".B"))
 
 
 def _config_for(model, config: RSOConfig, files, rename) -> RSOConfig:
