@@ -41,6 +41,9 @@ class RSOConfig:
             ``ProjectionSampler`` instance.
         target_modules: None (every Linear / Conv1D but embeddings and output heads), a regex (full match)
             or a list of module names / name suffixes.
+        target_parameters: the stacked 3-D expert weights of mixture-of-experts layers (PEFT's name): None (every
+            trainable one of transformers' experts modules), or a list of parameter names / suffixes
+            (``"experts.down_proj"``); ``[]`` wraps none.
         scale: s in ``W₀ + s·B P``.
         seed: every P is a function of (seed, projection group, cycle): reproducible, identical on all ranks.
         share_projections: layers reading one input (q/k/v, gate/up) share one P and one stored projection;
@@ -55,6 +58,7 @@ class RSOConfig:
     tau: int | None = 200
     projection: str | ProjectionSampler = "stiefel"
     target_modules: str | list[str] | None = None
+    target_parameters: list[str] | None = None
     scale: float = 1.0
     seed: int = 0
     share_projections: bool | list = True
@@ -115,6 +119,11 @@ class RSOConfig:
         if targets is not None and (not isinstance(targets, (str, list, tuple, set)) or not all(
                 isinstance(t, str) for t in ([targets] if isinstance(targets, str) else targets))):
             _fail(TypeError, f"target_modules must be a regex string or a list of names/suffixes, got {targets!r}")
+        params = self.target_parameters
+        if params is not None and (not isinstance(params, (list, tuple, set)) or not all(isinstance(t, str)
+                                                                                      for t in params)):
+            _fail(TypeError, f"target_parameters must be None or a list of parameter names/suffixes, e.g. "
+                             f"['experts.gate_up_proj']; got {params!r}")
         sharing = self.share_projections
         if not (isinstance(sharing, bool) or (isinstance(sharing, (list, tuple)) and all(
                 isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in sharing))):
@@ -144,6 +153,9 @@ class RSOConfig:
         targets = data["target_modules"]
         if isinstance(targets, (list, tuple, set)):  # JSON has lists only (a set in a fixed order)
             data["target_modules"] = sorted(targets) if isinstance(targets, set) else list(targets)
+        if data["target_parameters"] is not None:
+            data["target_parameters"] = sorted(data["target_parameters"]) if isinstance(data["target_parameters"], set) \
+                else list(data["target_parameters"])
         if not isinstance(data["share_projections"], bool):
             data["share_projections"] = [list(g) for g in data["share_projections"]]
         data["scale"] = float(data["scale"])

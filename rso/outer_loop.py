@@ -202,7 +202,7 @@ class OuterLoop:
                     # A gradient (all but) orthogonal to the old subspace leaves only rounding in both norms: c = 1.
                     floor = 64 * torch.finfo(G.dtype).eps * (m.scale * G).norm()
                     c = m.B.grad.to(G.dtype).norm() / before if before > floor else 1.0
-                    m.B.grad.copy_((c * m.scale) * (G @ new_P.T))
+                    m.B.grad.copy_(((c * m.scale) * (G @ new_P.T)).view_as(m.B.grad))  # experts: (E·out)×r → E×out×r
 
     def after_step(self, optimizer):
         groups = self._groups_in(optimizer)

@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import RSOConfig
 from .trust import weights_only_refusal
-from .wrapping import _default_targets, get_config, is_wrapped, subspace_layers, wrap
+from rso.layers.subspace_experts import EXPERTS_CHILD, is_experts_module
+from .wrapping import _default_targets, _expert_targets, get_config, is_wrapped, subspace_members, wrap
 
 __all__ = ["from_pretrained"]
 
@@ -78,15 +79,31 @@ def _saved_layers(files, rename) -> list[str]:
     return sorted(name[:-2] for file in files for name in map(rename, _keys(file)) if name.endswith(".B"))
 
 
+def _split_saved(model, saved) -> tuple[list[str], list[str]]:
+    """The saved B owners as (linear layer names, stacked expert weight names ``<experts>.<weight>``)."""
+    linear, experts = [], []
+    for name in saved:
+        owner, child, weight = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", name)
+        module = model.get_submodule(owner) if child == EXPERTS_CHILD and owner else None
+        if module is not None and is_experts_module(module):
+            experts.append(f"{owner}.{weight}")
+        else:
+            linear.append(name)
+    return linear, experts
+
+
 def _config_for(model, config: RSOConfig, files, rename) -> RSOConfig:
-    """``config``, with the saved layers named when the defaults would now pick others (layers frozen when the
-    model was wrapped are trainable again in a freshly loaded model)."""
-    if config.target_modules is not None:
-        return config
-    saved = _saved_layers(files, rename)
-    chosen = sorted(name for name, _ in _default_targets(model, config.rank)[0])
-    return config if chosen == saved else RSOConfig.from_dict({**config.to_dict(), "target_modules": saved},
-                                                               config.projection if config.custom_projection else None)
+    """``config``, with the saved layers (and stacked expert weights) named when the defaults would now pick others
+    (layers frozen when the model was wrapped are trainable again in a freshly loaded model)."""
+    linear, experts = _split_saved(model, _saved_layers(files, rename))
+    changes = {}
+    if config.target_modules is None and linear != sorted(name for name, _ in _default_targets(model, config.rank)[0]):
+        changes["target_modules"] = linear
+    if config.target_parameters is None and experts != sorted(
+            f"{name}.{w}" for name, ranks in _expert_targets(model, config)[0].items() for w in ranks):
+        changes["target_parameters"] = experts
+    return RSOConfig.from_dict({**config.to_dict(), **changes}, config.projection if config.custom_projection else None) \
+        if changes else config
 
 
 def _check_same_config(model, config: RSOConfig, path):
@@ -123,7 +140,7 @@ def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_k
         _check_same_config(model, config, path)
     else:
         wrap(model, _config_for(model, config, files, rename))
-    names = {n for n, _ in subspace_layers(model)}
+    names = set(subspace_members(model))
     ours = lambda k: k.rpartition(".")[0] in names and k.rpartition(".")[2] in _STATE  # noqa: E731
     wanted = ours if loaded_by_class else (lambda k: True)  # by class, the weights are in place already
     missing = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rso.layers.subspace_experts import ExpertSubspace
 from rso.layers.subspace_linear import SubspaceLinear, _settings, _settings_tensor, is_conv1d
 
 __all__ = ["IDENTITY", "identity_tensor", "check_checkpoint"]
@@ -47,11 +48,12 @@ def _plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict[str, SubspaceLinear]) -> None:
+def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict) -> None:
     """Raise ``ValueError`` if ``state_dict`` holds rso state of a model wrapped otherwise than ``model``."""
     modules = dict(model.named_modules())
     saved = {k[len(prefix):-2] for k in state_dict if k.startswith(prefix) and k.endswith(".B")}
-    saved = {n for n in saved if isinstance(modules.get(n), SubspaceLinear) or _plain_linear(modules.get(n))}
+    saved = {n for n in saved
+             if isinstance(modules.get(n), (SubspaceLinear, ExpertSubspace)) or _plain_linear(modules.get(n))}
     if not saved:
         return  # a plain state dict: its weights become W₀
     problems, differing = [], {}

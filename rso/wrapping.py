@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from rso.layers.subspace_experts import EXPERTS_CHILD, ExpertSubspace, SubspaceExperts, expert_weight_names, \
+    is_experts_module
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
 from . import heads
 from .config import LEGACY_CONFIG_KEY, RSOConfig
@@ -23,7 +25,8 @@ from .projections import CoordinateSampler, mix_seed
 from .serialization import check_checkpoint, identity_tensor
 
 __all__ = ["wrap", "unwrap", "merge_and_unload", "outer_step", "summary", "print_trainable_parameters",
-           "state", "get_config", "effective_state_dict", "is_wrapped", "subspace_layers", "rank_for_layer", "DEFAULT_EXCLUDED",
+           "state", "get_config", "effective_state_dict", "is_wrapped", "subspace_layers", "expert_layers",
+           "subspace_members", "rank_for_layer", "DEFAULT_EXCLUDED",
            "DEFAULT_SHARED_INPUTS"]
 
 #: Output heads left as they are by default (with everything inside them), besides the model's output embeddings.
@@ -77,6 +80,8 @@ _OWN_FORWARD = "nn.Linear subclasses with a forward of their own, which B would 
 _TIED = "layers whose weight another module holds too (tied), which would go on reading W₀ alone"
 _NARROW = "layers narrower than the rank (kept trainable in full)"
 _FUSED = "layers transformers' save_pretrained fuses with others (its weight converters would mix their B and P)"
+_OWN_LOOP = "expert weights of experts modules with a loop of their own (not transformers' experts interface)"
+_PACKED = "packed projections the module reads as a raw parameter (nn.MultiheadAttention.in_proj_weight)"
 
 
 def _is_linear(module) -> bool:
@@ -242,6 +247,78 @@ def _explicit_targets(model: nn.Module, target_modules):
     return targets
 
 
+def _expert_weights(model: nn.Module):
+    """(experts module name, module, weight name, W) of every stacked expert weight of transformers' experts modules
+    (outside the output heads)."""
+    heads = _head_names(model)
+    return [(name, m, w, m._parameters[w]) for name, m in model.named_modules()
+            if is_experts_module(m) and name not in heads and not any(p in DEFAULT_EXCLUDED for p in name.split("."))
+            for w in expert_weight_names(m) if m._parameters.get(w) is not None and m._parameters[w].dim() == 3]
+
+
+def _expert_in_out(module, W) -> tuple[int, int]:
+    return (W.shape[1], W.shape[2]) if module.is_transposed else (W.shape[2], W.shape[1])
+
+
+def _expert_targets(model: nn.Module, config: RSOConfig):
+    """({experts module name: {weight name: rank}}, {reason: names left as they are}) for ``target_parameters``:
+    None, every trainable stacked expert weight the rank fits; a list, exactly those it names (refused otherwise)."""
+    chosen, left_out = {}, {}
+    selected = _explicit_parameters(model, config.target_parameters)
+    for name, module, w, W in _expert_weights(model):
+        full = f"{name}.{w}"
+        if selected is not None and full not in selected:
+            continue
+        in_f, out_f = _expert_in_out(module, W)
+        reason = _FROZEN if not W.requires_grad else _NARROW \
+            if rank_for_layer(config.rank, in_f) > min(in_f, out_f) else None
+        if reason is not None and selected is not None:
+            raise ValueError(f"rso.wrap: target_parameters selects '{full}' (E×{out_f}×{in_f}), one of the "
+                             f"{reason}; leave it out")
+        if reason is not None:
+            left_out.setdefault(reason, []).append(f"{full} ({'×'.join(map(str, W.shape))})")
+        else:
+            chosen.setdefault(name, {})[w] = _layer_rank(full, in_f, out_f, W.dtype, config.rank, config.scale)
+    if selected is None:
+        left_out.update(_trained_in_full(model))
+    return chosen, left_out
+
+
+def _explicit_parameters(model: nn.Module, entries):
+    """The full names ``target_parameters`` selects (None for the default); raises unless every entry names a
+    stacked expert weight of transformers' experts modules."""
+    if entries is None:
+        return None
+    experts = {f"{n}.{w}" for n, _, w, _ in _expert_weights(model)}
+    selected = set()
+    for entry in entries:
+        matched = [n for n, _ in model.named_parameters() if _matches_entry(n, entry)]
+        wrong = [n for n in matched if n not in experts]
+        if not matched or wrong:
+            what = f"'{wrong[0]}'" if wrong else "no parameter"
+            raise ValueError(f"rso.wrap: target_parameters entry {entry!r} names {what} of {type(model).__name__}; "
+                             f"allowed: the stacked expert weights of transformers' experts modules "
+                             f"({_listed(sorted(experts)) or 'this model has none'}); leave it out (linear layers go "
+                             f"in target_modules)")
+        selected.update(matched)
+    return selected
+
+
+def _trained_in_full(model: nn.Module) -> dict:
+    """{reason: names} of weights the default leaves to train in full: stacked expert weights of experts modules with
+    their own loop, and packed projections (nn.MultiheadAttention's in_proj_weight)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and getattr(m, "in_proj_weight", None) is not None \
+                and m.in_proj_weight.requires_grad:
+            found.setdefault(_PACKED, []).append(f"{name}.in_proj_weight" if name else "in_proj_weight")
+        elif not is_experts_module(m) and "Experts" in type(m).__name__:
+            own = [f"{name}.{w}" for w, p in m._parameters.items() if p is not None and p.dim() >= 3 and p.requires_grad]
+            if own:
+                found.setdefault(_OWN_LOOP, []).extend(f"{n} ({type(m).__name__})" for n in own)
+    return found
+
+
 def _find_targets(model: nn.Module, target_modules, rank):
     """(targets, left_out): the (name, module) pairs to wrap and {reason: names} of linear layers left as they are."""
     if target_modules is None:
@@ -255,10 +332,9 @@ def rank_for_layer(rank: int | float, in_features: int) -> int:
     return rank if isinstance(rank, int) else max(1, round(rank * in_features))
 
 
-def _layer_rank(name, module, rank, scale) -> int:
+def _layer_rank(name, in_f, out_f, dtype, rank, scale) -> int:
     """The layer's rank; raises if it does not fit the layer or ``scale`` is outside its dtype's normal range
     (s·B P would flush to zero or overflow)."""
-    in_f, out_f = _in_out(module)
     r = rank_for_layer(rank, in_f)
     if isinstance(rank, float) and rank * in_f < 0.5:  # below half a channel: nothing to round up
         raise ValueError(f"rso.wrap: rank={rank!r} rounds to 0 channels of layer '{name}' (in_features={in_f}); "
@@ -267,7 +343,6 @@ def _layer_rank(name, module, rank, scale) -> int:
     if not 1 <= r <= min(in_f, out_f):
         raise ValueError(f"rso.wrap: rank={rank!r} gives rank {r} for layer '{name}' "
                          f"(in_features={in_f}, out_features={out_f}); allowed: 1 ≤ rank ≤ {min(in_f, out_f)}")
-    dtype = module.weight.dtype
     info = torch.finfo(dtype) if dtype.is_floating_point else None
     if info is not None and not info.tiny <= abs(scale) <= info.max:
         raise ValueError(f"rso.wrap: scale={scale!r} is outside the range of layer '{name}' ({dtype}: "
@@ -355,20 +430,34 @@ def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Modu
     if config.chunked_head is not None:
         heads._causal_lm(model)  # raises TypeError for a model without a causal-LM head
     targets, left_out = _find_targets(model, config.target_modules, config.rank)
-    ranks = [_layer_rank(name, module, config.rank, config.scale) for name, module in targets]
+    ranks = [_layer_rank(name, *_in_out(module), module.weight.dtype, config.rank, config.scale)
+             for name, module in targets]
     names = [name for name, _ in targets]
     _check_shared_names(config.share_projections, names)
+
+    expert_ranks, experts_left_out = _expert_targets(model, config)
 
     # Build everything first; nothing in the model changes until all of it succeeded.
     layers = [SubspaceLinear.from_module(module, r, config.scale) for (_, module), r in zip(targets, ranks)]
     for name, layer in zip(names, layers):
         if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
             layer.register_forward_pre_hook(_keep_off_fast_path)
-    loop = _build_loop(model, targets, layers, config, sampler)
+    experts = {name: SubspaceExperts(model.get_submodule(name), r, config.scale) for name, r in expert_ranks.items()}
+    groups = _group_layers(names, layers, config.share_projections) + [
+        [sub] for layer in experts.values() for sub in layer.subspaces]
+    member_names = {**dict(zip(layers, names)), **{sub: f"{name}.{sub.name}" for name, layer in experts.items()
+                                                   for sub in layer.subspaces}}
+    replaced = [module.weight for _, module in targets] + [
+        model.get_submodule(name)._parameters[w] for name, r in expert_ranks.items() for w in r]
+    loop = _build_loop(model, groups, member_names, replaced, config, sampler)
 
-    for name, layer in zip(names, layers):
+    for name, layer in chain(zip(names, layers), experts.items()):
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, layer)
+    for layer in experts.values():
+        layer.adopt_()
+    for reason, entries in experts_left_out.items():
+        left_out.setdefault(reason, []).extend(entries)
     object.__setattr__(model, _LOOP_ATTR, loop.attach())
     object.__setattr__(model, _HOOK_ATTR, (model.register_load_state_dict_pre_hook(_check_before_load),
                                            model.register_load_state_dict_post_hook(_rearm_after_load)))
@@ -406,21 +495,19 @@ def _save_pretrained_with_config(model, save_directory, *args, **kwargs):
     return result
 
 
-def _build_loop(model, targets, layers, config: RSOConfig, sampler) -> OuterLoop:
-    """Group the new layers, give each its settings, seed and first P; the outer loop over the groups."""
-    names = [name for name, _ in targets]
-    groups = [ProjectionGroup(members) for members in _group_layers(names, layers, config.share_projections)]
-    loop = OuterLoop(groups, sampler, config.tau, config.state_on_merge, config.proximal,
-                     names=dict(zip(layers, names)), model_params=model.parameters(),
-                     replaced=[module.weight for _, module in targets])
+def _build_loop(model, groups, names, replaced, config: RSOConfig, sampler) -> OuterLoop:
+    """The outer loop over projection groups (lists of new layers / expert subspaces): each member gets its
+    settings, its group's seed and its first P. ``names``: {member: its name}; ``replaced``: the old weights."""
+    groups = [ProjectionGroup(members) for members in groups]
+    loop = OuterLoop(groups, sampler, config.tau, config.state_on_merge, config.proximal, names=names,
+                     model_params=model.parameters(), replaced=replaced)
     loop.config = config
     loop.settings = config.to_dict()
     identity = identity_tensor(loop.settings)
-    for layer in layers:
-        layer.identity = identity
     coordinate = isinstance(sampler, CoordinateSampler)
     for index, group in enumerate(groups):
         for m in group.members:
+            m.identity = identity
             m.seed.fill_(mix_seed(config.seed, index))
     for group, P in zip(groups, loop.draw(groups, [0] * len(groups))):
         group.set_projection_(P, coordinate=coordinate)
@@ -449,7 +536,7 @@ def _has_hf_config(model) -> bool:
 
 def _check_before_load(model, state_dict, prefix, *args):
     """Before a load changes anything: the checkpoint's rso state must fit how this model is wrapped."""
-    check_checkpoint(model, state_dict, prefix, dict(subspace_layers(model)))
+    check_checkpoint(model, state_dict, prefix, subspace_members(model))
 
 
 def _rearm_after_load(model, incompatible_keys):
@@ -471,7 +558,7 @@ def _loop(model, caller):
 
 def is_wrapped(model: nn.Module) -> bool:
     return getattr(model, _LOOP_ATTR, None) is not None or any(
-        isinstance(m, SubspaceLinear) for m in model.modules())
+        isinstance(m, (SubspaceLinear, SubspaceExperts)) for m in model.modules())
 
 
 def subspace_layers(model: nn.Module):
@@ -479,10 +566,22 @@ def subspace_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SubspaceLinear)]
 
 
+def expert_layers(model: nn.Module):
+    """(name, SubspaceExperts) pairs of a wrapped model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SubspaceExperts)]
+
+
+def subspace_members(model: nn.Module) -> dict:
+    """{name: member} of every B the outer loop trains: each SubspaceLinear, and each wrapped stacked expert weight's
+    ExpertSubspace (named ``<experts>.rso.<weight>``, as in state dicts)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SubspaceLinear, ExpertSubspace))}
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Merge every ``SubspaceLinear`` and put plain ``nn.Linear`` / ``Conv1D`` modules back (in place)."""
     loop = _loop(model, "unwrap")
-    pairs = subspace_layers(model)
+    pairs = subspace_layers(model) + expert_layers(model)
+    removed = [m.B for m in subspace_members(model).values()]
     replacements = [(name, layer.to_module()) for name, layer in pairs]
     loop.detach()
     for name, module in replacements:
@@ -500,7 +599,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         object.__delattr__(model, "save_pretrained")
     if heads.uses_chunked_head(model):
         heads.restore_head(model)
-    refuse_stale_optimizers([layer.B for _, layer in pairs])
+    refuse_stale_optimizers(removed)
     return model
 
 
@@ -511,16 +610,22 @@ def effective_state_dict(model: nn.Module) -> dict:
     """The unwrapped model's state dict (each wrapped layer's ``weight`` = W₀ + s·B P, in its module's layout; no rso
     entries), computed without merging: unlike ``model.state_dict()`` (which merges B into W₀, so weight decay on B
     restarts from there) it leaves the model and its training untouched. For EMAs, logging, exports."""
-    state = {}
+    state, skip = {}, ()
     for name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{name}." if name else ""
+        if skip and prefix.startswith(skip):
+            continue  # an experts module's B, P and counters
+        if isinstance(module, SubspaceExperts):
+            skip = (*skip, f"{prefix}{EXPERTS_CHILD}.")
+            state.update({prefix + k: v for k, v in module.effective_state().items()})
         if isinstance(module, SubspaceLinear):
             weight = module.effective_weight()
             state[prefix + "weight"] = weight.T if module.layout == "conv1d" else weight
             if module.bias is not None:
                 state[prefix + "bias"] = module.bias.detach()
             continue
-        state.update({prefix + k: v.detach() for k, v in module._parameters.items() if v is not None})
+        state.update({prefix + k: v.detach() for k, v in module._parameters.items()
+                      if v is not None and prefix + k not in state})
         state.update({prefix + k: v for k, v in module._buffers.items()
                       if v is not None and k not in module._non_persistent_buffers_set})
     return state
@@ -556,10 +661,12 @@ def summary(model: nn.Module) -> str:
     if getattr(model, _LOOP_ATTR, None) is None:
         return line
     s = state(model)
-    ranks = sorted({m.rank for _, m in subspace_layers(model)})
+    ranks = sorted({m.rank for m in subspace_members(model).values()})
     rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     left_out = getattr(model, _NOTES_ATTR, {}).get("left_out", {})
-    return (f"{line}\nrso: {s['layers']} subspace layers in {s['projection_groups']} projection groups, "
+    experts = sum(len(layer.subspaces) for _, layer in expert_layers(model))
+    layers = f"{s['layers'] - experts} subspace layers" + (f" and {experts} stacked expert weights" if experts else "")
+    return (f"{line}\nrso: {layers} in {s['projection_groups']} projection groups, "
             f"rank {rank_txt}, projection {s['projection']}, tau {s['tau']}, step {s['step']}, cycle {s['cycle']}"
             + "".join(f"\nrso: left as they are: {len(names)} {reason}: {_listed(names)}"
                       for reason, names in left_out.items()))

@@ -187,7 +187,9 @@ def test_multihead_attention_out_proj_is_left_plain_and_the_outputs_match_in_eve
     assert names_of(model, SubspaceLinear) == ["inp", "out"]
     assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert rso.summary(model).endswith("\nrso: left as they are: 1 layers whose weight their parent reads directly, "
-                                       "where B would be ignored: attn.out_proj (MultiheadAttention)")
+                                       "where B would be ignored: attn.out_proj (MultiheadAttention)"
+                                       "\nrso: left as they are: 1 packed projections the module reads as a raw "
+                                       "parameter (nn.MultiheadAttention.in_proj_weight): attn.in_proj_weight")
     train(model, lambda m: m(x).pow(2).mean())
     assert_same_in_every_mode(model, lambda m: m(x))
 
