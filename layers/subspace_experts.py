@@ -52,19 +52,31 @@ def expert_weight_names(module) -> tuple[str, ...]:
 
 
 class _ExpertsCapture:
-    """The full gradient Σ gᵀx of each expert (out×in, fp32) over a step's micro-batches, for the SVD sampler;
-    ``grad`` stacks them as one (E·out)×in matrix (experts no token reached: zeros)."""
+    """The full gradient Σ gᵀx of each expert (out×in, fp32) over a step's micro-batches, for the SVD sampler, in
+    one E×out×in tensor; ``grad`` is its (E·out)×in view (experts no token reached: zeros), reduced in place by
+    ``rso.distributed``."""
 
     def __init__(self, num_experts):
-        self.experts = [GradientCapture() for _ in range(num_experts)]
+        self._sum = None
+        self.experts = [_ExpertCapture(self, e) for e in range(num_experts)]
 
     @property
     def grad(self):
-        grads = [c.grad for c in self.experts]
-        if all(g is None for g in grads):
-            return None
-        like = next(g for g in grads if g is not None)
-        return torch.cat([g if g is not None else torch.zeros_like(like) for g in grads], 0)
+        return None if self._sum is None else self._sum.view(-1, self._sum.shape[-1])
+
+
+class _ExpertCapture:
+    """Expert e's part of an :class:`_ExpertsCapture` (what ``SubspaceLinearFunction`` adds to)."""
+
+    def __init__(self, owner: _ExpertsCapture, e: int):
+        self.owner, self.e = owner, e
+
+    def add(self, g, x):
+        update = GradientCapture()
+        update.add(g, x)
+        if self.owner._sum is None:
+            self.owner._sum = update.grad.new_zeros(len(self.owner.experts), *update.grad.shape)
+        self.owner._sum[self.e].add_(update.grad)
 
 
 class ExpertSubspace(nn.Module):

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from rso.layers.subspace_experts import SubspaceExperts
 from rso.layers.subspace_linear import SubspaceLinear
 from rso.trust import TRUST_ENV, CheckpointRefused, trusted, weights_only_refusal
 
@@ -241,8 +242,9 @@ def sync_captured_gradients(model: nn.Module, process_group=None):
 
 def projection_fingerprints(model: nn.Module) -> dict:
     """{layer name: sha256 of P's bytes, cycle}: equal across ranks iff the projections are."""
+    from .wrapping import subspace_members
     out = {}
-    for name, m in _subspace_layers(model):
+    for name, m in subspace_members(unwrap_parallel(model)).items():
         raw = m.P.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         out[name] = (hashlib.sha256(raw.numpy().tobytes()).hexdigest(), int(m.cycle))
     return out
@@ -378,6 +380,11 @@ def fully_shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_af
 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("fully_shard_model: pass the unwrapped model, not a DDP module")
+    if any(isinstance(m, SubspaceExperts) for m in model.modules()):
+        raise NotImplementedError("rso.distributed.fully_shard_model: FSDP2 does not shard SubspaceExperts "
+                                  "(mixture-of-experts weights) yet; train the MoE model with DDP "
+                                  "(rso.distributed.ddp) or on one process, or wrap without the experts "
+                                  "(target_parameters=[])")
     if mesh is None:
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -202,3 +202,16 @@ def test_a_non_finite_B_is_refused_before_any_merge():
     with pytest.raises(FloatingPointError, match="nothing was merged"):
         rso.outer_step(model)
     assert torch.equal(sub.weight, W0)
+
+
+def test_the_captured_gradient_is_reduced_in_place_and_fsdp2_is_refused():
+    """rso.distributed averages ``_capture.grad`` across ranks in place: it must be the capture's own storage."""
+    model = rso.wrap(build("mixtral"), rank=3, tau=5, projection="svd")
+    loss_of(model, batch(model)).backward()
+    capture = experts_of(model)[0][1].subspaces[0]._capture
+    before = capture.grad.clone()
+    capture.grad.mul_(0.5)
+    assert torch.equal(capture.grad, before * 0.5)
+    with pytest.raises(NotImplementedError, match="FSDP2 does not shard SubspaceExperts"):
+        rso.distributed.fully_shard_model(model)
+    assert rso.distributed.projection_fingerprints(model).keys() >= {"model.layers.0.mlp.experts.rso.down_proj"}
