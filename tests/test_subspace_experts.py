@@ -215,3 +215,17 @@ def test_the_captured_gradient_is_reduced_in_place_and_fsdp2_is_refused():
     with pytest.raises(NotImplementedError, match="FSDP2 does not shard SubspaceExperts"):
         rso.distributed.fully_shard_model(model)
     assert rso.distributed.projection_fingerprints(model).keys() >= {"model.layers.0.mlp.experts.rso.down_proj"}
+
+
+def test_packed_attention_projections_train_in_full_listed_and_are_refused_by_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    rso.wrap(model, rank=2)
+    assert "packed projections the module reads as a raw parameter (nn.MultiheadAttention.in_proj_weight): " \
+           "1.self_attn.in_proj_weight" in rso.summary(model)
+    assert model[1].self_attn.in_proj_weight.requires_grad
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    with pytest.raises(ValueError, match=r"target_parameters entry 'in_proj_weight' names '1.self_attn.in_proj_weight'.*"
+                                         r"allowed: the stacked expert weights"):
+        rso.wrap(fresh, rank=2, target_parameters=["in_proj_weight"])
+    assert not rso.is_wrapped(fresh)
