@@ -1,7 +1,7 @@
 """Reparameterized modules and their autograd functions."""
 from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
 from .subspace_experts import ExpertSubspace, SubspaceExperts
-from .subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
+from .subspace_linear import ProjectionGroup, QuantizedSubspaceLinear, SubspaceLinear, is_conv1d, is_quantized_linear
 
-__all__ = ["SubspaceLinear", "SubspaceExperts", "ExpertSubspace", "ProjectionGroup", "SubspaceLinearFunction", "GradientCapture", "project", "use_merged",
+__all__ = ["SubspaceLinear", "QuantizedSubspaceLinear", "is_quantized_linear", "SubspaceExperts", "ExpertSubspace", "ProjectionGroup", "SubspaceLinearFunction", "GradientCapture", "project", "use_merged",
            "is_conv1d"]

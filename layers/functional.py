@@ -23,6 +23,9 @@ no change in the result's math.
 
 When a :class:`GradientCapture` is passed, ``x`` is kept for this step and the full weight gradient
 ``gᵀx`` is accumulated into it (the SVD sampler needs it once per cycle).
+
+``W₀`` may be a :class:`~rso.layers.quantized.QuantizedWeight`: it is dequantized (in B's dtype) in forward
+and again in backward; the function saves its codes and scales, never the dequantized matrix.
 """
 from __future__ import annotations
 
@@ -55,10 +58,21 @@ def use_merged(tokens: int, out_features: int, in_features: int, rank: int) -> b
     return 4 * out_features * in_features * rank < tokens * (2 * in_features + 4 * out_features) * rank
 
 
-def _effective(weight, B, P, index, scale):
+def _effective(weight, B, P, index, scale, inplace=False):
+    """``W₀ + scale·B P`` (into ``weight`` itself when ``inplace``: a transient dequantized W₀)."""
     if index is not None:
-        return weight.index_add(1, index, B, alpha=scale)
+        return weight.index_add_(1, index, B, alpha=scale) if inplace else weight.index_add(1, index, B, alpha=scale)
+    if inplace:
+        return weight.addmm_(gemm_lhs(B), P, alpha=scale)
     return torch.addmm(weight, gemm_lhs(B), P, alpha=scale)
+
+
+def _dense(weight, dtype):
+    """(W₀ as a matrix, whether it is a transient of this call): a quantized W₀ is dequantized to ``dtype``."""
+    if isinstance(weight, torch.Tensor):
+        return weight, False
+    from .quantized import dequantize
+    return dequantize(weight, dtype), True
 
 
 class GradientCapture:
@@ -75,29 +89,38 @@ class GradientCapture:
 
 
 class SubspaceLinearFunction(torch.autograd.Function):
-    """``y = x (W₀ + scale·B P)ᵀ + bias`` given ``z = x Pᵀ``; saves ``z`` (and ``x`` only when capturing)."""
+    """``y = x (W₀ + scale·B P)ᵀ + bias`` given ``z = x Pᵀ``; saves ``z`` (and ``x`` only when capturing), and W₀
+    as it is held (a tensor, or a quantized W₀'s codes and scales)."""
 
     @staticmethod
     def forward(ctx, x, z, weight, B, P, index, bias, scale, merged, capture):
+        W, transient = _dense(weight, B.dtype)
         if merged:
-            y = torch.nn.functional.linear(x, _effective(weight, B, P, index, scale), bias)
+            y = torch.nn.functional.linear(x, _effective(W, B, P, index, scale, inplace=transient), bias)
         else:
-            y = torch.nn.functional.linear(x, weight, bias).add_(torch.matmul(z, B.T), alpha=scale)
+            y = torch.nn.functional.linear(x, W, bias).add_(torch.matmul(z, B.T), alpha=scale)
+        del W
         ctx.scale, ctx.merged, ctx.capture, ctx.index = scale, merged, capture, index
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(z, weight, B, P, *((x,) if capture is not None else ()))
+        ctx.quantized = None if isinstance(weight, torch.Tensor) else weight  # its layout; tensors saved below
+        stored = (weight,) if ctx.quantized is None else weight.tensors()
+        ctx.n_weight = len(stored)
+        ctx.save_for_backward(z, B, P, *stored, *((x,) if capture is not None else ()))
         return y
 
     @staticmethod
     def backward(ctx, g):
-        z, weight, B, P, *kept = ctx.saved_tensors  # unpacked once: checkpoint's recompute allows no second read
+        z, B, P, *rest = ctx.saved_tensors  # unpacked once: checkpoint's recompute allows no second read
+        stored, kept = rest[:ctx.n_weight], rest[ctx.n_weight:]
+        weight = stored[0] if ctx.quantized is None else ctx.quantized.with_tensors(stored)
         s, index = ctx.scale, ctx.index
         need_x, _, _, need_B = ctx.needs_input_grad[:4]
         grad_x = grad_B = grad_bias = None
         if need_x:
             g_lhs = gemm_lhs(g)
+            weight, transient = _dense(weight, B.dtype)
             if ctx.merged:
-                grad_x = g_lhs @ _effective(weight, B, P, index, s)
+                grad_x = g_lhs @ _effective(weight, B, P, index, s, inplace=transient)
             else:
                 grad_x = g_lhs @ weight
                 gB = g_lhs @ B

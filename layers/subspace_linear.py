@@ -8,6 +8,10 @@ evaluation orders per call).
 Layers that read the same input tensor (q/k/v, gate/up) can form a :class:`ProjectionGroup`: they hold
 one ``P`` (a single tensor, registered as a buffer in each member) and, within one forward pass, reuse
 one ``z``, so that input costs ``rank`` once.
+
+:class:`QuantizedSubspaceLinear` holds W₀ quantized (int8 / NF4 as bitsandbytes stores it; what
+``from_module(..., quantize=...)`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers give) and requantizes
+it at each merge.
 """
 from __future__ import annotations
 
@@ -18,13 +22,30 @@ import torch
 from torch import nn
 
 from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
+from . import quantized as qz
+from .quantized import KINDS, is_quantized_linear
 
-__all__ = ["SubspaceLinear", "ProjectionGroup", "is_conv1d"]
+__all__ = ["SubspaceLinear", "QuantizedSubspaceLinear", "ProjectionGroup", "is_conv1d", "is_quantized_linear"]
 
 
 def is_conv1d(module) -> bool:
     """HF GPT-2 style ``Conv1D`` (a linear layer whose weight is stored in×out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _check_rank(rank, out_f, in_f):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
+        raise ValueError(f"SubspaceLinear: rank must be an int in [1, {min(in_f, out_f)}], got {rank!r}")
+
+
+def _float_weight(module) -> tuple[torch.Tensor, str]:
+    """(W₀ out×in, sharing the module's storage where it can, layout) of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), "linear"
+    if is_conv1d(module):
+        return module.weight.detach().T.contiguous(), "conv1d"
+    raise TypeError(f"SubspaceLinear wraps nn.Linear, transformers Conv1D or bitsandbytes Linear4bit / "
+                    f"Linear8bitLt, got {type(module).__name__}")
 
 
 def _settings(tensor) -> dict:
@@ -140,17 +161,21 @@ class SubspaceLinear(nn.Module):
         self._build(weight, nn.Parameter(torch.zeros(out_features, **kw)) if bias else None, rank, scale)
 
     def _build(self, weight, bias, rank, scale, layout="linear", weight_requires_grad=True):
-        out_f, in_f = weight.shape
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
-            raise ValueError(f"SubspaceLinear: rank must be an int in [1, {min(in_f, out_f)}], got {rank!r}")
+        _check_rank(rank, *weight.shape)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self._build_subspace(weight.shape, bias, rank, scale, weight.dtype, weight.device, layout,
+                             weight_requires_grad)
+
+    def _build_subspace(self, shape, bias, rank, scale, dtype, device, layout, weight_requires_grad):
+        """Everything but ``weight``: bias, B and P (``dtype``), the counters, the settings."""
+        out_f, in_f = shape
         self.in_features, self.out_features, self.rank = in_f, out_f, rank
         self.scale = float(scale)
-        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = bias
-        self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype, device=weight.device))
-        self.register_buffer("P", torch.zeros(rank, in_f, dtype=weight.dtype, device=weight.device))
+        self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=dtype, device=device))
+        self.register_buffer("P", torch.zeros(rank, in_f, dtype=dtype, device=device))
         for name in ("step", "cycle", "seed"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=weight.device))
+            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
         self.layout = layout  # "linear", or "conv1d" (HF GPT-2 Conv1D: weight stored in×out)
         self.weight_requires_grad = weight_requires_grad  # restored by unwrap
         self.coordinate = False  # P is r rows of the identity: project by indexing
@@ -161,23 +186,29 @@ class SubspaceLinear(nn.Module):
         self.identity = torch.zeros(0, dtype=torch.uint8)  # how training goes on (set by rso.wrap; see get_extra_state)
 
     @classmethod
-    def from_module(cls, module, rank, scale=1.0):
-        """Wrap an ``nn.Linear`` (weight storage and bias Parameter reused) or an HF ``Conv1D``."""
-        w = module.weight
-        if isinstance(module, nn.Linear):
-            weight, layout = w.detach(), "linear"
-        elif is_conv1d(module):
-            weight, layout = w.detach().T.contiguous(), "conv1d"
-        else:
-            raise TypeError(f"SubspaceLinear wraps nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    def from_module(cls, module, rank, scale=1.0, quantize=None, dtype=None):
+        """Wrap an ``nn.Linear`` (weight storage and bias Parameter reused) or an HF ``Conv1D``; with
+        ``quantize`` "int8" | "nf4", or for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, a
+        :class:`QuantizedSubspaceLinear` (``dtype``: its compute dtype, see there)."""
+        if quantize not in (None, *KINDS):
+            raise ValueError(f"SubspaceLinear.from_module: quantize must be None, 'int8' or 'nf4', got {quantize!r}")
+        if quantize is not None or is_quantized_linear(module):
+            return QuantizedSubspaceLinear.from_module(module, rank, scale, quantize, dtype)
+        if dtype is not None:
+            raise ValueError(f"SubspaceLinear.from_module: dtype={dtype} sets a quantized layer's compute dtype; a "
+                             f"float layer computes in its weight's dtype (convert the module first)")
+        weight, layout = _float_weight(module)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new._build(weight, module.bias, rank, scale, layout, w.requires_grad)
+        new._build(weight, module.bias, rank, scale, layout, module.weight.requires_grad)
         return new
 
     def to_module(self) -> nn.Module:
         """The plain module this layer stands for, with weight ``W₀ + scale·B P`` (requires_grad restored)."""
-        merged = self.effective_weight()
+        return self._plain_module(self.effective_weight())
+
+    def _plain_module(self, merged) -> nn.Module:
+        """An ``nn.Linear`` (or ``Conv1D`` for layout "conv1d") holding ``merged`` and this layer's bias."""
         if self.layout == "conv1d":
             from transformers.pytorch_utils import Conv1D
             module = Conv1D(self.out_features, self.in_features)
@@ -324,10 +355,10 @@ class SubspaceLinear(nn.Module):
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             # Cast once here; inside the function every op then already sees the autocast dtype.
             dtype = torch.get_autocast_dtype(device_type)
-            xc, weight, B = x.to(dtype), self.weight.to(dtype), self.B.to(dtype)
+            xc, weight, B = x.to(dtype), self._weight_operand(dtype), self.B.to(dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
         else:
-            dtype, xc, weight, B, bias = x.dtype, x, self.weight, self.B, self.bias
+            dtype, xc, weight, B, bias = x.dtype, x, self._weight_operand(None), self.B, self.bias
         # P follows the compute dtype (autocast, or inputs cast by e.g. an FSDP2 mixed-precision policy).
         P, index = self.P.to(dtype), self._coordinate_index()
         group = self._group if self._group is not None and len(self._group.members) > 1 \
@@ -347,6 +378,10 @@ class SubspaceLinear(nn.Module):
                                          index, bias, self.scale, merged, self._capture)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _weight_operand(self, dtype):
+        """W₀ as the autograd function takes it (cast to ``dtype`` under autocast)."""
+        return self.weight if dtype is None else self.weight.to(dtype)
+
     def arm_capture(self):
         """Keep x on the coming step and accumulate the full weight gradient gᵀx (for SVD)."""
         self._capture = GradientCapture()
@@ -361,3 +396,179 @@ class SubspaceLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scale={self.scale}, bias={self.bias is not None}{shared}")
 
+
+
+#: A quantized W₀'s scales, as non-persistent buffers: fp32 held bit-cast as int32 (``model.to(dtype)`` and
+#: ``.half()`` convert floating buffers only), the uint8 absmax of double quantization as it is.
+_SCALE_BUFFERS = ("weight_absmax", "weight_nested_absmax", "weight_offset")
+_ROUNDING_SALT = 0x5EED_0F_2E  # keeps the rounding draws apart from the projection draws of the same seed
+
+
+def _held(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _read(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.float32) if t.dtype == torch.int32 else t
+
+
+class QuantizedSubspaceLinear(SubspaceLinear):
+    """A :class:`SubspaceLinear` whose frozen W₀ is stored quantized (:mod:`rso.layers.quantized`: "nf4" / "fp4"
+    bitsandbytes 4-bit, "int8" LLM.int8); B and P in the compute dtype.
+
+    Held: ``weight``, the codes (a frozen Parameter, bitsandbytes' layout), and ``weight_absmax`` (with double
+    quantization also ``weight_nested_absmax``, ``weight_offset``), non-persistent buffers (see
+    ``_SCALE_BUFFERS``); no float copy of W₀. Forward and backward dequantize W₀ inside the autograd function,
+    which saves the codes and scales, never the dequantized matrix.
+
+    Merge (:meth:`merge_`): W₀ ← Q(deq(W₀) + s·B P) in fp32, rounded by ``merge_mode`` ("nearest" |
+    "stochastic" | "stochastic+feedback"); stochastic draws come from a generator seeded by (seed, cycle, step,
+    place in the projection group), so a run and its resumed copy round alike. With feedback and the next
+    cycle's P′ passed, B ← R P′ᵀ(P′P′ᵀ)⁺ / s: the part of the residual R = deq(W₀) + s·B P − deq(W₀′) that
+    the new subspace holds (its least-squares coordinates).
+
+    State dicts merge first (the residual is dropped: B = 0) and hold what bitsandbytes' module of the same kind
+    holds (:func:`rso.layers.quantized.state_entries`), plus B, P, the counters and the extra state. Loading a
+    float ``weight`` (a plain model's) quantizes it (nearest) and sets B ← 0, as a plain weight does.
+    """
+
+    @classmethod
+    def from_module(cls, module, rank, scale=1.0, quantize=None, dtype=None):
+        """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (its storage kept; ``quantize`` None or its own kind),
+        or an ``nn.Linear`` / ``Conv1D`` quantized as ``quantize``. ``dtype``: the compute dtype of B and P
+        (default: the float layer's dtype; a Linear4bit's quant_state.dtype; a Linear8bitLt's bias dtype, else
+        torch.get_default_dtype())."""
+        if is_quantized_linear(module):
+            q, settings = qz.from_bnb(module)
+            if quantize not in (None, q.kind):
+                raise ValueError(f"SubspaceLinear.from_module: this {type(module).__name__} is stored as {q.kind} by "
+                                 f"bitsandbytes; pass quantize=None (keeps {q.kind}) or quantize={q.kind!r}")
+            bias, layout, requires_grad = module.bias, "linear", False
+            dtype = dtype or (q.dtype if q.kind != "int8" else
+                              module.bias.dtype if module.bias is not None else torch.get_default_dtype())
+        else:
+            if quantize not in KINDS:
+                raise ValueError(f"QuantizedSubspaceLinear.from_module: quantize must be one of {KINDS} for a "
+                                 f"float layer, got {quantize!r}")
+            weight, layout = _float_weight(module)
+            _check_rank(rank, *weight.shape)
+            q, settings, bias = qz.quantize(weight, quantize), None, module.bias
+            dtype, requires_grad = dtype or weight.dtype, module.weight.requires_grad
+        _check_rank(rank, *q.shape)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight = nn.Parameter(q.data, requires_grad=False)
+        new._build_subspace(q.shape, bias, rank, scale, dtype, q.data.device, layout, requires_grad)
+        new.quantize, new.blocksize, new.bnb_settings = q.kind, q.blocksize, settings
+        new.merge_mode = qz.DEFAULT_MERGE_MODE
+        for name, t in zip(_SCALE_BUFFERS, q.tensors()[1:]):
+            new.register_buffer(name, _held(t), persistent=False)
+        return new
+
+    def quantized(self) -> qz.QuantizedWeight:
+        """W₀ as held (views of the layer's tensors), recorded with B's dtype."""
+        scales = [_read(self._buffers[n]) for n in _SCALE_BUFFERS if n in self._buffers]
+        return qz.QuantizedWeight(self.quantize, (self.out_features, self.in_features), self.weight, scales[0],
+                                  qz.storage_dtype(self.B.dtype), self.blocksize, *scales[1:])
+
+    @torch.no_grad()
+    def _store_(self, q: qz.QuantizedWeight):
+        self.weight.copy_(q.data)
+        for name, t in zip(_SCALE_BUFFERS, q.tensors()[1:]):
+            self._buffers[name].copy_(_held(t))
+
+    def _weight_operand(self, dtype):
+        return self.quantized()  # dequantized to B's (autocast-cast) dtype inside the autograd function
+
+    def effective_weight(self) -> torch.Tensor:
+        """``deq(W₀) + scale·B P`` accumulated in fp32 (float64 for float64 B), in B's dtype."""
+        acc = torch.promote_types(self.B.dtype, torch.float32)
+        with torch.no_grad():
+            return (qz.dequantize(self.quantized(), acc) + self.scale * (self.B.to(acc) @ self.P.to(acc))
+                    ).to(self.B.dtype)
+
+    @torch.no_grad()
+    def merge_(self, next_projection: torch.Tensor | None = None):
+        """W₀ ← Q(deq(W₀) + s·B P), B ← 0 (in place); with merge_mode "stochastic+feedback" and the next cycle's
+        ``next_projection`` P′ (call before setting it), B ← R P′ᵀ(P′P′ᵀ)⁺ / s. Nothing to do while B = 0.
+
+        ``FloatingPointError``, nothing changed, if B is not finite or W₀ + s·B P leaves the dtype's range."""
+        if self.B.device.type == "meta" or not bool(self.B.any()):
+            return
+        q, residual = self._requantized(feedback=next_projection is not None)
+        self._store_(q)
+        self.B.zero_()
+        if residual is not None:
+            self.B.copy_(qz.residual_coordinates(residual, next_projection).div_(self.scale))
+
+    def _requantized(self, feedback=False):
+        """(Q(deq(W₀) + s·B P), the residual if ``feedback`` and merge_mode carries it, else None); W₀ unchanged."""
+        if self.merge_mode not in qz.MERGE_MODES:
+            raise ValueError(f"rso: {self._describe()}.merge_mode must be one of {qz.MERGE_MODES}, "
+                             f"got {self.merge_mode!r}")
+        if not bool(torch.isfinite(self.B).all()):
+            raise FloatingPointError(f"rso: {self._describe()} cannot merge: B holds inf/nan, W₀ left unchanged; "
+                                     f"lower the learning rate, enable gradient clipping, or load the last checkpoint")
+        acc = torch.promote_types(self.B.dtype, torch.float32)
+        delta = (self.B.to(acc) @ self.P.to(acc)).mul_(self.scale)
+        mode = self.merge_mode if feedback else self.merge_mode.removesuffix("+feedback")
+        try:
+            return qz.requantize(self.quantized(), delta, mode, self._rounding_generator() if mode != "nearest"
+                                 else None)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"rso: {self._describe()} cannot merge: {e}") from None
+
+    def _rounding_generator(self) -> torch.Generator:
+        from rso.projections import generator_for
+        member = self._group.members.index(self) if self._group is not None else 0
+        return generator_for(int(self.seed), int(self.cycle), int(self.step), member, _ROUNDING_SALT,
+                             device=self.weight.device)
+
+    def _describe(self) -> str:
+        return (f"SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, quantize={self.quantize!r})")
+
+    def to_module(self) -> nn.Module:
+        """The module the user had: a bitsandbytes Linear4bit / Linear8bitLt holding Q(deq(W₀) + s·B P) when it
+        came from one, else an nn.Linear / Conv1D holding deq(W₀) + s·B P (in B's dtype, not requantized).
+        The layer itself is left as it is."""
+        if self.bnb_settings is None:
+            return self._plain_module(self.effective_weight())
+        q = self._requantized()[0] if bool(self.B.any()) else self.quantized()
+        return qz.to_bnb(q.with_tensors([t.detach() for t in q.tensors()]), self.bias, self.bnb_settings)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Merge first (residual dropped), then bitsandbytes' entries of W₀ beside this layer's own."""
+        self.merge_()
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        for key, value in qz.state_entries(self.quantized()).items():
+            if key != "weight":
+                destination[prefix + key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if "P" in self._non_persistent_buffers_set:
+            state_dict.pop(prefix + "P", None)
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.is_floating_point() and self.layout == "conv1d" \
+                and self._saved_in_conv1d_layout(state_dict, prefix):
+            state_dict[prefix + "weight"] = weight.T
+        try:
+            q = qz.read_state_entries(state_dict, prefix, self.quantized())
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
+        if q is not None:
+            state_dict[prefix + "weight"] = q.data
+        state_dict.setdefault(prefix + "_extra_state", self.identity)
+        errors = len(error_msgs)
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+        if q is not None and len(error_msgs) == errors:
+            self._store_(q)
+            if prefix + "B" not in state_dict:
+                with torch.no_grad():
+                    self.B.zero_()
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, quantize={self.quantize!r}"

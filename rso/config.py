@@ -14,11 +14,14 @@ import os
 import pathlib
 from dataclasses import dataclass, field
 
+from rso.layers.quantized import DEFAULT_MERGE_MODE, MERGE_MODES
 from .projections import SAMPLERS, ProjectionSampler, make_sampler
 from .state_policy import MERGE_DEFAULT, STATE_POLICIES
 
 __all__ = ["RSOConfig", "CONFIG_NAME", "LEGACY_CONFIG_KEY"]
 
+#: What ``quantize`` takes: W₀ in the compute dtype, or stored as bitsandbytes stores it.
+QUANTIZE_KINDS = (None, "int8", "nf4")
 #: The file beside the weights that holds a wrapped model's config.
 CONFIG_NAME = "rso_config.json"
 #: Where checkpoints written before ``rso_config.json`` kept the config: a key of the model's ``config.json``.
@@ -52,6 +55,12 @@ class RSOConfig:
         state_on_merge: the optimizer state of B at a new cycle: "reset" | "keep" | "project".
         proximal: η of the optional proximal term ‖B‖²/(2η); None: off.
         chunked_head: causal LMs only: the output head and loss in chunks of this many tokens.
+        quantize: None, "int8" or "nf4": W₀ of every wrapped linear layer stored as bitsandbytes stores it (LLM.int8
+            rows; NF4 blocks of 64) and requantized at each merge. Layers that are bitsandbytes ``Linear4bit`` /
+            ``Linear8bitLt`` already (a model loaded with ``BitsAndBytesConfig``) keep their format either way.
+        requantize: how a merge rounds a quantized W₀ ← Q(deq(W₀) + s·B P): "nearest" (default, measured best:
+            docs/results/quantized_merge), "stochastic" (unbiased) or "stochastic+feedback" (the rounding residual's
+            part in the next subspace starts the next B). Applies to quantized W₀ only.
     """
 
     rank: int | float = 128
@@ -67,11 +76,14 @@ class RSOConfig:
     state_on_merge: str = MERGE_DEFAULT
     proximal: float | None = None
     chunked_head: int | None = None
+    quantize: str | None = None
+    requantize: str = DEFAULT_MERGE_MODE
 
     def __post_init__(self):
         self._check_rank_and_cycle()
         self._check_projection()
         self._check_selection()
+        self._check_quantize()
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale) \
                 or self.scale == 0:
             _fail(ValueError, f"scale must be a finite non-zero number, got {self.scale!r}")
@@ -86,6 +98,12 @@ class RSOConfig:
         if self.chunked_head is not None and (isinstance(self.chunked_head, bool)
                                               or not isinstance(self.chunked_head, int) or self.chunked_head < 1):
             _fail(ValueError, f"chunked_head must be None or a positive int (tokens per chunk), got {self.chunked_head!r}")
+
+    def _check_quantize(self):
+        if self.quantize not in QUANTIZE_KINDS:
+            _fail(ValueError, f"quantize must be one of {QUANTIZE_KINDS}, got {self.quantize!r}")
+        if self.requantize not in MERGE_MODES:
+            _fail(ValueError, f"requantize must be one of {MERGE_MODES}, got {self.requantize!r}")
 
     def _check_rank_and_cycle(self):
         rank, tau = self.rank, self.tau

@@ -51,7 +51,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rso.layers.subspace_experts import SubspaceExperts
-from rso.layers.subspace_linear import SubspaceLinear
+from rso.layers.subspace_linear import QuantizedSubspaceLinear, SubspaceLinear
 from rso.trust import TRUST_ENV, CheckpointRefused, trusted, weights_only_refusal
 
 __all__ = [
@@ -380,6 +380,10 @@ def fully_shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_af
 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("fully_shard_model: pass the unwrapped model, not a DDP module")
+    if any(isinstance(m, QuantizedSubspaceLinear) for m in model.modules()):
+        raise NotImplementedError("rso.distributed.fully_shard_model: FSDP2 does not shard a quantized W₀ "
+                                  "(quantize= or bitsandbytes layers); train it with DDP (rso.distributed.ddp) or on "
+                                  "one process")
     if any(isinstance(m, SubspaceExperts) for m in model.modules()):
         raise NotImplementedError("rso.distributed.fully_shard_model: FSDP2 does not shard SubspaceExperts "
                                   "(mixture-of-experts weights) yet; train the MoE model with DDP "

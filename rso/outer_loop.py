@@ -23,7 +23,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from rso.layers.subspace_linear import ProjectionGroup
+from rso.layers.subspace_linear import ProjectionGroup, QuantizedSubspaceLinear
 from .projections import CoordinateSampler, ProjectionSampler, generator_for
 from .state_policy import MERGE_DEFAULT, STATE_POLICIES, check_projectable, check_state_policy, update_state
 
@@ -241,17 +241,17 @@ class OuterLoop:
             check_projectable(optimizer, [m.B for g in groups for m in g.members])
 
     def _merge_and_move(self, groups: list[ProjectionGroup], optimizer=None):
+        """Draw each group's next P, then merge (a quantized W₀ carries its rounding residual into the new
+        subspace: ``merge_(next_projection=P)``), then move the group to P."""
         with torch.no_grad():
-            gradients = []
-            for g in groups:
-                for m in g.members:
-                    m.merge_()
-                grads = [m.take_captured_gradient() for m in g.members]
-                gradients.append(torch.cat(grads, 0) if all(x is not None for x in grads) else None)
+            grads = [[m.take_captured_gradient() for m in g.members] for g in groups]
+            gradients = [torch.cat(x, 0) if all(t is not None for t in x) else None for x in grads]
             old = [g.members[0].P.detach().clone() for g in groups] if self.state_policy == "project" else None
             new = self.draw(groups, [int(g.members[0].cycle) + 1 for g in groups], gradients)
             coordinate = isinstance(self.sampler, CoordinateSampler)
             for i, (g, P) in enumerate(zip(groups, new)):
+                for m in g.members:
+                    m.merge_(next_projection=P) if isinstance(m, QuantizedSubspaceLinear) else m.merge_()
                 g.set_projection_(P, coordinate=coordinate)
                 for m in g.members:
                     m.cycle += 1

@@ -6,6 +6,7 @@ failing call leaves the model untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
@@ -17,7 +18,8 @@ from torch.nn.parameter import is_lazy
 
 from rso.layers.subspace_experts import EXPERTS_CHILD, ExpertSubspace, SubspaceExperts, expert_weight_names, \
     is_experts_module
-from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d
+from rso.layers.quantized import state_entries
+from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_conv1d, is_quantized_linear
 from . import heads
 from .config import LEGACY_CONFIG_KEY, RSOConfig
 from .outer_loop import OuterLoop, refuse_stale_optimizers
@@ -96,7 +98,12 @@ def _own_forward(module) -> bool:
     """An nn.Linear subclass that computes something else than x Wᵀ + b in its own forward (a router, a grouped
     linear...): wrapped, that forward would be replaced."""
     return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
-        and type(module).__name__ not in _SAME_AS_LINEAR
+        and type(module).__name__ not in _SAME_AS_LINEAR and not is_quantized_linear(module)
+
+
+def _frozen(module) -> bool:
+    """A layer whose weight does not train (a bitsandbytes layer's storage never requires grad: it trains wrapped)."""
+    return not module.weight.requires_grad and not is_quantized_linear(module)
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
@@ -190,7 +197,7 @@ def _why_left_out(model, name, module, tied, rank):
         embedding = any(isinstance(m, nn.Embedding) and m.weight is module.weight for m in model.modules())
         return (None if embedding else _TIED), name  # an output layer sharing the embedding matrix: a head
     reader = _direct_reader(model, name)
-    if not module.weight.requires_grad:
+    if _frozen(module):
         return _FROZEN, name
     if reader is not None:
         return _READ, f"{name} ({reader})"
@@ -202,9 +209,10 @@ def _why_left_out(model, name, module, tied, rank):
 
 
 def _in_out(module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
+    """(in_features, out_features) of an nn.Linear (bitsandbytes' packed ones too) or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
 
 
 def _explicit_targets(model: nn.Module, target_modules):
@@ -228,7 +236,7 @@ def _explicit_targets(model: nn.Module, target_modules):
     bad = [f"{n} ({type(m).__name__})" for n, m in targets if not _is_linear(m)]
     if bad:
         raise TypeError(f"rso.wrap: target_modules selects modules that are not nn.Linear / Conv1D: {_listed(bad)}")
-    frozen = [n for n, m in targets if not m.weight.requires_grad]
+    frozen = [n for n, m in targets if _frozen(m)]
     if frozen:
         raise ValueError(f"rso.wrap: target_modules selects frozen layers (weight.requires_grad=False), which would "
                          f"not train: {_listed(frozen)}; unfreeze them (layer.requires_grad_(True)) or leave them out")
@@ -399,7 +407,7 @@ def _group_layers(names, layers, share_projections):
         if key is None:
             groups.append([layer])
             continue
-        bkey = (parent, key, layer.in_features, layer.rank, layer.weight.dtype, layer.weight.device)
+        bkey = (parent, key, layer.in_features, layer.rank, layer.P.dtype, layer.P.device)
         if bkey not in buckets:
             buckets[bkey] = []
             groups.append(buckets[bkey])
@@ -438,7 +446,8 @@ def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Modu
     expert_ranks, experts_left_out = _expert_targets(model, config)
 
     # Build everything first; nothing in the model changes until all of it succeeded.
-    layers = [SubspaceLinear.from_module(module, r, config.scale) for (_, module), r in zip(targets, ranks)]
+    layers = [_subspace_linear(module, r, config, model) for (_, module), r in zip(targets, ranks)]
+    _check_requantize(config, layers)
     for name, layer in zip(names, layers):
         if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
             layer.register_forward_pre_hook(_keep_off_fast_path)
@@ -471,6 +480,26 @@ def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Modu
     return model
 
 
+def _subspace_linear(module, rank, config: RSOConfig, model) -> SubspaceLinear:
+    """The layer standing for ``module``: W₀ quantized as ``config.quantize`` (a bitsandbytes layer keeps its own
+    format; its B and P take the model's floating dtype), merges rounded as ``config.requantize``."""
+    if not is_quantized_linear(module):
+        layer = SubspaceLinear.from_module(module, rank, config.scale, quantize=config.quantize)
+    else:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        layer = SubspaceLinear.from_module(module, rank, config.scale, dtype=dtype)
+    if hasattr(layer, "merge_mode"):
+        layer.merge_mode = config.requantize
+    return layer
+
+
+def _check_requantize(config: RSOConfig, layers):
+    """``requantize`` other than its default with no quantized W₀ would do nothing: refused."""
+    if config.requantize != RSOConfig.requantize and not any(hasattr(m, "merge_mode") for m in layers):
+        raise ValueError(f"rso.wrap: requantize={config.requantize!r} applies to a quantized W₀ only (quantize='int8' "
+                         f"| 'nf4', or bitsandbytes layers); none is quantized here: drop it, or pass quantize=")
+
+
 def _config_of(model, config, kwargs) -> RSOConfig:
     """The RSOConfig of ``wrap(model, config, **kwargs)`` (keywords replace the config's fields)."""
     if not isinstance(model, nn.Module):
@@ -489,10 +518,37 @@ def _config_of(model, config, kwargs) -> RSOConfig:
 
 def _save_pretrained_with_config(model, save_directory, *args, **kwargs):
     """The model class's ``save_pretrained``, then ``rso_config.json`` beside the weights (main process only)."""
-    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    with _quantization_config_for_save(model):
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
         get_config(model).save_pretrained(save_directory)
     return result
+
+
+@contextlib.contextmanager
+def _quantization_config_for_save(model):
+    """A model wrapped with ``quantize=`` (not loaded quantized) saves its W₀ in bitsandbytes' format, so its
+    ``config.json`` carries the ``quantization_config`` a plain ``from_pretrained`` needs to read it back (the
+    linear layers rso left in float named as not converted); the model's config is restored afterwards."""
+    kind = get_config(model).quantize
+    if kind is None or getattr(model, "hf_quantizer", None) is not None or not _has_hf_config(model):
+        yield
+        return
+    from transformers import BitsAndBytesConfig
+    skip = [re.escape(n) for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, SubspaceLinear)]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype} \
+        if kind == "nf4" else {"load_in_8bit": True}
+    config, missing = model.config, object()
+    before = config.__dict__.get("quantization_config", missing)
+    config.quantization_config = BitsAndBytesConfig(**settings, llm_int8_skip_modules=skip)
+    try:
+        yield
+    finally:
+        if before is missing:
+            del config.__dict__["quantization_config"]
+        else:
+            config.quantization_config = before
 
 
 def _build_loop(model, groups, names, replaced, config: RSOConfig, sampler) -> OuterLoop:
@@ -618,6 +674,11 @@ def effective_state_dict(model: nn.Module) -> dict:
         if isinstance(module, SubspaceExperts):
             skip = (*skip, f"{prefix}{EXPERTS_CHILD}.")
             state.update({prefix + k: v for k, v in module.effective_state().items()})
+        if getattr(module, "bnb_settings", None) is not None:  # from a bitsandbytes layer: its unwrapped format
+            state.update({prefix + k: v for k, v in state_entries(module._requantized()[0]).items()})
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach()
+            continue
         if isinstance(module, SubspaceLinear):
             weight = module.effective_weight()
             state[prefix + "weight"] = weight.T if module.layout == "conv1d" else weight
@@ -666,8 +727,12 @@ def summary(model: nn.Module) -> str:
     left_out = getattr(model, _NOTES_ATTR, {}).get("left_out", {})
     experts = sum(len(layer.subspaces) for _, layer in expert_layers(model))
     layers = f"{s['layers'] - experts} subspace layers" + (f" and {experts} stacked expert weights" if experts else "")
+    kinds = [getattr(m, "quantize", None) for _, m in subspace_layers(model)]
+    quantized = "".join(f"\nrso: W₀ stored as {kind} in {kinds.count(kind)} layers" for kind in sorted(set(kinds) - {None}))
+    quantized += "; the stacked expert weights keep theirs in their dtype" if quantized and experts else ""
     return (f"{line}\nrso: {layers} in {s['projection_groups']} projection groups, "
             f"rank {rank_txt}, projection {s['projection']}, tau {s['tau']}, step {s['step']}, cycle {s['cycle']}"
+            + quantized
             + "".join(f"\nrso: left as they are: {len(names)} {reason}: {_listed(names)}"
                       for reason, names in left_out.items()))
 

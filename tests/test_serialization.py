@@ -106,7 +106,8 @@ def test_the_saved_settings_are_the_wrap_arguments():
         "rank": 4, "tau": 7, "projection": "hybrid", "custom_projection": False, "target_modules": ["q_proj", "v_proj"],
         "target_parameters": None,
         "scale": 2.0, "seed": 3, "share_projections": [["q_proj", "v_proj"]], "total_steps": 50,
-        "random_fraction": 0.3, "state_on_merge": "keep", "proximal": 0.5, "chunked_head": 9}
+        "random_fraction": 0.3, "state_on_merge": "keep", "proximal": 0.5, "chunked_head": 9, "quantize": None,
+        "requantize": "nearest"}
 
 
 def test_older_checkpoints_with_a_P_per_member_and_no_settings_still_load():

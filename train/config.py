@@ -72,6 +72,7 @@ class RSOSection:
     scale: float = _f(1.0, IDENTITY)
     subspace_state: str | None = _f(None, IDENTITY)
     share_projections: bool = _f(True, IDENTITY)
+    quantize: str | None = _f(None, IDENTITY)
     freeze_embeddings: bool | None = _f(None, IDENTITY)
 
 

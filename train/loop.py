@@ -311,6 +311,9 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="rso: layers that read the same input (q/k/v, gate/up) share one P and one stored P·x "
                         "(default); --no-share-projections gives each layer its own P (for svd / hybrid: from its "
                         "own gradient) at the cost of one stored P·x per layer")
+    p.add_argument("--quantize", choices=("int8", "nf4"), default=None,
+                   help="rso: store each wrapped layer's frozen W₀ as bitsandbytes int8 (rows) or NF4 (blocks of 64), "
+                        "requantized at each merge (default: W₀ in the model's dtype)")
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -500,7 +503,7 @@ def method_options(c: RunConfig, **entry_point_options) -> MethodOptions:
                          optimizer=o.optimizer, optimizer_args=dict(o.optimizer_args), projection=r.projection,
                          total_steps=c.training.subspace_total_steps, seed=c.training.seed,
                          subspace_state=r.subspace_state, share_projections=r.share_projections,
-                         **entry_point_options)
+                         quantize=r.quantize, **entry_point_options)
 
 
 @contextlib.contextmanager

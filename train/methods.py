@@ -49,7 +49,7 @@ METHOD_OPTIONS = {
     "galore": _SUBSPACE_OPTIONS,
     "golore": _SUBSPACE_OPTIONS,
     "golore@": _SUBSPACE_OPTIONS,
-    "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections"),
+    "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections", "quantize"),
     "lora": ("rank", "scale"),  # lora keeps every base weight, the embeddings too, frozen in fine-tuning
 }
 #: What each option of :data:`METHOD_OPTIONS` sets, as a refusal says it.
@@ -57,7 +57,8 @@ OPTION_PURPOSE = {"rank": "the rank of a subspace or adapter", "tau": "steps bet
                   "scale": "the update scale; LoRA's alpha = scale·rank",
                   "subspace_state": "the optimizer state at a subspace change",
                   "freeze_embeddings": "whether the token embeddings train; LoRA's stay frozen",
-                  "projection": "how RSO draws its projections P", "share_projections": "its layers' projections P"}
+                  "projection": "how RSO draws its projections P", "share_projections": "its layers' projections P",
+                  "quantize": "how RSO stores the frozen W₀"}
 #: Methods whose weights change subspace, so ``--subspace-state`` means something for them.
 SUBSPACE_METHODS = tuple(m for m, options in METHOD_OPTIONS.items() if "subspace_state" in options)
 
@@ -94,6 +95,7 @@ class MethodOptions:
     train_embeddings: bool = True   # lora: also train embeddings, norms and heads (pre-training)
     subspace_state: str | None = None  # reset | keep | project at a new subspace (None: the method's default)
     share_projections: bool = True  # rso: q/k/v and gate/up share one P (rso.wrap's share_projections)
+    quantize: str | None = None     # rso: W₀ stored as "int8" | "nf4" (rso.wrap's quantize)
 
 
 METHODS: dict[str, callable] = {}
@@ -286,7 +288,8 @@ def _rso(model, opts):
               if opts.projection == "hybrid" else {})  # the switch's place: what only hybrid reads
     model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
                      target_modules=targets or None, scale=opts.scale, seed=opts.seed, **hybrid,
-                     state_on_merge=opts.subspace_state or "reset", share_projections=opts.share_projections)
+                     state_on_merge=opts.subspace_state or "reset", share_projections=opts.share_projections,
+                     quantize=opts.quantize)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)
 
