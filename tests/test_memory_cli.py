@@ -322,7 +322,7 @@ def test_fit_defaults_and_errors():
     for kwargs, message in (
             (dict(capacity="1GiB", reserve=2 ** 30), "the reserve 1073741824 leaves nothing of the budget '1GiB'"),
             (dict(methods=["rso", "sgd"]), "unknown method(s) ['sgd']; choose from adamw, galore, "
-                                            "galore-8bit-per-layer, lora, rso"),
+                                            "galore-8bit-per-layer, lora, rso, rso-int8, rso-nf4"),
             (dict(batch=0), "batch must be a positive int, got 0"), (dict(batch=True), "batch must be a positive int, "
                                                                                        "got True"),
             (dict(batch=1.5), "batch must be a positive int, got 1.5")):
@@ -345,6 +345,11 @@ def test_fit_defaults_and_errors():
     (dict(optimizer_bits=4), "optimizer_bits must be 8, 16, 32 or None, got 4"),
     (dict(chunked_ce="yes"), "chunked_ce must be False, True, 'recompute' or 'fused', got 'yes'"),
     (dict(dtype="int8"), "dtype must be one of fp32, bf16, fp16; got 'int8'"),
+    (dict(quantize="int4"), "quantize must be one of (None, 'int8', 'nf4'), got 'int4'"),
+    (dict(quantize="nf4"), "quantize='nf4' stores RSO's frozen W₀ quantized, it goes with method='rso', got "
+                           "method='adamw'; leave quantize=None for adamw"),
+    (dict(quantize="int8", method="lora"), "quantize='int8' stores RSO's frozen W₀ quantized, it goes with "
+                                           "method='rso', got method='lora'; leave quantize=None for lora"),
 ])
 def test_estimate_errors_name_the_argument_and_the_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=f"^rso\\.memory\\.estimate: {re.escape(message)}$"):
@@ -357,6 +362,7 @@ def test_estimate_refuses_a_config_that_is_not_a_llama_decoder():
             "num_hidden_layers); this config lacks ['intermediate_size', 'num_hidden_layers']")):
         estimate({"hidden_size": 8, "num_attention_heads": 2})
     with pytest.raises(ValueError, match=r"(?s)^rso\.memory\.estimate: unknown config 'no-such-model': not a preset "
-                                         r"\(llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b\), a "
+                                         r"\(llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, "
+                                         r"mixtral-8x7b, qwen3-30b-a3b, moe-tiny\), a "
                                          r"config\.json or a loadable HF config \(.+\)$"):
         estimate("no-such-model")

@@ -4,6 +4,9 @@
         --activation-checkpointing --optimizer-bits 8
     python -m rso.memory --model llama-7b --fit 24GB                 # every method: largest batch × seq, recipe
     python -m rso.memory --model llama-7b --fit 24GB --rank 1024,256 --batch 16 --seq 256   # does 16 × 256 fit?
+    python -m rso.memory --model llama-7b --method rso --rank 256 --batch 16 --seq 256 --quantize nf4 \
+        --activation-checkpointing --optimizer-bits 8 --chunked-ce                    # W₀ stored NF4
+    python -m rso.memory --model qwen3-30b-a3b --fit 80GB --rank 128                # a mixture of experts
 
 ``--rank`` goes with a method that has one (galore, rso, lora; ``all``); one above a layer's smaller dimension
 is refused, naming the widest rank the model allows (as ``rso.wrap`` and the training commands refuse it).
@@ -15,8 +18,8 @@ import json
 import math
 import sys
 
-from .estimate import (GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, RANK_METHODS, check_rank, estimate, format_estimate,
-                       gigabytes)
+from .estimate import (GPU_RESERVE, GPU_SIZES, METHODS, PRESETS, QUANTIZE, RANK_METHODS, check_rank, estimate,
+                       format_estimate, gigabytes, llama_dims)
 from .planner import FIT_METHODS, _largest_batch, fit, format_fit, parse_size
 
 __all__ = ["main"]
@@ -64,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rso.memory",
         description="Estimate weights, gradients, optimizer states and activations of one training step "
-                    "of a LLaMA-family model, and whether it fits on a 24 GB / 80 GB GPU.")
+                    "of a LLaMA-family model (or a Mixtral / Qwen-MoE mixture of experts), and whether it fits on a "
+                    "24 GB / 80 GB GPU.")
     parser.add_argument("--model", default="llama-7b",
                         help=f"preset ({', '.join(PRESETS)}), a config.json or a directory holding one")
     parser.add_argument("--method", default=None,
@@ -89,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="8: bitsandbytes AdamW8bit states (16/32: moments in --dtype / fp32)")
     parser.add_argument("--per-layer-updates", action="store_true",
                         help="each gradient freed right after its own optimizer step (GaLore's per-layer updates)")
+    parser.add_argument("--quantize", default=None, choices=tuple(q for q in QUANTIZE if q),
+                        help="with --method rso: W₀ stored as bitsandbytes int8 or NF4, dequantized one layer at a "
+                             "time (--fit plans the rso-int8 / rso-nf4 rows itself)")
     parser.add_argument("--fit", default=None, metavar="SIZE",
                         help="plan for a memory budget, e.g. 24GB or 80GB (GB = GiB, as cards report): per method the "
                              "largest batch × seq that fits and the recipe (rank, checkpointing, 8-bit states, "
@@ -114,9 +121,14 @@ def _estimates(args) -> list:
     args.rank = args.rank[0] if args.rank else None
     args.seq = args.seq[0] if args.seq else 2048
     args.batch = 1 if args.batch is None else args.batch
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = _all_methods(args.model) if args.method == "all" else (args.method,)
     return [estimate(args.model, method=method, rank=args.rank, batch=args.batch, seq=args.seq, **_options(args))
             for method in methods]
+
+
+def _all_methods(model) -> tuple:
+    """``--method all``: every method the estimate models for ``model`` (on a mixture of experts, not LoRA)."""
+    return tuple(m for m in METHODS if not (m == "lora" and llama_dims(model).moe))
 
 
 def _print_estimate(args, res) -> None:
@@ -128,15 +140,18 @@ def _print_estimate(args, res) -> None:
                                      f"{' · chunked CE' if args.chunked_ce else ''}"
                                      f"{' · checkpointing' if args.activation_checkpointing else ''}"
                                      f"{' · 8-bit states' if args.optimizer_bits == 8 else ''}"
-                                     f"{' · per-layer updates' if args.per_layer_updates else ''}"))
+                                     f"{' · per-layer updates' if args.per_layer_updates else ''}"
+                                     f"{f' · {args.quantize} W₀' if args.quantize else ''}"))
     if args.activation_checkpointing:
         print(f"  (activations: {gigabytes(res['activations_kept'])} kept + "
               f"{gigabytes(res['activations_recompute'])} for one block's recomputation)")
     for gpu, cap in GPU_SIZES.items():
-        most, _ = _largest_batch(args.model, res["method"], dict(rank=args.rank, **_options(args)), args.seq,
-                                 cap - GPU_RESERVE)
-        print(f"largest batch at seq {args.seq} on a {gpu}: {most}"
-              f"{'' if most else ' (the model state alone does not fit)'}")
+        most, best = _largest_batch(args.model, res["method"], dict(rank=args.rank, **_options(args)), args.seq,
+                                    cap - GPU_RESERVE)
+        state = best["weights"] + best["gradients"] + best["optimizer"]
+        why = "" if most else " (the model state alone does not fit)" if state > cap - GPU_RESERVE else \
+            f" (batch 1's activations do not fit beside the model state at seq {args.seq})"
+        print(f"largest batch at seq {args.seq} on a {gpu}: {most}{why}")
     print()
 
 
@@ -158,7 +173,7 @@ def _check_ranks(args, methods) -> None:
 def _options(args) -> dict:
     return dict(dtype=args.dtype, attn=args.attn, master_weights=args.master_weights, fp32_states=args.fp32_states,
                 chunked_ce=args.chunked_ce, activation_checkpointing=args.activation_checkpointing,
-                optimizer_bits=args.optimizer_bits, per_layer_updates=args.per_layer_updates)
+                optimizer_bits=args.optimizer_bits, per_layer_updates=args.per_layer_updates, quantize=args.quantize)
 
 
 def _plan(args) -> int:
@@ -167,7 +182,8 @@ def _plan(args) -> int:
                                                                           args.activation_checkpointing),
                                      ("--optimizer-bits", args.optimizer_bits is not None),
                                      ("--per-layer-updates", args.per_layer_updates),
-                                     ("--master-weights", args.master_weights), ("--fp32-states", args.fp32_states))
+                                     ("--master-weights", args.master_weights), ("--fp32-states", args.fp32_states),
+                                     ("--quantize", args.quantize is not None))
                if on]
     if ignored:
         raise ValueError(f"--fit chooses the recipe itself; leave out {', '.join(ignored)}")

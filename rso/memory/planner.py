@@ -28,7 +28,15 @@ The methods, each as its paper runs it for pre-training:
 ``lora``                    LoRA on the block linear layers, embeddings/norms/head trained too
                             (checkpointing, 8-bit states, chunked head)
 ``rso``                     RSO: B trained, W₀ frozen (checkpointing, 8-bit states, chunked head)
+``rso-int8``                RSO with W₀ stored int8 (bitsandbytes' LLM.int8 layout: a byte a weight
+                            and an fp32 absmax per row), dequantized one layer at a time (same savers)
+``rso-nf4``                 RSO with W₀ stored NF4 (4 bits a weight and an fp32 absmax per 64), the
+                            same way (same savers)
 ==========================  ==================================================================
+
+On a mixture of experts (``mixtral-8x7b``, ``qwen3-30b-a3b``) the default rows leave out ``lora`` (PEFT's
+target_modules do not reach the stacked expert weights) and the quantized ``rso`` rows (they quantize 2-D
+linear layers; the experts, most of the model, keep their dtype); naming one of them is a ValueError.
 
 Budgets: ``"24GB"`` means a card that reports 24 GiB (as ``nvidia-smi`` does; ``GB``, ``GiB`` and ``G``
 all mean 2³⁰ bytes here), with ``reserve`` (default 2 GiB) left for the CUDA context, cuBLAS workspaces
@@ -41,7 +49,7 @@ import re
 
 from .estimate import GPU_RESERVE, check_rank, default_rank, estimate, llama_dims
 
-__all__ = ["fit", "format_fit", "parse_size", "FIT_METHODS"]
+__all__ = ["fit", "format_fit", "parse_size", "FIT_METHODS", "fit_methods"]
 
 #: method label -> (estimator method, fixed options, the memory savers it may use)
 FIT_METHODS = {
@@ -51,6 +59,8 @@ FIT_METHODS = {
                               ("activation_checkpointing",)),
     "lora": ("lora", {"lora_train_other": True}, ("activation_checkpointing", "optimizer_bits", "chunked_ce")),
     "rso": ("rso", {}, ("activation_checkpointing", "optimizer_bits", "chunked_ce")),
+    "rso-int8": ("rso", {"quantize": "int8"}, ("activation_checkpointing", "optimizer_bits", "chunked_ce")),
+    "rso-nf4": ("rso", {"quantize": "nf4"}, ("activation_checkpointing", "optimizer_bits", "chunked_ce")),
 }
 _SAVER_ON = {"activation_checkpointing": True, "optimizer_bits": 8, "chunked_ce": True}
 #: dropped first when it does not change the batch: the saver that costs the most
@@ -98,6 +108,14 @@ def _largest_batch(config, method, options, seq, usable, limit=1 << 20):
     return batch, best
 
 
+def fit_methods(config) -> list[str]:
+    """The labels of :data:`FIT_METHODS` ``config`` is planned for by default: all, less LoRA and the quantized
+    RSO rows on a mixture of experts."""
+    if not llama_dims(config).moe:
+        return list(FIT_METHODS)
+    return [m for m, (method, fixed, _) in FIT_METHODS.items() if method != "lora" and "quantize" not in fixed]
+
+
 def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int | None = None, rank=None,
         dtype: str = "bf16", attn: str = "sdpa", reserve: int = GPU_RESERVE) -> list[dict]:
     """Per method and sequence length, the largest batch that fits in ``capacity`` less ``reserve``, and the recipe.
@@ -105,7 +123,7 @@ def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int |
     Args:
         config: a preset (``"llama-7b"``), a config.json path, a dict or an HF config (as :func:`estimate`).
         capacity: the budget: ``"24GB"``, ``"80GB"``, ``"22.5GiB"`` or bytes (see :func:`parse_size`).
-        methods: labels from :data:`FIT_METHODS` (default: all of them).
+        methods: labels from :data:`FIT_METHODS` (default: :func:`fit_methods`, all that ``config`` allows).
         seqs: sequence lengths to plan for.
         batch: instead of the largest batch, the cheapest recipe that fits ``batch`` × each seq.
         rank: the subspace / adapter rank, or a list of ranks (rows for each; default: the peers' rank for a
@@ -122,13 +140,20 @@ def fit(config, capacity="24GB", *, methods=None, seqs=(256, 2048), batch: int |
     usable = cap - int(reserve)
     if usable <= 0:
         raise ValueError(f"rso.memory.fit: the reserve {reserve} leaves nothing of the budget {capacity!r}")
-    methods = list(FIT_METHODS) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in FIT_METHODS]
+    methods = None if methods is None else list(methods)
+    unknown = [m for m in methods or () if m not in FIT_METHODS]
     if unknown:
         raise ValueError(f"rso.memory.fit: unknown method(s) {unknown}; choose from {', '.join(FIT_METHODS)}")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"rso.memory.fit: batch must be a positive int, got {batch!r}")
     llama_dims(config)  # a clear error for a config that is not a LLaMA-family decoder
+    allowed = fit_methods(config)
+    refused = [m for m in methods or () if m not in allowed]
+    if refused:
+        raise ValueError(f"rso.memory.fit: not planned for a mixture of experts: {', '.join(refused)} (LoRA does "
+                         f"not reach the stacked expert weights, quantize= leaves them in their dtype); choose from "
+                         f"{', '.join(allowed)}")
+    methods = allowed if methods is None else methods
     ranks = list(rank) if isinstance(rank, (list, tuple)) else [default_rank(config) if rank is None else rank]
     try:  # every rank checked against the config, for each method that reads it, before any row is planned
         for r, method in itertools.product(ranks, {FIT_METHODS[m][0] for m in methods}):
