@@ -133,7 +133,8 @@ def _model_state(path):
 
 
 @pytest.mark.parametrize("method,extra", [("adamw", []), ("rso", ["--projection", "stiefel"]),
-                                          ("rso", ["--projection", "svd"]), ("galore", [])])
+                                          ("rso", ["--projection", "svd"]), ("galore", []),
+                                          ("rso", ["--quantize", "nf4"]), ("rso", ["--quantize", "int8"])])
 def test_resume_continues_identically(env, tmp_path, method, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--method", method, "--max-steps", "6", *([] if method == "adamw" else ["--tau", "2"]), "--save-every",
@@ -149,6 +150,8 @@ def test_resume_continues_identically(env, tmp_path, method, extra):
     assert losses(straight) == losses(split)
     a, b = _model_state(straight / "checkpoint.pt"), _model_state(split / "checkpoint.pt")
     assert a.keys() == b.keys()
+    if "--quantize" in extra:  # the run wrapped with a quantized W₀: bitsandbytes' keys in the checkpoint
+        assert any(k.endswith((".weight.absmax", ".SCB")) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
