@@ -17,7 +17,8 @@ from torch import nn
 from .config import RSOConfig
 from .trust import weights_only_refusal
 from rso.layers.subspace_experts import EXPERTS_CHILD, is_experts_module
-from .wrapping import _default_targets, _expert_targets, get_config, is_wrapped, subspace_members, wrap
+from .targets import _default_targets, _expert_targets
+from .wrapping import get_config, is_wrapped, subspace_members, wrap
 
 __all__ = ["from_pretrained"]
 
