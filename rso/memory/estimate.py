@@ -537,10 +537,9 @@ def estimate(config, method: str = "adamw", rank=None, batch: int = 1, seq: int 
     parameters, buffers = p["n_all"] * s.wb - dense_w0 + codes, p["buffers"] + scales
     weights = parameters + buffers + p["adapter_extra"]
     master = p["trainable"] * 4 if (master_weights and s.wb != 4) else 0
-    activations = kept + recompute
-    total = weights + master + gradients + optimizer + activations + transient
+    total = weights + master + gradients + optimizer + kept + recompute + transient
     return {"weights": weights + master, "gradients": gradients, "optimizer": optimizer,
-            "activations": activations, "total": total,
+            "activations": kept + recompute, "total": total,
             "parameters": parameters, "trainable_parameters": p["trainable"] * s.wb,
             "buffers": buffers, "master_weights": master,
             "quantize": quantize, "quantized_weights": codes + scales, "dequantize_transient": transient,
