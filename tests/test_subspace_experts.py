@@ -229,3 +229,31 @@ def test_packed_attention_projections_train_in_full_listed_and_are_refused_by_na
                                          r"allowed: the stacked expert weights"):
         rso.wrap(fresh, rank=2, target_parameters=["in_proj_weight"])
     assert not rso.is_wrapped(fresh)
+
+
+@pytest.mark.parametrize("projection", ["coordinate", "gaussian"])
+def test_other_projections_give_the_subspace_gradient(projection):
+    torch.manual_seed(0)
+    plain = build("mixtral")
+    wrapped = rso.wrap(copy.deepcopy(plain), rank=3, tau=None, projection=projection)
+    ids = batch(plain)
+    loss_of(plain, ids).backward()
+    loss_of(wrapped, ids).backward()
+    grads = dict(plain.named_parameters())
+    for name, layer in experts_of(wrapped):
+        for sub in layer.subspaces:
+            assert torch.allclose(sub.B.grad, grads[f"{name}.{sub.name}"].grad @ sub.P.T, rtol=1e-10, atol=1e-12)
+
+
+def test_project_maps_the_experts_adam_moments_into_the_new_subspace():
+    torch.manual_seed(0)
+    model = rso.wrap(build("mixtral"), rank=3, tau=None, state_on_merge="project")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss_of(model, batch(model)).backward()
+    opt.step()
+    sub = experts_of(model)[0][1].subspaces[0]
+    m, v, old = opt.state[sub.B]["exp_avg"].clone(), opt.state[sub.B]["exp_avg_sq"].clone(), sub.P.clone()
+    rso.outer_step(model, opt)
+    R = old @ sub.P.T
+    assert torch.allclose(opt.state[sub.B]["exp_avg"], m @ R, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(opt.state[sub.B]["exp_avg_sq"], v @ (R * R), rtol=1e-10, atol=1e-14)
