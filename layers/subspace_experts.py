@@ -40,10 +40,12 @@ EXPERTS_CHILD = "rso"
 
 
 def is_experts_module(module) -> bool:
-    """A transformers experts module built with ``use_experts_implementation`` (fused 3-D expert weights read by
-    the generic expert loop); not one that is expert-parallel sharded."""
+    """A transformers experts module built with ``use_experts_implementation`` whose forward is that decorator's
+    dispatch to the generic expert loop (fused 3-D expert weights); a subclass with a forward of its own (Ergo's
+    per-route norm) is not one."""
     return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and callable(
-        getattr(module, "_apply_gate", None)) and not isinstance(module, SubspaceExperts)
+        getattr(module, "_apply_gate", None)) and not isinstance(module, SubspaceExperts) \
+        and getattr(type(module).forward, "__wrapped__", None) is not None
 
 
 def expert_weight_names(module) -> tuple[str, ...]:

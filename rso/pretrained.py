@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import RSOConfig
+from .serialization import key_renamer
 from .trust import weights_only_refusal
 from rso.layers.subspace_experts import EXPERTS_CHILD, is_experts_module
 from .targets import _default_targets, _expert_targets
@@ -34,19 +35,6 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
         if (path / single).is_file():
             return [path / single]
     raise FileNotFoundError(f"rso.from_pretrained: no model.safetensors or pytorch_model.bin (or index) in {path}")
-
-
-def _renamer(model):
-    """file key → the model's key: transformers' load-time renamings (its save_pretrained writes some models' keys
-    under older names, e.g. ViT's ``encoder.layer.0.attention.attention.key`` for ``layers.0.attention.k_proj``)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except (ImportError, AttributeError, TypeError):  # older transformers, or not an HF model: keys as saved
-        return lambda key: key
-    prefix = getattr(model, "base_model_prefix", None)
-    return lambda key: rename_source_key(key, renamings, [], prefix)[0] if renamings else key
 
 
 def _read(file: pathlib.Path, wanted, rename=lambda key: key) -> dict:
@@ -136,7 +124,7 @@ def from_pretrained(model, path: str | os.PathLike, *, projection=None, **load_k
         model = model.from_pretrained(str(path), **load_kwargs)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"rso.from_pretrained: model must be an nn.Module or an HF model class, got {type(model).__name__}")
-    rename = _renamer(model)
+    rename = key_renamer(model)
     if is_wrapped(model):
         _check_same_config(model, config, path)
     else:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rso.layers.subspace_experts import ExpertSubspace
+from rso.layers.subspace_experts import ExpertSubspace, SubspaceExperts
 from rso.layers.subspace_linear import SubspaceLinear, _settings, _settings_tensor, is_conv1d
 
-__all__ = ["IDENTITY", "identity_tensor", "check_checkpoint"]
+__all__ = ["IDENTITY", "identity_tensor", "check_checkpoint", "key_renamer"]
 
 #: The wrap arguments that decide how training continues from a saved state (compared on load).
 IDENTITY = ("projection", "tau", "scale", "state_on_merge", "proximal")
@@ -40,6 +40,19 @@ def identity_tensor(settings: dict) -> torch.Tensor:
     return _settings_tensor({k: settings[k] for k in keys})
 
 
+def key_renamer(model):
+    """file key → the model's key: transformers' load-time renamings (its save_pretrained writes some models' keys
+    under older names, e.g. ViT's ``encoder.layer.0.attention.attention.key`` for ``layers.0.attention.k_proj``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # older transformers, or not an HF model: keys as saved
+        return lambda key: key
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda key: rename_source_key(key, renamings, [], prefix)[0] if renamings else key
+
+
 def _identity(tensor) -> dict:
     return _settings(tensor) if tensor is not None else {}
 
@@ -48,8 +61,30 @@ def _plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _check_expert_format(model: nn.Module, state_dict, prefix: str) -> None:
+    """ValueError if ``state_dict`` holds a wrapped experts module's weights in transformers' original checkpoint
+    format (one key per expert: ``…experts.0.w1.weight``), which ``load_state_dict`` cannot fuse back: the experts
+    would silently keep their weights (HF Trainer's resume loads checkpoints that way: transformers#48805)."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, SubspaceExperts)]
+    if not experts:
+        return
+    rename = key_renamer(model)
+    for key in state_dict:
+        name = rename(key[len(prefix):]) if key.startswith(prefix) else None
+        owner = next((e for e in experts if name and name.startswith(e + ".")
+                      and name[len(e) + 1:].partition(".")[0].isdigit()), None)
+        if owner is not None:
+            raise ValueError(f"rso: this state dict holds '{owner}' in transformers' original checkpoint format "
+                             f"('{key}', one key per expert), which load_state_dict cannot fuse back, so the experts "
+                             f"would keep their present weights (HF Trainer's resume does this: transformers#48805); "
+                             f"load the folder with rso.from_pretrained(ModelClass, folder), or save with "
+                             f"save_pretrained(..., save_original_format=False)")
+
+
 def check_checkpoint(model: nn.Module, state_dict, prefix: str, layers: dict) -> None:
-    """Raise ``ValueError`` if ``state_dict`` holds rso state of a model wrapped otherwise than ``model``."""
+    """Raise ``ValueError`` if ``state_dict`` holds rso state of a model wrapped otherwise than ``model``, or a
+    wrapped experts module's weights in a format it cannot load."""
+    _check_expert_format(model, state_dict, prefix)
     modules = dict(model.named_modules())
     saved = {k[len(prefix):-2] for k in state_dict if k.startswith(prefix) and k.endswith(".B")}
     saved = {n for n in saved

@@ -12,7 +12,7 @@ from rso.train import zoo
 FAST = [("causal-lm", "llama"), ("causal-lm", "gpt2"), ("causal-lm", "mistral"), ("causal-lm", "qwen2"),
         ("causal-lm", "gemma"), ("causal-lm", "opt"), ("sequence-classification", "bert"),
         ("sequence-classification", "roberta"), ("masked-lm", "roberta"), ("seq2seq-lm", "t5"),
-        ("seq2seq-lm", "bart"), ("image-classification", "vit")]
+        ("seq2seq-lm", "bart"), ("image-classification", "vit"), ("causal-lm", "mixtral")]
 #: families of FAST that fail today, with the bug (the lead removes an entry when the bug is fixed)
 KNOWN_BUGS = {}  # (task, model_type) → the bug it names, marked xfail(strict) until fixed
 
@@ -32,8 +32,8 @@ def test_fast_families_pass_the_lifecycle(task, model_type):
         assert record["signal"] > 100 * zoo.TOL  # training moved the logits far beyond the tolerance
 
 
-def _wrapped_llama():
-    run = zoo._Run("causal-lm", "llama", "LlamaForCausalLM", {"failures": []})
+def _wrapped(model_type="llama", class_name="LlamaForCausalLM"):
+    run = zoo._Run("causal-lm", model_type, class_name, {"failures": []})
     for step in (zoo._step_build, zoo._step_plain, zoo._step_wrap):
         step(run)
     return run
@@ -42,12 +42,46 @@ def _wrapped_llama():
 def test_wraps_check_catches_a_layer_that_reads_its_weight_directly():
     import torch.nn.functional as F
     import rso
-    run = _wrapped_llama()
+    run = _wrapped()
     zoo._step_wraps(run)  # a correctly wrapped model passes
     name, layer = rso.subspace_layers(run.model)[3]
     layer.forward = lambda x: F.linear(x, layer.weight, layer.bias)  # W₀ only: B silently ignored
     with pytest.raises(zoo.Mismatch, match=f"W₀ of 1 of 14 wrapped layers is read outside their forward.*{name}"):
         zoo._step_wraps(run)
+
+
+def test_the_checks_see_stacked_expert_weights():
+    """Mixtral's experts are wrapped members: the probe counts them, and an experts module whose forward reads its
+    W₀ directly (the original module's loop: B ignored) is caught by name."""
+    import rso
+    run = _wrapped("mixtral", "MixtralForCausalLM")
+    assert run.record["wrapped"] == 12 and run.record["experts"] == 4 and run.record["rank"] == zoo.RANK
+    zoo._step_wraps(run)
+    name, layer = rso.expert_layers(run.model)[1]
+    layer.forward = layer._experts.forward
+    with pytest.raises(zoo.Mismatch, match=f"W₀ of 2 of 12 wrapped layers is read outside their forward.*{name}.rso"):
+        zoo._step_wraps(run)
+
+
+def test_the_unwrap_check_catches_an_experts_module_left_wrapped(monkeypatch):
+    import rso.wrapping
+    run = _wrapped("mixtral", "MixtralForCausalLM")
+    zoo._step_unwrap(run)  # a correct unwrap passes
+    monkeypatch.setattr(rso.wrapping, "expert_layers", lambda model: [])
+    with pytest.raises(zoo.Mismatch, match="2 SubspaceLinear / SubspaceExperts left .e.g. model.layers.0.mlp.experts"):
+        zoo._step_unwrap(run)
+
+
+def test_rank_is_4_unless_no_layer_takes_it():
+    from torch import nn
+    assert zoo._rank(nn.Sequential(nn.Linear(8, 1), nn.Linear(1, 8), nn.Linear(8, 8))) == zoo.RANK
+    assert zoo._rank(nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 2))) == 3  # the widest one's min(in, out)
+
+
+def test_run_one_refuses_steps_without_their_prerequisites():
+    with pytest.raises(ValueError, match="steps rso_load needs save; allowed"):
+        zoo.run_one("causal-lm", "llama", "LlamaForCausalLM", steps=("build", "plain", "wrap", "train", "rso_load"))
+    assert not zoo.uses_experts_interface("NoSuchModelForCausalLM")
 
 
 def test_lifecycle_catches_a_save_that_does_not_merge_B(monkeypatch):
@@ -78,6 +112,11 @@ def test_shrink_sets_small_sizes_keeps_layer_kinds_and_recurses_into_sub_configs
     assert hybrid["layer_types"] == ["linear_attention", "full_attention"] and hybrid["num_hidden_layers"] == 2
     composite = zoo.shrink(Gemma3Config().to_dict())
     assert composite["text_config"]["hidden_size"] == 64 and composite["vision_config"]["image_size"] == zoo.IMAGE
+    per_layer = zoo.shrink({"num_hidden_layers": 10, "num_attention_heads": 32, "num_key_value_heads": 32,
+                            "mlp_only_layers": [0, 1, 2], "per_layer_config": {"01": {"num_attention_heads": 64},
+                                                                               "05": {"num_attention_heads": 64}}})
+    assert per_layer == {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,  # MHA stays
+                         "mlp_only_layers": [0], "per_layer_config": {"01": {"num_attention_heads": 4}}}
 
 
 def _behave(kind, model_type, class_name, progress=None):

@@ -3,7 +3,7 @@
 whole lifecycle; the table says which pass, which ``rso`` refuses, which fail (at which step) and which
 could not be built.
 
-    python -m rso.train.zoo [--tasks causal-lm,...] [--only llama,gpt2] [--out docs/results/zoo] [--timeout 180]
+    python -m rso.train.zoo [--tasks causal-lm,...] [--only llama,gpt2] [--moe] [--out docs/results/zoo] [--timeout 180]
 
 Lifecycle (in order; the first failure is the record's step; a step whose prerequisite raised is skipped, the
 others still run):
@@ -12,22 +12,32 @@ others still run):
                 seed 0 (NOT_BUILT when it fails)
     plain       the unwrapped model runs the task's batch forward and backward with a gradient in some linear layer
                 (NOT_BUILT when not: no input recipe, or a dead tiny network)
-    wrap        ``rso.wrap(model, rank=min(4, narrowest linear layer), tau=2)`` (REFUSED: its one-line error)
-    wraps       wrapping does something: no wrapped layer's W₀ is read outside its forward (there B would be
-                silently ignored); each layer that B's gradient says is used, and all B at once, move the logits
+    wrap        ``rso.wrap(model, rank=4, tau=2)`` with the default targets: linear layers and the stacked expert
+                weights of transformers' experts modules (``SubspaceExperts``); those narrower than 4 are left
+                out and listed (rank = the widest one's min(in, out) when none takes 4) (REFUSED: its one-line
+                error)
+    wraps       wrapping does something: no wrapped weight's W₀ is read outside its forward (there B would be
+                silently ignored); each wrapped weight (layer or stacked expert weight, every member of
+                ``rso.wrapping.subspace_members``) that B's gradient says is used, and all B at once, move the logits
     train       3 AdamW steps (a merge after the 2nd, so B ≠ 0 at the end), finite loss, state step 3 / cycle 1,
-                B ≠ 0 in every used layer
+                B ≠ 0 in every used member
     save        ``save_pretrained`` (merges B into W₀ in place): logits unchanged
     plain_load  ``AutoModelFor<Task>.from_pretrained``: same logits
-    rso_load    ``rso.from_pretrained(<class>, dir)``: same logits, ``rso.state``, P/seed/counter buffers and P
+    rso_load    ``rso.from_pretrained(<class>, dir)``: same logits, ``rso.state``, B, P/seed/counter buffers and P
                 groups; 2 more steps on both (a merge and resample at step 4): the same again
-    unwrap      ``rso.unwrap`` of a deep copy: same logits, no SubspaceLinear left, requires_grad as before wrap
+    unwrap      ``rso.unwrap`` of a deep copy: same logits, no SubspaceLinear / SubspaceExperts left, requires_grad
+                as before wrap
     modes       training mode under no_grad, eval, eval under no_grad and under inference_mode: the logits of
                 the training-mode forward (dropout is off, batch norm frozen)
     checkpointing  ``gradient_checkpointing_enable()`` (where supported) gives the same B gradients
 
 A load that fails or differs is repeated with the unwrapped model (:func:`_unwrapped_round_trip_differs`): when
 that differs too, the reason says so (transformers' doing, not rso's).
+
+Mixture-of-experts models run float32 like the others: their unwrapped experts use the config's experts
+implementation (transformers' ``grouped_mm`` on CPU, which takes float32), a wrapped experts module its own loop;
+:func:`eager_experts` switches a model to transformers' "eager" loop where a comparison needs it (float64, which
+``grouped_mm`` refuses).
 
 Tolerance: logits and gradients (float32) agree when ``max|a − b| ≤ TOL · max|b|``, TOL = 1e-4. The two sides
 differ by the evaluation order only (``x(W₀+sBP)ᵀ`` against ``xW₀ᵀ + s(xPᵀ)Bᵀ``, the merge's rounding, a
@@ -51,7 +61,8 @@ import time
 import traceback
 import warnings
 
-__all__ = ["TASKS", "TOL", "entries", "shrink", "build", "make_batch", "run_one", "run_all", "write_results", "main"]
+__all__ = ["TASKS", "TOL", "entries", "shrink", "build", "eager_experts", "make_batch", "members", "run_one", "run_all",
+           "write_results", "main"]
 
 #: task name -> (the auto mapping's name in ``transformers.models.auto.modeling_auto``, the Auto class)
 TASKS = {
@@ -73,15 +84,34 @@ STEPS = ("build", "plain", "wrap", "wraps", "train", "save", "plain_load", "rso_
 
 
 # ----------------------------------------------------------------------------- the entries
-def entries(tasks=None, only=None) -> list[tuple[str, str, str]]:
-    """(task, model_type, model class name) for every pair of the auto mappings, in mapping order."""
+def entries(tasks=None, only=None, moe=False) -> list[tuple[str, str, str]]:
+    """(task, model_type, model class name) for every pair of the auto mappings, in mapping order; ``moe``: only
+    the classes whose modeling file uses transformers' experts interface (:func:`uses_experts_interface`)."""
     from transformers.models.auto import modeling_auto
     out = []
     for task in tasks or TASKS:
         for model_type, names in getattr(modeling_auto, TASKS[task][0]).items():
-            if only is None or model_type in only:
-                out.append((task, model_type, names if isinstance(names, str) else names[0]))
+            name = names if isinstance(names, str) else names[0]
+            if (only is None or model_type in only) and (not moe or uses_experts_interface(name)):
+                out.append((task, model_type, name))
     return out
+
+
+def uses_experts_interface(class_name: str) -> bool:
+    """Does the modeling file that defines transformers' ``class_name`` decorate an experts class with
+    ``@use_experts_implementation`` (the experts modules ``rso.layers.subspace_experts.is_experts_module``
+    recognizes)? Read from the file, which is not imported (its tiny model may still have none: a config whose
+    default turns the experts off)."""
+    import importlib.util
+    import inspect
+    import transformers
+    module = getattr(transformers, "_class_to_module", {}).get(class_name)
+    try:
+        spec = importlib.util.find_spec(f"transformers.{module}") if module else None
+        path = spec.origin if spec is not None else inspect.getsourcefile(getattr(transformers, class_name))
+    except (AttributeError, ImportError, TypeError):  # not a transformers class, or not importable here
+        return False
+    return "@use_experts_implementation" in pathlib.Path(path).read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- small configs
@@ -95,14 +125,14 @@ SIZES = {
              "word_embed_proj_dim", "embedding_size", "d_latents", "lru_width", "attention_hidden_size",
              "true_hidden_size", "input_embedding_size", "output_embedding_size", "projection_dim",
              "pooler_hidden_size", "pooler_output_size", "backbone_hidden_size", "decoder_hidden_size",
-             "intra_bottleneck_size", "embedding_dim"),
+             "intra_bottleneck_size", "embedding_dim", "adapter_in_dim", "adapter_input_size", "adapter_out_dim"),
     **_names(4, "num_attention_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads", "num_heads",
              "n_heads", "attention_heads", "num_self_attention_heads", "num_cross_attention_heads",
              "num_encoder_attention_heads", "num_decoder_attention_heads", "mamba_n_heads", "mamba_num_heads",
              "n_mamba_heads", "linear_num_value_heads", "linear_num_heads", "swa_num_attention_heads",
-             "index_n_heads", "index_num_heads"),
+             "index_n_heads"),
     **_names(2, "num_key_value_heads", "num_kv_heads", "num_query_groups", "multi_query_group_num",
-             "linear_num_key_heads", "swa_num_key_value_heads"),
+             "linear_num_key_heads", "swa_num_key_value_heads", "index_num_heads"),
     **_names(16, "head_dim", "d_kv", "attention_head_size", "d_head", "kv_channels", "v_head_dim", "mamba_d_head",
              "mamba_head_dim", "mamba_headdim", "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
              "swa_head_dim", "index_head_dim", "kv_lora_rank", "state_size", "mamba_d_state", "ssm_state_size",
@@ -120,7 +150,8 @@ SIZES = {
     **_names(1, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "n_group", "topk_group",
              "num_expert_group", "first_k_dense_replace", "num_dense_layers", "mamba_expand", "expand",
              "mamba_n_groups", "mamba_ngroups", "n_groups", "decoder_sparse_step", "interleave_moe_layer_step"),
-    **_names(VOCAB, "vocab_size", "decoder_vocab_size", "src_vocab_size", "tgt_vocab_size", "unpadded_vocab_size"),
+    **_names(VOCAB, "vocab_size", "decoder_vocab_size", "src_vocab_size", "tgt_vocab_size", "unpadded_vocab_size",
+             "vocab_size_per_layer_input"),
     **_names(64, "max_position_embeddings", "n_positions", "n_ctx", "max_source_positions", "max_target_positions",
              "max_seq_len", "context_length"),
     **_names(IMAGE, "image_size"),
@@ -133,7 +164,8 @@ LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decod
 STOCHASTIC = ("dropout", "pdrop", "drop_path", "layerdrop", "drop_rate", "drop_prob", "jitter", "drop_connect")
 #: attributes whose default None breaks the model (filled from :data:`SIZES`; pad_token_id = 0 lets decoders
 #: classify a batch of two)
-NONE_FILLED = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "pad_token_id")
+NONE_FILLED = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts", "n_shared_experts",
+               "pad_token_id")
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "unk_token_id",
                 "sep_token_id", "cls_token_id", "mask_token_id")
 
@@ -190,10 +222,18 @@ def shrink(defaults: dict) -> dict:
             out[key] = [0.0] * len(value)
         elif isinstance(value, list) and (small := _shrink_list(key, value)) is not None:
             out[key] = small
+        elif key.endswith("_layers") and isinstance(value, list) and value[:layers] == list(range(layers)):
+            out[key] = value[:layers - 1]  # layer indices naming every kept layer: the last one keeps the other kind
         elif key.endswith("_period") and isinstance(value, int) and value > 2:
             out[key], out[key[:-len("period")] + "offset"] = 2, 1
         elif isinstance(value, dict) and "model_type" in value:
             out[key] = {"model_type": value["model_type"], **shrink(value)}
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            out[key] = {k: {**v, **shrink(v)} for k, v in value.items()  # per-layer overrides of kept layers
+                        if not str(k).isdigit() or int(k) < layers}
+    if isinstance(defaults.get("num_key_value_heads"), int) and \
+            defaults["num_key_value_heads"] == defaults.get("num_attention_heads"):
+        out["num_key_value_heads"] = out.get("num_attention_heads", defaults["num_attention_heads"])  # stays MHA
     if "qk_rope_head_dim" in defaults and defaults.get("head_dim") == defaults["qk_rope_head_dim"]:
         out["head_dim"] = out["qk_rope_head_dim"]  # multi-head latent attention: the rotary part's width
     vocab = out.get("vocab_size", defaults.get("vocab_size"))
@@ -239,6 +279,15 @@ def build(model_type: str, class_name: str):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.any():
                 module.weight.normal_(0.0, 0.02)
+    return model
+
+
+def eager_experts(model):
+    """``model`` with its experts modules on transformers' "eager" expert loop (``set_experts_implementation``;
+    a model without experts modules unchanged): ``grouped_mm``, the default, refuses float64."""
+    from rso.layers.subspace_experts import is_experts_module
+    if any(is_experts_module(m) for m in model.modules()):
+        model.set_experts_implementation("eager")
     return model
 
 
@@ -354,12 +403,18 @@ def _rso_buffers(model, suffix):
     return {n: b for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(suffix)}
 
 
-def _expect_same_rso_state(loaded, model):
-    """Same ``rso.state``, the same P / seed / counter buffers bit for bit, and P shared by the same groups."""
+def _expect_same_rso_state(record, loaded, model):
+    """Same ``rso.state``, the same wrapped weights (:func:`members`) with the same B (to :data:`TOL`), the same
+    P / seed / counter buffers bit for bit, and P shared by the same groups."""
     import torch
     import rso
     if rso.state(loaded) != rso.state(model):
         raise Mismatch(f"rso.state {rso.state(loaded)} against {rso.state(model)}")
+    mine, theirs = members(loaded), members(model)
+    if set(mine) != set(theirs):
+        raise Mismatch(f"the wrapped weights differ: {sorted(set(mine) ^ set(theirs))[:3]}")
+    flat = lambda layers: torch.cat([layers[n].B.detach().flatten() for n in sorted(layers)])  # noqa: E731
+    _expect_close(record, "B of the wrapped weights", flat(mine), flat(theirs))
     for suffix in (".P", ".seed", ".step", ".cycle"):
         mine, theirs = _rso_buffers(loaded, suffix), _rso_buffers(model, suffix)
         bad = sorted(set(mine) ^ set(theirs)) or [n for n in mine if not torch.equal(mine[n], theirs[n])]
@@ -388,9 +443,11 @@ class _Run:
 
 
 def _step_build(run):
+    from rso.layers.subspace_experts import is_experts_module
     run.model = build(run.model_type, run.class_name)
     run.batch = make_batch(run.task, run.model.config)
     run.record["parameters"] = sum(p.numel() for p in {id(p): p for p in run.model.parameters()}.values())
+    run.record["experts_modules"] = sum(map(is_experts_module, run.model.modules()))
 
 
 def _step_plain(run):
@@ -406,6 +463,21 @@ def _step_plain(run):
     run.initial = _eval_logits(run.model, run.batch)
 
 
+def members(model) -> dict:
+    """{name: member} of every wrapped weight that has a B (``rso.wrapping.subspace_members``): each
+    ``SubspaceLinear`` and each stacked expert weight's ``ExpertSubspace`` (``<experts>.rso.<weight>``)."""
+    from rso.wrapping import subspace_members
+    return subspace_members(model)
+
+
+def _wrapped_parameters(model) -> set[str]:
+    """The names of the wrapped weights' parameters: W₀, bias and B of each layer, W₀ and B of each stacked
+    expert weight (its W₀ stays in the experts module under the weight's own name)."""
+    import rso
+    names = {f"{n}.{p}" for n, m in members(model).items() for p, _ in m.named_parameters()}
+    return names | {f"{n}.{sub.name}" for n, layer in rso.expert_layers(model) for sub in layer.subspaces}
+
+
 def _linears(model) -> list:
     """The Linear / Conv1D modules outside the output heads (what ``rso.wrap`` targets by default, at most)."""
     from torch import nn
@@ -416,9 +488,13 @@ def _linears(model) -> list:
 
 
 def _rank(model) -> int:
-    """:data:`RANK`, or less where a (non-empty) linear layer outside the output heads is narrower (rank ≤ min(in,
-    out))."""
-    return min([RANK] + [min(m.weight.shape) for m in _linears(model) if m.weight.numel()])
+    """:data:`RANK`, or less when no (non-empty) linear layer outside the output heads and no stacked expert weight
+    takes it (rank ≤ min(in, out)): the widest one's min(in, out). The narrower ones are left out by default."""
+    from rso.layers.subspace_experts import expert_weight_names, is_experts_module
+    widths = [min(m.weight.shape) for m in _linears(model) if m.weight.numel()]
+    widths += [min(W.shape[1:]) for m in model.modules() if is_experts_module(m)
+               for W in map(m._parameters.get, expert_weight_names(m)) if W is not None and W.dim() == 3]
+    return min([RANK, max(widths)]) if widths else RANK
 
 
 def _step_wrap(run):
@@ -427,8 +503,11 @@ def _step_wrap(run):
     run.record["rank"] = rank = _rank(run.model)
     rso.wrap(run.model, rank=rank, tau=TAU)
     params = {id(p): p for p in run.model.parameters()}.values()
+    left_out = [line.partition("left as they are: ")[2] for line in rso.summary(run.model).splitlines()
+                if "left as they are: " in line]
     run.record.update(
-        wrapped=len(rso.subspace_layers(run.model)),
+        wrapped=len(members(run.model)), experts=sum(len(m.subspaces) for _, m in rso.expert_layers(run.model)),
+        left_out=left_out,
         linear_unwrapped=sum(isinstance(m, nn.Linear) or rso.layers.subspace_linear.is_conv1d(m)
                              for m in run.model.modules()),
         trainable_share=sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params)))
@@ -455,12 +534,11 @@ def _noise(tensor, like, g):
 
 
 def _probe(run, g) -> dict[str, tuple[float, float]]:
-    """Per wrapped layer: (max|∂probe/∂B|, max|∂probe/∂W₀|) for probe = Σ logits · R (R Gaussian), with W₀ made
-    to require grad for this one backward. The layer's own backward never forms W₀'s gradient, so a non-zero
-    one means the model reads ``.weight`` outside the layer's forward, where B is ignored."""
+    """Per wrapped weight (:func:`members`): (max|∂probe/∂B|, max|∂probe/∂W₀|) for probe = Σ logits · R (R
+    Gaussian), with W₀ made to require grad for this one backward. The wrapped forward never forms W₀'s gradient,
+    so a non-zero one means the model reads W₀ outside that forward, where B is ignored."""
     import torch
-    import rso
-    layers = rso.subspace_layers(run.model)
+    layers = list(members(run.model).items())
     frozen = [layer.weight.requires_grad for _, layer in layers]
     try:
         for _, layer in layers:
@@ -484,7 +562,6 @@ def _step_wraps(run):
     softmax over one key; recorded). Then setting each used layer's B, and all B at once, to random values must
     change the logits."""
     import torch
-    import rso
     g = torch.Generator().manual_seed(SEED + 2)
     grads = _probe(run, g)
     read_around = [n for n, (_, w) in grads.items() if w]
@@ -494,7 +571,7 @@ def _step_wraps(run):
     if read_around:
         raise Mismatch(f"W₀ of {len(read_around)} of {len(grads)} wrapped layers is read outside their forward, "
                        f"which ignores B: {', '.join(read_around[:3])}")
-    base, layers = _eval_logits(run.model, run.batch), rso.subspace_layers(run.model)
+    base, layers = _eval_logits(run.model, run.batch), list(members(run.model).items())
     still = [n for n, layer in layers if n not in run.unused
              and not _moves(run, base, layer.B, _noise(layer.B, layer.weight / layer.scale, g))]
     if still:
@@ -521,7 +598,7 @@ def _step_train(run):
     state = rso.state(run.model)
     if (state["step"], state["cycle"]) != (3, 1):
         raise Mismatch(f"after 3 steps with tau=2: step {state['step']}, cycle {state['cycle']} (expected 3, 1)")
-    frozen = [n for n, layer in rso.subspace_layers(run.model) if n not in run.unused and not layer.B.any()]
+    frozen = [n for n, layer in members(run.model).items() if n not in run.unused and not layer.B.any()]
     run.record["signal"] = _relative_diff(_eval_logits(run.model, run.batch), run.initial)
     if frozen:
         raise Mismatch(f"B is still 0 after 3 steps in {len(frozen)} layers that move the logits: {frozen[0]}")
@@ -586,9 +663,8 @@ def _align_requires_grad(run, loaded):
     """The wrapped layers' parameters must be trainable alike (B yes, W₀ no). Elsewhere a reload may differ from
     the built model by transformers' own doing (Marian's and Pegasus' sinusoidal position tables are frozen when
     built, trainable when loaded, by the plain class too): those flags are copied from the built model, and noted."""
-    import rso
     own = dict(run.model.named_parameters())
-    wrapped = {f"{n}.{p}" for n, layer in rso.subspace_layers(run.model) for p, _ in layer.named_parameters()}
+    wrapped = _wrapped_parameters(run.model)
     differ = [n for n, p in loaded.named_parameters() if n in own and p.requires_grad != own[n].requires_grad]
     if set(differ) & wrapped:
         raise Mismatch(f"requires_grad of wrapped layers' parameters differs after the load: "
@@ -604,22 +680,22 @@ def _step_rso_load(run):
     import rso
     loaded = _load(run, lambda folder: rso.from_pretrained(type(run.model), folder))
     _expect_loaded_close(run, "rso.from_pretrained logits", loaded)
-    _expect_same_rso_state(loaded, run.model)
+    _expect_same_rso_state(run.record, loaded, run.model)
     _align_requires_grad(run, loaded)
     for model in (run.model, loaded):
         _train(model, run.batch, _optimizer(model), 2)
     _expect_close(run.record, "logits after 2 more steps on both", _eval_logits(loaded, run.batch),
                   _eval_logits(run.model, run.batch))
-    _expect_same_rso_state(loaded, run.model)
+    _expect_same_rso_state(run.record, loaded, run.model)
 
 
 def _step_unwrap(run):
     import rso
     plain = rso.unwrap(copy.deepcopy(run.model))
-    left = [n for n, m in plain.named_modules() if isinstance(m, rso.SubspaceLinear)]
-    if left or not rso.is_wrapped(run.model):
-        raise Mismatch(f"after unwrap of a copy: {len(left)} SubspaceLinear left, original wrapped: "
-                       f"{rso.is_wrapped(run.model)}")
+    left = [n for n, m in plain.named_modules() if isinstance(m, (rso.SubspaceLinear, rso.SubspaceExperts))]
+    if left or members(plain) or not rso.is_wrapped(run.model):
+        raise Mismatch(f"after unwrap of a copy: {len(left)} SubspaceLinear / SubspaceExperts left (e.g. "
+                       f"{(left or [None])[0]}), original wrapped: {rso.is_wrapped(run.model)}")
     flags = {n: p.requires_grad for n, p in plain.named_parameters()}
     if flags != run.flags:
         diff = sorted(set(flags.items()) ^ set(run.flags.items()))
@@ -644,11 +720,10 @@ def _step_modes(run):
 
 
 def _b_grads(run):
-    import rso
     run.model.zero_grad(set_to_none=True)
     out, logits = _forward(run.model, run.batch, train=True)
     _loss(out, logits).backward()
-    return {n: None if layer.B.grad is None else layer.B.grad.clone() for n, layer in rso.subspace_layers(run.model)}
+    return {n: None if layer.B.grad is None else layer.B.grad.clone() for n, layer in members(run.model).items()}
 
 
 def _step_checkpointing(run):
@@ -714,15 +789,28 @@ def _status(failures: list[dict]) -> str:
     return "REFUSED" if first.get("refused") else "FAIL"
 
 
-def run_one(task: str, model_type: str, class_name: str, progress=None) -> dict:
-    """Every lifecycle step for one architecture; a record with the status, the failures and the timings."""
+def _check_steps(steps):
+    """ValueError unless ``steps`` are lifecycle steps, each with the steps it needs."""
+    unknown = [s for s in steps if s not in STEPS]
+    missing = [f"{s} needs {n}" for s, _, needs in _STEPS if s in steps for n in needs if n not in steps]
+    if unknown or missing:
+        raise ValueError(f"rso.train.zoo.run_one: steps {', '.join(unknown + missing)}; allowed: a subset of "
+                         f"{', '.join(STEPS)} with each step's prerequisites")
+
+
+def run_one(task: str, model_type: str, class_name: str, progress=None, steps=STEPS) -> dict:
+    """The lifecycle ``steps`` (default: all) for one architecture; a record with the status, the failures and the
+    timings."""
     import shutil
+    _check_steps(steps)
     _quiet_libraries()
     record = {"task": task, "model_type": model_type, "class": class_name, "failures": [], "timings": {}}
     run, broken = _Run(task, model_type, class_name, record), set()
     start = time.perf_counter()
     try:
         for step, function, needs in _STEPS:
+            if step not in steps:
+                continue
             if broken & set(needs):
                 broken.add(step)
                 continue
@@ -917,14 +1005,16 @@ def readme(meta: dict, records: list[dict]) -> str:
            f"torch {meta['torch']}, "
            f"{meta['seconds'] / 60:.1f} min). Every (task, model_type) pair of the auto mappings "
            f"{', '.join(m for m, _ in TASKS.values())}, built tiny from its config class (random weights, "
-           f"float32): wrap (rank {RANK}, tau {TAU}), the check that each layer's B moves the logits, {3} AdamW "
+           f"float32): wrap (rank {RANK}, tau {TAU}; the default targets: linear layers and the stacked expert weights "
+           f"of mixture-of-experts layers), the check that each wrapped weight's B moves the logits, {3} AdamW "
            f"steps across a merge, save_pretrained, plain and rso loads, unwrap, grad modes, gradient "
            f"checkpointing; the steps and the tolerance ({TOL:g} relative) are in the docstring of `train/zoo.py` "
            "(`rso.train.zoo`). Built = PASS + REFUSED + FAIL; NOT_BUILT (the config or model cannot be built tiny "
            "here, the zoo has no input recipe for it, or the tiny network is dead) is not counted. \"Of which "
            "unwrapped too\": FAIL records whose every failure the unwrapped model's save/load round trip shows as "
            "well (transformers). In the full table, \"linear left\" counts the Linear/Conv1D modules rso.wrap "
-           "left as they are (output heads, ...), \"unused\" the wrapped layers this forward does not use.", "",
+           "left as they are (output heads, ...), \"experts\" the stacked expert weights wrapped (of the \"wrapped\" "
+           "count), \"unused\" the wrapped weights this forward does not use.", "",
            *_table(head, rows), ""]
     for title, statuses in (("Failures by cause (every failing check of every FAIL record)", ("FAIL",)),
                             ("Refusals", ("REFUSED",)), ("Not built, by reason", ("NOT_BUILT",))):
@@ -933,11 +1023,11 @@ def readme(meta: dict, records: list[dict]) -> str:
             out += [f"## {title}", "", *_table(["cause", "n", "architectures"], [
                 [cause, len(names), ", ".join(names)] for cause, names in groups]), ""]
     full = [[r["task"], r["model_type"], r["class"], r["status"], r.get("step") or "", r.get("reason") or "",
-             r.get("wrapped", ""), r.get("linear_unwrapped", ""),
+             r.get("wrapped", ""), r.get("experts") or "", r.get("linear_unwrapped", ""),
              "" if r.get("trainable_share") is None else f"{100 * r['trainable_share']:.0f}%",
              len(r.get("unused_layers") or []) or "", r.get("seconds", "")] for r in records]
     out += ["## All architectures", "", *_table(["task", "model_type", "class", "status", "step", "reason", "wrapped",
-                                                 "linear left", "trainable", "unused", "s"], full), ""]
+                                                 "experts", "linear left", "trainable", "unused", "s"], full), ""]
     return "\n".join(out)
 
 
@@ -961,6 +1051,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m rso.train.zoo", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=_names_list, default=list(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--only", type=_names_list, default=None, help="comma list of model_types (default: all)")
+    p.add_argument("--moe", action="store_true", help="only the mixture-of-experts families (modeling files that "
+                                                       "use transformers' experts interface)")
     p.add_argument("--out", default="docs/results/zoo", help="folder for zoo.json and README.md")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture (default 180)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
@@ -988,9 +1080,10 @@ def main(argv=None) -> int:
     _quiet_libraries()
     import torch
     import transformers
-    jobs = entries(args.tasks, set(args.only) if args.only else None)
+    jobs = entries(args.tasks, set(args.only) if args.only else None, moe=args.moe)
     if not jobs:
-        raise SystemExit(f"rso.train.zoo: no entry of {args.tasks} has a model_type in --only {args.only}")
+        raise SystemExit(f"rso.train.zoo: no entry of {args.tasks} has a model_type in --only {args.only}"
+                         + (" and uses transformers' experts interface (--moe)" if args.moe else ""))
     bar = tqdm(total=len(jobs), desc="zoo", unit="arch")
     start = time.time()
 
