@@ -187,6 +187,7 @@ def _round_to_codebook(W32, kind, blocksize, generator):
     return rounded.mul_(absmax).view(-1)[:n].view_as(W32)
 
 
+@torch.compiler.disable  # bitsandbytes' ops have no shape rule for the flat 4-bit read: run eagerly under compile
 def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight ``q`` stores, out × in, in ``dtype`` (default ``q.dtype``); computed in fp32 by bitsandbytes."""
     dtype = dtype or q.dtype

@@ -110,3 +110,16 @@ def test_feedback_carries_the_rounding_residual_into_the_next_subspace():
     stored = dequantize(layer.quantized(), torch.float64)
     assert layer.B.any()
     assert (after - before).norm() < (stored - before).norm()
+
+
+def test_torch_compile_trains_a_quantized_model_like_eager():
+    """bitsandbytes' 4-bit op has no shape rule for the flat read: dequantization runs eagerly inside the graph."""
+    model = rso.wrap(tiny(), rank=8, quantize="nf4")
+    model(ids(), labels=ids()).loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss = torch.compile(model)(ids(), labels=ids()).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, eager[name], rtol=1e-4, atol=1e-6), name
