@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import re
 import types
+import weakref
 from itertools import chain
+
+import torch
 
 from torch import nn
 from torch.nn.parameter import is_lazy
@@ -128,20 +131,17 @@ def wrap(model: nn.Module, config: RSOConfig | None = None, **kwargs) -> nn.Modu
 
     expert_ranks, experts_left_out = _expert_targets(model, config)
 
-    # Build everything first; nothing in the model changes until all of it succeeded.
-    layers = [_subspace_linear(module, r, config, model) for (_, module), r in zip(targets, ranks)]
-    _check_requantize(config, layers)
-    for name, layer in zip(names, layers):
-        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
-            layer.register_forward_pre_hook(_keep_off_fast_path)
+    _check_requantize(config, [module for _, module in targets])
+    # Build everything first; nothing in the model changes until all of it succeeded (a quantize= wrap installs
+    # its layers one by one after every check, see _build_layers).
     experts = {name: SubspaceExperts(model.get_submodule(name), r, config.scale) for name, r in expert_ranks.items()}
+    replaced = [weakref.ref(model.get_submodule(name)._parameters[w]) for name, r in expert_ranks.items() for w in r]
+    layers = _build_layers(model, targets, ranks, config, replaced)
     groups = _group_layers(names, layers, config.share_projections) + [
         [sub] for layer in experts.values() for sub in layer.subspaces]
     member_names = {**dict(zip(layers, names)), **{sub: f"{name}.{sub.name}" for name, layer in experts.items()
                                                    for sub in layer.subspaces}}
-    replaced = [module.weight for _, module in targets] + [
-        model.get_submodule(name)._parameters[w] for name, r in expert_ranks.items() for w in r]
-    loop = _build_loop(model, groups, member_names, replaced, config, sampler)
+    loop = _build_loop(model, groups, member_names, [r() for r in replaced if r() is not None], config, sampler)
 
     for name, layer in chain(zip(names, layers), experts.items()):
         parent_name, _, leaf = name.rpartition(".")
@@ -176,9 +176,41 @@ def _subspace_linear(module, rank, config: RSOConfig, model) -> SubspaceLinear:
     return layer
 
 
-def _check_requantize(config: RSOConfig, layers):
+def _build_layers(model, targets, ranks, config: RSOConfig, replaced: list) -> list[SubspaceLinear]:
+    """The new layers of ``targets`` (a list emptied as it goes); ``replaced`` gets a weak reference to each old
+    weight. With ``quantize=`` each float layer is quantized and installed at once, so its float W₀ is freed before
+    the next is read (a whole second copy of the model would not fit where quantize= is needed): every check has run
+    by then (the weights are checked finite first), so only running out of memory can stop it part way."""
+    progressive = config.quantize is not None
+    if progressive:
+        _check_finite(targets)
+    layers = []
+    while targets:
+        name, module = targets.pop(0)
+        layer = _subspace_linear(module, ranks[len(layers)], config, model)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            layer.register_forward_pre_hook(_keep_off_fast_path)
+        replaced.append(weakref.ref(module.weight))
+        if progressive and not is_quantized_linear(module):
+            setattr(parent, name.rpartition(".")[2], layer)
+        layers.append(layer)
+        del module
+    return layers
+
+
+def _check_finite(targets):
+    """FloatingPointError naming the first layer whose weight holds inf/nan (it cannot be quantized)."""
+    for name, module in targets:
+        if not is_quantized_linear(module) and not bool(torch.isfinite(module.weight).all()):
+            raise FloatingPointError(f"rso.wrap: layer '{name}' holds inf/nan, which quantize= cannot store; fix "
+                                     f"the weights (or leave the layer out: target_modules) before wrapping")
+
+
+def _check_requantize(config: RSOConfig, modules):
     """``requantize`` other than its default with no quantized W₀ would do nothing: refused."""
-    if config.requantize != RSOConfig.requantize and not any(hasattr(m, "merge_mode") for m in layers):
+    if config.requantize != RSOConfig.requantize and config.quantize is None \
+            and not any(is_quantized_linear(m) for m in modules):
         raise ValueError(f"rso.wrap: requantize={config.requantize!r} applies to a quantized W₀ only (quantize='int8' "
                          f"| 'nf4', or bitsandbytes layers); none is quantized here: drop it, or pass quantize=")
 

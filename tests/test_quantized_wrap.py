@@ -123,3 +123,33 @@ def test_torch_compile_trains_a_quantized_model_like_eager():
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(p.grad, eager[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_quantize_frees_each_float_weight_before_reading_the_next(monkeypatch):
+    """A float model is quantized one layer at a time: when layer k is built, the k float weights before it are gone
+    (a second whole copy of the model never exists); without quantize= every old weight lives until the end."""
+    import weakref
+
+    from rso import wrapping
+    build = wrapping._subspace_linear
+    for kind in ("nf4", None):
+        model = tiny()
+        refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)][:-1]  # not lm_head
+        n, alive = len(refs), []
+        monkeypatch.setattr(wrapping, "_subspace_linear",
+                            lambda *a, **k: alive.append(sum(r() is not None for r in refs)) or build(*a, **k))
+        rso.wrap(model, rank=8, quantize=kind)
+        if kind is None:
+            assert alive == [n] * n
+        else:  # one late at most: under pytest something (its capture) keeps the first layer a call longer
+            assert all(count <= n - k + 1 for k, count in enumerate(alive)) and alive[-1] <= 2, alive
+
+
+def test_a_non_finite_weight_is_refused_before_any_layer_is_quantized():
+    model = tiny()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="layer 'model.layers.1.mlp.down_proj' holds inf/nan"):
+        rso.wrap(model, rank=8, quantize="int8")
+    assert not rso.is_wrapped(model)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
