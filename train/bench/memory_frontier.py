@@ -3,6 +3,7 @@
     python -m rso.train.bench.memory_frontier --config llama-1b --cases rso,rso+ckpt,adamw --batch 1 --seq 64
     python -m rso.train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce --rank 256 --batch 1 --seq 128 \\
         --out docs/memory_frontier_7b.json
+    python -m rso.train.bench.memory_frontier --config llama-7b --cases rso+ckpt+ce+nf4 --rank 256 --batch 1 --seq 128
     python -m rso.train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
         --cases rso+ckpt+ce,rso+ckpt --rank 256 --batch 16 --seq 256 --timed-steps 2
     python -m rso.train.bench.memory_frontier --device cuda --memory-limit-gb 24 --config llama-7b \\
@@ -22,8 +23,16 @@ Each case runs in its own process, which
    optimizer state, saved activations, one block's recomputation, and the peak of live tensors) and
    reads the process's peak resident memory (``ru_maxrss``) and the step's wall time.
 
-Cases are ``<method>[+ckpt][+ce][+8bit]`` with method ``rso`` (``rso-stiefel``), ``adamw``, ``lora`` or
-``frozen``. The parent prints estimate against measurement term by term and writes JSON (``--out``).
+Cases are ``<method>[+ckpt][+ce][+8bit][+int8|+nf4]`` with method ``rso`` (``rso-stiefel``), ``adamw``, ``lora``
+or ``frozen``; ``+int8`` / ``+nf4`` (RSO only) wrap with ``rso.wrap(quantize=...)`` and estimate with the same
+``quantize``. Their model is built on the meta device with the decoder's linear weights pointing at one random
+bf16 tensor per shape (N(0, initializer_range²), HF's init) until the wrap quantizes each into its own storage:
+``rso.wrap`` builds every quantized layer before it swaps any in, so a model holding a float W₀ per layer would
+peak at the float and the quantized W₀ together (7B int8: about 20 GiB). Every layer's W₀ thus starts from the
+same values, in its own storage: bytes and step time are those of distinct values. The parent prints estimate
+against measurement term by term and writes JSON (``--out``); a quantized estimate's ``total`` also holds one
+layer's W₀ dequantized (``dequantize_transient``), which is no tensor the step keeps, so the measured sum is
+compared with the estimate less it.
 
 ``--device cuda`` builds the model on the GPU (random init in bf16 there) and replaces the host checks
 by a cap on the CUDA caching allocator: ``--memory-limit-gb G`` sets
@@ -59,14 +68,22 @@ _BASES = {"rso": ("rso-stiefel", "rso"), "adamw": ("adamw", "adamw"), "lora": ("
           "frozen": ("frozen", "frozen")}
 
 
+_QUANTIZE = ("int8", "nf4")
+
+
 def parse_case(case: str) -> dict:
-    """``"rso+ckpt+ce+8bit"`` -> its method and memory savers."""
+    """``"rso+ckpt+ce+8bit+nf4"`` -> its method, memory savers and W₀ storage (``quantize``: None, int8, nf4)."""
     base, *flags = case.strip().lower().split("+")
-    unknown = [f for f in flags if f not in ("ckpt", "ce", "8bit")]
+    unknown = [f for f in flags if f not in ("ckpt", "ce", "8bit", *_QUANTIZE)]
     if base not in _BASES or unknown:
-        raise ValueError(f"case {case!r}: write <method>[+ckpt][+ce][+8bit] with method one of {', '.join(_BASES)}")
+        raise ValueError(f"case {case!r}: write <method>[+ckpt][+ce][+8bit][+int8|+nf4] with method one of "
+                         f"{', '.join(_BASES)}")
+    kinds = [f for f in flags if f in _QUANTIZE]
+    if len(kinds) > 1 or (kinds and base != "rso"):
+        raise ValueError(f"case {case!r}: +int8 / +nf4 store RSO's W₀ quantized: one of them, with method rso "
+                         f"(e.g. rso+ckpt+ce+nf4)")
     return {"case": case, "method": base, "checkpointing": "ckpt" in flags, "chunked_ce": "ce" in flags,
-            "eight_bit": "8bit" in flags}
+            "eight_bit": "8bit" in flags, "quantize": kinds[0] if kinds else None}
 
 
 def model_config(name: str, seq: int) -> dict:
@@ -83,6 +100,8 @@ def model_config(name: str, seq: int) -> dict:
 
 def _estimate_options(c: dict, rank: int) -> dict:
     options = {"lora_train_other": True} if c["method"] == "lora" else {}
+    if c["quantize"]:
+        options["quantize"] = c["quantize"]
     return dict(rank=rank, dtype="bf16", activation_checkpointing=c["checkpointing"],
                 chunked_ce="recompute" if c["chunked_ce"] else False, optimizer_bits=8 if c["eight_bit"] else None,
                 **options)
@@ -190,8 +209,9 @@ def run_case(spec: dict) -> dict:
 
 def _build_case(spec: dict, c: dict, out: dict):
     """(model, optimizer, input ids): the model built with random init in bf16 on its device (no fp32 copy, no
-    host copy), the method set up (no merge within the step), checkpointing and 8-bit AdamW as the case asks;
-    the build's time, resident memory and parameter dtypes / devices go to ``out``."""
+    host copy; a quantized case's as :func:`_build_lean`), the method set up (no merge within the step),
+    checkpointing and 8-bit AdamW as the case asks; the build's time, resident memory and parameter dtypes /
+    devices go to ``out``, and the resident peak after the set-up (the quantizing wrap)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -202,16 +222,25 @@ def _build_case(spec: dict, c: dict, out: dict):
     t0 = time.perf_counter()
     config = LlamaConfig(**spec["model"], attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    if c["quantize"]:
+        model = _build_lean(config, device)
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.train()
     out["build_s"] = round(time.perf_counter() - t0, 1)
     out["rss_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     out["parameter_devices"] = sorted({str(p.device) for p in model.parameters()})
-    method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
-    s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
-    model, opt = s.model, s.optimizer
+    t0 = time.perf_counter()
+    if c["quantize"]:
+        model, opt = _setup_quantized(model, c, spec)
+    else:
+        method = _BASES[c["method"]][0] + ("+ce" if c["chunked_ce"] else "")
+        s = setup(method, model, rank=spec["rank"], gap=10 ** 9, tau=10 ** 9, chunk_size=spec.get("chunk_size", 1024))
+        model, opt = s.model, s.optimizer
+    out["setup_s"] = round(time.perf_counter() - t0, 1)
+    out["rss_after_setup"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if c["checkpointing"]:
         enable_activation_checkpointing(model)
     if c["eight_bit"]:
@@ -219,6 +248,52 @@ def _build_case(spec: dict, c: dict, out: dict):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
     return model, opt, ids
+
+
+def _build_lean(config, device):
+    """The bf16 LLaMA of ``config`` without a float W₀ per layer: built on meta, each decoder linear's weight a
+    view of one random bf16 tensor per shape (N(0, initializer_range²)), the rest materialized on ``device`` and
+    initialized by the model's own ``_init_weights`` (embeddings, norms, head, RoPE's fp32 ``inv_freq``)."""
+    from itertools import chain
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rso.train.bench.recipes import BLOCK_LINEARS
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    shared = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in BLOCK_LINEARS:
+            shape = tuple(module.weight.shape)
+            if shape not in shared:
+                shared[shape] = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(
+                    0.0, config.initializer_range)
+            module.weight = torch.nn.Parameter(shared[shape].detach())
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(torch.zeros(shape[0], dtype=torch.bfloat16, device=device))
+    for module in model.modules():
+        if any(t.is_meta for t in chain(module.parameters(recurse=False), module.buffers(recurse=False))):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+    return model
+
+
+def _setup_quantized(model, c: dict, spec: dict):
+    """(model, AdamW): ``recipes.setup``'s rso-stiefel recipe (its wrap arguments, no merge within the step) with
+    W₀ stored as ``c["quantize"]``, and the chunked head when the case asks."""
+    import torch
+
+    import rso
+    import rso.heads
+    from rso.train.bench.recipes import BLOCK_LINEARS
+
+    rso.wrap(model, rank=spec["rank"], tau=10 ** 9, projection="stiefel", target_modules=list(BLOCK_LINEARS), seed=0,
+             quantize=c["quantize"])
+    if c["chunked_ce"]:
+        rso.heads.use_chunked_head(model, chunk_size=spec.get("chunk_size", 1024), mode="recompute")
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 
 def _sync(torch, info):
@@ -261,8 +336,18 @@ def _timed_steps(torch, model, opt, ids, spec: dict, out: dict, info) -> None:
 
 
 def _estimate_terms(est: dict) -> dict:
-    return {k: est[k] for k in ("weights", "gradients", "optimizer", "activations", "activations_kept",
-                                "activations_recompute", "total")}
+    terms = {k: est[k] for k in ("weights", "gradients", "optimizer", "activations", "activations_kept",
+                                 "activations_recompute", "total")}
+    if est.get("quantize"):
+        terms.update(quantize=est["quantize"], quantized_weights=est["quantized_weights"],
+                     dequantize_transient=est["dequantize_transient"])
+    return terms
+
+
+def _held(e: dict) -> int:
+    """The estimate of what the step holds, the terms ``measure_step`` measures: total less a quantized W₀'s
+    dequantization transient (one layer's, alive only inside its forward / backward)."""
+    return e["total"] - e.get("dequantize_transient", 0)
 
 
 def _launch(spec: dict, timeout: int) -> dict:
@@ -351,8 +436,8 @@ def format_table(records: list[dict], meta: dict) -> str:
         m = _measured_terms(r["measured"])
         row = (f"| {r['case']} | {bs} | {m['weights'] / GiB:.3f} GiB | {m['gradients'] / GiB:.3f} GiB | "
                f"{m['optimizer'] / GiB:.3f} GiB | {m['activations_kept'] / 2 ** 20:.1f} + "
-               f"{m['activations_recompute'] / 2 ** 20:.1f} MiB | {m['total'] / GiB:.3f} GiB | {e['total'] / GiB:.3f} GiB | "
-               f"{m['total'] / e['total']:.4f} | {r['measured']['peak'] / GiB:.2f} GiB | ")
+               f"{m['activations_recompute'] / 2 ** 20:.1f} MiB | {m['total'] / GiB:.3f} GiB | {_held(e) / GiB:.3f} GiB | "
+               f"{m['total'] / _held(e):.4f} | {r['measured']['peak'] / GiB:.2f} GiB | ")
         if cuda:
             peaks = r.get("cuda", {}).get("peaks", {})
             reserved = max((p["reserved"] for p in peaks.values()), default=0)
@@ -369,7 +454,10 @@ def format_table(records: list[dict], meta: dict) -> str:
         m, e = _measured_terms(r["measured"]), r["estimate"]
         lines.append(f"  {r['case']}: " + ", ".join(
             f"{k} {m[k] / e[k]:.4f}" for k in ("weights", "gradients", "optimizer", "activations_kept",
-                                               "activations_recompute", "total") if e[k])
+                                               "activations_recompute") if e[k])
+            + f", total {m['total'] / _held(e):.4f} (measured − estimated: {m['total'] - _held(e):+,} bytes)"
+            + (f"; W₀ stored {e['quantize']}, the estimate's total {e['total'] / GiB:.3f} GiB adds one layer's W₀ "
+               f"dequantized ({e['dequantize_transient'] / 2 ** 20:.1f} MiB)" if e.get("quantize") else "")
             + (f"; step peak allocated / estimated total {r['measured']['peak'] / e['total']:.3f}" if cuda else ""))
     return "\n".join(lines)
 
@@ -388,7 +476,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", default="llama-1b", help="an rso.memory preset (llama-1b, llama-7b, …) or config.json")
     p.add_argument("--cases", default="rso,rso+ckpt,adamw",
-                   help="comma-separated <method>[+ckpt][+ce][+8bit], method rso | adamw | lora | frozen")
+                   help="comma-separated <method>[+ckpt][+ce][+8bit][+int8|+nf4], method rso | adamw | lora | "
+                        "frozen; +int8 / +nf4: RSO's W₀ stored quantized (rso.wrap(quantize=))")
     p.add_argument("--rank", type=int, default=None, help="default: the peers' rank for the preset")
     p.add_argument("--batch", default="1", help="an int, or 'max': the largest batch the estimator fits in "
                                                 "--memory-limit-gb less --reserve-gb, per case")
