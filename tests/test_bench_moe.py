@@ -84,16 +84,24 @@ def test_a_merge_keeps_the_function_and_the_next_cycle_draws_new_projections():
         assert (sub.P[0] - sub.P[1]).abs().max() > 0.1
 
 
-def test_per_expert_projections_other_than_stiefel_are_refused():
-    from rso.train.methods import MethodError, MethodOptions, setup_method
+@pytest.fixture
+def bench_methods(monkeypatch):
+    """The bench's two methods registered for one test only: the registries are copies, restored afterwards (other
+    tests list every registered method in their messages)."""
+    from rso.train import methods
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.setattr(methods, "METHOD_OPTIONS", dict(methods.METHOD_OPTIONS))
     install_methods()
+
+
+def test_per_expert_projections_other_than_stiefel_are_refused(bench_methods):
+    from rso.train.methods import MethodError, MethodOptions, setup_method
     with pytest.raises(MethodError, match="stiefel"):
         setup_method("rso-per-expert", plain_model(), MethodOptions(rank=3, tau=2, projection="gaussian"))
 
 
-def test_galore_torch_projects_the_2d_block_weights_and_leaves_the_3d_experts_to_plain_adam():
+def test_galore_torch_projects_the_2d_block_weights_and_leaves_the_3d_experts_to_plain_adam(bench_methods):
     from rso.train.methods import MethodOptions, setup_method
-    install_methods()
     model = plain_model()
     _, optimizer = setup_method("galore-torch", model, MethodOptions(rank=3, tau=2))
     projected, plain = optimizer.param_groups
