@@ -544,3 +544,44 @@ def test_60m_400_step_runs_hold_every_evaluation():
     for run in data["runs"]:
         evals = dict(run["evals"])
         assert evals[400] == run["final_eval_loss"] and sorted(evals) == list(range(50, 401, 50))
+
+
+class Refused:
+    """A run that exits 1 at once: the runner's commands, names and table without training."""
+    returncode = 1
+
+    def __init__(self, cmd, stdout, stderr):
+        stdout.write("refused\n")
+
+    def poll(self):
+        return self.returncode
+
+
+def test_pretrain_entry_quantize_option_reaches_each_runs_command_and_names_its_row(tmp_path):
+    from rso.train import compare
+    out = tmp_path / "cmp"
+    rc = compare.main(["--config", "tiny", "--max-steps", "2", "--rank", "8", "--output-dir", str(out),
+                       "--methods", "rso:stiefel[quantize=nf4]=3e-3,rso[quantize=int8],rso"], spawn=Refused)
+    assert rc == 1  # every run refused by the fake: the commands and the table are what is checked
+    data = json.loads((out / "table.json").read_text())
+    assert [r["name"] for r in data["methods"]] == ["rso-stiefel-quantizenf4_lr3e-3", "rso-quantizeint8", "rso"]
+    cmds = {r["name"]: r["command"] for r in data["runs"]}
+    assert "--projection stiefel --quantize nf4 --lr 0.003" in cmds["rso-stiefel-quantizenf4_lr3e-3_s0"]
+    assert "--quantize int8" in cmds["rso-quantizeint8_s0"] and "--quantize" not in cmds["rso_s0"]
+    assert "| rso (stiefel) [quantize=nf4] | 0.003 | failed |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("rso[rank=4]", "--methods entry 'rso[rank=4]': cannot read 'rank=4'; write method[:projection][[key=value,...]]"),
+    ("rso[quantize=nf4", "--methods entry 'rso[quantize=nf4': cannot read 'rso[quantize=nf4'"),
+    ("adamw[quantize=nf4]", "--quantize nf4 is for --method rso only"),
+    ("rso[quantize=fp8]", "--quantize: invalid choice: 'fp8'")])
+def test_pretrain_entry_options_are_refused_before_any_run(tmp_path, capsys, methods, message):
+    from rso.train import compare
+
+    def spawn(*a, **k):
+        raise AssertionError("a run started")
+
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--config", "tiny", "--methods", methods, "--output-dir", str(tmp_path / "x")], spawn=spawn)
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -82,6 +82,12 @@ def test_other_json_gets_its_scalars_and_first_list_of_records():
     assert render_table([{"a": 1}, {"a": None}]) == "| a |\n|---|\n| 1 |\n| None |"
 
 
+def test_other_json_with_a_dict_of_records_gets_them_as_rows_named_by_their_keys():
+    data = {"settings": {"steps": 3}, "results": {"fp32": {"loss": 6.5, "bytes": 16}, "nf4": {"loss": 6.25}}}
+    assert render_table(data).strip() == ("| name | loss | bytes |\n|---|---|---|\n| fp32 | 6.5 | 16 |\n"
+                                  "| nf4 | 6.25 |  |")
+
+
 def test_readme_places_tables_at_markers_and_lists_the_rest(tmp_path):
     notes = "# My run\n\nSetting.\n\n<!-- table: b.json -->\n\nA miss.\n\n![shown](shown.png)\n"
     folder = make_folder(tmp_path, notes, {"a.json": pretrain_table(), "b.json": [{"x": 1}]})

@@ -2,22 +2,24 @@
 
     python -m rso.train.compare --config tiny --max-steps 300 --rank 64 --tau 200 --seeds 0,1,2 --output-dir runs/compare
 
-Each entry of ``--methods`` is ``method[:projection][=lr]``, e.g. ``adamw=3e-3``, ``rso:svd``,
-``golore@20=1e-2``. Every run is an ordinary ``python -m rso.train.pretrain`` process (for a seed: the same
-data order, schedule and token count for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N
-at once, each pinned to its own ``--threads-per-job`` CPU cores when ``taskset`` is there. Writes
-``table.md`` and ``table.json`` (per entry, the eval loss of each seed and their mean ± std, the sample std; per
-run, each evaluation's step and loss) and ``curves.png`` (train and eval loss against step, averaged over the seeds).
-``--resume`` in the same ``--output-dir`` with the same arguments picks up an interrupted comparison: finished
-runs are read (if their settings are still what the command means), a run stopped part-way continues from its
-last checkpoint (``rso.train.pretrain --resume``), the rest run. Fine-tuning has its runner in
-``rso.train.compare_finetune``, on the same job runner (:func:`run_jobs`).
+Each entry of ``--methods`` is ``method[:projection][[quantize=int8|nf4]][=lr]``, e.g. ``adamw=3e-3``, ``rso:svd``,
+``golore@20=1e-2``, ``rso:stiefel[quantize=nf4]=3e-3`` (an option becomes that run's ``--quantize nf4``). Every run
+is an ordinary ``python -m rso.train.pretrain`` process (for a seed: the same data order, schedule and token count
+for every method), in ``<output-dir>/<entry>_s<seed>``; ``--jobs N`` runs N at once, each pinned to its own
+``--threads-per-job`` CPU cores when ``taskset`` is there. Writes ``table.md`` and ``table.json`` (per entry, the
+eval loss of each seed and their mean ± std, the sample std; per run, each evaluation's step and loss) and
+``curves.png`` (train and eval loss against step, averaged over the seeds). ``--resume`` in the same
+``--output-dir`` with the same arguments picks up an interrupted comparison: finished runs are read (if their
+settings are still what the command means), a run stopped part-way continues from its last checkpoint
+(``rso.train.pretrain --resume``), the rest run. Fine-tuning has its runner in ``rso.train.compare_finetune``, on
+the same job runner (:func:`run_jobs`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import re
 import shlex
 import shutil
 import statistics
@@ -34,11 +36,24 @@ from .metrics import MetricsLog, plot_comparison
 DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
 
 
+#: The ``[key=value]`` options of a ``--methods`` entry: each becomes that run's ``--key value``.
+ENTRY_OPTIONS = ("quantize",)
+_ENTRY = re.compile(r"^(?P<spec>[^\[\]=]+)(?:\[(?P<options>[^\]]*)\])?(?:=(?P<lr>[^\[\]]+))?$")
+
+
 def parse_entry(entry: str) -> dict:
-    spec, _, lr = entry.partition("=")
+    """``method[:projection][[quantize=int8|nf4]][=lr]`` → the entry (a ValueError that names it otherwise)."""
+    m = _ENTRY.match(entry)
+    items = [item.partition("=") for item in (m["options"] or "").split(",") if item] if m else []
+    bad = [k + s + v for k, s, v in items if k not in ENTRY_OPTIONS or not v]
+    if not m or bad:
+        raise ValueError(f"--methods entry {entry!r}: cannot read {bad[0] if bad else entry!r}; write "
+                         f"method[:projection][[key=value,...]][=lr] with keys {', '.join(ENTRY_OPTIONS)}")
+    spec, lr, options = m["spec"], m["lr"], {k: v for k, _, v in items}
     method, _, projection = spec.partition(":")
-    return {"method": method, "projection": projection or None, "lr": float(lr) if lr else None,
-            "name": (spec.replace(":", "-").replace("@", "at") + (f"_lr{lr}" if lr else ""))}
+    return {"method": method, "projection": projection or None, "lr": float(lr) if lr else None, "options": options,
+            "name": (spec.replace(":", "-").replace("@", "at") + "".join(f"-{k}{v}" for k, v in options.items())
+                     + (f"_lr{lr}" if lr else ""))}
 
 
 def command(entry: dict, seed: int, args, extra: list[str], out: pathlib.Path) -> list[str]:
@@ -49,6 +64,8 @@ def command(entry: dict, seed: int, args, extra: list[str], out: pathlib.Path) -
             cmd += [option_flag(dest), str(getattr(args, dest))]
     if entry["projection"]:
         cmd += ["--projection", entry["projection"]]
+    for key, value in entry.get("options", {}).items():
+        cmd += [option_flag(key), value]
     lr = entry["lr"] if entry["lr"] is not None else args.lr
     if lr is not None:
         cmd += ["--lr", str(lr)]
@@ -87,7 +104,8 @@ def summarize(entry: dict, runs: list[dict]) -> dict:
     mem = [v for r in ok for k, v in r.items() if k.startswith("peak_") and v is not None]
     speeds = sorted(r["median_tokens_per_s"] for r in ok if r.get("median_tokens_per_s") is not None)
     return {"name": entry["name"], "method": entry["method"], "projection": entry["projection"],
-            "lr": ok[0]["lr"] if ok else entry["lr"], "seeds": [r["run_seed"] for r in ok],
+            "options": entry.get("options", {}), "lr": ok[0]["lr"] if ok else entry["lr"],
+            "seeds": [r["run_seed"] for r in ok],
             "eval_losses": [r["final_eval_loss"] for r in ok], "mean": mean, "std": std,
             "failed": {r["run_seed"]: r["error"] for r in mine if r.get("error")},
             "trainable_params": ok[0]["trainable_params"] if ok else None,
@@ -97,7 +115,9 @@ def summarize(entry: dict, runs: list[dict]) -> dict:
 
 
 def row_label(row: dict) -> str:
-    return row["method"] + (f" ({row['projection']})" if row.get("projection") else "")
+    options = ", ".join(f"{k}={v}" for k, v in row.get("options", {}).items())
+    return (row["method"] + (f" ({row['projection']})" if row.get("projection") else "")
+            + (f" [{options}]" if options else ""))
 
 
 def table(rows: list[dict], seeds: list[int]) -> str:
@@ -236,7 +256,7 @@ def run_jobs(jobs: list[dict], out: pathlib.Path, n_jobs: int = 1, threads_per_j
 def main(argv=None, *, spawn=subprocess.Popen) -> int:
     p = argparse.ArgumentParser(prog="python -m rso.train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][=lr] entries")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method[:projection][[quantize=int8|nf4]][=lr] entries")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--rank", type=rank_value, default=None, help="passed to the runs whose method takes a rank")
     p.add_argument("--tau", type=int, default=None, help="passed to the runs whose method takes a τ")
@@ -255,7 +275,10 @@ def main(argv=None, *, spawn=subprocess.Popen) -> int:
     if args.jobs < 1:
         p.error(f"--jobs must be ≥ 1, got {args.jobs}")
     out = pathlib.Path(args.output_dir)
-    entries = [parse_entry(e) for e in args.methods.split(",") if e]
+    try:
+        entries = [parse_entry(e) for e in re.split(r",(?![^\[]*\])", args.methods) if e]
+    except ValueError as e:
+        p.error(str(e))
     jobs = []
     for seed in seeds:  # seed-major: every method has a first seed before any has a second
         for entry in entries:

@@ -52,15 +52,25 @@ def _generic_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _records(value) -> list[dict] | None:
+    """``value`` as table rows: a list of dicts, or a dict of dicts (each key as a first column ``name``)."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(r, dict) for r in value.values()):
+        return [{"name": k, **r} for k, r in value.items()]
+    return None
+
+
 def _generic(data) -> str:
-    """Scalars of a dict as a list, then its first list of records (or ``data`` itself) as a table."""
+    """Scalars of a dict as a list, then its first list of records or dict of records (or ``data`` itself) as a
+    table."""
     if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         return _generic_table(data)
     if not isinstance(data, dict):
         return f"`{_cell(data)}`"
     scalars = [f"- {k}: `{_cell(v)}`" for k, v in data.items() if isinstance(v, (str, int, float, bool))]
-    lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-    return "\n".join(scalars + ([""] + [_generic_table(lists[0])] if lists else []))
+    tables = [rows for rows in map(_records, data.values()) if rows]
+    return "\n".join(scalars + ([""] + [_generic_table(tables[0])] if tables else []))
 
 
 def _kind(data) -> str:
