@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GradientCapture", "SubspaceLinearFunction", "gemm_lhs", "project", "use_merged"]
+__all__ = ["GradientCapture", "SubspaceLinearFunction", "autocast_dtype", "gemm_lhs", "project", "use_merged"]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,14 @@ def project(x: torch.Tensor, P: torch.Tensor, index: torch.Tensor | None) -> tor
     """``z = x Pᵀ`` (``x[..., index]`` for a coordinate projection), outside autograd."""
     x = x.detach()
     return x.index_select(-1, index) if index is not None else torch.matmul(x, P.T)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device, or None when autocast is off there."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def gemm_lhs(t: torch.Tensor) -> torch.Tensor:

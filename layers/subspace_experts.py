@@ -30,7 +30,7 @@ import einops
 import torch
 from torch import nn
 
-from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
+from .functional import GradientCapture, SubspaceLinearFunction, autocast_dtype, project, use_merged
 from .subspace_linear import SubspaceLinear
 
 __all__ = ["SubspaceExperts", "ExpertSubspace", "is_experts_module", "expert_weight_names", "EXPERTS_CHILD"]
@@ -118,18 +118,10 @@ class ExpertSubspace(nn.Module):
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         return (self.weight.detach().to(acc) + self.delta()).to(self.weight.dtype)
 
-    @torch.no_grad()
-    def merge_(self):
-        """W₀ ← W₀ + s·B P, B ← 0 in place; FloatingPointError (nothing changed) if the sum is not finite."""
-        merged = self.effective_weight()
-        if merged.device.type != "meta" and not bool(torch.isfinite(merged).all()):
-            why = "B holds inf/nan" if not bool(torch.isfinite(self.B).all()) else \
-                f"W₀ + s·B P is not finite in {self.weight.dtype}"
-            raise FloatingPointError(f"rso: experts weight '{self.name}' (E={self.num_experts}, rank={self.rank}) "
-                                     f"cannot merge: {why}, W₀ left unchanged; lower the learning rate, clip "
-                                     f"gradients, or load the last checkpoint")
-        self.weight.copy_(merged)
-        self.B.zero_()
+    def _describe(self) -> str:
+        """The stacked weight as messages name it."""
+        return (f"experts weight '{self.name}' (experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank})")
 
     def expert_weight(self, W0: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's W₀ as out×in (a view)."""
@@ -150,11 +142,14 @@ class ExpertSubspace(nn.Module):
         self._capture = None
         return grad
 
-    # Shared with SubspaceLinear: projection setting, coordinate indices, the copy guard, extra state.
+    # Shared with SubspaceLinear: the merge, projection setting, coordinate indices, the copy guard.
+    merge_ = SubspaceLinear.merge_
+    _refuse_non_finite = SubspaceLinear._refuse_non_finite
     set_projection_ = SubspaceLinear.set_projection_
     _coordinate_index = SubspaceLinear._coordinate_index
     _copy_guard = None
     note_update_ = SubspaceLinear.note_update_
+    check_copy_guard = SubspaceLinear.check_copy_guard
     _refuse_outside_change = SubspaceLinear._refuse_outside_change
 
     def __setstate__(self, state):
@@ -245,11 +240,10 @@ class SubspaceExperts(nn.Module):
     def _prepared(self, name: str, hidden) -> dict:
         """One stacked weight's tensors for this call, in the compute dtype (autocast's when it is on)."""
         sub = self._modules[EXPERTS_CHILD]._modules.get(name)
-        if sub is not None and sub._copy_guard is not None and sub.B._version != sub._copy_guard:
-            sub._refuse_outside_change()
-        device_type = hidden.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+        if sub is not None:
+            sub.check_copy_guard()
+        autocast = autocast_dtype(hidden)
+        dtype = autocast or hidden.dtype
         cast = (lambda t: t.to(dtype)) if autocast else (lambda t: t)  # noqa: E731
         bias = self._parameters.get(f"{name}_bias") if getattr(self._experts, "has_bias", False) else None
         return {"sub": sub, "x": cast, "W0": cast(self._parameters[name]), "bias": None if bias is None else cast(bias),

@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from .functional import GradientCapture, SubspaceLinearFunction, project, use_merged
+from .functional import GradientCapture, SubspaceLinearFunction, autocast_dtype, project, use_merged
 from . import quantized as qz
 from .quantized import KINDS, is_quantized_linear
 
@@ -228,8 +228,9 @@ class SubspaceLinear(nn.Module):
             return (self.weight.to(acc) + self.scale * (self.B.to(acc) @ self.P.to(acc))).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge_(self):
-        """W₀ ← W₀ + scale·B P (in fp32, then cast back); B ← 0 in place (same Parameter).
+    def merge_(self, next_projection: torch.Tensor | None = None):
+        """W₀ ← W₀ + scale·B P (in fp32, then cast back); B ← 0 in place (same Parameter). ``next_projection``
+        (the next cycle's P) is for layers that carry something into it (:class:`QuantizedSubspaceLinear`).
 
         ``FloatingPointError``, W₀ and B unchanged, if the merge would put inf/nan into W₀ (a non-finite B,
         or a sum that overflows W₀'s dtype)."""
@@ -246,10 +247,12 @@ class SubspaceLinear(nn.Module):
             why = f"W₀ + s·B P overflows {self.weight.dtype}"
         else:
             return  # W₀ held inf/nan already; the merge adds none
-        raise FloatingPointError(
-            f"rso: SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}) cannot merge: {why}, W₀ left unchanged; lower the learning rate, enable "
-            f"gradient clipping, or load the last checkpoint")
+        raise FloatingPointError(f"rso: {self._describe()} cannot merge: {why}, W₀ left unchanged; lower the learning "
+                                 f"rate, enable gradient clipping, or load the last checkpoint")
+
+    def _describe(self) -> str:
+        """The layer as messages name it."""
+        return f"SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}, rank={self.rank})"
 
     @torch.no_grad()
     def set_projection_(self, P: torch.Tensor, coordinate: bool = False):
@@ -286,15 +289,31 @@ class SubspaceLinear(nn.Module):
         if "P" in self._non_persistent_buffers_set:  # a group mate's P in an older checkpoint: it is the leader's
             state_dict.pop(prefix + "P", None)
         weight = state_dict.get(prefix + "weight")
-        if weight is not None and self.layout == "conv1d" and self._saved_in_conv1d_layout(state_dict, prefix):
+        if weight is not None and weight.is_floating_point() and self.layout == "conv1d" \
+                and self._saved_in_conv1d_layout(state_dict, prefix):
             state_dict[prefix + "weight"] = weight.T
+        try:
+            incoming = self._incoming_weight(state_dict, prefix)
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
         state_dict.setdefault(prefix + "_extra_state", self.identity)  # older checkpoints have none
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if weight is not None and prefix + "B" not in state_dict and len(error_msgs) == errors:
-            with torch.no_grad():  # a plain weight is the whole layer now (see the class docstring)
-                self.B.zero_()
+        if incoming is not None and len(error_msgs) == errors:
+            self._store_loaded_(incoming)
+            if prefix + "B" not in state_dict:
+                with torch.no_grad():  # a plain weight is the whole layer now (see the class docstring)
+                    self.B.zero_()
+
+    def _incoming_weight(self, state_dict, prefix):
+        """What ``state_dict`` holds of W₀ (None: nothing), put in the form the load copies into ``weight``;
+        ValueError for a weight this layer cannot hold."""
+        return state_dict.get(prefix + "weight")
+
+    def _store_loaded_(self, incoming):
+        """After the load copied ``weight``: what else the incoming W₀ sets (nothing for a float W₀)."""
 
     @staticmethod
     def _saved_in_conv1d_layout(state_dict, prefix) -> bool:
@@ -348,13 +367,15 @@ class SubspaceLinear(nn.Module):
             self._index = (self.P._version, self.P.argmax(dim=1))
         return self._index[1]
 
-    def forward(self, x):
+    def check_copy_guard(self):
+        """In a copy whose B changed outside an optimizer step: refuse (see ``_refuse_outside_change``)."""
         if self._copy_guard is not None and self.B._version != self._copy_guard:
             self._refuse_outside_change()
-        device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            # Cast once here; inside the function every op then already sees the autocast dtype.
-            dtype = torch.get_autocast_dtype(device_type)
+
+    def forward(self, x):
+        self.check_copy_guard()
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # cast once here; inside the function every op then already sees the autocast dtype
             xc, weight, B = x.to(dtype), self._weight_operand(dtype), self.B.to(dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
         else:
@@ -443,6 +464,7 @@ class QuantizedSubspaceLinear(SubspaceLinear):
             if quantize not in (None, q.kind):
                 raise ValueError(f"SubspaceLinear.from_module: this {type(module).__name__} is stored as {q.kind} by "
                                  f"bitsandbytes; pass quantize=None (keeps {q.kind}) or quantize={q.kind!r}")
+            _check_rank(rank, *q.shape)
             bias, layout, requires_grad = module.bias, "linear", False
             dtype = dtype or (q.dtype if q.kind != "int8" else
                               module.bias.dtype if module.bias is not None else torch.get_default_dtype())
@@ -451,10 +473,9 @@ class QuantizedSubspaceLinear(SubspaceLinear):
                 raise ValueError(f"QuantizedSubspaceLinear.from_module: quantize must be one of {KINDS} for a "
                                  f"float layer, got {quantize!r}")
             weight, layout = _float_weight(module)
-            _check_rank(rank, *weight.shape)
+            _check_rank(rank, *weight.shape)  # before the quantization's work
             q, settings, bias = qz.quantize(weight, quantize), None, module.bias
             dtype, requires_grad = dtype or weight.dtype, module.weight.requires_grad
-        _check_rank(rank, *q.shape)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight = nn.Parameter(q.data, requires_grad=False)
@@ -525,8 +546,7 @@ class QuantizedSubspaceLinear(SubspaceLinear):
                              device=self.weight.device)
 
     def _describe(self) -> str:
-        return (f"SubspaceLinear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, quantize={self.quantize!r})")
+        return f"{super()._describe()[:-1]}, quantize={self.quantize!r})"
 
     def to_module(self) -> nn.Module:
         """The module the user had: a bitsandbytes Linear4bit / Linear8bitLt holding Q(deq(W₀) + s·B P) when it
@@ -545,30 +565,16 @@ class QuantizedSubspaceLinear(SubspaceLinear):
             if key != "weight":
                 destination[prefix + key] = value
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if "P" in self._non_persistent_buffers_set:
-            state_dict.pop(prefix + "P", None)
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.is_floating_point() and self.layout == "conv1d" \
-                and self._saved_in_conv1d_layout(state_dict, prefix):
-            state_dict[prefix + "weight"] = weight.T
-        try:
-            q = qz.read_state_entries(state_dict, prefix, self.quantized())
-        except ValueError as e:
-            error_msgs.append(str(e))
-            return
+    def _incoming_weight(self, state_dict, prefix):
+        """The W₀ codes and scales of bitsandbytes' entries (or of a float weight, quantized nearest); the codes go
+        to ``weight``, the scales are stored after the load (:meth:`_store_loaded_`)."""
+        q = qz.read_state_entries(state_dict, prefix, self.quantized())
         if q is not None:
             state_dict[prefix + "weight"] = q.data
-        state_dict.setdefault(prefix + "_extra_state", self.identity)
-        errors = len(error_msgs)
-        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
-        if q is not None and len(error_msgs) == errors:
-            self._store_(q)
-            if prefix + "B" not in state_dict:
-                with torch.no_grad():
-                    self.B.zero_()
+        return q
+
+    def _store_loaded_(self, incoming):
+        self._store_(incoming)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, quantize={self.quantize!r}"

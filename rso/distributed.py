@@ -313,7 +313,7 @@ def mixed_precision_policy(param_dtype=torch.bfloat16, reduce_dtype=torch.float3
 
 
 @torch.no_grad()
-def merge_sharded_(layer: SubspaceLinear) -> None:
+def merge_sharded_(layer: SubspaceLinear, next_projection=None) -> None:
     """``W₀ ← W₀ + s·B P``; ``B ← 0`` on FSDP2-sharded W₀ and B (the ``merge_`` FSDP2 layers use).
 
     With ``Shard(0)`` for both (FSDP2's default) rank k holds the same rows of W₀ and of B, and P is
@@ -332,8 +332,7 @@ def merge_sharded_(layer: SubspaceLinear) -> None:
     w, b = W.to_local(), B.to_local()
     if not _finite_on_every_rank(b, B.device_mesh if isinstance(B, DTensor) else W.device_mesh):
         raise FloatingPointError(
-            f"rso: SubspaceLinear(in_features={layer.in_features}, out_features={layer.out_features}, "
-            f"rank={layer.rank}) cannot merge: B holds inf/nan on some rank, W₀ left unchanged; lower the "
+            f"rso: {layer._describe()} cannot merge: B holds inf/nan on some rank, W₀ left unchanged; lower the "
             f"learning rate, enable gradient clipping, or load the last checkpoint")
     if row_local and w.shape[0] == b.shape[0]:
         if w.numel():

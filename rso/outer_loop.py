@@ -23,7 +23,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from rso.layers.subspace_linear import ProjectionGroup, QuantizedSubspaceLinear
+from rso.layers.subspace_linear import ProjectionGroup
 from .projections import CoordinateSampler, ProjectionSampler, generator_for
 from .state_policy import MERGE_DEFAULT, STATE_POLICIES, check_projectable, check_state_policy, update_state
 
@@ -251,7 +251,7 @@ class OuterLoop:
             coordinate = isinstance(self.sampler, CoordinateSampler)
             for i, (g, P) in enumerate(zip(groups, new)):
                 for m in g.members:
-                    m.merge_(next_projection=P) if isinstance(m, QuantizedSubspaceLinear) else m.merge_()
+                    m.merge_(next_projection=P)
                 g.set_projection_(P, coordinate=coordinate)
                 for m in g.members:
                     m.cycle += 1

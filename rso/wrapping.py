@@ -169,8 +169,7 @@ def _subspace_linear(module, rank, config: RSOConfig, model) -> SubspaceLinear:
     if not is_quantized_linear(module):
         layer = SubspaceLinear.from_module(module, rank, config.scale, quantize=config.quantize)
     else:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        layer = SubspaceLinear.from_module(module, rank, config.scale, dtype=dtype)
+        layer = SubspaceLinear.from_module(module, rank, config.scale, dtype=_float_dtype(model))
     if hasattr(layer, "merge_mode"):
         layer.merge_mode = config.requantize
     return layer
@@ -197,6 +196,11 @@ def _build_layers(model, targets, ranks, config: RSOConfig, replaced: list) -> l
         layers.append(layer)
         del module
     return layers
+
+
+def _float_dtype(model) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (its compute dtype beside quantized weights)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _check_finite(targets):
@@ -251,8 +255,7 @@ def _quantization_config_for_save(model):
         return
     from transformers import BitsAndBytesConfig
     skip = [re.escape(n) for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, SubspaceLinear)]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype} \
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": _float_dtype(model)} \
         if kind == "nf4" else {"load_in_8bit": True}
     config, missing = model.config, object()
     before = config.__dict__.get("quantization_config", missing)
