@@ -48,6 +48,16 @@ def loss_of(model, x, y):
     return out.loss if isinstance(x, dict) else (out - y).pow(2).mean()
 
 
+def stepped_once():
+    """The regression model wrapped (rank 4, τ 2) after one SGD step: (model, x, y, its optimizer)."""
+    model, x, y = regression()
+    wrap(model, rank=4, tau=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss_of(model, x, y).backward()
+    opt.step()
+    return model, x, y, opt
+
+
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()} | {
         k: v.clone() for k, v in model.named_buffers()}
@@ -207,11 +217,7 @@ def test_different_Bs_in_two_optimizers_keep_working():
 
 
 def test_an_optimizer_replacing_a_deleted_one_takes_over():
-    model, x, y = regression()
-    wrap(model, rank=4, tau=2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss_of(model, x, y).backward()
-    opt.step()
+    model, x, y, opt = stepped_once()
     del opt
     gc.collect()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -454,11 +460,7 @@ def test_the_state_policy_module_imports_nothing_from_the_rest_of_rso():
 def test_a_non_finite_B_at_a_cycle_end_is_refused_with_nothing_merged(bad):
     """Layer 2's B turns non-finite in the step that ends the cycle: the step raises after the optimizer's update,
     but no layer is merged, no P moves and the counters stay where they were."""
-    model, x, y = regression()
-    wrap(model, rank=4, tau=2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss_of(model, x, y).backward()
-    opt.step()
+    model, x, y, opt = stepped_once()
     opt.zero_grad()
     loss_of(model, x, y).backward()
     model[2].B.grad[0, 0] = bad
@@ -489,11 +491,7 @@ def test_an_explicit_outer_step_with_a_non_finite_B_merges_nothing():
 
 
 def test_a_copied_loop_forgets_the_optimizers_and_parameters_it_held_weakly():
-    model, x, y = regression()
-    wrap(model, rank=4, tau=2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss_of(model, x, y).backward()
-    opt.step()
+    model, x, y, opt = stepped_once()
     loop = model._rso_outer_loop
     assert loop._owners and loop._model_params
     twin = copy.deepcopy(model)
