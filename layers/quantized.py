@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["KINDS", "STORED_KINDS", "ROUNDINGS", "MERGE_MODES", "DEFAULT_MERGE_MODE", "QuantizedWeight", "quantize",
            "dequantize", "requantize", "residual_coordinates", "storage_dtype", "is_quantized_linear", "from_bnb",
-           "to_bnb", "state_entries", "read_state_entries"]
+           "to_bnb", "state_entries", "read_state_entries", "bitsandbytes_config"]
 
 KINDS = ("int8", "nf4")  # the values of quantize=
 STORED_KINDS = ("int8", "nf4", "fp4")  # fp4: kept from a bitsandbytes Linear4bit
@@ -302,6 +302,18 @@ def to_bnb(q: QuantizedWeight, bias, settings: dict):
 
 
 # ------------------------------------------------------------------ state dicts
+def bitsandbytes_config(kind: str, compute_dtype: torch.dtype, skip: list[str]):
+    """transformers' ``BitsAndBytesConfig`` whose loader stores each linear layer as :func:`quantize` does
+    (``"nf4"``: blocks of 64, fp32 absmax, no double quantization; ``"int8"``: LLM.int8 rows), leaving the
+    modules matched by the regular expressions ``skip`` in float."""
+    from transformers import BitsAndBytesConfig
+
+    _check_kind(kind, KINDS, "quantize")
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute_dtype} \
+        if kind == "nf4" else {"load_in_8bit": True}
+    return BitsAndBytesConfig(**settings, llm_int8_skip_modules=list(skip))
+
+
 def state_entries(q: QuantizedWeight) -> dict:
     """What bitsandbytes' own modules put in a state dict, by key under the layer's prefix: 4-bit ``weight``,
     ``weight.absmax``, ``weight.quant_map`` (+ ``weight.nested_absmax``, ``weight.nested_quant_map``),

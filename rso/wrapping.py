@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from rso.layers.subspace_experts import EXPERTS_CHILD, ExpertSubspace, SubspaceExperts
-from rso.layers.quantized import state_entries
+from rso.layers.quantized import bitsandbytes_config, state_entries
 from rso.layers.subspace_linear import ProjectionGroup, SubspaceLinear, is_quantized_linear
 from . import heads
 from .config import LEGACY_CONFIG_KEY, RSOConfig
@@ -253,13 +253,10 @@ def _quantization_config_for_save(model):
     if kind is None or getattr(model, "hf_quantizer", None) is not None or not _has_hf_config(model):
         yield
         return
-    from transformers import BitsAndBytesConfig
     skip = [re.escape(n) for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, SubspaceLinear)]
-    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": _float_dtype(model)} \
-        if kind == "nf4" else {"load_in_8bit": True}
     config, missing = model.config, object()
     before = config.__dict__.get("quantization_config", missing)
-    config.quantization_config = BitsAndBytesConfig(**settings, llm_int8_skip_modules=skip)
+    config.quantization_config = bitsandbytes_config(kind, _float_dtype(model), skip)
     try:
         yield
     finally:

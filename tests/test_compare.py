@@ -574,7 +574,7 @@ def test_pretrain_entry_quantize_option_reaches_each_runs_command_and_names_its_
 @pytest.mark.parametrize("methods, message", [
     ("rso[rank=4]", "--methods entry 'rso[rank=4]': cannot read 'rank=4'; write method[:projection][[key=value,...]]"),
     ("rso[quantize=nf4", "--methods entry 'rso[quantize=nf4': cannot read 'rso[quantize=nf4'"),
-    ("adamw[quantize=nf4]", "--quantize nf4 is for --method rso only"),
+    ("adamw[quantize=nf4]", "--quantize nf4 is for --method rso, lora only"),
     ("rso[quantize=fp8]", "--quantize: invalid choice: 'fp8'")])
 def test_pretrain_entry_options_are_refused_before_any_run(tmp_path, capsys, methods, message):
     from rso.train import compare

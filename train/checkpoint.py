@@ -20,7 +20,7 @@ import torch
 from rso.trust import TRUST_ENV, weights_only_refusal
 
 __all__ = ["CHECKPOINT_NAME", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "find_checkpoint", "CheckpointError", "TRUST_ENV", "load_run", "save_run", "restore_run"]
+           "find_checkpoint", "CheckpointError", "TRUST_ENV", "load_run", "save_run", "load_model_state", "restore_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -119,11 +119,32 @@ def save_run(output_dir: pathlib.Path, step: int, model, optimizer, scheduler, d
         "log_interval": train_loss.state_dict(), "args": dict(settings), **extra})
 
 
+def load_model_state(model, state: dict) -> None:
+    """``model.load_state_dict(state)``, where a frozen bitsandbytes base (QLoRA's ``Linear4bit`` /
+    ``Linear8bitLt``, as this run loaded it) is checked equal instead: bitsandbytes' layers write their quantization
+    state (absmax, code table, …) into ``state_dict()`` but do not read it back. A CheckpointError if it differs."""
+    from rso.layers.quantized import is_quantized_linear
+
+    prefixes = tuple(n + "." for n, m in model.named_modules() if is_quantized_linear(m))
+    if not prefixes:
+        model.load_state_dict(state)
+        return
+    loadable = {n for n, _ in model.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    base = {k for k in state if k.startswith(prefixes)}
+    current = model.state_dict()
+    differ = sorted(k for k in base if k not in current or not torch.equal(current[k], state[k]))
+    if differ:
+        raise CheckpointError(f"--resume: the checkpoint's quantized base differs from the one this run loaded "
+                              f"({differ[0]}): resume with the model the run started from")
+    model.load_state_dict({k: v for k, v in state.items() if k not in base or k in loadable})
+
+
 def restore_run(ckpt: dict | None, model, optimizer, scheduler, data, train_loss) -> int:
     """Load a checkpoint saved by ``save_run`` into the run's pieces and the RNGs; the step to continue from (0: none)."""
     if ckpt is None:
         return 0
-    model.load_state_dict(ckpt["model"])  # rso re-arms its gradient captures for the loaded step itself
+    load_model_state(model, ckpt["model"])  # rso re-arms its gradient captures for the loaded step itself
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     data.load_state_dict(ckpt["data"])

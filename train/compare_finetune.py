@@ -7,7 +7,8 @@
 Each entry of ``--methods`` is ``method[:projection][[key=value,...]][=lr/lr/...]``, e.g. ``adamw=2e-5/5e-5/1e-4``,
 ``rso:hybrid``, ``lora[rank=16]=5e-4/1e-3``, ``golore@20[rank=4,scale=4,tau=500]``, ``rso[state=project]``
 (keys: rank (for rso also a fraction of each layer's input width: ``rso[rank=1/6]``), tau, scale, state:
-rso.train.finetune's ``--subspace-state``, embeddings=frozen|trained: ``--[no-]freeze-embeddings``; and ``seeds=N``: this
+rso.train.finetune's ``--subspace-state``, embeddings=frozen|trained: ``--[no-]freeze-embeddings``, quantize=int8|nf4:
+``--quantize`` (rso: a quantized W₀; lora: QLoRA), e.g. ``lora[quantize=nf4]=4e-3``; and ``seeds=N``: this
 entry runs only the first N of ``--seeds``, e.g. a one-seed diagnostic row in a 3-seed table);
 an entry without learning rates sweeps ``--lr-factors`` × the method's default LR in ``rso.train.finetune``.
 
@@ -67,7 +68,7 @@ def _one_of(*allowed: str):
 
 #: Entry options (their readers) and the rso.train.finetune option each sets (the same name unless named here).
 ENTRY_OPTIONS = {"rank": rank_value, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
-                 "embeddings": _one_of("frozen", "trained")}
+                 "embeddings": _one_of("frozen", "trained"), "quantize": _one_of("int8", "nf4")}
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 
 

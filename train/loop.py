@@ -313,7 +313,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                         "own gradient) at the cost of one stored P·x per layer")
     p.add_argument("--quantize", choices=("int8", "nf4"), default=None,
                    help="rso: store each wrapped layer's frozen W₀ as bitsandbytes int8 (rows) or NF4 (blocks of 64), "
-                        "requantized at each merge (default: W₀ in the model's dtype)")
+                        "requantized at each merge; lora: QLoRA, the adapters on a base read by transformers' "
+                        "bitsandbytes loader in that format (default: the base in the model's dtype)")
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:

@@ -9,7 +9,8 @@ with :func:`register`. ``opts`` is a :class:`MethodOptions`.
 ``golore``     ``rso.optim.GoLoreAdamW``: the same with random (Stiefel) projections
 ``golore@X``   GaLore for the first (100−X)% of the steps, GoLore for the last X% (``golore@20``)
 ``rso``        ``rso.wrap``: W = W₀ + s·B P, only B trains (any ``--optimizer``), merged every τ steps
-``lora``       ``peft`` LoRA adapters (a baseline); ``--scale`` sets alpha = scale·rank
+``lora``       ``peft`` LoRA adapters (a baseline); ``--scale`` sets alpha = scale·rank; with ``--quantize``:
+               QLoRA, the adapters on a bitsandbytes NF4 / int8 base (``models.load_quantized``)
 =============  ============================================================================
 
 ``--optimizer`` names any ``torch.optim`` / ``torch_optimizer`` class, or ``adamw8bit`` / ``adam8bit``
@@ -50,7 +51,7 @@ METHOD_OPTIONS = {
     "golore": _SUBSPACE_OPTIONS,
     "golore@": _SUBSPACE_OPTIONS,
     "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections", "quantize"),
-    "lora": ("rank", "scale"),  # lora keeps every base weight, the embeddings too, frozen in fine-tuning
+    "lora": ("rank", "scale", "quantize"),  # lora keeps every base weight, the embeddings too, frozen in fine-tuning
 }
 #: What each option of :data:`METHOD_OPTIONS` sets, as a refusal says it.
 OPTION_PURPOSE = {"rank": "the rank of a subspace or adapter", "tau": "steps between subspace changes",
@@ -58,7 +59,7 @@ OPTION_PURPOSE = {"rank": "the rank of a subspace or adapter", "tau": "steps bet
                   "subspace_state": "the optimizer state at a subspace change",
                   "freeze_embeddings": "whether the token embeddings train; LoRA's stay frozen",
                   "projection": "how RSO draws its projections P", "share_projections": "its layers' projections P",
-                  "quantize": "how RSO stores the frozen W₀"}
+                  "quantize": "how RSO stores the frozen W₀ (LoRA: QLoRA's bitsandbytes base)"}
 #: Methods whose weights change subspace, so ``--subspace-state`` means something for them.
 SUBSPACE_METHODS = tuple(m for m, options in METHOD_OPTIONS.items() if "subspace_state" in options)
 
@@ -95,7 +96,7 @@ class MethodOptions:
     train_embeddings: bool = True   # lora: also train embeddings, norms and heads (pre-training)
     subspace_state: str | None = None  # reset | keep | project at a new subspace (None: the method's default)
     share_projections: bool = True  # rso: q/k/v and gate/up share one P (rso.wrap's share_projections)
-    quantize: str | None = None     # rso: W₀ stored as "int8" | "nf4" (rso.wrap's quantize)
+    quantize: str | None = None     # rso: W₀ stored as "int8" | "nf4" (rso.wrap's quantize); lora: QLoRA's base
 
 
 METHODS: dict[str, callable] = {}
@@ -301,6 +302,12 @@ def _lora(model, opts):
     targets = _block_linear_names(model)
     if not targets:
         raise MethodError(f"{type(model).__name__} has no block linear layers for LoRA")
+    if opts.quantize:  # QLoRA: the adapters sit on a bitsandbytes base, read as transformers' loader reads it
+        from .models import ConfigError, load_quantized
+        try:
+            model = load_quantized(model, opts.quantize, targets)
+        except ConfigError as e:
+            raise MethodError(str(e)) from None
     task = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[opts.task]
     config = LoraConfig(r=opts.rank, lora_alpha=opts.scale * opts.rank, target_modules=targets,
                         lora_dropout=0.0, task_type=task)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import tempfile
 
 import torch
 
 from .packages import SMOLLM2_GGUF, smollm2_dir
 
-__all__ = ["ConfigError", "CONFIG_DIR", "available_configs", "load_config", "build_model", "load_smollm2"]
+__all__ = ["ConfigError", "CONFIG_DIR", "available_configs", "load_config", "build_model", "load_smollm2",
+           "load_quantized"]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -95,3 +98,32 @@ def load_smollm2(dtype=torch.float32):
     if missing or unexpected:
         raise RuntimeError(f"SmolLM2 state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- a quantized base (QLoRA)
+def load_quantized(model, kind: str, targets: list[str]):
+    """``model`` as a QLoRA user holds it: saved, then read back by ``from_pretrained(…, quantization_config=
+    BitsAndBytesConfig(…))`` so that exactly the linear layers named in ``targets`` become bitsandbytes
+    ``Linear4bit`` (``kind="nf4"``: blocks of 64, fp32 absmax, as ``rso.wrap(quantize="nf4")`` stores W₀) or
+    ``Linear8bitLt`` (``"int8"``); everything else keeps its dtype. Returned on the model's device, in its mode."""
+    from torch import nn
+    from rso.layers.quantized import bitsandbytes_config, is_quantized_linear
+
+    if not hasattr(model, "save_pretrained") or not hasattr(type(model), "from_pretrained"):
+        raise ConfigError(f"--quantize reads the base through transformers' bitsandbytes loader, which "
+                          f"{type(model).__name__} is not a model of: use a transformers model or leave --quantize out")
+    wanted = set(targets)
+    skip = [re.escape(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wanted]
+    device, dtype, training = next(model.parameters()).device, model.dtype, model.training
+    with tempfile.TemporaryDirectory(prefix="rso-quantized-base-") as folder:
+        model.save_pretrained(folder)
+        loaded = type(model).from_pretrained(folder, dtype=dtype,
+                                             quantization_config=bitsandbytes_config(kind, dtype, skip))
+    for m in loaded.modules():  # bitsandbytes' CPU inference repacks a Linear4bit in place on its first no-grad
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # forward, rounding absmax to bf16: keep the base as loaded
+            m.support_avx512bf16_for_cpu = False
+    got = {n for n, m in loaded.named_modules() if is_quantized_linear(m)}
+    if got != wanted:
+        raise ConfigError(f"--quantize {kind}: bitsandbytes' loader quantized {sorted(got ^ wanted)[:3]} "
+                          "against the layers asked for; leave --quantize out for this model")
+    return loaded.to(device).train(training)
