@@ -111,6 +111,8 @@ def test_resume_checks_the_given_flags_against_the_saved_method():
     (["--parallel", "ddp", "--reshard-after-forward", "0"], "--reshard-after-forward is for --parallel fsdp only"),
     (["--parallel", "fsdp", "--method", "golore@20"], "--method golore@20 projects whole weight gradients"),
     (["--parallel", "fsdp", "--method", "galore"], "--method galore projects whole weight gradients"),
+    (["--parallel", "fsdp", "--quantize", "nf4"], "--quantize nf4: FSDP2 does not shard a quantized base"),
+    (["--parallel", "fsdp", "--method", "lora", "--quantize", "int8"], "--quantize int8: FSDP2 does not shard"),
     (["--synthetic-tokens", "4000"], "--synthetic-tokens is for --dataset synthetic only; --dataset embedded"),
     (["--resume", "--dataset", "c4", "--synthetic-tokens", "4000"], "--synthetic-tokens is for --dataset synthetic")])
 def test_distributed_flags_for_another_parallel_or_dataset_are_refused(argv, message):

@@ -215,6 +215,9 @@ def check_distributed(args, settled: bool = False) -> None:
     if parallel == "fsdp" and parse_method(args.method)[0] in ("galore", "golore", "golore@"):
         raise UsageError(f"--method {args.method} projects whole weight gradients (SVD / P·G), which FSDP2 shards; "
                          "use --parallel ddp for the GaLore family")
+    if parallel == "fsdp" and getattr(args, "quantize", None):
+        raise UsageError(f"--quantize {args.quantize}: FSDP2 does not shard a quantized base (rso's W₀ or QLoRA's "
+                         "bitsandbytes layers); use --parallel ddp")
     if parallel is not None and parallel != "fsdp" and "reshard_after_forward" in given:
         raise UsageError(f"--reshard-after-forward is for --parallel fsdp only; --parallel {parallel} has nothing "
                          "to reshard: leave it out")
