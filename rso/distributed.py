@@ -51,7 +51,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rso.layers.subspace_experts import SubspaceExperts
-from rso.layers.subspace_linear import QuantizedSubspaceLinear, SubspaceLinear
+from rso.layers.quantized_linear import QuantizedSubspaceLinear
+from rso.layers.subspace_linear import SubspaceLinear
 from rso.trust import TRUST_ENV, CheckpointRefused, trusted, weights_only_refusal
 
 __all__ = [

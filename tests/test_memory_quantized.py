@@ -94,8 +94,7 @@ def quantized_llama(kind, dtype, share):
             pytest.skip("rso.wrap does not take quantize= yet")
         return rso.wrap(model, rank=RANK, quantize=kind)
     try:
-        from rso.layers.subspace_linear import QuantizedSubspaceLinear  # noqa: F401
-        from rso.layers import SubspaceLinear
+        from rso.layers import QuantizedSubspaceLinear, SubspaceLinear  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"the quantized SubspaceLinear cannot be imported ({exc})")
     for module in list(model.model.layers.modules()):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import rso  # noqa: E402
 from rso.layers.quantized import from_bnb, is_quantized_linear, quantize  # noqa: E402
-from rso.layers.subspace_linear import QuantizedSubspaceLinear  # noqa: E402
+from rso.layers import QuantizedSubspaceLinear  # noqa: E402
 from rso.train.checkpoint import CHECKPOINT_NAME, CheckpointError  # noqa: E402
 from rso.train.finetune import build_parser, run  # noqa: E402
 from rso.train.methods import MethodError, MethodOptions, setup_method  # noqa: E402

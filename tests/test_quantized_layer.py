@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rso.layers import quantized as qz
-from rso.layers.subspace_linear import ProjectionGroup, QuantizedSubspaceLinear, SubspaceLinear
+from rso.layers import ProjectionGroup, QuantizedSubspaceLinear, SubspaceLinear
 from rso.projections import CoordinateSampler, GaussianSampler, StiefelSampler, generator_for
 
 bnb = pytest.importorskip("bitsandbytes")

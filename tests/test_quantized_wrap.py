@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 import rso
+from rso.layers import QuantizedSubspaceLinear
 from rso.layers.quantized import dequantize
-from rso.layers.subspace_linear import QuantizedSubspaceLinear
 
 CONFIG = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)

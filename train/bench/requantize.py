@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python -m rso.train.bench.requantize --steps 300 --tau 10
 
 Runs the same RSO training (same data, init, seed, P draws) with W₀ held in fp32 (the baseline), and quantized as
-int8 / NF4 with each merge mode of :class:`rso.layers.subspace_linear.QuantizedSubspaceLinear`: "nearest",
+int8 / NF4 with each merge mode of :class:`rso.layers.quantized_linear.QuantizedSubspaceLinear`: "nearest",
 "stochastic" and "stochastic+feedback". The outer loop is written out here as rso's does it (every ``tau`` steps:
 draw P′ = sampler(seed, cycle + 1); merge — a quantized layer with ``merge_(next_projection=P′)``; set P′; reset
 B's Adam state), since ``rso.wrap`` does not take ``quantize=`` yet. Everything else (embeddings, norms, head)
