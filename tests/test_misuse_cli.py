@@ -113,6 +113,8 @@ def test_resume_checks_the_given_flags_against_the_saved_method():
     (["--parallel", "fsdp", "--method", "galore"], "--method galore projects whole weight gradients"),
     (["--parallel", "fsdp", "--quantize", "nf4"], "--quantize nf4: FSDP2 does not shard a quantized base"),
     (["--parallel", "fsdp", "--method", "lora", "--quantize", "int8"], "--quantize int8: FSDP2 does not shard"),
+    (["--requantize", "stochastic"], "--requantize stochastic rounds a quantized W₀ at each merge: give --quantize"),
+    (["--method", "lora", "--quantize", "nf4", "--requantize", "nearest"], "--requantize nearest is for --method rso only"),
     (["--synthetic-tokens", "4000"], "--synthetic-tokens is for --dataset synthetic only; --dataset embedded"),
     (["--resume", "--dataset", "c4", "--synthetic-tokens", "4000"], "--synthetic-tokens is for --dataset synthetic")])
 def test_distributed_flags_for_another_parallel_or_dataset_are_refused(argv, message):

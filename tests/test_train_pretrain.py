@@ -134,7 +134,8 @@ def _model_state(path):
 
 @pytest.mark.parametrize("method,extra", [("adamw", []), ("rso", ["--projection", "stiefel"]),
                                           ("rso", ["--projection", "svd"]), ("galore", []),
-                                          ("rso", ["--quantize", "nf4"]), ("rso", ["--quantize", "int8"])])
+                                          ("rso", ["--quantize", "nf4"]), ("rso", ["--quantize", "int8"]),
+                                          ("rso", ["--quantize", "nf4", "--requantize", "stochastic+feedback"])])
 def test_resume_continues_identically(env, tmp_path, method, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--method", method, "--max-steps", "6", *([] if method == "adamw" else ["--tau", "2"]), "--save-every",
@@ -154,6 +155,24 @@ def test_resume_continues_identically(env, tmp_path, method, extra):
         assert any(k.endswith((".weight.absmax", ".SCB")) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("argv, expected", [(["--quantize", "nf4"], "nearest"),
+                                            (["--quantize", "int8", "--requantize", "stochastic+feedback"],
+                                             "stochastic+feedback")])
+def test_requantize_reaches_the_wrapped_model(argv, expected):
+    """``--requantize`` is rso.wrap's ``requantize`` (its default when not given)."""
+    import rso
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rso.train.config import RunConfig
+    from rso.train.loop import method_options
+    from rso.train.methods import setup_method
+
+    c = RunConfig.from_namespace(build_parser().parse_args(["--rank", "4", "--tau", "2", "--lr", "1e-3", *argv]))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    model, _ = setup_method("rso", model, method_options(c))
+    assert rso.get_config(model).requantize == expected and rso.get_config(model).quantize == argv[1]
 
 
 def test_a_new_run_never_overwrites_an_earlier_runs_checkpoint(env, tmp_path, capsys):

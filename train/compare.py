@@ -37,7 +37,7 @@ DEFAULT_METHODS = "adamw,galore,golore@20,rso:stiefel,rso:svd,rso:hybrid"
 
 
 #: The ``[key=value]`` options of a ``--methods`` entry: each becomes that run's ``--key value``.
-ENTRY_OPTIONS = ("quantize",)
+ENTRY_OPTIONS = ("quantize", "requantize")
 _ENTRY = re.compile(r"^(?P<spec>[^\[\]=]+)(?:\[(?P<options>[^\]]*)\])?(?:=(?P<lr>[^\[\]]+))?$")
 
 

@@ -73,6 +73,7 @@ class RSOSection:
     subspace_state: str | None = _f(None, IDENTITY)
     share_projections: bool = _f(True, IDENTITY)
     quantize: str | None = _f(None, IDENTITY)
+    requantize: str | None = _f(None, IDENTITY)
     freeze_embeddings: bool | None = _f(None, IDENTITY)
 
 

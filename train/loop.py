@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from rso.state_policy import STATE_POLICIES
 from rso.trust import CheckpointRefused
+from rso.layers.quantized import MERGE_MODES
 from rso.projections import SAMPLERS
 from rso.wrapping import rank_for_layer
 
@@ -162,6 +163,9 @@ def check_args(args) -> None:
         except MethodError as e:
             raise UsageError(str(e)) from None
         check_method_options(args)
+        if getattr(args, "requantize", None) and not getattr(args, "quantize", None) and not args.resume:
+            raise UsageError(f"--requantize {args.requantize} rounds a quantized W₀ at each merge: give --quantize "
+                             "int8 | nf4 with it, or leave it out")
         if isinstance(rank, float) and method != "rso":
             raise UsageError(f"--rank {rank:g}: a fraction of each layer's input width is for --method rso only; "
                              f"{args.method} takes an integer rank")
@@ -318,6 +322,10 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="rso: store each wrapped layer's frozen W₀ as bitsandbytes int8 (rows) or NF4 (blocks of 64), "
                         "requantized at each merge; lora: QLoRA, the adapters on a base read by transformers' "
                         "bitsandbytes loader in that format (default: the base in the model's dtype)")
+    p.add_argument("--requantize", choices=MERGE_MODES, default=None,
+                   help="rso with --quantize: how a merge rounds W₀′ = deq(W₀) + s·B P back to the format: nearest, "
+                        "stochastic, or stochastic+feedback (the rounding residual the next subspace can hold starts "
+                        "the next B) (default: nearest)")
 
 
 def add_session_args(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -507,7 +515,7 @@ def method_options(c: RunConfig, **entry_point_options) -> MethodOptions:
                          optimizer=o.optimizer, optimizer_args=dict(o.optimizer_args), projection=r.projection,
                          total_steps=c.training.subspace_total_steps, seed=c.training.seed,
                          subspace_state=r.subspace_state, share_projections=r.share_projections,
-                         quantize=r.quantize, **entry_point_options)
+                         quantize=r.quantize, requantize=r.requantize, **entry_point_options)
 
 
 @contextlib.contextmanager

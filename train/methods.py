@@ -50,7 +50,7 @@ METHOD_OPTIONS = {
     "galore": _SUBSPACE_OPTIONS,
     "golore": _SUBSPACE_OPTIONS,
     "golore@": _SUBSPACE_OPTIONS,
-    "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections", "quantize"),
+    "rso": _SUBSPACE_OPTIONS + ("projection", "share_projections", "quantize", "requantize"),
     "lora": ("rank", "scale", "quantize"),  # lora keeps every base weight, the embeddings too, frozen in fine-tuning
 }
 #: What each option of :data:`METHOD_OPTIONS` sets, as a refusal says it.
@@ -59,7 +59,8 @@ OPTION_PURPOSE = {"rank": "the rank of a subspace or adapter", "tau": "steps bet
                   "subspace_state": "the optimizer state at a subspace change",
                   "freeze_embeddings": "whether the token embeddings train; LoRA's stay frozen",
                   "projection": "how RSO draws its projections P", "share_projections": "its layers' projections P",
-                  "quantize": "how RSO stores the frozen W₀ (LoRA: QLoRA's bitsandbytes base)"}
+                  "quantize": "how RSO stores the frozen W₀ (LoRA: QLoRA's bitsandbytes base)",
+                  "requantize": "how RSO's merge rounds a quantized W₀"}
 #: Methods whose weights change subspace, so ``--subspace-state`` means something for them.
 SUBSPACE_METHODS = tuple(m for m, options in METHOD_OPTIONS.items() if "subspace_state" in options)
 
@@ -97,6 +98,7 @@ class MethodOptions:
     subspace_state: str | None = None  # reset | keep | project at a new subspace (None: the method's default)
     share_projections: bool = True  # rso: q/k/v and gate/up share one P (rso.wrap's share_projections)
     quantize: str | None = None     # rso: W₀ stored as "int8" | "nf4" (rso.wrap's quantize); lora: QLoRA's base
+    requantize: str | None = None   # rso with quantize: rso.wrap's requantize (None: its default)
 
 
 METHODS: dict[str, callable] = {}
@@ -290,7 +292,7 @@ def _rso(model, opts):
     model = rso.wrap(model, rank=opts.rank, tau=opts.tau, projection=opts.projection,
                      target_modules=targets or None, scale=opts.scale, seed=opts.seed, **hybrid,
                      state_on_merge=opts.subspace_state or "reset", share_projections=opts.share_projections,
-                     quantize=opts.quantize)
+                     quantize=opts.quantize, **({"requantize": opts.requantize} if opts.requantize else {}))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, _make_optimizer(params, opts)
 
