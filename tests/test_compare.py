@@ -173,7 +173,9 @@ def test_early_stopping_reports_each_seeds_evaluation_with_the_best_validation_m
                        spawn=FakeFinetune) == 0
     finally:
         FakeFinetune.evaluations = {}
-    assert "Early stopping" not in (tmp_path / "one" / "table.md").read_text()
+    one = (tmp_path / "one" / "table.md").read_text()
+    assert "Early stopping" not in one
+    assert "LR sweep" not in one  # one given lr: nothing was swept, no empty sweep table
 
 
 def test_sweep_plot_draws_validation_metric_against_lr_and_rings_the_choice(tmp_path, monkeypatch):

@@ -415,6 +415,8 @@ def table(rows: list[dict], info: dict) -> str:
             stop = r["early_stop"]
             by_seed = ", ".join(f"{_fmt(v, metric)} ({step})" for v, step in zip(stop["values"], stop["steps"]))
             lines.append(f"| {r['label']} | {_fmt(stop['mean'], metric, stop['std'])} | {by_seed} |")
+    if not any(r["sweep"] for r in rows):  # every entry ran at one given lr: no sweep to show
+        return "\n".join(lines)
     lines += ["", "LR sweep (validation split only; seed "
               f"{info['seeds'][0]}):", "", f"| method | lr | val {metric} |", "|---|---|---|"]
     for r in rows:
