@@ -125,7 +125,8 @@ def load_model_state(model, state: dict) -> None:
     state (absmax, code table, …) into ``state_dict()`` but do not read it back. A CheckpointError if it differs."""
     from rso.layers.quantized import is_quantized_linear
 
-    prefixes = tuple(n + "." for n, m in model.named_modules() if is_quantized_linear(m))
+    modules = model.named_modules() if hasattr(model, "named_modules") else ()  # a distributed state adapter: none
+    prefixes = tuple(n + "." for n, m in modules if is_quantized_linear(m))
     if not prefixes:
         model.load_state_dict(state)
         return
