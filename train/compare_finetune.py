@@ -41,7 +41,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
-from rso.layers.quantized import MERGE_MODES
+from rso.layers.quantized import KINDS, MERGE_MODES
 from rso.outer_loop import STATE_POLICIES
 
 from . import finetune
@@ -69,7 +69,7 @@ def _one_of(*allowed: str):
 
 #: Entry options (their readers) and the rso.train.finetune option each sets (the same name unless named here).
 ENTRY_OPTIONS = {"rank": rank_value, "tau": int, "scale": float, "state": _one_of(*STATE_POLICIES),
-                 "embeddings": _one_of("frozen", "trained"), "quantize": _one_of("int8", "nf4"),
+                 "embeddings": _one_of("frozen", "trained"), "quantize": _one_of(*KINDS),
                  "requantize": _one_of(*MERGE_MODES)}
 ENTRY_DESTS = {"state": "subspace_state", "embeddings": "freeze_embeddings"}
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rso.state_policy import STATE_POLICIES
 from rso.trust import CheckpointRefused
-from rso.layers.quantized import MERGE_MODES
+from rso.layers.quantized import KINDS, MERGE_MODES
 from rso.projections import SAMPLERS
 from rso.wrapping import rank_for_layer
 
@@ -318,7 +318,7 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="rso: layers that read the same input (q/k/v, gate/up) share one P and one stored P·x "
                         "(default); --no-share-projections gives each layer its own P (for svd / hybrid: from its "
                         "own gradient) at the cost of one stored P·x per layer")
-    p.add_argument("--quantize", choices=("int8", "nf4"), default=None,
+    p.add_argument("--quantize", choices=KINDS, default=None,
                    help="rso: store each wrapped layer's frozen W₀ as bitsandbytes int8 (rows) or NF4 (blocks of 64), "
                         "requantized at each merge; lora: QLoRA, the adapters on a base read by transformers' "
                         "bitsandbytes loader in that format (default: the base in the model's dtype)")
